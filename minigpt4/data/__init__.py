@@ -1,0 +1,1 @@
+"""Interaction tables, splits, importers and torch-side batches."""

@@ -1,0 +1,107 @@
+"""Amazon Reviews importer: the 2018 and 2023 JSON-lines layouts, gzipped or not, one or more categories."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from minigpt4.data.build import assemble_dataset, ratio_split
+from minigpt4.errors import DiffRecError
+
+AMAZON_SPLIT = (0.8, 0.1, 0.1)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+INSTRUCTION = "Suggest products from the {category} category that this shopper would enjoy."
+
+
+def read_json_lines(path: Path) -> Iterator[dict]:
+    """Records of a JSON-lines file, gzipped or not; a malformed line fails naming file and line."""
+    if not path.is_file():
+        raise DiffRecError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DiffRecError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+
+
+def _category_from_name(path: Path) -> str:
+    """'meta_Video_Games.jsonl.gz' -> 'Video Games'."""
+    stem = path.name.split(".")[0]
+    return stem.removeprefix("meta_").replace("_", " ")
+
+
+def read_reviews(path: Path) -> pd.DataFrame:
+    """Ratings (user, item, rating, timestamp in seconds) from a 2018 or 2023 reviews file."""
+    rows = []
+    for number, record in enumerate(read_json_lines(path), start=1):
+        if "reviewerID" in record:  # 2018: overall, unixReviewTime (s)
+            keys, scale = ("reviewerID", "asin", "overall", "unixReviewTime"), 1
+        elif "user_id" in record:  # 2023: rating, timestamp (ms), items grouped by parent_asin
+            item_key = "parent_asin" if "parent_asin" in record else "asin"
+            keys, scale = ("user_id", item_key, "rating", "timestamp"), 1000
+        else:
+            raise DiffRecError(f"{path}: line {number}: neither the 2018 (reviewerID) nor the 2023 (user_id) layout")
+        missing = [key for key in keys if key not in record]
+        if missing:
+            raise DiffRecError(f"{path}: line {number}: missing field '{missing[0]}'")
+        user, item, rating, time = (record[key] for key in keys)
+        rows.append((str(user), str(item), float(rating), int(time) // scale))
+    if not rows:
+        raise DiffRecError(f"{path}: no reviews")
+    return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+
+
+def read_meta(path: Path) -> pd.DataFrame:
+    """Items (item, title, category) from a 2018 or 2023 metadata file."""
+    rows = []
+    for number, record in enumerate(read_json_lines(path), start=1):
+        item = record.get("parent_asin") or record.get("asin")
+        if item is None:
+            raise DiffRecError(f"{path}: line {number}: no 'asin' or 'parent_asin'")
+        category = record.get("main_category") or record.get("main_cat") or _category_from_name(path)
+        rows.append((str(item), str(record.get("title") or "").strip(), str(category)))
+    return pd.DataFrame(rows, columns=["item", "title", "category"]).drop_duplicates("item")
+
+
+def find_images(items: pd.Series, folder: Path) -> pd.Series:
+    """Path of each item's downloaded image (``<item id>.jpg`` and similar), or None when absent."""
+    if not folder.is_dir():
+        raise DiffRecError(f"image folder not found: {folder}")
+    by_stem = {p.stem: str(p.resolve()) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    return items.map(lambda item: by_stem.get(item))
+
+
+def prepare_amazon(
+    reviews: list[Path], metas: list[Path], images: Path | None = None, min_positive_rating: float = 4.0
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
+    """Amazon reviews of one or more categories under the CoLLM rules, with an instruction per row."""
+    ratings = pd.concat([read_reviews(Path(p)) for p in reviews], ignore_index=True)
+    # A user reviewing the same item twice keeps the first review, as one interaction.
+    ratings = ratings.sort_values("timestamp", kind="stable").drop_duplicates(["user", "item"]).reset_index(drop=True)
+    items = pd.concat([read_meta(Path(p)) for p in metas], ignore_index=True).drop_duplicates("item")
+    untitled = set(ratings["item"]) - set(items.loc[items["title"] != "", "item"])
+    if untitled:
+        # Items without a title cannot be described to the LLM; they and their reviews are left out.
+        ratings = ratings[~ratings["item"].isin(untitled)]
+    if images is not None:
+        items["image"] = find_images(items["item"], Path(images))
+    meta = {
+        "source": {"reviews": [str(p) for p in reviews], "meta": [str(p) for p in metas]},
+        "name": "amazon",
+        "split_rule": f"global time order, row fractions {AMAZON_SPLIT}",
+        "dropped_items_without_title": len(untitled),
+    }
+    splits, items, meta = assemble_dataset(ratings, items, min_positive_rating, lambda ts: ratio_split(ts, AMAZON_SPLIT), meta)
+    category = items.set_index("iid")["category"]
+    for frame in splits.values():
+        frame["instruction"] = frame["iid"].map(category).map(lambda c: INSTRUCTION.format(category=c))
+    if images is not None:
+        meta["items_with_image"] = int(items["image"].notna().sum())
+    return splits, items, meta

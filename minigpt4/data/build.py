@@ -1,0 +1,129 @@
+"""CoLLM's rules for turning raw ratings into the contract's train/valid/test tables.
+
+label = rating at or above a threshold (CoLLM's rating > 3 on MovieLens); a global, time-ordered split; ``his`` = the user's earlier positive
+items in time order (across all splits, as CoLLM builds it); ``not_cold`` = user and item both appear in
+training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from minigpt4.data.contract import SPLITS
+from minigpt4.errors import DiffRecError
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Boundaries of a time-ordered split: train < valid_start <= valid < test_start <= test."""
+
+    valid_start: int
+    test_start: int
+
+
+def ratio_split(timestamps: pd.Series, ratios: tuple[float, float, float]) -> TimeSplit:
+    """Boundaries that put the given fractions of rows, in time order, into train/valid/test."""
+    if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
+        raise DiffRecError(f"split ratios must be three positive numbers summing to 1, got {ratios}")
+    ordered = np.sort(timestamps.to_numpy())
+    first = ordered[int(len(ordered) * ratios[0])]
+    second = ordered[int(len(ordered) * (ratios[0] + ratios[1]))]
+    return TimeSplit(int(first), int(second))
+
+
+def month_window(timestamps: pd.Series, months: tuple[int, int, int]) -> tuple[int, int, TimeSplit]:
+    """CoLLM's ML-1M rule: the last sum(months) whole calendar months, cut into train/valid/test months.
+
+    Returns the window's start and (exclusive) end, where the last, possibly partial, month of data
+    begins, and the split boundaries inside it.
+    """
+    end = pd.to_datetime(timestamps, unit="s").max().to_period("M").to_timestamp()
+    start, valid_start, test_start = (end - pd.DateOffset(months=m) for m in (sum(months), months[1] + months[2], months[2]))
+    seconds = [int(t.timestamp()) for t in (start, end, valid_start, test_start)]
+    return seconds[0], seconds[1], TimeSplit(seconds[2], seconds[3])
+
+
+def dense_ids(raw: pd.Series) -> tuple[pd.Series, dict[str, int]]:
+    """Map raw ids to 1..n in sorted raw-id order; returns the new column and the map."""
+    uniques = np.sort(raw.unique())
+    mapping = {str(key): index + 1 for index, key in enumerate(uniques)}
+    return raw.map(pd.Series(np.arange(1, len(uniques) + 1), index=uniques)), mapping
+
+
+def build_rating_splits(
+    ratings: pd.DataFrame,
+    titles: pd.Series,
+    min_positive_rating: float,
+    split: TimeSplit,
+) -> dict[str, pd.DataFrame]:
+    """Label, order, attach histories and split dense-id ratings (uid, iid, rating, timestamp).
+
+    ``titles`` maps item id to title. Histories see only the rows given, so filter to a window first.
+    """
+    frame = ratings.copy()
+    frame["label"] = (frame["rating"] >= min_positive_rating).astype(np.int64)
+    frame = frame.sort_values(["timestamp", "uid", "iid"], kind="stable").reset_index(drop=True)
+    frame["title"] = frame["iid"].map(titles).fillna("").astype(str)
+    frame["his"], frame["his_title"] = _histories(frame, titles)
+    frame["split"] = np.select(
+        [frame["timestamp"] < split.valid_start, frame["timestamp"] < split.test_start], ["train", "valid"], "test"
+    )
+    train = frame[frame["split"] == "train"]
+    known_users, known_items = set(train["uid"]), set(train["iid"])
+    frame["not_cold"] = (frame["uid"].isin(known_users) & frame["iid"].isin(known_items)).astype(np.int64)
+    columns = ["uid", "iid", "label", "timestamp", "rating", "his", "his_title", "title", "not_cold"]
+    return {name: frame.loc[frame["split"] == name, columns].reset_index(drop=True) for name in SPLITS}
+
+
+def _histories(frame: pd.DataFrame, titles: pd.Series) -> tuple[list[list[int]], list[list[str]]]:
+    """Each row's earlier positive items of the same user (time order) and their titles."""
+    his: list[list[int]] = [[] for _ in range(len(frame))]
+    seen: dict[int, list[int]] = {}
+    for row, (uid, iid, label) in enumerate(zip(frame["uid"].to_numpy(), frame["iid"].to_numpy(), frame["label"].to_numpy())):
+        earlier = seen.setdefault(int(uid), [])
+        his[row] = list(earlier)
+        if label:
+            earlier.append(int(iid))
+    title_of = titles.to_dict()
+    return his, [[title_of.get(i, "") for i in items] for items in his]
+
+
+def assemble_dataset(
+    ratings: pd.DataFrame,
+    items: pd.DataFrame,
+    min_positive_rating: float,
+    split_for: Callable[[pd.Series], TimeSplit],
+    meta: dict,
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
+    """Dense ids, labels, histories and splits from raw ratings and a raw items table.
+
+    ``ratings`` has raw ``user, item, rating, timestamp``; ``items`` has raw ``item, title`` and any
+    extra columns (kept). ``split_for`` maps the timestamps to a ``TimeSplit``.
+    """
+    missing_items = set(ratings["item"]) - set(items["item"])
+    if missing_items:
+        raise DiffRecError(f"{len(missing_items)} rated items have no metadata row, e.g. {sorted(missing_items)[:3]}")
+    frame = ratings.copy()
+    frame["uid"], user_map = dense_ids(frame["user"])
+    frame["iid"], item_map = dense_ids(frame["item"])
+    items = items[items["item"].isin(frame["item"])].copy()
+    items["iid"] = items["item"].astype(str).map(item_map).astype(np.int64)
+    items = items.sort_values("iid").rename(columns={"item": "raw_id"}).reset_index(drop=True)
+    items = items[["iid", "title"] + [c for c in items.columns if c not in ("iid", "title")]]
+    titles = items.set_index("iid")["title"]
+    splits = build_rating_splits(frame[["uid", "iid", "rating", "timestamp"]], titles, min_positive_rating, split_for(frame["timestamp"]))
+    meta = {
+        **meta,
+        "n_users": len(user_map),
+        "n_items": len(item_map),
+        "label_rule": f"label = rating >= {min_positive_rating:g}",
+        "history_rule": "his = the user's earlier positive items in time order (all splits)",
+        "cold_rule": "not_cold = user and item both appear in train",
+        "user_map": user_map,
+        "item_map": item_map,
+    }
+    return splits, items, meta

