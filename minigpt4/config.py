@@ -179,7 +179,9 @@ def load_config(path: str | Path, options: list[str] | None = None) -> Config:
         raise DiffRecError(f"{path}: {err}") from None
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        # Drop the union tag pydantic inserts after 'model' (model.mf.x -> model.x).
+        loc = [part for index, part in enumerate(first["loc"]) if not (index == 1 and first["loc"][0] == "model")]
+        where = ".".join(str(part) for part in loc)
         raise DiffRecError(f"{path}: key '{where}': {first['msg']} (got {first.get('input')!r})") from None
     config_dir = path.resolve().parent
     data_root = os.environ.get(DATA_ROOT_ENV)

@@ -1,6 +1,6 @@
 """Reading the pickles published by CoLLM and the seed repositories without running arbitrary code.
 
-Only the pandas, NumPy and SciPy classes those files need may be named; any other global refuses the
+Only the pandas, NumPy, SciPy (and pandas' Arrow) data classes those files need may be named; any other global refuses the
 whole file.
 """
 
@@ -18,12 +18,19 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("builtins", "slice"),
         ("builtins", "set"),
         ("builtins", "frozenset"),
+        ("builtins", "bytearray"),
         ("collections", "OrderedDict"),
         ("numpy", "dtype"),
         ("numpy", "ndarray"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "scalar"),
         ("numpy._core.numeric", "_frombuffer"),
+        ("pandas", "DataFrame"),
+        ("pandas", "Series"),
+        ("pandas", "Index"),
+        ("pandas", "RangeIndex"),
+        ("pandas", "StringDtype"),
+        ("pandas.arrays", "ArrowStringArray"),
         ("pandas._libs.internals", "_unpickle_block"),
         ("pandas.core.frame", "DataFrame"),
         ("pandas.core.series", "Series"),
@@ -32,6 +39,10 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("pandas.core.indexes.range", "RangeIndex"),
         ("pandas.core.internals.managers", "BlockManager"),
         ("pandas.core.internals.managers", "SingleBlockManager"),
+        # pandas 3 stores string columns as Arrow arrays rebuilt from raw buffers.
+        ("pyarrow.lib", "_restore_array"),
+        ("pyarrow.lib", "py_buffer"),
+        ("pyarrow.lib", "type_for_alias"),
         ("scipy.sparse._coo", "coo_matrix"),
         ("scipy.sparse._csr", "csr_matrix"),
     }

@@ -1,0 +1,157 @@
+"""The ``diffrec`` command: data preparation, collaborative pre-training, evaluation and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minigpt4.errors import DiffRecError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "train_configs" / "demo_ml100k.yaml"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (exit code 2), like every other user error."""
+
+    def error(self, message: str) -> None:
+        """Print ``prog: error: message`` and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    """--cfg-path and --options, as in CoLLM/LAVIS."""
+    parser.add_argument("--cfg-path", required=True, type=Path, help="YAML config file")
+    parser.add_argument("--options", nargs="*", default=[], help="overrides, e.g. run.lr=0.01 model.embedding_size=64")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands."""
+    parser = OneLineParser(prog="diffrec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    data = commands.add_parser("data", help="prepare or import datasets into the contract's Parquet folders")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
+    prepare = data_commands.add_parser("prepare", help="build a dataset from raw files")
+    sources = prepare.add_subparsers(dest="source", required=True, parser_class=OneLineParser)
+    ml100k = sources.add_parser("ml-100k", help="MovieLens-100K (recbole's copy, or a GroupLens folder with --raw)")
+    ml100k.add_argument("--raw", type=Path, help="GroupLens ml-100k/ folder with u.data and u.item")
+    ml1m = sources.add_parser("ml-1m", help="MovieLens-1M from GroupLens ratings.dat/movies.dat")
+    ml1m.add_argument("--raw", type=Path, required=True, help="GroupLens ml-1m/ folder")
+    amazon = sources.add_parser("amazon", help="Amazon Reviews 2018/2023 JSON lines (gzipped or not)")
+    amazon.add_argument("--reviews", type=Path, nargs="+", required=True, help="review files, one per category")
+    amazon.add_argument("--meta", type=Path, nargs="+", required=True, help="metadata files, one per category")
+    amazon.add_argument("--images", type=Path, help="folder of downloaded item images named <item id>.jpg")
+    amazon.add_argument("--min-positive-rating", type=float, default=4.0, help="label = rating >= this (default 4)")
+    for source in (ml100k, ml1m, amazon):
+        source.add_argument("--out", type=Path, help="output folder (default dataset/<name>)")
+    collm = data_commands.add_parser("import-collm", help="import CoLLM's *_ood2.pkl split")
+    collm.add_argument("folder", type=Path, help="folder with train_ood2.pkl, valid_ood2.pkl, test_ood2.pkl")
+    collm.add_argument("--out", type=Path, help="output folder (default dataset/collm-<folder name>)")
+
+    for name, text in (
+        ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN)"),
+        ("evaluate", "evaluate a checkpoint (run.ckpt) on valid/test/warm/cold"),
+        ("train", "joint LLM + image training (not yet available)"),
+    ):
+        _config_args(commands.add_parser(name, help=text))
+    demo = commands.add_parser("demo", help="prepare ML-100K, train MF, evaluate, summarise")
+    demo.add_argument("--options", nargs="*", default=[], help="overrides for the demo config")
+    return parser
+
+
+def run_data(args: argparse.Namespace) -> dict:
+    """Prepare or import a dataset and write it in the contract's layout."""
+    from minigpt4.data.contract import save_rating_dataset
+
+    if args.data_command == "import-collm":
+        from minigpt4.data.collm import import_collm
+
+        splits, items, meta = import_collm(args.folder)
+    elif args.source == "ml-100k":
+        from minigpt4.data.movielens import prepare_ml100k
+
+        splits, items, meta = prepare_ml100k(args.raw)
+    elif args.source == "ml-1m":
+        from minigpt4.data.movielens import prepare_ml1m
+
+        splits, items, meta = prepare_ml1m(args.raw)
+    else:
+        from minigpt4.data.amazon import prepare_amazon
+
+        splits, items, meta = prepare_amazon(args.reviews, args.meta, args.images, args.min_positive_rating)
+    out = save_rating_dataset(args.out or Path("dataset") / meta["name"], splits, items, meta)
+    return {"dataset": str(out), "users": meta["n_users"], "items": meta["n_items"], **{k: len(v) for k, v in splits.items()}}
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """The first-version demo: ML-100K, MF, evaluation, summary."""
+    from minigpt4.config import load_config
+    from minigpt4.data.contract import save_rating_dataset
+    from minigpt4.data.movielens import prepare_ml100k
+    from minigpt4.training.pretrain import pretrain
+
+    config = load_config(DEMO_CONFIG, args.options)
+    if not (config.datasets.path / "meta.json").is_file():
+        print(f"preparing ML-100K into {config.datasets.path}", file=sys.stderr)
+        save_rating_dataset(config.datasets.path, *prepare_ml100k())
+    metrics = pretrain(config)
+    summary = (
+        f"MF on ML-100K: test AUC {metrics['test']['auc']:.4f}, UAUC {metrics['test']['uauc']:.4f} "
+        f"(warm AUC {_fmt(metrics['test_warm']['auc'])}, cold AUC {_fmt(metrics['test_cold']['auc'])}); "
+        f"best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.1f} s; run folder {metrics['run_dir']}"
+    )
+    print(summary, file=sys.stderr)
+    Path(metrics["run_dir"], "summary.txt").write_text(summary + "\n")
+    return metrics
+
+
+def _fmt(value: float | None) -> str:
+    """A metric for people: 4 decimals, or 'missing'."""
+    return "missing" if value is None else f"{value:.4f}"
+
+
+def run_config_command(args: argparse.Namespace) -> dict | None:
+    """pretrain / evaluate / train on a config file."""
+    from minigpt4.config import load_config
+
+    options = list(args.options) + (["run.evaluate=true"] if args.command == "evaluate" else [])
+    config = load_config(args.cfg_path, options)
+    if args.command == "train":
+        raise DiffRecError(
+            f"{args.cfg_path}: config is valid, but joint LLM + image training is not yet available; "
+            "use `diffrec pretrain` for the collaborative model"
+        )
+    from minigpt4.training.pretrain import pretrain
+
+    return pretrain(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``diffrec`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            result = run_data(args)
+        elif args.command == "demo":
+            result = run_demo(args)
+        else:
+            result = run_config_command(args)
+    except DiffRecError as err:
+        print(f"diffrec: error: {err}", file=sys.stderr)
+        return 2
+    if result is not None and _is_main_process():
+        print(json.dumps(result))
+    return 0
+
+
+def _is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Collaborative models behind one interface (``CollaborativeModel``), and their checkpoints.
+
+A checkpoint is a folder with ``model.safetensors`` and ``config.json`` (the model section of the run
+config plus the id counts); loading checks both against each other and fails on any mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minigpt4.config import MODEL_CONFIGS, DINConfig, LightGCNConfig, MFConfig, SASRecConfig
+from minigpt4.errors import DiffRecError
+from minigpt4.recommenders.base import CollaborativeModel
+from minigpt4.recommenders.din import DIN
+from minigpt4.recommenders.lightgcn import LightGCN
+from minigpt4.recommenders.mf import MatrixFactorization
+from minigpt4.recommenders.sasrec import SASRec
+
+__all__ = ["CollaborativeModel", "build_recommender", "graph_edges", "load_recommender", "save_recommender"]
+
+
+def graph_edges(train: pd.DataFrame) -> torch.Tensor:
+    """(user, item) edges of the training positives, [2, E], for graph models."""
+    positives = train.loc[train["label"] == 1, ["uid", "iid"]].drop_duplicates()
+    return torch.as_tensor(positives.to_numpy().T.copy(), dtype=torch.long)
+
+
+def build_recommender(config, n_users: int, n_items: int, edges: torch.Tensor | None = None) -> CollaborativeModel:
+    """A freshly initialised model of ``config.arch``; graph models need the training ``edges``."""
+    if isinstance(config, MFConfig):
+        return MatrixFactorization(config, n_users, n_items)
+    if isinstance(config, LightGCNConfig):
+        if edges is None:
+            raise DiffRecError("lightgcn needs the training graph (edges)")
+        return LightGCN(config, n_users, n_items, edges)
+    if isinstance(config, SASRecConfig):
+        return SASRec(config, n_users, n_items)
+    if isinstance(config, DINConfig):
+        return DIN(config, n_users, n_items)
+    raise DiffRecError(f"no recommender for model config {type(config).__name__}")
+
+
+def save_recommender(model: CollaborativeModel, config, folder: Path, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``folder`` atomically (a temp folder, then a rename)."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, partial / "model.safetensors")
+    info = {"model": config.model_dump(mode="json"), "n_users": model.n_users, "n_items": model.n_items, **(extra or {})}
+    (partial / "config.json").write_text(json.dumps(info, indent=2))
+    if folder.exists():
+        previous = folder.with_name(folder.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+        partial.rename(folder)
+        shutil.rmtree(previous)
+    else:
+        partial.rename(folder)
+    return folder
+
+
+def load_recommender(folder: Path, expected=None, n_users: int | None = None, n_items: int | None = None) -> CollaborativeModel:
+    """Load a checkpoint folder; a missing file, or a config or id-count mismatch, is an error."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise DiffRecError(f"checkpoint file missing: {path}")
+    info = json.loads(config_path.read_text())
+    arch = info.get("model", {}).get("arch")
+    if arch not in MODEL_CONFIGS:
+        raise DiffRecError(f"{config_path}: unknown model arch {arch!r}")
+    config = MODEL_CONFIGS[arch].model_validate(info["model"])
+    if expected is not None and expected != config:
+        raise DiffRecError(f"{config_path}: checkpoint model config {config.model_dump()} differs from the run's {expected.model_dump()}")
+    for name, want in (("n_users", n_users), ("n_items", n_items)):
+        if want is not None and info[name] != want:
+            raise DiffRecError(f"{config_path}: checkpoint has {name}={info[name]} but the dataset has {want}")
+    try:
+        state = load_file(weights_path)
+    except SafetensorError as err:
+        raise DiffRecError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    model = build_recommender(config, info["n_users"], info["n_items"], state.get("graph_edges"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise DiffRecError(f"{weights_path}: weights do not match the {arch} config ({str(err).splitlines()[0]})") from None
+    return model

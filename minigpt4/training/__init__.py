@@ -1,0 +1,1 @@
+"""Accelerate training loops, run folders and checkpoints."""

@@ -1,0 +1,61 @@
+"""Run folders: ``<output_dir>/<timestamp>/`` holding the resolved config, log, metrics.json and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from minigpt4.config import Config, dump_config
+
+logger = logging.getLogger("diffrec")
+
+
+def open_run_folder(config: Config, accelerator: Accelerator) -> Path:
+    """Create the run folder on the main process (all processes get the same path) and start its log."""
+    name = [time.strftime("%Y%m%d-%H%M%S")]
+    broadcast_object_list(name)
+    folder = config.run.output_dir / name[0]
+    if accelerator.is_main_process:
+        suffix = 1
+        while folder.exists():  # two runs in the same second never share a folder
+            folder = config.run.output_dir / f"{name[0]}-{suffix}"
+            suffix += 1
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "config.yaml").write_text(dump_config(config))
+    folder = Path(broadcast_object_list([str(folder)])[0])
+    _start_log(folder / "log.txt", accelerator.is_main_process)
+    return folder
+
+
+def _start_log(path: Path, main: bool) -> None:
+    """Log to the run's log.txt and to stderr, on the main process only."""
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+    if main:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+        for handler in (logging.FileHandler(path), logging.StreamHandler()):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+
+
+def write_metrics(folder: Path, metrics: dict) -> None:
+    """metrics.json with missing values (NaN) written as null, never as a number."""
+    (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+
+
+def json_safe(value):
+    """Replace NaN/inf by None recursively, so JSON says 'missing' instead of inventing a value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

@@ -1,0 +1,95 @@
+"""Config schema: unknown keys, overrides, bad values, path resolution."""
+
+from pathlib import Path
+
+import pytest
+
+from minigpt4.config import MFConfig, SASRecConfig, load_config
+from minigpt4.errors import DiffRecError
+
+BASE = """
+model:
+  arch: mf
+  embedding_size: 16
+datasets:
+  name: tiny
+  path: data/tiny
+run:
+  lr: 0.01
+  output_dir: runs/x
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_resolves_paths_against_config_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFREC_DATA_ROOT", raising=False)
+    config = load_config(write(tmp_path, BASE))
+    assert isinstance(config.model, MFConfig) and config.model.embedding_size == 16
+    assert config.datasets.path == (tmp_path / "data/tiny").resolve()
+    assert config.run.output_dir == (tmp_path / "runs/x").resolve()
+
+
+def test_data_root_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFREC_DATA_ROOT", str(tmp_path / "root"))
+    config = load_config(write(tmp_path, BASE))
+    assert config.datasets.path == (tmp_path / "root/data/tiny").resolve()
+    assert config.run.output_dir == (tmp_path / "runs/x").resolve()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (BASE.replace("embedding_size", "embeding_size"), "unknown key 'model.embeding_size'; did you mean 'model.embedding_size'?"),
+        (BASE.replace("  lr: 0.01", "  learning_rate: 0.01"), "unknown key 'run.learning_rate'"),
+        (BASE + "extra: 1\n", "unknown key 'extra'"),
+        (BASE.replace("arch: mf", "arch: mff"), "model.arch must be one of mf, lightgcn, sasrec, din, got 'mff'; did you mean 'mf'?"),
+        (BASE.replace("embedding_size: 16", "embedding_size: lots"), "key 'model.embedding_size': Input should be a valid integer"),
+        (BASE.replace("  lr: 0.01", "  lr: -1"), "key 'run.lr': Input should be greater than 0"),
+        ("model: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(DiffRecError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+    assert "config.yaml" in str(err.value)
+
+
+def test_sasrec_key_not_valid_for_mf(tmp_path):
+    with pytest.raises(DiffRecError, match="unknown key 'model.max_history'"):
+        load_config(write(tmp_path, BASE.replace("embedding_size: 16", "max_history: 5")))
+
+
+def test_options_override_any_key(tmp_path):
+    config = load_config(
+        write(tmp_path, BASE), ["run.lr=0.5", "model.arch=sasrec", "model.max_history=7", "run.ckpt=ck/best", "run.evaluate=true"]
+    )
+    assert config.run.lr == 0.5 and config.run.evaluate is True
+    assert isinstance(config.model, SASRecConfig) and config.model.max_history == 7
+    assert config.run.ckpt == (tmp_path / "ck/best").resolve()
+
+
+def test_options_unknown_key_and_bad_syntax(tmp_path):
+    with pytest.raises(DiffRecError, match="unknown key 'run.seeed'; did you mean 'run.seed'"):
+        load_config(write(tmp_path, BASE), ["run.seeed=3"])
+    with pytest.raises(DiffRecError, match="--options expects key=value"):
+        load_config(write(tmp_path, BASE), ["run.seed"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(DiffRecError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_shipped_config_validates(monkeypatch):
+    monkeypatch.delenv("DIFFREC_DATA_ROOT", raising=False)
+    configs = sorted(Path(__file__).resolve().parents[1].glob("train_configs/*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

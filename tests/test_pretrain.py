@@ -1,0 +1,124 @@
+"""Pre-training end to end: run folders, final JSON line, evaluation from a checkpoint, entry points,
+user errors (exit code 2, one line), non-finite losses, and two processes against one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_config
+from minigpt4.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["mf", "lightgcn", "sasrec", "din"])
+def test_pretrain_writes_run_folder(arch, tiny_dataset, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_dataset, arch)
+    assert main(["pretrain", "--cfg-path", str(config)]) == 0
+    metrics = last_json_line(capsys.readouterr().out)
+    run_dir = Path(metrics["run_dir"])
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.json", "checkpoints"}
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "best").iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["arch"] == arch
+    for split in ("valid", "test", "test_warm", "test_cold"):
+        assert set(metrics[split]) >= {"auc", "uauc", "gauc", "n"}
+    assert metrics["test"]["n"] == metrics["test_warm"]["n"] + metrics["test_cold"]["n"]
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 3
+    assert "best epoch" in (run_dir / "log.txt").read_text()
+
+
+def test_evaluate_reproduces_the_best_checkpoint(tiny_dataset, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_dataset, "din", {"max_history": 4})
+    main(["pretrain", "--cfg-path", str(config)])
+    trained = last_json_line(capsys.readouterr().out)
+    assert main(["evaluate", "--cfg-path", str(config), "--options", f"run.ckpt={trained['checkpoint']}"]) == 0
+    evaluated = last_json_line(capsys.readouterr().out)
+    for split in ("valid", "test", "test_warm", "test_cold"):
+        assert evaluated[split] == trained[split]
+
+
+def test_entry_point_scripts(tiny_dataset, tmp_path):
+    config = write_config(tmp_path, tiny_dataset, "mf", run={"max_epochs": 1})
+    done = subprocess.run([sys.executable, "baseline_train_mf_ood.py", f"--cfg-path={config}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "auc" in last_json_line(done.stdout)["test"]
+    joint = subprocess.run([sys.executable, "train_collm_mf_din.py", f"--cfg-path={config}"], cwd=ROOT, capture_output=True, text=True)
+    assert joint.returncode == 2
+    assert "config is valid, but joint LLM + image training is not yet available" in joint.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "--cfg-path", "missing.yaml"], "diffrec: error: config file not found: missing.yaml"),
+        (["pretrain"], "diffrec pretrain: error: the following arguments are required: --cfg-path"),
+        (["data", "import-collm", "nowhere"], "diffrec: error: pickle file not found: nowhere/train_ood2.pkl"),
+        (["data", "prepare", "ml-1m", "--raw", "nowhere"], "diffrec: error: nowhere/ratings.dat: file not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, message):
+    done = subprocess.run([sys.executable, "-m", "minigpt4.cli", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == message or done.stderr.strip().startswith(message)
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_key_and_missing_checkpoint(tiny_dataset, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_dataset, "mf", {"embeding_size": 4})
+    assert main(["pretrain", "--cfg-path", str(config)]) == 2
+    assert "unknown key 'model.embeding_size'; did you mean 'model.embedding_size'?" in capsys.readouterr().err
+    config = write_config(tmp_path, tiny_dataset, "mf")
+    assert main(["evaluate", "--cfg-path", str(config)]) == 2
+    assert "run.evaluate is true but run.ckpt is not set" in capsys.readouterr().err
+    assert main(["evaluate", "--cfg-path", str(config), "--options", "run.ckpt=nope"]) == 2
+    assert "checkpoint file missing" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_best_checkpoint(tiny_dataset, tmp_path, capsys):
+    # Huge initial embeddings overflow the logits in the first step.
+    config = write_config(tmp_path, tiny_dataset, "mf", {"init_std": 1.0e30})
+    assert main(["pretrain", "--cfg-path", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan at epoch 1, step 0; training stopped" in err or "loss became inf at epoch 1, step 0" in err
+
+
+def test_two_processes_report_the_same_test_auc(tiny_dataset, tmp_path, capsys):
+    """Two CPU processes gather predictions before computing the metrics.
+
+    ``accelerate launch --cpu`` starts a single process unless MPI is installed, so the two CPU
+    processes are started the torchrun way (``--multi_gpu``) with ``run.cpu: true`` in the config.
+    """
+    config = write_config(tmp_path, tiny_dataset, "sasrec", {"max_history": 4}, {"eval_batch_size": 7})
+    main(["pretrain", "--cfg-path", str(config)])
+    checkpoint = last_json_line(capsys.readouterr().out)["checkpoint"]
+    single = subprocess.run(
+        [sys.executable, "-m", "minigpt4.cli", "evaluate", "--cfg-path", str(config), "--options", f"run.ckpt={checkpoint}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "minigpt4.cli", "evaluate",
+         "--cfg-path", str(config), "--options", f"run.ckpt={checkpoint}"],
+        cwd=ROOT, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert double.returncode == 0, double.stderr
+    one, two = last_json_line(single.stdout), last_json_line(double.stdout)
+    assert "2 process(es)" in double.stderr
+    for split in ("valid", "test", "test_warm", "test_cold"):
+        assert two[split]["n"] == one[split]["n"]
+        assert two[split]["auc"] == pytest.approx(one[split]["auc"], abs=1e-9)
+        assert two[split]["uauc"] == pytest.approx(one[split]["uauc"], abs=1e-9)
