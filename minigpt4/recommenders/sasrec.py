@@ -1,12 +1,13 @@
 """SASRec (Kang and McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018), used as a
-click-through model as in CoLLM: self-attention over the user's recent positive items gives the user
-representation at the last position; score = <user representation, target item embedding>."""
+click-through model as in CoLLM: causal self-attention over the user's recent positive items gives the
+user representation at the last position; score = <user representation, target item embedding>."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minigpt4.config import SASRecConfig
@@ -14,30 +15,55 @@ from minigpt4.data.tensors import RatingBatch
 from minigpt4.recommenders.base import CollaborativeModel, embedding
 
 
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm causal self-attention and feed-forward, each with a residual connection."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embedding_size {dim} is not divisible by num_heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.attention_norm, self.feed_forward_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``mask`` [B, L, L] says which keys each query sees; ``last_only`` computes just the last query."""
+        batch, length, dim = hidden.shape
+        q, k, v = self.qkv(self.attention_norm(hidden)).chunk(3, dim=-1)
+        if last_only:  # only the last position feeds the score, so the final block skips the others
+            q, hidden, mask = q[:, -1:], hidden[:, -1:], mask[:, -1:]
+        heads = lambda t: t.reshape(batch, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)  # noqa: E731
+        dropout = self.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask.unsqueeze(1), dropout_p=dropout)
+        hidden = hidden + F.dropout(self.out(attended.transpose(1, 2).reshape(batch, -1, dim)), dropout, self.training)
+        return hidden + F.dropout(self.feed_forward(self.feed_forward_norm(hidden)), dropout, self.training)
+
+
 class SASRec(CollaborativeModel):
-    """Pre-norm Transformer blocks over item plus position embeddings of the history."""
+    """Stacked causal self-attention blocks over item plus position embeddings of the history."""
 
     def __init__(self, config: SASRecConfig, n_users: int, n_items: int) -> None:
         super().__init__(n_users, n_items)
         dim = config.embedding_size
         self.item_embedding = embedding(n_items, dim, config.init_std)
         self.position_embedding = nn.Parameter(torch.randn(config.max_history, dim) * config.init_std)
-        self.dropout = nn.Dropout(config.dropout)
-        block = nn.TransformerEncoderLayer(
-            dim, config.num_heads, dim_feedforward=dim, dropout=config.dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(block, config.num_blocks, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(SelfAttentionBlock(dim, config.num_heads, config.dropout) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(config.dropout)
         self.scale = math.sqrt(dim)
 
     def user_embeddings(self, batch: RatingBatch) -> torch.Tensor:
-        """The encoder's output at the most recent history position."""
+        """The last block's output at the most recent history position."""
         his = batch.his
-        hidden = self.item_embedding(his) * self.scale + self.position_embedding[-his.shape[1] :]
-        padding = his == 0
-        # The last position stays visible so a user with no history still gets a (position-only) state.
-        padding[:, -1] = False
-        hidden = self.encoder(self.dropout(hidden), src_key_padding_mask=padding)
+        length = his.shape[1]
+        hidden = self.dropout(self.item_embedding(his) * self.scale + self.position_embedding[-length:])
+        position = torch.arange(length, device=his.device)
+        causal = position[None, :] <= position[:, None]
+        # A query sees earlier real items and always itself, so padded rows never attend to nothing.
+        mask = causal & ((his != 0).unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=his.device))
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden, mask, last_only=index == len(self.blocks) - 1)
         return self.final_norm(hidden[:, -1])
 
     def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
