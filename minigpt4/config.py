@@ -34,11 +34,12 @@ class MFConfig(Section):
 
 
 class LightGCNConfig(Section):
-    """LightGCN: embeddings smoothed over the user-item graph of training positives."""
+    """LightGCN: embeddings smoothed over the user-item graph of training positives (or all interactions)."""
 
     arch: Literal["lightgcn"] = "lightgcn"
     embedding_size: int = Field(256, gt=0)
     n_layers: int = Field(2, ge=0)
+    graph: Literal["positives", "interactions"] = "positives"  # which training rows become edges
     init_std: float = Field(0.1, gt=0)
 
 

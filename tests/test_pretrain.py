@@ -26,7 +26,7 @@ def test_pretrain_writes_run_folder(arch, tiny_dataset, tmp_path, capsys):
     assert main(["pretrain", "--cfg-path", str(config)]) == 0
     metrics = last_json_line(capsys.readouterr().out)
     run_dir = Path(metrics["run_dir"])
-    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.json", "checkpoints"}
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.json", "checkpoints", "tensorboard"}
     assert sorted(p.name for p in (run_dir / "checkpoints" / "best").iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["arch"] == arch

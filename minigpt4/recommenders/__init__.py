@@ -26,10 +26,11 @@ from minigpt4.recommenders.sasrec import SASRec
 __all__ = ["CollaborativeModel", "build_recommender", "graph_edges", "load_recommender", "save_recommender"]
 
 
-def graph_edges(train: pd.DataFrame) -> torch.Tensor:
-    """(user, item) edges of the training positives, [2, E], for graph models."""
-    positives = train.loc[train["label"] == 1, ["uid", "iid"]].drop_duplicates()
-    return torch.as_tensor(positives.to_numpy().T.copy(), dtype=torch.long)
+def graph_edges(train: pd.DataFrame, positives_only: bool = True) -> torch.Tensor:
+    """(user, item) edges of the training positives (or of every training interaction), [2, E]."""
+    rows = train[train["label"] == 1] if positives_only else train
+    pairs = rows[["uid", "iid"]].drop_duplicates()
+    return torch.as_tensor(pairs.to_numpy().T.copy(), dtype=torch.long)
 
 
 def build_recommender(config, n_users: int, n_items: int, edges: torch.Tensor | None = None) -> CollaborativeModel:

@@ -1,6 +1,7 @@
 """LightGCN (He et al., "LightGCN: Simplifying and Powering Graph Convolution Network for
 Recommendation", SIGIR 2020): embeddings averaged over K rounds of symmetric-normalised propagation on
-the user-item graph of training positives; score = <u, i>."""
+the user-item graph of training positives (or of all training interactions, ``graph: interactions``);
+score = <u, i>."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -87,11 +87,10 @@ def evaluate_all(model: CollaborativeModel, split_loaders: dict[str, DataLoader]
 
 def pretrain(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a collaborative model; returns the metrics."""
-    accelerator = Accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(config.run.output_dir))
-    set_seed(config.run.seed)
     dataset = load_rating_dataset(config.datasets.path)
-    run_dir = open_run_folder(config, accelerator)
-    accelerator.project_configuration.set_directories(str(run_dir))
+    run_dir = open_run_folder(config, PartialState(cpu=config.run.cpu))
+    accelerator = Accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(run_dir))
+    set_seed(config.run.seed)
     logger.info("run folder %s; %d process(es) on %s", run_dir, accelerator.num_processes, accelerator.device)
     split_loaders = loaders(dataset, config, accelerator.device)
     if config.run.evaluate:
@@ -113,12 +112,16 @@ def pretrain(config: Config) -> dict:
 def _train(config: Config, dataset: RatingDataset, split_loaders: dict, accelerator: Accelerator, run_dir: Path) -> dict:
     """The epoch loop with early stopping; returns the best checkpoint's metrics."""
     run = config.run
-    edges = graph_edges(dataset.splits["train"]) if config.model.arch == "lightgcn" else None
+    if run.eval_every > run.max_epochs:
+        raise DiffRecError(f"run.eval_every ({run.eval_every}) exceeds run.max_epochs ({run.max_epochs}): no epoch would be evaluated")
+    edges = None
+    if config.model.arch == "lightgcn":
+        edges = graph_edges(dataset.splits["train"], positives_only=config.model.graph == "positives")
     model = build_recommender(config.model, dataset.n_users, dataset.n_items, edges)
     optimizer = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *split_loaders.values())
     split_loaders = dict(zip(split_loaders, prepared))
-    accelerator.init_trackers("pretrain", config={"arch": config.model.arch, "lr": run.lr, "batch_size": run.batch_size})
+    accelerator.init_trackers("tensorboard", config={"arch": config.model.arch, "lr": run.lr, "batch_size": run.batch_size})
     best_dir = run_dir / "checkpoints" / "best"
     best = {"auc": -math.inf, "epoch": 0, "seconds": 0.0}
     stale, step, samples, start = 0, 0, 0, time.perf_counter()

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from minigpt4.config import Config, dump_config
@@ -16,12 +16,12 @@ from minigpt4.config import Config, dump_config
 logger = logging.getLogger("diffrec")
 
 
-def open_run_folder(config: Config, accelerator: Accelerator) -> Path:
+def open_run_folder(config: Config, state: PartialState) -> Path:
     """Create the run folder on the main process (all processes get the same path) and start its log."""
     name = [time.strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(name)
     folder = config.run.output_dir / name[0]
-    if accelerator.is_main_process:
+    if state.is_main_process:
         suffix = 1
         while folder.exists():  # two runs in the same second never share a folder
             folder = config.run.output_dir / f"{name[0]}-{suffix}"
@@ -29,7 +29,7 @@ def open_run_folder(config: Config, accelerator: Accelerator) -> Path:
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "config.yaml").write_text(dump_config(config))
     folder = Path(broadcast_object_list([str(folder)])[0])
-    _start_log(folder / "log.txt", accelerator.is_main_process)
+    _start_log(folder / "log.txt", state.is_main_process)
     return folder
 
 
