@@ -90,7 +90,7 @@ class RunConfig(Section):
     seed: int = 2023
     cpu: bool = False
     batch_size: int = Field(1024, gt=0)
-    eval_batch_size: int = Field(8192, gt=0)
+    eval_batch_size: int = Field(2048, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_epochs: int = Field(200, gt=0)
