@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffrec: error: {err}", file=sys.stderr)
         return 2
     if result is not None and _is_main_process():
-        print(json.dumps(result))
+        # The per-epoch curve stays in metrics.json; the final line carries the figures.
+        print(json.dumps({key: value for key, value in result.items() if key != "curve"}))
     return 0
 
 

@@ -28,7 +28,9 @@ def test_pretrain_writes_run_folder(arch, tiny_dataset, tmp_path, capsys):
     run_dir = Path(metrics["run_dir"])
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.json", "checkpoints", "tensorboard"}
     assert sorted(p.name for p in (run_dir / "checkpoints" / "best").iterdir()) == ["config.json", "model.safetensors"]
-    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: v for k, v in saved.items() if k != "curve"} == metrics
+    assert [point["epoch"] for point in saved["curve"]] == list(range(1, metrics["epochs_run"] + 1))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["arch"] == arch
     for split in ("valid", "test", "test_warm", "test_cold"):
         assert set(metrics[split]) >= {"auc", "uauc", "gauc", "n"}

@@ -33,9 +33,13 @@ class SelfAttentionBlock(nn.Module):
         q, k, v = self.qkv(self.attention_norm(hidden)).chunk(3, dim=-1)
         if last_only:  # only the last position feeds the score, so the final block skips the others
             q, hidden, mask = q[:, -1:], hidden[:, -1:], mask[:, -1:]
-        heads = lambda t: t.reshape(batch, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)  # noqa: E731
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+
         dropout = self.dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask.unsqueeze(1), dropout_p=dropout)
+        attended = F.scaled_dot_product_attention(
+            split_heads(q), split_heads(k), split_heads(v), attn_mask=mask.unsqueeze(1), dropout_p=dropout
+        )
         hidden = hidden + F.dropout(self.out(attended.transpose(1, 2).reshape(batch, -1, dim)), dropout, self.training)
         return hidden + F.dropout(self.feed_forward(self.feed_forward_norm(hidden)), dropout, self.training)
 
