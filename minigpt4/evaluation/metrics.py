@@ -35,16 +35,21 @@ def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> p
     return pd.DataFrame({"auc": user_auc, "n": n[both]})
 
 
+def _mean_auc(table: pd.DataFrame, weighted: bool) -> float:
+    """Mean of per-user AUCs, unweighted (UAUC) or by sample count (GAUC); NaN without users."""
+    if not len(table):
+        return math.nan
+    return float(np.average(table["auc"], weights=table["n"] if weighted else None))
+
+
 def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """CoLLM's UAUC: unweighted mean of per-user AUC over users with both classes."""
-    table = per_user_auc(users, labels, scores)
-    return float(table["auc"].mean()) if len(table) else math.nan
+    return _mean_auc(per_user_auc(users, labels, scores), weighted=False)
 
 
 def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """Group AUC: per-user AUC weighted by each user's sample count."""
-    table = per_user_auc(users, labels, scores)
-    return float(np.average(table["auc"], weights=table["n"])) if len(table) else math.nan
+    return _mean_auc(per_user_auc(users, labels, scores), weighted=True)
 
 
 def ctr_metrics(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -52,8 +57,8 @@ def ctr_metrics(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> di
     table = per_user_auc(users, labels, scores)
     return {
         "auc": auc(labels, scores),
-        "uauc": float(table["auc"].mean()) if len(table) else math.nan,
-        "gauc": float(np.average(table["auc"], weights=table["n"])) if len(table) else math.nan,
+        "uauc": _mean_auc(table, weighted=False),
+        "gauc": _mean_auc(table, weighted=True),
         "n": int(len(labels)),
         "users_with_both_classes": int(len(table)),
     }

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt4.config import MODEL_CONFIGS, DINConfig, LightGCNConfig, MFConfig, SASRecConfig
+from minigpt4.config import MODEL_CONFIGS, DINConfig, LightGCNConfig, MFConfig, ModelConfig, SASRecConfig
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.recommenders.din import DIN
@@ -33,7 +33,7 @@ def graph_edges(train: pd.DataFrame, positives_only: bool = True) -> torch.Tenso
     return torch.as_tensor(pairs.to_numpy().T.copy(), dtype=torch.long)
 
 
-def build_recommender(config, n_users: int, n_items: int, edges: torch.Tensor | None = None) -> CollaborativeModel:
+def build_recommender(config: ModelConfig, n_users: int, n_items: int, edges: torch.Tensor | None = None) -> CollaborativeModel:
     """A freshly initialised model of ``config.arch``; graph models need the training ``edges``."""
     if isinstance(config, MFConfig):
         return MatrixFactorization(config, n_users, n_items)
@@ -48,7 +48,7 @@ def build_recommender(config, n_users: int, n_items: int, edges: torch.Tensor | 
     raise DiffRecError(f"no recommender for model config {type(config).__name__}")
 
 
-def save_recommender(model: CollaborativeModel, config, folder: Path, extra: dict | None = None) -> Path:
+def save_recommender(model: CollaborativeModel, config: ModelConfig, folder: Path, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``folder`` atomically (a temp folder, then a rename)."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
@@ -69,7 +69,7 @@ def save_recommender(model: CollaborativeModel, config, folder: Path, extra: dic
     return folder
 
 
-def load_recommender(folder: Path, expected=None, n_users: int | None = None, n_items: int | None = None) -> CollaborativeModel:
+def load_recommender(folder: Path, expected: ModelConfig | None = None, n_users: int | None = None, n_items: int | None = None) -> CollaborativeModel:
     """Load a checkpoint folder; a missing file, or a config or id-count mismatch, is an error."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -50,7 +51,7 @@ def write_metrics(folder: Path, metrics: dict) -> None:
     (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
 
 
-def json_safe(value):
+def json_safe(value: Any) -> Any:
     """Replace NaN/inf by None recursively, so JSON says 'missing' instead of inventing a value."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
