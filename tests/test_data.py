@@ -192,3 +192,19 @@ def test_import_collm_ml1m_matches_published_split(tmp_path):
         assert all(list(a) == list(b)[1:] for a, b in zip(ours["his_title"], original["his_title"]))
     assert loaded.n_users == 838 and loaded.n_items == 3255
     check_collm_rules(loaded.splits)
+
+
+def test_data_commands_write_loadable_folders(tmp_path, capsys):
+    from minigpt4.cli import main
+
+    reviews, metas, images = amazon_fixtures(tmp_path)
+    argv = ["data", "prepare", "amazon", "--reviews", *map(str, reviews), "--meta", *map(str, metas),
+            "--images", str(images), "--min-positive-rating", "5", "--out", str(tmp_path / "amazon")]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loaded = load_rating_dataset(tmp_path / "amazon")
+    assert printed["items"] == loaded.n_items == 8
+    assert loaded.meta["label_rule"] == "label = rating >= 5"
+    assert "instruction" in loaded.splits["test"].columns and "image" in loaded.items.columns
+    assert main(["data", "prepare", "ml-100k", "--out", str(tmp_path / "ml")]) == 0
+    assert load_rating_dataset(tmp_path / "ml").n_users == 943
