@@ -10,7 +10,7 @@ from typing import Iterator
 import pandas as pd
 
 from minigpt4.data.build import assemble_dataset, ratio_split
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, require_file
 
 AMAZON_SPLIT = (0.8, 0.1, 0.1)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -19,8 +19,7 @@ INSTRUCTION = "Suggest products from the {category} category that this shopper w
 
 def read_json_lines(path: Path) -> Iterator[dict]:
     """Records of a JSON-lines file, gzipped or not; a malformed line fails naming file and line."""
-    if not path.is_file():
-        raise DiffRecError(f"{path}: file not found")
+    require_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):

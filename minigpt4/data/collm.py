@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +33,19 @@ def import_collm(folder: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, d
     folder = Path(folder)
     splits = {name: read_collm_split(folder / f"{name}_ood2.pkl") for name in SPLITS}
     rows = pd.concat(splits.values(), ignore_index=True)
-    items = rows.drop_duplicates("iid")[["iid", "title"]].sort_values("iid").reset_index(drop=True)
-    n_items = int(max(rows["iid"].max(), max((h.max() for h in rows["his"] if len(h)), default=0)))
-    known = set(items["iid"])
     # Items seen only inside histories get their title from there.
-    for his, titles in zip(rows["his"], rows["his_title"]):
-        for iid, title in zip(his, titles):
-            if iid not in known:
-                items.loc[len(items)] = (int(iid), title)
-                known.add(iid)
+    in_histories = pd.DataFrame(
+        {"iid": list(chain.from_iterable(rows["his"])), "title": list(chain.from_iterable(rows["his_title"]))}
+    )
+    items = pd.concat([rows[["iid", "title"]], in_histories]).drop_duplicates("iid").sort_values("iid").reset_index(drop=True)
     meta = {
         "source": str(folder),
         "name": "collm-ml-1m" if "ml-1m" in folder.name else f"collm-{folder.name}",
         "n_users": int(rows["uid"].max()),
-        "n_items": n_items,
+        "n_items": int(items["iid"].max()),
         "label_rule": "label = rating > 3 (as published by CoLLM)",
         "split_rule": "CoLLM's time-ordered ood2 split (as published)",
         "history_rule": "his = the user's earlier positive items in time order (CoLLM's leading 0 removed)",
         "cold_rule": "not_cold = user and item both appear in train (as published)",
     }
-    return splits, items.sort_values("iid").reset_index(drop=True), meta
+    return splits, items, meta

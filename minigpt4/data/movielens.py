@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from minigpt4.data.build import assemble_dataset, month_window, ratio_split
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, require_file
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -30,13 +30,6 @@ def recbole_ml100k_dir() -> Path:
     return folder
 
 
-def _require(path: Path) -> Path:
-    """Fail naming the file when it is missing."""
-    if not path.is_file():
-        raise DiffRecError(f"{path}: file not found")
-    return path
-
-
 def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Raw ratings (user, item, rating, timestamp) and items (item, title, genres) of ML-100K.
 
@@ -51,9 +44,9 @@ def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         items["title"] = items["name"].str.strip() + items["year"].map(lambda y: f" ({y})" if str(y).strip() else "")
         items["genres"] = items["genres"].str.split()
     else:
-        ratings = pd.read_csv(_require(Path(raw) / "u.data"), sep="\t", names=["user", "item", "rating", "timestamp"])
+        ratings = pd.read_csv(require_file(Path(raw) / "u.data"), sep="\t", names=["user", "item", "rating", "timestamp"])
         columns = ["item", "title", "release", "video", "url", *ML100K_GENRES]
-        items = pd.read_csv(_require(Path(raw) / "u.item"), sep="|", names=columns, encoding="latin-1")
+        items = pd.read_csv(require_file(Path(raw) / "u.item"), sep="|", names=columns, encoding="latin-1")
         flags = items[list(ML100K_GENRES)].to_numpy().astype(bool)
         items["genres"] = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags]
     return ratings[["user", "item", "rating", "timestamp"]], items[["item", "title", "genres"]]
@@ -62,10 +55,10 @@ def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
 def read_ml1m(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Raw ratings and items of ML-1M from a GroupLens ``ml-1m/`` folder (``ratings.dat``, ``movies.dat``)."""
     ratings = pd.read_csv(
-        _require(Path(raw) / "ratings.dat"), sep="::", engine="python", names=["user", "item", "rating", "timestamp"]
+        require_file(Path(raw) / "ratings.dat"), sep="::", engine="python", names=["user", "item", "rating", "timestamp"]
     )
     items = pd.read_csv(
-        _require(Path(raw) / "movies.dat"), sep="::", engine="python", names=["item", "title", "genres"], encoding="latin-1"
+        require_file(Path(raw) / "movies.dat"), sep="::", engine="python", names=["item", "title", "genres"], encoding="latin-1"
     )
     items["genres"] = items["genres"].str.split("|")
     return ratings, items

@@ -14,9 +14,9 @@ from sklearn.metrics import roc_auc_score
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (scikit-learn's); NaN when only one class is present."""
+    """ROC AUC (scikit-learn's); NaN when the set is empty or has only one class."""
     labels = np.asarray(labels)
-    if labels.min() == labels.max():
+    if labels.size == 0 or labels.min() == labels.max():
         return math.nan
     return float(roc_auc_score(labels, scores))
 

@@ -65,38 +65,42 @@ def predict(model: CollaborativeModel, loader: DataLoader, accelerator: Accelera
     return rows_all[order], scores_all[order]
 
 
-def evaluate_split(model: CollaborativeModel, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """AUC, UAUC and GAUC of one split."""
+def split_predictions(model: CollaborativeModel, loader: DataLoader, accelerator: Accelerator) -> tuple[np.ndarray, ...]:
+    """Users, labels, logits and warm flags of a whole split, in row order."""
     rows, scores = predict(model, loader, accelerator)
     data: RatingTensors = loader.dataset
-    return ctr_metrics(data.uid.cpu().numpy()[rows], data.label.cpu().numpy()[rows], scores)
+    return data.uid.cpu().numpy()[rows], data.label.cpu().numpy()[rows], scores, data.not_cold[rows]
+
+
+def evaluate_split(model: CollaborativeModel, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    """AUC, UAUC and GAUC of one split."""
+    users, labels, scores, _ = split_predictions(model, loader, accelerator)
+    return ctr_metrics(users, labels, scores)
 
 
 def evaluate_all(model: CollaborativeModel, split_loaders: dict[str, DataLoader], accelerator: Accelerator) -> dict:
     """Metrics on valid, test, test-warm (``not_cold``) and test-cold."""
     metrics = {"valid": evaluate_split(model, split_loaders["valid"], accelerator)}
-    rows, scores = predict(model, split_loaders["test"], accelerator)
-    test: RatingTensors = split_loaders["test"].dataset
-    users, labels = test.uid.cpu().numpy()[rows], test.label.cpu().numpy()[rows]
-    warm = test.not_cold[rows]
-    metrics["test"] = ctr_metrics(users, labels, scores)
-    for name, keep in (("test_warm", warm), ("test_cold", ~warm)):
-        metrics[name] = ctr_metrics(users[keep], labels[keep], scores[keep]) if keep.any() else {"auc": math.nan, "uauc": math.nan, "gauc": math.nan, "n": 0}
+    users, labels, scores, warm = split_predictions(model, split_loaders["test"], accelerator)
+    for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm)):
+        metrics[name] = ctr_metrics(users[keep], labels[keep], scores[keep])
     return metrics
 
 
 def pretrain(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a collaborative model; returns the metrics."""
     dataset = load_rating_dataset(config.datasets.path)
+    model = None
+    if config.run.evaluate:  # a bad checkpoint fails before any run folder is created
+        if config.run.ckpt is None:
+            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
+        model = load_recommender(config.run.ckpt, config.model, dataset.n_users, dataset.n_items)
     run_dir = open_run_folder(config, PartialState(cpu=config.run.cpu))
     accelerator = Accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(run_dir))
     set_seed(config.run.seed)
     logger.info("run folder %s; %d process(es) on %s", run_dir, accelerator.num_processes, accelerator.device)
     split_loaders = loaders(dataset, config, accelerator.device)
-    if config.run.evaluate:
-        if config.run.ckpt is None:
-            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
-        model = load_recommender(config.run.ckpt, config.model, dataset.n_users, dataset.n_items).to(accelerator.device)
+    if model is not None:
         prepared = accelerator.prepare(model, *split_loaders.values())
         model, split_loaders = prepared[0], dict(zip(split_loaders, prepared[1:]))
         metrics = {"checkpoint": str(config.run.ckpt), **evaluate_all(model, split_loaders, accelerator)}
