@@ -53,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN)"),
         ("evaluate", "evaluate a checkpoint (run.ckpt) on valid/test/warm/cold"),
-        ("train", "joint LLM + image training (not yet available)"),
+        ("train", "train the LLM recommender (model.arch: llmrec; modes tallrec, collm, cora)"),
     ):
         _config_args(commands.add_parser(name, help=text))
+    reply = commands.add_parser("reply", help="a short personalized reply about an item from a trained LLM checkpoint (run.ckpt)")
+    _config_args(reply)
+    reply.add_argument("--user", type=int, required=True, help="user id of the dataset (1..n_users)")
+    reply.add_argument("--item", type=int, required=True, help="item id of the dataset (1..n_items)")
     demo = commands.add_parser("demo", help="prepare ML-100K, train MF, evaluate, summarise")
     demo.add_argument("--options", nargs="*", default=[], help="overrides for the demo config")
     return parser
@@ -113,16 +117,26 @@ def _fmt(value: float | None) -> str:
 
 
 def run_config_command(args: argparse.Namespace) -> dict | None:
-    """pretrain / evaluate / train on a config file."""
+    """pretrain / train / evaluate / reply on a config file."""
     from minigpt4.config import load_config
 
     options = list(args.options) + (["run.evaluate=true"] if args.command == "evaluate" else [])
     config = load_config(args.cfg_path, options)
-    if args.command == "train":
-        raise DiffRecError(
-            f"{args.cfg_path}: config is valid, but joint LLM + image training is not yet available; "
-            "use `diffrec pretrain` for the collaborative model"
-        )
+    is_llm = config.model.arch == "llmrec"
+    if args.command == "reply":
+        if not is_llm:
+            raise DiffRecError(f"{args.cfg_path}: diffrec reply needs an LLM recommender config (model.arch: llmrec)")
+        from minigpt4.llm.reply import write_reply
+
+        return write_reply(config, args.user, args.item)
+    if args.command == "train" and not is_llm:
+        raise DiffRecError(f"{args.cfg_path}: model.arch {config.model.arch} is a collaborative model; train it with diffrec pretrain")
+    if args.command == "pretrain" and is_llm:
+        raise DiffRecError(f"{args.cfg_path}: model.arch llmrec is the LLM recommender; train it with diffrec train")
+    if is_llm:
+        from minigpt4.training.llm import train_llm
+
+        return train_llm(config)
     from minigpt4.training.pretrain import pretrain
 
     return pretrain(config)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from minigpt4.errors import DiffRecError
 
@@ -68,13 +69,103 @@ class DINConfig(Section):
     init_std: float = Field(0.1, gt=0)
 
 
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class LLMConfig(Section):
+    """The causal LM: a local Hugging Face folder, a GGUF file, or (no path) the bundled SmolLM2-135M-Instruct."""
+
+    path: Path | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    load_in_8bit: bool = False  # needs bitsandbytes and a CUDA device
+    gradient_checkpointing: bool = False
+    max_length: int = Field(512, gt=8)  # prompt tokens; the oldest history titles go first when a prompt is longer
+
+
+class PromptConfig(Section):
+    """The prompt template (a file in ``prompts/``) and how much history it shows."""
+
+    template: Path
+    max_history: int = Field(10, ge=0)
+
+
+class LoRAConfig(Section):
+    """peft LoRA on the LLM, trained on the prompts in every mode (TALLRec's adapter)."""
+
+    enabled: bool = True
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+
+class CoRAConfig(Section):
+    """Per-sample collaborative LoRA: a query generator turns concat(user, item) into A; each target has its own B."""
+
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+    queries: int = Field(4, gt=0)  # learned queries; each writes rank / queries rows of A
+    width: int = Field(256, gt=0)
+    heads: int = Field(4, gt=0)
+
+
+class CoLLMConfig(Section):
+    """CoLLM's projector: an MLP from a collaborative embedding to one token embedding."""
+
+    hidden: int = Field(256, gt=0)
+
+
+class CollabConfig(Section):
+    """The frozen collaborative model behind ``collm`` and ``cora``: a ``diffrec pretrain`` checkpoint folder."""
+
+    ckpt: Path
+
+
+class ReplyConfig(Section):
+    """The personalized reply (``diffrec reply``): its template and sampling settings."""
+
+    template: Path | None = None
+    max_new_tokens: int = Field(60, gt=0)
+    do_sample: bool = True
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+
+
+class LLMRecConfig(Section):
+    """An LLM recommender answering Yes/No: text only (tallrec), embeddings as tokens (collm) or per-sample LoRA (cora)."""
+
+    arch: Literal["llmrec"] = "llmrec"
+    mode: Literal["tallrec", "collm", "cora"] = "cora"
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    prompt: PromptConfig
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    collab: CollabConfig | None = None
+    cora: CoRAConfig = Field(default_factory=CoRAConfig)
+    collm: CoLLMConfig = Field(default_factory=CoLLMConfig)
+    reply: ReplyConfig = Field(default_factory=ReplyConfig)
+
+    @model_validator(mode="after")
+    def _collab_matches_mode(self) -> "LLMRecConfig":
+        """collm and cora need a collaborative checkpoint; tallrec must not name one it would ignore."""
+        if self.mode != "tallrec" and self.collab is None:
+            raise ValueError(f"mode {self.mode} needs model.collab.ckpt (a collaborative checkpoint folder)")
+        if self.mode == "tallrec" and self.collab is not None:
+            raise ValueError("mode tallrec is text only; remove model.collab or choose mode collm or cora")
+        if self.cora.rank % self.cora.queries:
+            raise ValueError(f"model.cora.rank ({self.cora.rank}) must be a multiple of model.cora.queries ({self.cora.queries})")
+        return self
+
+
 MODEL_CONFIGS: dict[str, type[Section]] = {
     "mf": MFConfig,
     "lightgcn": LightGCNConfig,
     "sasrec": SASRecConfig,
     "din": DINConfig,
+    "llmrec": LLMRecConfig,
 }
-ModelConfig = Annotated[Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig], Field(discriminator="arch")]
+CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig]
+ModelConfig = Annotated[Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, LLMRecConfig], Field(discriminator="arch")]
 
 
 class DatasetConfig(Section):
@@ -99,6 +190,17 @@ class RunConfig(Section):
     output_dir: Path = Path("../runs/default")
     evaluate: bool = False
     ckpt: Path | None = None
+    # Step-based LLM training (``diffrec train``); the collaborative pre-training ignores these.
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; None: max_epochs over the training rows
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    eval_every_steps: int = Field(100, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
+    valid_rows: int | None = Field(None, gt=0)
+    test_rows: int | None = Field(None, gt=0)
+    resume_from: Path | None = None  # a checkpoint folder of an earlier ``diffrec train`` run
 
 
 class Config(Section):
@@ -134,7 +236,10 @@ def _section_class(section: type[BaseModel], key: str, value: Any) -> type[BaseM
             raise DiffRecError(f"model.arch must be one of {', '.join(MODEL_CONFIGS)}, got {arch!r}{hint}")
         return MODEL_CONFIGS[arch]
     annotation = section.model_fields[key].annotation
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    # ``X | None`` sections are checked as X.
+    candidates = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
+    sections = [arg for arg in candidates if isinstance(arg, type) and issubclass(arg, BaseModel)]
+    return sections[0] if len(sections) == 1 else None
 
 
 def apply_options(data: dict, options: list[str]) -> dict:
@@ -189,6 +294,14 @@ def load_config(path: str | Path, options: list[str] | None = None) -> Config:
     config.datasets.path = _resolve(config.datasets.path, Path(data_root) if data_root else config_dir)
     config.run.output_dir = _resolve(config.run.output_dir, config_dir)
     config.run.ckpt = _resolve(config.run.ckpt, config_dir)
+    config.run.resume_from = _resolve(config.run.resume_from, config_dir)
+    if isinstance(config.model, LLMRecConfig):
+        model = config.model
+        model.llm.path = _resolve(model.llm.path, config_dir)
+        model.prompt.template = _resolve(model.prompt.template, config_dir)
+        model.reply.template = _resolve(model.reply.template, config_dir)
+        if model.collab is not None:
+            model.collab.ckpt = _resolve(model.collab.ckpt, config_dir)
     return config
 
 

@@ -7,7 +7,6 @@ config plus the id counts); loading checks both against each other and fails on 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt4.config import MODEL_CONFIGS, DINConfig, LightGCNConfig, MFConfig, ModelConfig, SASRecConfig
 from minigpt4.errors import DiffRecError
+from minigpt4.io import atomic_folder
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.recommenders.din import DIN
 from minigpt4.recommenders.lightgcn import LightGCN
@@ -50,22 +50,11 @@ def build_recommender(config: ModelConfig, n_users: int, n_items: int, edges: to
 
 def save_recommender(model: CollaborativeModel, config: ModelConfig, folder: Path, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``folder`` atomically (a temp folder, then a rename)."""
-    folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(state, partial / "model.safetensors")
     info = {"model": config.model_dump(mode="json"), "n_users": model.n_users, "n_items": model.n_items, **(extra or {})}
-    (partial / "config.json").write_text(json.dumps(info, indent=2))
-    if folder.exists():
-        previous = folder.with_name(folder.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        folder.rename(previous)
-        partial.rename(folder)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(folder)
+    with atomic_folder(folder) as partial:
+        save_file(state, partial / "model.safetensors")
+        (partial / "config.json").write_text(json.dumps(info, indent=2))
     return folder
 
 

@@ -13,6 +13,8 @@ from minigpt4.data.tensors import RatingBatch
 class CollaborativeModel(nn.Module):
     """A recommender over dense user ids 1..n_users and item ids 1..n_items (0 is padding)."""
 
+    max_history = 0  # how many recent history items ``user_embeddings`` reads (0: none)
+
     def __init__(self, n_users: int, n_items: int) -> None:
         super().__init__()
         self.n_users = n_users

@@ -27,6 +27,7 @@ class DIN(CollaborativeModel):
 
     def __init__(self, config: DINConfig, n_users: int, n_items: int) -> None:
         super().__init__(n_users, n_items)
+        self.max_history = config.max_history
         dim = config.embedding_size
         self.item_embedding = embedding(n_items, dim, config.init_std)
         self.user_embedding = embedding(n_users, dim, config.init_std) if config.use_user_embedding else None

@@ -49,6 +49,7 @@ class SASRec(CollaborativeModel):
 
     def __init__(self, config: SASRecConfig, n_users: int, n_items: int) -> None:
         super().__init__(n_users, n_items)
+        self.max_history = config.max_history
         dim = config.embedding_size
         self.item_embedding = embedding(n_items, dim, config.init_std)
         self.position_embedding = nn.Parameter(torch.randn(config.max_history, dim) * config.init_std)

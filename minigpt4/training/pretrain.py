@@ -12,7 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
@@ -23,7 +22,7 @@ from minigpt4.config import Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.tensors import RatingTensors, whole_batch
 from minigpt4.errors import DiffRecError
-from minigpt4.evaluation.metrics import ctr_metrics
+from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
 from minigpt4.recommenders import CollaborativeModel, build_recommender, graph_edges, load_recommender, save_recommender
 from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
 
@@ -48,43 +47,6 @@ def loaders(dataset: RatingDataset, config: Config, device: torch.device) -> dic
             collate_fn=whole_batch,
         )
     return out
-
-
-@torch.no_grad()
-def predict(model: CollaborativeModel, loader: DataLoader, accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray]:
-    """Row numbers and logits of a whole split, gathered from every process, in row order."""
-    model.eval()
-    rows, scores = [], []
-    for batch in loader:
-        logits = accelerator.unwrap_model(model).score(batch)
-        batch_rows, logits = accelerator.gather_for_metrics((batch.rows, logits))
-        rows.append(batch_rows.cpu())
-        scores.append(logits.float().cpu())
-    rows_all, scores_all = torch.cat(rows).numpy(), torch.cat(scores).numpy()
-    order = np.argsort(rows_all, kind="stable")
-    return rows_all[order], scores_all[order]
-
-
-def split_predictions(model: CollaborativeModel, loader: DataLoader, accelerator: Accelerator) -> tuple[np.ndarray, ...]:
-    """Users, labels, logits and warm flags of a whole split, in row order."""
-    rows, scores = predict(model, loader, accelerator)
-    data: RatingTensors = loader.dataset
-    return data.uid.cpu().numpy()[rows], data.label.cpu().numpy()[rows], scores, data.not_cold[rows]
-
-
-def evaluate_split(model: CollaborativeModel, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """AUC, UAUC and GAUC of one split."""
-    users, labels, scores, _ = split_predictions(model, loader, accelerator)
-    return ctr_metrics(users, labels, scores)
-
-
-def evaluate_all(model: CollaborativeModel, split_loaders: dict[str, DataLoader], accelerator: Accelerator) -> dict:
-    """Metrics on valid, test, test-warm (``not_cold``) and test-cold."""
-    metrics = {"valid": evaluate_split(model, split_loaders["valid"], accelerator)}
-    users, labels, scores, warm = split_predictions(model, split_loaders["test"], accelerator)
-    for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm)):
-        metrics[name] = ctr_metrics(users[keep], labels[keep], scores[keep])
-    return metrics
 
 
 def pretrain(config: Config) -> dict:

@@ -1,10 +1,12 @@
-"""Run folders: ``<output_dir>/<timestamp>/`` holding the resolved config, log, metrics.json and checkpoints."""
+"""Run folders: ``<output_dir>/<timestamp>/`` holding the resolved config, log, metrics.json and checkpoints;
+``<output_dir>/latest`` links to the newest."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,19 @@ def open_run_folder(config: Config, state: PartialState) -> Path:
             suffix += 1
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "config.yaml").write_text(dump_config(config))
+        _point_latest(folder)
     folder = Path(broadcast_object_list([str(folder)])[0])
     _start_log(folder / "log.txt", state.is_main_process)
     return folder
+
+
+def _point_latest(folder: Path) -> None:
+    """Make ``<output_dir>/latest`` a link to ``folder`` (replaced atomically), so configs can name the newest run."""
+    link = folder.parent / "latest"
+    partial = folder.parent / f".latest-{folder.name}"
+    partial.unlink(missing_ok=True)
+    partial.symlink_to(folder.name)
+    os.replace(partial, link)
 
 
 def _start_log(path: Path, main: bool) -> None:
