@@ -56,7 +56,7 @@ def test_entry_point_scripts(tiny_dataset, tmp_path):
     assert "auc" in last_json_line(done.stdout)["test"]
     joint = subprocess.run([sys.executable, "train_collm_mf_din.py", f"--cfg-path={config}"], cwd=ROOT, capture_output=True, text=True)
     assert joint.returncode == 2
-    assert "config is valid, but joint LLM + image training is not yet available" in joint.stderr
+    assert "model.arch mf is a collaborative model; train it with diffrec pretrain" in joint.stderr
 
 
 @pytest.mark.parametrize(

@@ -113,14 +113,15 @@ class LLMRecommender(nn.Module):
     def __init__(self, config: LLMRecConfig, llm: PreTrainedModel, answer_ids: tuple[int, int], collab: CollaborativeModel | None = None) -> None:
         super().__init__()
         self.config = config
-        if config.lora.enabled:
-            lora = config.lora
-            llm = get_peft_model(llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-        if config.llm.gradient_checkpointing:
-            # Non-reentrant checkpointing re-runs each layer inside backward with the CoRA weights it used.
-            # (The older name works on every supported transformers; newer ones only warn about it.)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
+        # peft and the older checkpointing name (which works on every supported transformers) warn on
+        # newer transformers about deprecated names they call.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if config.lora.enabled:
+                lora = config.lora
+                llm = get_peft_model(llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+            if config.llm.gradient_checkpointing:
+                # Non-reentrant checkpointing re-runs each layer inside backward with the CoRA weights it used.
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.llm = llm
         self.register_buffer("answer_ids", torch.as_tensor(answer_ids), persistent=False)

@@ -1,0 +1,359 @@
+"""The LLM recommender: prompts, two-row Yes/No scoring, CoRA injection (with and without gradient
+checkpointing), CoLLM slots, checkpoints (save/load, evaluate, resume), replies and user errors.
+
+A tiny Llama (2 layers, hidden 32) with SmolLM2's real tokenizer stands in for the LLM; it is saved as
+a Hugging Face folder and loaded through the same loader as real weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from conftest import write_config
+from minigpt4.cli import main
+from minigpt4.config import LLMConfig, load_config
+from minigpt4.data.contract import load_rating_dataset
+from minigpt4.errors import DiffRecError
+from minigpt4.llm import scoring
+from minigpt4.llm.loading import bundled_smollm2_folder, load_causal_lm, load_tokenizer
+from minigpt4.llm.prompts import PromptTemplate, encode_prompts
+from minigpt4.llm.scoring import answer_token_ids, full_vocabulary_yes_no, yes_no_logits
+from minigpt4.training import llm as training_llm
+from minigpt4.training.llm import TRAINER_STATE, build_llm_recommender, save_checkpoint, split_prompt_rows
+from minigpt4.training.pretrain import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "prompts"
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer, as a Hugging Face folder."""
+    smollm2 = bundled_smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mf_checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MF checkpoint trained on the tiny dataset."""
+    folder = tmp_path_factory.mktemp("mf")
+    return Path(pretrain(load_config(write_config(folder, tiny_dataset, "mf", run={"max_epochs": 2})))["checkpoint"])
+
+
+def llm_config(folder: Path, dataset: Path, llm: Path, mode: str = "cora", collab: Path | None = None, model: dict | None = None, run: dict | None = None) -> Path:
+    """An llmrec config with fast settings; collm reads the slot template."""
+    template = "collm_movie.txt" if mode == "collm" else "tallrec_movie.txt"
+    config = {
+        "model": {
+            "arch": "llmrec", "mode": mode, "llm": {"path": str(llm), "max_length": 128},
+            "prompt": {"template": str(PROMPTS / template), "max_history": 5},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "cora": {"rank": 8, "alpha": 16, "queries": 4, "width": 16, "heads": 2},
+            "collm": {"hidden": 16}, "reply": {"template": str(PROMPTS / "reply_movie.txt"), "max_new_tokens": 8},
+            **({"collab": {"ckpt": str(collab)}} if mode != "tallrec" else {}), **(model or {}),
+        },
+        "datasets": {"name": "tiny", "path": str(dataset)},
+        "run": {
+            "cpu": True, "batch_size": 8, "eval_batch_size": 16, "lr": 5e-3, "max_steps": 4, "eval_every_steps": 2, "patience": 5,
+            "train_rows": 64, "valid_rows": 48, "test_rows": 48, "output_dir": str(folder / "runs"), **(run or {}),
+        },
+    }  # fmt: skip
+    path = folder / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def build(path: Path, options: list[str] | None = None):
+    """Config, model and tokenized splits for a config file."""
+    config = load_config(path, options)
+    dataset = load_rating_dataset(config.datasets.path)
+    torch.manual_seed(config.run.seed)
+    model, tokenizer, template = build_llm_recommender(config.model, dataset)
+    return config, model, split_prompt_rows(config, dataset, model, tokenizer, template)
+
+
+def first_rows(rows, count: int = 8):
+    return rows.__getitems__(list(range(count)))
+
+
+def one_step(model, batch, lr: float = 0.05) -> None:
+    """One AdamW step on the trainable parameters."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(batch).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+
+def test_prompt_keeps_recent_history_aligned(tiny_llm):
+    tokenizer = load_tokenizer(LLMConfig(path=tiny_llm))
+    template = PromptTemplate.load(PROMPTS / "tallrec_movie.txt")
+    frame = pd.DataFrame({"his": [[1, 2, 3]], "his_title": [["Old", "Middle", "New"]], "title": ["Target"]})
+    text = tokenizer.decode(encode_prompts(template, frame, tokenizer, 2, 256, "t").input_ids[0])
+    assert '"Middle", "New"' in text and "Old" not in text and '"Target"' in text and text.endswith("Answer:")
+    # Too long for max_length: the oldest titles go first.
+    full = len(encode_prompts(template, frame, tokenizer, 3, 256, "t").input_ids[0])
+    short = encode_prompts(template, frame, tokenizer, 3, full - 1, "t").input_ids[0]
+    assert len(short) < full and '"Middle", "New"' in tokenizer.decode(short) and "Old" not in tokenizer.decode(short)
+
+
+def test_collm_slots_are_single_tokens_at_recorded_positions(tiny_llm):
+    tokenizer = load_tokenizer(LLMConfig(path=tiny_llm))
+    template = PromptTemplate.load(PROMPTS / "collm_movie.txt")
+    frame = pd.DataFrame({"his_title": [["A"], []], "title": ["T1", "T2"]})
+    encoded = encode_prompts(template, frame, tokenizer, 10, 256, "t")
+    for row, ids in enumerate(encoded.input_ids):
+        for slot in ("<UserID>", "<TargetItemID>"):
+            assert ids[encoded.slot_positions[slot][row]] == tokenizer.pad_token_id
+    assert "none" in tokenizer.decode(encoded.input_ids[1])  # an empty history is written as such
+
+
+def test_unknown_and_unfilled_placeholders_fail_by_name(tiny_llm, tmp_path):
+    tokenizer = load_tokenizer(LLMConfig(path=tiny_llm))
+    (tmp_path / "bad.txt").write_text("History: {history_titels}\nAnswer:")
+    with pytest.raises(DiffRecError, match=r"unknown placeholder \{history_titels\}"):
+        PromptTemplate.load(tmp_path / "bad.txt")
+    (tmp_path / "slot.txt").write_text("User <UserId>\nAnswer:")
+    with pytest.raises(DiffRecError, match="unknown slot <UserId>"):
+        PromptTemplate.load(tmp_path / "slot.txt")
+    amazon = PromptTemplate.load(PROMPTS / "tallrec_amazon.txt")
+    frame = pd.DataFrame({"his_title": [["A"]], "title": ["T"]})
+    with pytest.raises(DiffRecError, match=r"\{instruction\} needs column 'instruction', which movies lacks"):
+        encode_prompts(amazon, frame, tokenizer, 10, 256, "movies")
+    frame = pd.DataFrame({"his_title": [["A"], ["B"]], "title": ["T", "U"], "instruction": ["Find a gift", " "]})
+    with pytest.raises(DiffRecError, match=r"shop, row 1: placeholder \{instruction\} is unfilled"):
+        encode_prompts(amazon, frame, tokenizer, 10, 256, "shop")
+
+
+def test_answer_words_must_be_single_tokens(tiny_llm, monkeypatch):
+    tokenizer = load_tokenizer(LLMConfig(path=tiny_llm))
+    yes, no = answer_token_ids(tokenizer, "Answer:")
+    assert tokenizer.decode([yes]).strip() == "Yes" and tokenizer.decode([no]).strip() == "No"
+    monkeypatch.setattr(scoring, "ANSWER_WORDS", ("Yesteryearish", "No"))
+    with pytest.raises(DiffRecError, match="'Yesteryearish' after 'Answer:' is .* tokens"):
+        answer_token_ids(tokenizer, "Answer:")
+
+
+# --- scoring and injection --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("llm", ["tiny", "smollm2"])
+def test_two_row_scoring_equals_full_logits(llm, tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    path = tiny_llm if llm == "tiny" else bundled_smollm2_folder()
+    config, model, rows = build(llm_config(tmp_path, tiny_dataset, path, "cora", mf_checkpoint))
+    one_step(model, first_rows(rows["train"]))  # B != 0: the CoRA update is part of both computations
+    model.eval()
+    batch = first_rows(rows["test"])
+    assert batch.attention_mask.sum(1).unique().numel() > 1  # rows of different lengths, right-padded
+    with torch.no_grad():
+        embeds = model.prepare_inputs(batch)
+        two_rows = yes_no_logits(model.llm, embeds, batch.attention_mask, model.answer_ids)
+        full = full_vocabulary_yes_no(model.llm, embeds, batch.attention_mask, model.answer_ids)
+    torch.testing.assert_close(two_rows, full, rtol=1e-4, atol=1e-4)
+
+
+def test_cora_with_zero_b_scores_as_the_base_model(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    config, model, rows = build(llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint))
+    batch = first_rows(rows["test"])
+    base = load_causal_lm(LLMConfig(path=tiny_llm))
+    model.eval()
+    with torch.no_grad():
+        ours = model.score(batch)
+        reference = yes_no_logits(base, base.get_input_embeddings()(batch.input_ids), batch.attention_mask, model.answer_ids)
+    assert all(not b.any() for b in model.cora.lora_b.values())
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cora_reads_the_user_embedding_and_trains_its_generator(checkpointing, tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, model={"llm": {"path": str(tiny_llm), "gradient_checkpointing": checkpointing}})
+    config, model, rows = build(path)
+    assert model.llm.is_gradient_checkpointing == checkpointing
+    batch = first_rows(rows["train"])
+    one_step(model, batch)
+    assert any(b.abs().sum() > 0 for b in model.cora.lora_b.values())
+    # A second backward (B is no longer zero): gradients reach the generator through every target.
+    model.train()
+    model(batch).backward()
+    generator_grads = [p.grad for p in model.cora.generator.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in generator_grads)
+    assert sum(g.abs().sum() for g in generator_grads) > 0
+    model.eval()
+    with torch.no_grad():
+        before = model.score(batch)
+        table = model.collab.user_embedding.weight
+        table[batch.rating.uid[0]] = torch.randn_like(table[batch.rating.uid[0]]) * 3
+        after = model.score(batch)
+    changed = (before - after).abs() > 1e-6
+    assert changed[0]
+    same_user = batch.rating.uid == batch.rating.uid[0]
+    assert not changed[~same_user].any()  # only rows of that user move
+
+
+def test_collm_places_projected_embeddings_at_the_slots(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    config, model, rows = build(llm_config(tmp_path, tiny_dataset, tiny_llm, "collm", mf_checkpoint))
+    batch = first_rows(rows["train"])
+    one_step(model, batch)
+    model.eval()
+    with torch.no_grad():
+        embeds = model.prepare_inputs(batch)
+        user, item = model.collab_embeddings(batch.rating)
+        index = torch.arange(len(batch))
+        torch.testing.assert_close(embeds[index, batch.user_slot], model.projector.user(user))
+        torch.testing.assert_close(embeds[index, batch.item_slot], model.projector.item(item))
+        before = model.score(batch)
+        model.collab.item_embedding.weight[batch.rating.iid[0]] += 1.0
+        assert (model.score(batch) - before)[0].abs() > 1e-6
+
+
+def test_save_then_load_reproduces_scores(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
+    config, model, rows = build(path)
+    one_step(model, first_rows(rows["train"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path / "ckpt", model, config, optimizer, scheduler, {"step": 1})
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"adapter", "collab_modules.safetensors", "config.yaml", "optimizer.pt", "scheduler.pt", TRAINER_STATE}
+    assert (tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors").is_file()
+    _, fresh, _ = build(path)
+    batch = first_rows(rows["test"])
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert not torch.equal(model.score(batch), fresh.score(batch))
+        fresh.load_weights(tmp_path / "ckpt")
+        assert torch.equal(model.score(batch), fresh.score(batch))
+    # A checkpoint of another shape is refused by name.
+    _, other, _ = build(path, ["model.cora.rank=4"])
+    with pytest.raises(DiffRecError, match="checkpoint has model.cora"):
+        other.load_weights(tmp_path / "ckpt")
+
+
+def test_collaborative_checkpoint_must_exist_and_match(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
+    missing = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", tmp_path / "nowhere")
+    assert main(["train", "--cfg-path", str(missing)]) == 2
+    assert "checkpoint file missing" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no run folder for a run that cannot start
+    other = tmp_path / "other-mf"
+    shutil.copytree(mf_checkpoint, other)
+    info = json.loads((other / "config.json").read_text())
+    info["n_users"] += 5
+    (other / "config.json").write_text(json.dumps(info))
+    mismatched = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", other)
+    assert main(["train", "--cfg-path", str(mismatched)]) == 2
+    assert f"checkpoint has n_users={info['n_users']} but the dataset has {info['n_users'] - 5}" in capsys.readouterr().err
+
+
+def test_mode_and_collab_must_agree(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "tallrec", model={"collab": {"ckpt": str(mf_checkpoint)}})
+    assert main(["train", "--cfg-path", str(path)]) == 2
+    assert "mode tallrec is text only" in capsys.readouterr().err
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, model={"prompt": {"template": str(PROMPTS / "collm_movie.txt")}})
+    assert main(["train", "--cfg-path", str(path)]) == 2
+    assert "are filled only in mode collm" in capsys.readouterr().err
+
+
+# --- training, evaluation, resume, reply ------------------------------------------------------------
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["tallrec", "collm", "cora"])
+def test_train_then_evaluate_the_checkpoint(mode, tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, mode, mf_checkpoint)
+    assert main(["train", "--cfg-path", str(path)]) == 0
+    trained = last_json_line(capsys.readouterr().out)
+    run_dir = Path(trained["run_dir"])
+    assert trained["model"] == f"llmrec/{mode}" and trained["steps_run"] == 4
+    assert [point["step"] for point in json.loads((run_dir / "metrics.json").read_text())["curve"]] == [2, 4]
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best", "last"}
+    assert trained["test"]["n"] == 48 == trained["test_warm"]["n"] + trained["test_cold"]["n"]
+    best = run_dir / "checkpoints" / "best"
+    assert main(["evaluate", "--cfg-path", str(path), "--options", f"run.ckpt={best}"]) == 0
+    evaluated = last_json_line(capsys.readouterr().out)
+    for split in ("valid", "test", "test_warm", "test_cold"):
+        assert evaluated[split] == trained[split]
+
+
+def test_collm_entry_point_trains_the_llm(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"max_steps": 1, "eval_every_steps": 1})
+    done = subprocess.run([sys.executable, "train_collm_mf_din.py", f"--cfg-path={path}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert last_json_line(done.stdout)["model"] == "llmrec/cora"
+
+
+def test_another_checkpoint_gives_other_scores(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"eval_every_steps": 1, "patience": 1, "lr": 0.05})
+    assert main(["train", "--cfg-path", str(path), "--options", "run.max_steps=2"]) == 0
+    first = Path(last_json_line(capsys.readouterr().out)["run_dir"]) / "checkpoints" / "last"
+    assert main(["train", "--cfg-path", str(path), "--options", "run.max_steps=2", "run.seed=7"]) == 0
+    second = Path(last_json_line(capsys.readouterr().out)["run_dir"]) / "checkpoints" / "last"
+    config, model, rows = build(path)
+    batch = first_rows(rows["test"])
+    model.eval()
+    scores = []
+    for checkpoint in (first, second):
+        model.load_weights(checkpoint)
+        with torch.no_grad():
+            scores.append(model.score(batch))
+    assert not torch.allclose(scores[0], scores[1])
+
+
+def test_resume_continues_where_the_checkpoint_left_off(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys, monkeypatch):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"max_steps": 6, "eval_every_steps": 2, "warmup_steps": 2, "patience": 9})
+    original = training_llm.save_checkpoint
+
+    def keep_step_four(folder, model, config, optimizer, scheduler, progress):
+        original(folder, model, config, optimizer, scheduler, progress)
+        if progress["step"] == 4 and folder.name == "last":
+            shutil.copytree(folder.parent, tmp_path / "at4")
+
+    monkeypatch.setattr(training_llm, "save_checkpoint", keep_step_four)
+    assert main(["train", "--cfg-path", str(path)]) == 0
+    straight = last_json_line(capsys.readouterr().out)
+    resume = tmp_path / "at4" / "last"
+    assert json.loads((resume / TRAINER_STATE).read_text())["step"] == 4
+    assert main(["train", "--cfg-path", str(path), "--options", f"run.resume_from={resume}"]) == 0
+    resumed = last_json_line(capsys.readouterr().out)
+    curve = json.loads((Path(resumed["run_dir"]) / "metrics.json").read_text())["curve"]
+    assert resumed["steps_run"] == 6 and [point["step"] for point in curve] == [2, 4, 6]
+    for split in ("valid", "test"):
+        assert resumed[split] == pytest.approx(straight[split], abs=1e-6)
+
+
+def test_reply_is_seeded_and_uses_the_checkpoint(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
+    assert main(["train", "--cfg-path", str(path), "--options", "run.max_steps=2"]) == 0
+    best = Path(last_json_line(capsys.readouterr().out)["run_dir"]) / "checkpoints" / "best"
+    command = ["reply", "--cfg-path", str(path), "--user", "3", "--item", "5", "--options", f"run.ckpt={best}"]
+    assert main(command) == 0
+    first = last_json_line(capsys.readouterr().out)
+    assert main(command) == 0
+    assert last_json_line(capsys.readouterr().out) == first
+    assert first["user"] == 3 and first["item"] == 5 and first["reply"] and first["prompt"].endswith("Reply:")
+    assert main(["reply", "--cfg-path", str(path), "--user", "3", "--item", "5"]) == 2
+    assert "run.ckpt is not set" in capsys.readouterr().err
+    assert main([*command[:3], "--user", "999", "--item", "5", "--options", f"run.ckpt={best}"]) == 2
+    assert "--user 999 is not a user id" in capsys.readouterr().err
