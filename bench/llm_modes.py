@@ -18,8 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,25 +25,13 @@ sys.path.insert(0, str(ROOT))
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.collm import import_collm  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset  # noqa: E402
-from minigpt4.data.tensors import RatingTensors  # noqa: E402
-from minigpt4.evaluation.metrics import ctr_metrics  # noqa: E402
+from minigpt4.evaluation.ctr import frame_metrics  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.training.llm import subsample, train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
 from minigpt4.training.run_folder import json_safe  # noqa: E402
 
 OUT = ROOT / "runs" / "bench_llm_modes"
-
-
-def teacher_metrics(checkpoint: Path, dataset, rows: int, seed: int) -> dict:
-    """The MF teacher's metrics on the same test subset the LLM modes are scored on."""
-    model = load_recommender(checkpoint).eval()
-    frame = subsample(dataset.splits["test"], rows, seed)
-    data = RatingTensors(frame, model.max_history)
-    with torch.no_grad():
-        scores = model.score(data.__getitems__(list(range(len(frame))))).numpy()
-    users, labels, warm = frame["uid"].to_numpy(), frame["label"].to_numpy(), frame["not_cold"].to_numpy().astype(bool)
-    return {name: ctr_metrics(users[keep], labels[keep], scores[keep]) for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm))}
 
 
 def main() -> None:
@@ -70,7 +56,8 @@ def main() -> None:
         metrics = train_llm(config)
         results[mode] = {key: metrics[key] for key in ("test", "test_warm", "test_cold", "valid", "best_step", "steps_run", "train_seconds", "train_samples_per_second", "curve")}
         if "teacher" not in results:
-            results["teacher"] = json_safe(teacher_metrics(teacher_ckpt, dataset, config.run.test_rows, config.run.seed))
+            test_rows = subsample(dataset.splits["test"], config.run.test_rows, config.run.seed)
+            results["teacher"] = json_safe(frame_metrics(load_recommender(teacher_ckpt), test_rows))
             print(json.dumps({"bench": "llm_modes", "model": "mf_teacher", **results["teacher"]}), flush=True)
         print(json.dumps({"bench": "llm_modes", "model": mode, **results[mode]}), flush=True)
         (OUT / "results.json").write_text(json.dumps(results, indent=2))

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from minigpt4.errors import DiffRecError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "train_configs" / "demo_ml100k.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
+DEMO_CONFIG = CONFIGS / "demo_ml100k.yaml"
+DEMO_LLM_CONFIG = CONFIGS / "cora_ml100k.yaml"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(reply)
     reply.add_argument("--user", type=int, required=True, help="user id of the dataset (1..n_users)")
     reply.add_argument("--item", type=int, required=True, help="item id of the dataset (1..n_items)")
-    demo = commands.add_parser("demo", help="prepare ML-100K, train MF, evaluate, summarise")
-    demo.add_argument("--options", nargs="*", default=[], help="overrides for the demo config")
+    demo = commands.add_parser("demo", help="prepare ML-100K, train MF, then CoRA with SmolLM2; evaluate both, summarise")
+    demo.add_argument("--options", nargs="*", default=[], help="overrides for the MF config (train_configs/demo_ml100k.yaml)")
+    demo.add_argument("--llm-options", nargs="*", default=[], help="overrides for the CoRA config (train_configs/cora_ml100k.yaml)")
     return parser
 
 
@@ -90,25 +93,39 @@ def run_data(args: argparse.Namespace) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    """The first-version demo: ML-100K, MF, evaluation, summary."""
+    """The demo: ML-100K, MF, then CoRA with SmolLM2 on a subsample, both scored on the same test rows."""
     from minigpt4.config import load_config
-    from minigpt4.data.contract import save_rating_dataset
+    from minigpt4.data.contract import load_rating_dataset, save_rating_dataset
     from minigpt4.data.movielens import prepare_ml100k
+    from minigpt4.evaluation.ctr import frame_metrics
+    from minigpt4.recommenders import load_recommender
+    from minigpt4.training.llm import subsample, train_llm
     from minigpt4.training.pretrain import pretrain
+    from minigpt4.training.run_folder import json_safe
 
     config = load_config(DEMO_CONFIG, args.options)
     if not (config.datasets.path / "meta.json").is_file():
         print(f"preparing ML-100K into {config.datasets.path}", file=sys.stderr)
         save_rating_dataset(config.datasets.path, *prepare_ml100k())
-    metrics = pretrain(config)
-    summary = (
-        f"MF on ML-100K: test AUC {metrics['test']['auc']:.4f}, UAUC {metrics['test']['uauc']:.4f} "
-        f"(warm AUC {_fmt(metrics['test_warm']['auc'])}, cold AUC {_fmt(metrics['test_cold']['auc'])}); "
-        f"best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.1f} s; run folder {metrics['run_dir']}"
-    )
+    mf = pretrain(config)
+    demo_options = [f"model.collab.ckpt={mf['checkpoint']}", f"datasets.path={config.datasets.path}", f"run.output_dir={config.run.output_dir / 'cora'}"]
+    llm_config = load_config(DEMO_LLM_CONFIG, demo_options + args.llm_options)
+    cora = train_llm(llm_config)
+    # MF on exactly the rows CoRA was scored on, so the two columns compare.
+    rows = subsample(load_rating_dataset(config.datasets.path).splits["test"], llm_config.run.test_rows, llm_config.run.seed)
+    mf_same = json_safe(frame_metrics(load_recommender(Path(mf["checkpoint"])), rows))
+    lines = [
+        f"ML-100K test ({cora['test']['n']} rows, {cora['test_warm']['n']} warm) | AUC | UAUC | warm AUC | cold AUC",
+        *(
+            f"{name:<38} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}"
+            for name, m in (("MF (the collaborative teacher)", mf_same), ("CoRA (SmolLM2-135M + MF weights)", cora))
+        ),
+        f"MF on the whole test split: AUC {_fmt(mf['test']['auc'])}, UAUC {_fmt(mf['test']['uauc'])}; run folders {mf['run_dir']} and {cora['run_dir']}",
+    ]
+    summary = "\n".join(lines)
     print(summary, file=sys.stderr)
-    Path(metrics["run_dir"], "summary.txt").write_text(summary + "\n")
-    return metrics
+    Path(cora["run_dir"], "summary.txt").write_text(summary + "\n")
+    return {"mf": {k: v for k, v in mf.items() if k != "curve"}, "mf_on_cora_rows": mf_same, "cora": {k: v for k, v in cora.items() if k != "curve"}}
 
 
 def _fmt(value: float | None) -> str:

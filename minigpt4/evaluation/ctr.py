@@ -8,12 +8,14 @@ dataset) and its dataset exposes ``uid`` and ``label`` tensors and a ``not_cold`
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from minigpt4.data.tensors import RatingTensors
 from minigpt4.evaluation.metrics import ctr_metrics
 
 
@@ -53,3 +55,13 @@ def evaluate_all(model: nn.Module, split_loaders: dict[str, DataLoader], acceler
     for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm)):
         metrics[name] = ctr_metrics(users[keep], labels[keep], scores[keep])
     return metrics
+
+
+@torch.no_grad()
+def frame_metrics(model: nn.Module, frame: pd.DataFrame) -> dict:
+    """A collaborative model's metrics on the rows of one table (all, warm, cold), e.g. the subset an LLM is scored on."""
+    model.eval()
+    data = RatingTensors(frame, model.max_history)
+    scores = model.score(data.__getitems__(list(range(len(frame))))).float().cpu().numpy()
+    users, labels, warm = frame["uid"].to_numpy(), frame["label"].to_numpy(), data.not_cold
+    return {name: ctr_metrics(users[keep], labels[keep], scores[keep]) for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm))}
