@@ -47,7 +47,7 @@ def test_data_root_environment_variable(tmp_path, monkeypatch):
         (BASE.replace("embedding_size", "embeding_size"), "unknown key 'model.embeding_size'; did you mean 'model.embedding_size'?"),
         (BASE.replace("  lr: 0.01", "  learning_rate: 0.01"), "unknown key 'run.learning_rate'"),
         (BASE + "extra: 1\n", "unknown key 'extra'"),
-        (BASE.replace("arch: mf", "arch: mff"), "model.arch must be one of mf, lightgcn, sasrec, din, got 'mff'; did you mean 'mf'?"),
+        (BASE.replace("arch: mf", "arch: mff"), "model.arch must be one of mf, lightgcn, sasrec, din, llmrec, got 'mff'; did you mean 'mf'?"),
         (BASE.replace("embedding_size: 16", "embedding_size: lots"), "key 'model.embedding_size': Input should be a valid integer"),
         (BASE.replace("  lr: 0.01", "  lr: -1"), "key 'run.lr': Input should be greater than 0"),
         ("model: [1, 2\n", "not valid YAML"),
@@ -93,3 +93,31 @@ def test_every_shipped_config_validates(monkeypatch):
     assert configs
     for path in configs:
         load_config(path)
+
+
+LLM = """
+model:
+  arch: llmrec
+  mode: cora
+  llm: {path: models/vicuna-7b, dtype: bfloat16}
+  prompt: {template: ../prompts/tallrec_movie.txt}
+  collab: {ckpt: runs/mf/best}
+datasets: {name: tiny, path: data/tiny}
+"""
+
+
+def test_llm_config_resolves_its_paths_and_checks_nested_keys(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFREC_DATA_ROOT", raising=False)
+    config = load_config(write(tmp_path, LLM))
+    assert config.model.llm.path == (tmp_path / "models/vicuna-7b").resolve()
+    assert config.model.collab.ckpt == (tmp_path / "runs/mf/best").resolve()
+    assert config.model.prompt.template == (tmp_path.parent / "prompts/tallrec_movie.txt").resolve()
+    assert (config.model.cora.rank, config.model.cora.alpha, config.model.prompt.max_history) == (16, 32, 10)
+    with pytest.raises(DiffRecError, match=r"unknown key 'model.cora.rnak'; did you mean 'model.cora.rank'\?"):
+        load_config(write(tmp_path, LLM), ["model.cora.rnak=8"])
+    with pytest.raises(DiffRecError, match=r"unknown key 'model.collab.ckp'"):
+        load_config(write(tmp_path, LLM.replace("ckpt:", "ckp:")))
+    with pytest.raises(DiffRecError, match="mode cora needs model.collab.ckpt"):
+        load_config(write(tmp_path, LLM.replace("  collab: {ckpt: runs/mf/best}\n", "")))
+    with pytest.raises(DiffRecError, match="must be a multiple of model.cora.queries"):
+        load_config(write(tmp_path, LLM), ["model.cora.rank=6"])
