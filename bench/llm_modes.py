@@ -5,7 +5,8 @@ rows for the same 128 optimizer steps of 8 rows, selects its checkpoint on the s
 and is scored on the same 2,000 test rows (the configs `train_configs/{mode}_collm_ml1m.yaml`). The MF
 teacher (`train_configs/mf_collm_ml1m.yaml`, trained here first on the full training split) is scored
 on those 2,000 rows too. Prints one JSON line per model (test AUC/UAUC, warm/cold AUC, train time,
-learning curve) and then a Markdown table; everything also lands in runs/bench_llm_modes/results.json.
+learning curve) and then a Markdown table; everything also lands in runs/bench_llm_modes/results.json,
+which keeps the modes of earlier runs so that modes can be measured one invocation at a time.
 
     python bench/llm_modes.py [--modes tallrec collm cora] [--options run.max_steps=64 ...]
 """
@@ -47,7 +48,9 @@ def main() -> None:
         save_rating_dataset(mf_config.datasets.path, *import_collm(shared))
     dataset = load_rating_dataset(mf_config.datasets.path)
     teacher_ckpt = Path(pretrain(mf_config)["checkpoint"])
-    results = {}
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.pop("teacher", None)
     for mode in args.modes:
         options = [f"run.output_dir={OUT / mode}", *args.options]
         if mode != "tallrec":
@@ -60,9 +63,9 @@ def main() -> None:
             results["teacher"] = json_safe(frame_metrics(load_recommender(teacher_ckpt), test_rows))
             print(json.dumps({"bench": "llm_modes", "model": "mf_teacher", **results["teacher"]}), flush=True)
         print(json.dumps({"bench": "llm_modes", "model": mode, **results[mode]}), flush=True)
-        (OUT / "results.json").write_text(json.dumps(results, indent=2))
+        results_path.write_text(json.dumps(results, indent=2))
     print("| model | test AUC | test UAUC | warm AUC | cold AUC | train s |\n|---|---|---|---|---|---|")
-    for name in ["teacher", *args.modes]:
+    for name in ["teacher", *(mode for mode in ("tallrec", "collm", "cora") if mode in results)]:
         result = results[name]
         cells = [result["test"]["auc"], result["test"]["uauc"], result["test_warm"]["auc"], result["test_cold"]["auc"]]
         seconds = result.get("train_seconds")

@@ -1,4 +1,5 @@
-"""The ``diffrec`` command: data preparation, collaborative pre-training, evaluation and the demo."""
+"""The ``diffrec`` command: data preparation, collaborative pre-training, LLM and image training, evaluation,
+replies, personalized images and the demo."""
 
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     amazon.add_argument("--min-positive-rating", type=float, default=4.0, help="label = rating >= this (default 4)")
     for source in (ml100k, ml1m, amazon):
         source.add_argument("--out", type=Path, help="output folder (default dataset/<name>)")
+    images = data_commands.add_parser("images", help="add item images to a dataset folder (images.parquet + images/)")
+    images.add_argument("dataset", type=Path, help="a prepared dataset folder")
+    source = images.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", type=Path, help="folder of item pictures, named by item id (or mapped by --map)")
+    source.add_argument("--render", action="store_true", help="draw a card per item from its title and genres (datasets without pictures)")
+    images.add_argument("--map", type=Path, help="CSV with columns <key>,file naming each item's picture in --folder")
+    images.add_argument("--key", default="raw_id", help="items column that file names (or the map) use (default raw_id)")
+    images.add_argument("--on-bad", choices=["error", "exclude"], default="error", help="a missing, corrupt or too-small picture: fail, or leave the item out and count it")
+    images.add_argument("--min-size", type=int, default=64, help="smallest accepted image side in pixels (default 64)")
+    images.add_argument("--size", type=int, default=256, help="side of rendered cards (default 256)")
     collm = data_commands.add_parser("import-collm", help="import CoLLM's *_ood2.pkl split")
     collm.add_argument("folder", type=Path, help="folder with train_ood2.pkl, valid_ood2.pkl, test_ood2.pkl")
     collm.add_argument("--out", type=Path, help="output folder (default dataset/collm-<folder name>)")
@@ -55,13 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN)"),
         ("evaluate", "evaluate a checkpoint (run.ckpt) on valid/test/warm/cold"),
-        ("train", "train the LLM recommender (model.arch: llmrec; modes tallrec, collm, cora)"),
+        ("train", "train the LLM recommender (model.arch: llmrec) or the personalized image model (model.arch: sd3)"),
     ):
         _config_args(commands.add_parser(name, help=text))
     reply = commands.add_parser("reply", help="a short personalized reply about an item from a trained LLM checkpoint (run.ckpt)")
     _config_args(reply)
     reply.add_argument("--user", type=int, required=True, help="user id of the dataset (1..n_users)")
     reply.add_argument("--item", type=int, required=True, help="item id of the dataset (1..n_items)")
+    generate = commands.add_parser("generate", help="a personalized image for a user from a trained sd3 checkpoint (run.ckpt)")
+    _config_args(generate)
+    generate.add_argument("--user", type=int, required=True, help="user id of the dataset (1..n_users)")
+    generate.add_argument("--item", type=int, help="item id; its caption is the instruction unless --instruction is given")
+    generate.add_argument("--instruction", help="what to draw, e.g. 'a poster for a quiet science-fiction film'")
+    generate.add_argument("--seed", type=int, help="sampling seed (default run.seed); the same seed gives the same image")
+    generate.add_argument("--alpha", type=float, help="force the fusion gate (0: text only, 1: full preference)")
+    models = commands.add_parser("models", help="model files")
+    model_commands = models.add_subparsers(dest="models_command", required=True, parser_class=OneLineParser)
+    tiny = model_commands.add_parser("make-tiny", help="write a tiny SD3.5-architecture pipeline (DIR/sd3) and a tiny open_clip model (DIR/clip)")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
     demo = commands.add_parser("demo", help="prepare ML-100K, train MF, then CoRA with SmolLM2; evaluate both, summarise")
     demo.add_argument("--options", nargs="*", default=[], help="overrides for the MF config (train_configs/demo_ml100k.yaml)")
     demo.add_argument("--llm-options", nargs="*", default=[], help="overrides for the CoRA config (train_configs/cora_ml100k.yaml)")
@@ -72,6 +95,12 @@ def run_data(args: argparse.Namespace) -> dict:
     """Prepare or import a dataset and write it in the contract's layout."""
     from minigpt4.data.contract import save_rating_dataset
 
+    if args.data_command == "images":
+        from minigpt4.data.images import import_item_images, render_item_cards
+
+        if args.render:
+            return {"dataset": str(args.dataset), **render_item_cards(args.dataset, args.size)}
+        return {"dataset": str(args.dataset), **import_item_images(args.dataset, args.folder, args.key, args.map, args.on_bad, args.min_size)}
     if args.data_command == "import-collm":
         from minigpt4.data.collm import import_collm
 
@@ -87,9 +116,15 @@ def run_data(args: argparse.Namespace) -> dict:
     else:
         from minigpt4.data.amazon import prepare_amazon
 
-        splits, items, meta = prepare_amazon(args.reviews, args.meta, args.images, args.min_positive_rating)
+        splits, items, meta = prepare_amazon(args.reviews, args.meta, args.min_positive_rating)
     out = save_rating_dataset(args.out or Path("dataset") / meta["name"], splits, items, meta)
-    return {"dataset": str(out), "users": meta["n_users"], "items": meta["n_items"], **{k: len(v) for k, v in splits.items()}}
+    result = {"dataset": str(out), "users": meta["n_users"], "items": meta["n_items"], **{k: len(v) for k, v in splits.items()}}
+    if getattr(args, "images", None) is not None:
+        from minigpt4.data.images import import_item_images
+
+        # Items without a usable picture are left out of the images table and counted, not fatal.
+        result["images"] = import_item_images(out, args.images, key="raw_id", on_bad="exclude")
+    return result
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -134,29 +169,42 @@ def _fmt(value: float | None) -> str:
 
 
 def run_config_command(args: argparse.Namespace) -> dict | None:
-    """pretrain / train / evaluate / reply on a config file."""
+    """pretrain / train / evaluate / reply / generate on a config file, by the config's model.arch."""
     from minigpt4.config import load_config
 
     options = list(args.options) + (["run.evaluate=true"] if args.command == "evaluate" else [])
     config = load_config(args.cfg_path, options)
-    is_llm = config.model.arch == "llmrec"
+    arch = config.model.arch
+    kind = {"llmrec": "llm", "sd3": "image"}.get(arch, "collaborative")
+    allowed = {"pretrain": {"collaborative"}, "train": {"llm", "image"}, "evaluate": {"collaborative", "llm", "image"}, "reply": {"llm"}, "generate": {"image"}}
+    if kind not in allowed[args.command]:
+        hint = {"collaborative": "train it with diffrec pretrain", "llm": "train it with diffrec train", "image": "train it with diffrec train"}[kind]
+        raise DiffRecError(f"{args.cfg_path}: diffrec {args.command} does not apply: model.arch {arch} is {'an' if kind[0] in 'ai' else 'a'} {kind} model; {hint}")
     if args.command == "reply":
-        if not is_llm:
-            raise DiffRecError(f"{args.cfg_path}: diffrec reply needs an LLM recommender config (model.arch: llmrec)")
         from minigpt4.llm.reply import write_reply
 
         return write_reply(config, args.user, args.item)
-    if args.command == "train" and not is_llm:
-        raise DiffRecError(f"{args.cfg_path}: model.arch {config.model.arch} is a collaborative model; train it with diffrec pretrain")
-    if args.command == "pretrain" and is_llm:
-        raise DiffRecError(f"{args.cfg_path}: model.arch llmrec is the LLM recommender; train it with diffrec train")
-    if is_llm:
+    if kind == "image":
+        from minigpt4.diffusion.generate import evaluate_images, generate_for_user
+        from minigpt4.training.diffusion import train_images
+
+        if args.command == "generate":
+            return generate_for_user(config, args.user, args.item, args.instruction, args.seed, args.alpha)
+        return evaluate_images(config) if config.run.evaluate else train_images(config)
+    if kind == "llm":
         from minigpt4.training.llm import train_llm
 
         return train_llm(config)
     from minigpt4.training.pretrain import pretrain
 
     return pretrain(config)
+
+
+def run_models(args: argparse.Namespace) -> dict:
+    """Write the tiny SD3 pipeline and open_clip model folders."""
+    from minigpt4.diffusion.tiny import write_tiny_clip, write_tiny_sd3
+
+    return {"sd3": str(write_tiny_sd3(args.dir / "sd3", args.seed)), "clip": str(write_tiny_clip(args.dir / "clip", args.seed))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_data(args)
         elif args.command == "demo":
             result = run_demo(args)
+        elif args.command == "models":
+            result = run_models(args)
         else:
             result = run_config_command(args)
     except DiffRecError as err:

@@ -157,15 +157,106 @@ class LLMRecConfig(Section):
         return self
 
 
+# The attention projections of SD3's joint blocks, and of SD3.5's second (image-only) attention.
+SD3_ATTENTION = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+]
+
+
+class PipelineConfig(Section):
+    """An SD3/SD3.5 pipeline folder in diffusers' format and how to place it."""
+
+    path: Path
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    use_t5: bool = True  # False leaves T5-XXL out (its tokens become zeros), as the pipeline allows
+    max_sequence_length: int = Field(256, gt=0)  # T5 tokens after CLIP's 77
+    cpu_offload: bool = False  # model CPU offload; needs an accelerator
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+
+
+class DiffusionLoRAConfig(Section):
+    """peft LoRA on the SD3 transformer, saved in diffusers' ``pytorch_lora_weights.safetensors``."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(SD3_ATTENTION))
+
+
+class FusionConfig(Section):
+    """Adaptive fusion: K preference tokens and a pooled shift from the user, mixed in by a per-sample gate."""
+
+    tokens: int = Field(4, gt=0)
+    hidden: int = Field(256, gt=0)
+    alpha_override: float | None = Field(None, ge=0, le=1)  # sampling only: force the gate for every sample
+
+
+class FlowMatchingConfig(Section):
+    """The rectified-flow objective of SD3 (diffusers' SD3 LoRA trainer) and what each image is captioned with."""
+
+    caption: str = "{title}"  # filled from the items table; the instruction the image is paired with
+    weighting_scheme: Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    precondition_outputs: bool = True  # the loss compares the predicted clean latents, as diffusers does
+    resolution: int = Field(1024, gt=0)  # training images are resized and centre-cropped to this
+
+
+class SamplingConfig(Section):
+    """``diffrec generate``: SD3.5 Medium's usual settings, and how many images a run folder keeps."""
+
+    steps: int = Field(40, gt=0)
+    guidance_scale: float = Field(4.5, ge=0)
+    height: int | None = Field(None, gt=0)  # None: the pipeline's default size
+    width: int | None = Field(None, gt=0)
+    negative_prompt: str = ""
+    keep_best: int = Field(8, ge=0)  # images kept per (user, item, instruction), best CLIP score first
+    max_images: int = Field(200, gt=0)  # images kept in the run folder in all; the lowest scores go first
+
+
+class ClipConfig(Section):
+    """The CLIP scorer: an open_clip ``local-dir`` folder, or a built-in model name with a checkpoint file."""
+
+    path: Path
+    model_name: str | None = None  # e.g. ViT-B-32 when path is a checkpoint file; None when path is a folder
+    batch_size: int = Field(32, gt=0)
+
+
+class VLMJudgeConfig(Section):
+    """An optional vision-language judge from a local Hugging Face folder (image-text-to-text)."""
+
+    path: Path
+    max_new_tokens: int = Field(200, gt=0)
+
+
+class SD3Config(Section):
+    """Personalized images: SD3/SD3.5 with LoRA, conditioned on the user's preference by adaptive fusion."""
+
+    arch: Literal["sd3"] = "sd3"
+    pipeline: PipelineConfig
+    lora: DiffusionLoRAConfig = Field(default_factory=DiffusionLoRAConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    flow: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
+    collab: CollabConfig  # the user preference vector comes from this collaborative model
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    clip: ClipConfig | None = None
+    judge: VLMJudgeConfig | None = None
+
+
 MODEL_CONFIGS: dict[str, type[Section]] = {
     "mf": MFConfig,
     "lightgcn": LightGCNConfig,
     "sasrec": SASRecConfig,
     "din": DINConfig,
     "llmrec": LLMRecConfig,
+    "sd3": SD3Config,
 }
 CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig]
-ModelConfig = Annotated[Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, LLMRecConfig], Field(discriminator="arch")]
+ModelConfig = Annotated[Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, LLMRecConfig, SD3Config], Field(discriminator="arch")]
 
 
 class DatasetConfig(Section):
@@ -302,6 +393,13 @@ def load_config(path: str | Path, options: list[str] | None = None) -> Config:
         model.reply.template = _resolve(model.reply.template, config_dir)
         if model.collab is not None:
             model.collab.ckpt = _resolve(model.collab.ckpt, config_dir)
+    if isinstance(config.model, SD3Config):
+        model = config.model
+        model.pipeline.path = _resolve(model.pipeline.path, config_dir)
+        model.collab.ckpt = _resolve(model.collab.ckpt, config_dir)
+        for section in (model.clip, model.judge):
+            if section is not None:
+                section.path = _resolve(section.path, config_dir)
     return config
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from conftest import SHARED_DATA
 from minigpt4.data.amazon import INSTRUCTION, prepare_amazon
@@ -120,8 +121,10 @@ def amazon_fixtures(tmp_path: Path) -> tuple[list[Path], list[Path], Path]:
     meta_2023.append({"parent_asin": "C3", "title": "", "main_category": "All Beauty"})  # no title: left out
     images = tmp_path / "images"
     images.mkdir()
-    for name in ("B0.jpg", "C1.png", "notes.txt"):
-        (images / name).write_bytes(b"x")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(images / "B0.jpg")
+    Image.new("RGB", (80, 64), (30, 30, 200)).save(images / "C1.png")
+    (images / "C2.png").write_bytes(b"not a png")  # corrupt: left out and counted
+    (images / "notes.txt").write_text("not an image")
     reviews = [write_lines(tmp_path / "Video_Games.json.gz", reviews_2018), write_lines(tmp_path / "All_Beauty.jsonl", reviews_2023)]
     metas = [write_lines(tmp_path / "meta_Video_Games.json.gz", meta_2018), write_lines(tmp_path / "meta_All_Beauty.jsonl", meta_2023)]
     return reviews, metas, images
@@ -129,7 +132,7 @@ def amazon_fixtures(tmp_path: Path) -> tuple[list[Path], list[Path], Path]:
 
 def test_amazon_2018_and_2023_layouts(tmp_path):
     reviews, metas, images = amazon_fixtures(tmp_path)
-    splits, items, meta = prepare_amazon(reviews, metas, images)
+    splits, items, meta = prepare_amazon(reviews, metas)
     rows = pd.concat(splits.values(), ignore_index=True)
     assert len(rows) == 20 + 9  # the untitled item's 3 reviews are left out
     assert meta["dropped_items_without_title"] == 1 and meta["n_items"] == 8 and meta["n_users"] == 7
@@ -139,12 +142,9 @@ def test_amazon_2018_and_2023_layouts(tmp_path):
     assert by_title["Game 0"] == INSTRUCTION.format(category="Video Games")
     assert by_title["Cream 1"] == INSTRUCTION.format(category="All Beauty")
     assert "Video Games" in by_title["Game 0"]
-    image = items.set_index("raw_id")["image"]
-    assert image["B0"].endswith("B0.jpg") and image["C1"].endswith("C1.png") and image.isna().sum() == 6
-    assert meta["items_with_image"] == 2
     # 2023 timestamps are milliseconds and come out as seconds
     assert rows["timestamp"].max() < 2_000_000_000
-    strict = prepare_amazon(reviews, metas, None, min_positive_rating=5)[0]
+    strict = prepare_amazon(reviews, metas, min_positive_rating=5)[0]
     assert (pd.concat(strict.values())["label"] == (pd.concat(strict.values())["rating"] >= 5)).all()
 
 
@@ -205,6 +205,11 @@ def test_data_commands_write_loadable_folders(tmp_path, capsys):
     loaded = load_rating_dataset(tmp_path / "amazon")
     assert printed["items"] == loaded.n_items == 8
     assert loaded.meta["label_rule"] == "label = rating >= 5"
-    assert "instruction" in loaded.splits["test"].columns and "image" in loaded.items.columns
+    assert "instruction" in loaded.splits["test"].columns
+    # Pictures named by ASIN: two usable, the corrupt one and the items without a file counted as excluded.
+    assert printed["images"] == {"images": 2, "excluded": 6, "items": 8}
+    table = pd.read_parquet(tmp_path / "amazon" / "images.parquet")
+    raw_ids = loaded.items.set_index("iid")["raw_id"]
+    assert sorted(raw_ids[table["iid"]]) == ["B0", "C1"] and set(table["source"]) == {"file"}
     assert main(["data", "prepare", "ml-100k", "--out", str(tmp_path / "ml")]) == 0
     assert load_rating_dataset(tmp_path / "ml").n_users == 943

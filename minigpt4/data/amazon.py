@@ -13,7 +13,6 @@ from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.errors import DiffRecError, require_file
 
 AMAZON_SPLIT = (0.8, 0.1, 0.1)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 INSTRUCTION = "Suggest products from the {category} category that this shopper would enjoy."
 
 
@@ -69,16 +68,8 @@ def read_meta(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["item", "title", "category"]).drop_duplicates("item")
 
 
-def find_images(items: pd.Series, folder: Path) -> pd.Series:
-    """Path of each item's downloaded image (``<item id>.jpg`` and similar), or None when absent."""
-    if not folder.is_dir():
-        raise DiffRecError(f"image folder not found: {folder}")
-    by_stem = {p.stem: str(p.resolve()) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    return items.map(lambda item: by_stem.get(item))
-
-
 def prepare_amazon(
-    reviews: list[Path], metas: list[Path], images: Path | None = None, min_positive_rating: float = 4.0
+    reviews: list[Path], metas: list[Path], min_positive_rating: float = 4.0
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
     """Amazon reviews of one or more categories under the CoLLM rules, with an instruction per row."""
     ratings = pd.concat([read_reviews(Path(p)) for p in reviews], ignore_index=True)
@@ -89,8 +80,6 @@ def prepare_amazon(
     if untitled:
         # Items without a title cannot be described to the LLM; they and their reviews are left out.
         ratings = ratings[~ratings["item"].isin(untitled)]
-    if images is not None:
-        items["image"] = find_images(items["item"], Path(images))
     meta = {
         "source": {"reviews": [str(p) for p in reviews], "meta": [str(p) for p in metas]},
         "name": "amazon",
@@ -101,6 +90,4 @@ def prepare_amazon(
     category = items.set_index("iid")["category"]
     for frame in splits.values():
         frame["instruction"] = frame["iid"].map(category).map(lambda c: INSTRUCTION.format(category=c))
-    if images is not None:
-        meta["items_with_image"] = int(items["image"].notna().sum())
     return splits, items, meta

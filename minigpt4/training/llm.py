@@ -22,20 +22,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from minigpt4.config import Config, LLMRecConfig, dump_config
+from minigpt4.config import Config, LLMRecConfig
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.io import atomic_folder
 from minigpt4.llm.loading import load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptRows, check_template, prompt_rows
 from minigpt4.llm.scoring import answer_token_ids
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
-
-TRAINER_STATE = "trainer_state.json"
+from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, open_run_folder, save_checkpoint, write_metrics
 
 
 def build_llm_recommender(
@@ -110,16 +107,6 @@ def train_llm(config: Config) -> dict:
         write_metrics(run_dir, metrics)
     accelerator.end_training()
     return metrics
-
-
-def save_checkpoint(folder: Path, model: LLMRecommender, config: Config, optimizer, scheduler, progress: dict) -> None:
-    """Weights, resolved config and everything needed to resume, written atomically."""
-    with atomic_folder(folder) as partial:
-        model.save_weights(partial)
-        (partial / "config.yaml").write_text(dump_config(config))
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
 
 
 def _eval_loader(rows: PromptRows, batch_size: int) -> DataLoader:

@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from minigpt4.config import Config, dump_config
+from minigpt4.io import atomic_folder
 
 logger = logging.getLogger("diffrec")
+TRAINER_STATE = "trainer_state.json"
 
 
 def open_run_folder(config: Config, state: PartialState) -> Path:
@@ -72,3 +75,13 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(item) for item in value]
     return value
+
+
+def save_checkpoint(folder: Path, model: Any, config: Config, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict) -> None:
+    """A model's weights (its ``save_weights``), the resolved config and the state to resume from, written atomically."""
+    with atomic_folder(folder) as partial:
+        model.save_weights(partial)
+        (partial / "config.yaml").write_text(dump_config(config))
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))

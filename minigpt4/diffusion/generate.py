@@ -1,0 +1,150 @@
+"""``diffrec generate`` (one user's image, seeded) and ``diffrec evaluate`` on an ``sd3`` config (images for
+liked test pairs, scored by CLIP-T and CLIP-I, and by the VLM judge when one is configured, with the
+fusion on and with alpha forced to 0)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from minigpt4.config import Config
+from minigpt4.data.contract import RatingDataset, load_rating_dataset
+from minigpt4.data.images import load_image_table, open_image
+from minigpt4.data.tensors import RatingTensors
+from minigpt4.diffusion.loading import load_sd3_pipeline
+from minigpt4.diffusion.personalized import PersonalizedSD3, load_personalized
+from minigpt4.diffusion.sampling import ImageStore, generate_images
+from minigpt4.errors import DiffRecError
+from minigpt4.evaluation.clip_score import ClipScorer
+from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
+from minigpt4.recommenders import load_recommender
+from minigpt4.training.diffusion import fill_caption, liked_rows
+from minigpt4.training.llm import subsample
+from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
+
+REFERENCE_IMAGES = 8  # most recent liked items whose images a CLIP-I score compares against
+
+
+def load_for_sampling(config: Config, dataset: RatingDataset, device: torch.device | str = "cpu") -> PersonalizedSD3:
+    """The pipeline with ``run.ckpt``'s LoRA (through diffusers' ``load_lora_weights``) and fusion."""
+    if config.run.ckpt is None:
+        raise DiffRecError("run.ckpt is not set (a checkpoint folder of `diffrec train` on an sd3 config)")
+    collab = load_recommender(config.model.collab.ckpt, None, dataset.n_users, dataset.n_items).to(device)
+    return load_personalized(config.model, load_sd3_pipeline(config.model.pipeline, device), collab, config.run.ckpt)
+
+
+def latest_row(dataset: RatingDataset, user: int) -> pd.DataFrame:
+    """The user's most recent rating row over all splits (its history is the user's latest)."""
+    if not 1 <= user <= dataset.n_users:
+        raise DiffRecError(f"unknown user id {user}: {dataset.root} has users 1..{dataset.n_users}")
+    rows = pd.concat([frame[frame["uid"] == user] for frame in dataset.splits.values()])
+    if rows.empty:
+        raise DiffRecError(f"user {user} has no rating row in {dataset.root}")
+    return rows.sort_values("timestamp", kind="stable").tail(1).reset_index(drop=True)
+
+
+def reference_images(dataset: RatingDataset, images: pd.DataFrame, history: list) -> list:
+    """The images of the most recent liked history items that have one."""
+    paths = images.set_index("iid")["path"]
+    recent = [int(iid) for iid in history if int(iid) in paths.index][-REFERENCE_IMAGES:]
+    return [open_image(dataset.root / paths[iid]) for iid in recent]
+
+
+def _preferences(model: PersonalizedSD3, rows: pd.DataFrame) -> torch.Tensor:
+    """Preference vectors of rating rows."""
+    tensors = RatingTensors(rows, model.collab.max_history, model.transformer.device)
+    return model.preference(tensors.__getitems__(list(range(len(rows)))))
+
+
+def _score(scorer: ClipScorer | None, images: list, texts: list[str], references: list[list]) -> list[dict]:
+    """CLIP-T and CLIP-I of each image (missing without a scorer or references), with the backbone."""
+    if scorer is None:
+        return [{"clip_t": None, "clip_i": None, "backbone": None, "truncated": None} for _ in images]
+    clip_t, _ = scorer.clip_t(images, texts)
+    clip_i = scorer.clip_i(images, references)
+    return [
+        {"clip_t": t, "clip_i": i, "backbone": scorer.backbone, "truncated": scorer.truncated(text)}
+        for t, i, text in zip(clip_t, clip_i, texts)
+    ]
+
+
+def generate_for_user(config: Config, user: int, item: int | None, instruction: str | None, seed: int | None, alpha: float | None) -> dict:
+    """One seeded image for a user (about an item, or for a free instruction), stored with its record."""
+    dataset = load_rating_dataset(config.datasets.path)
+    images = load_image_table(dataset.root, dataset.n_items)
+    row = latest_row(dataset, user)
+    if item is not None and not 1 <= item <= dataset.n_items:
+        raise DiffRecError(f"unknown item id {item}: {dataset.root} has items 1..{dataset.n_items}")
+    if instruction is None:
+        if item is None:
+            raise DiffRecError("give --item (its caption becomes the instruction) or --instruction TEXT")
+        instruction = fill_caption(config.model.flow.caption, dataset.items.set_index("iid", drop=False).loc[item].to_dict(), "model.flow.caption")
+    device = "cpu" if config.run.cpu else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_sampling(config, dataset, device)
+    scorer = ClipScorer(config.model.clip, device) if config.model.clip is not None else None
+    seed = config.run.seed if seed is None else seed
+    override = alpha if alpha is not None else config.model.fusion.alpha_override
+    generated, gate = generate_images(model, _preferences(model, row), [instruction], [seed], config.model.sampling, override)
+    scores = _score(scorer, generated, [instruction], [reference_images(dataset, images, list(row["his"].iloc[0]))])[0]
+    store = ImageStore(config.run.output_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images)
+    record = {"user": user, "item": item, "instruction": instruction, "seed": seed, "alpha": float(gate[0]), "alpha_forced": override is not None, "checkpoint": str(config.run.ckpt), "steps": config.model.sampling.steps, "guidance_scale": config.model.sampling.guidance_scale, **scores, "score": scores["clip_t"]}
+    record = store.add(generated[0], json_safe(record))
+    return {**record, "folder": str(store.folder)}
+
+
+def evaluate_images(config: Config) -> dict:
+    """Generate for liked test pairs (``run.test_rows`` of them) with and without the fusion; mean CLIP scores."""
+    run = config.run
+    dataset = load_rating_dataset(config.datasets.path)
+    images = load_image_table(dataset.root, dataset.n_items)
+    if config.model.clip is None:
+        raise DiffRecError("evaluating images needs a CLIP scorer: set model.clip.path")
+    device = "cpu" if run.cpu else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_sampling(config, dataset, device)
+    scorer = ClipScorer(config.model.clip, device)
+    judge = VLMJudge(config.model.judge, device) if config.model.judge is not None else None
+    rows = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
+    if rows.empty:
+        raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
+    items = dataset.items.set_index("iid", drop=False)
+    texts = [fill_caption(config.model.flow.caption, items.loc[iid].to_dict(), "model.flow.caption") for iid in rows["iid"]]
+    references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
+    run_dir = open_run_folder(config, _state(run.cpu))
+    store = ImageStore(run_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images)
+    results = {}
+    for name, override in (("fused", config.model.fusion.alpha_override), ("alpha0", 0.0)):
+        records, verdicts = [], []
+        for start in range(0, len(rows), run.eval_batch_size):
+            chunk = rows.iloc[start : start + run.eval_batch_size]
+            seeds = [run.seed + start + offset for offset in range(len(chunk))]
+            generated, gate = generate_images(model, _preferences(model, chunk), texts[start : start + len(chunk)], seeds, config.model.sampling, override)
+            scores = _score(scorer, generated, texts[start : start + len(chunk)], references[start : start + len(chunk)])
+            for image, row, text, seed, alpha, score in zip(generated, chunk.itertuples(), texts[start:], seeds, gate.tolist(), scores):
+                record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": seed, "alpha": alpha, "variant": name, **score, "score": score["clip_t"]}
+                records.append(store.add(image, json_safe(record)))
+                if judge is not None:
+                    verdicts.append(judge.judge(image, text))
+        results[name] = _summary(records)
+        if judge is not None:
+            results[name]["judge"] = {"model": judge.name, **summarize_verdicts(verdicts)}
+        logger.info("%s: %s", name, results[name])
+    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), "backbone": scorer.backbone, "pairs": len(rows), **results})
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _summary(records: list[dict]) -> dict:
+    """Means of CLIP-T, CLIP-I and alpha over records; a mean over no values is missing."""
+    def mean(key: str) -> float | None:
+        values = [record[key] for record in records if record.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    return {"clip_t": mean("clip_t"), "clip_i": mean("clip_i"), "alpha": mean("alpha"), "truncated": sum(bool(record["truncated"]) for record in records), "images": len(records)}
+
+
+def _state(cpu: bool):
+    """Accelerate's process state (the run folder is created on the main process)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)

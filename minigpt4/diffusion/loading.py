@@ -1,0 +1,47 @@
+"""Loading an SD3/SD3.5 pipeline folder in diffusers' format (SD3.5 Medium as published, or a tiny one)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from minigpt4.config import PipelineConfig
+from minigpt4.errors import DiffRecError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Components a published SD3 folder may leave out; the pipeline takes None for them.
+OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+
+
+def load_sd3_pipeline(config: PipelineConfig, device: torch.device | str = "cpu"):
+    """A ``StableDiffusion3Pipeline`` from a local folder, with dtype, device, offload and VAE options applied."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = config.path
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise DiffRecError(f"model.pipeline.path {folder}: no model_index.json (expected a diffusers SD3 pipeline folder)")
+    index = json.loads(index_file.read_text())
+    if index.get("_class_name") != "StableDiffusion3Pipeline":
+        raise DiffRecError(f"{index_file}: _class_name is {index.get('_class_name')!r}, expected StableDiffusion3Pipeline")
+    # T5 is optional in SD3: leave it out when asked to, or when the folder has none.
+    absent = {name: None for name in OPTIONAL_COMPONENTS if index.get(name, [None])[0] is None}
+    if not config.use_t5:
+        absent.update(text_encoder_3=None, tokenizer_3=None)
+    dtype = DTYPES[config.dtype]
+    pipeline = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=dtype, **absent)
+    # SD3's VAE decodes badly in half precision; it stays in float32 as in diffusers' trainers.
+    pipeline.vae.to(torch.float32)
+    if config.vae_slicing:
+        pipeline.vae.enable_slicing()
+    if config.vae_tiling:
+        pipeline.vae.enable_tiling()
+    if config.cpu_offload:
+        if torch.device(device).type == "cpu":
+            raise DiffRecError("model.pipeline.cpu_offload needs an accelerator device; the run is on the CPU")
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,228 @@
+"""Personalized image training under Accelerate (``diffrec train`` on a ``model.arch: sd3`` config).
+
+Samples are the training split's liked (user, item) pairs whose item has an image: the user's
+preference vector (frozen collaborative model), the item image's VAE latent distribution and the
+caption's SD3 text embeddings. Latents and embeddings are computed once per item before the first
+step. LoRA and fusion train with AdamW, warmup then cosine, gradient accumulation and clipping; a
+checkpoint (``checkpoints/last``) holds the LoRA in diffusers' format, the fusion weights, the
+resolved config and the optimizer, scheduler and loop state to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from peft import set_peft_model_state_dict
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from minigpt4.config import Config, SD3Config
+from minigpt4.data.contract import RatingDataset, load_rating_dataset
+from minigpt4.data.images import load_image_table, open_image
+from minigpt4.data.tensors import RatingTensors
+from minigpt4.diffusion.loading import load_sd3_pipeline
+from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
+from minigpt4.errors import DiffRecError, require_file
+from minigpt4.recommenders import load_recommender
+from minigpt4.training.llm import subsample
+from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, open_run_folder, save_checkpoint, write_metrics
+
+
+def image_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """An image resized and centre-cropped to ``resolution``, as a [3, H, W] tensor in [-1, 1]."""
+    image = ImageOps.fit(open_image(path), (resolution, resolution), method=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def fill_caption(template: str, item: dict, where: str) -> str:
+    """The caption template filled from an item's columns; an unknown placeholder fails naming it."""
+    try:
+        return template.format_map(item)
+    except KeyError as err:
+        raise DiffRecError(f"{where}: placeholder {{{err.args[0]}}} is not a column of the items table (has: {', '.join(item)})") from None
+
+
+@dataclass
+class ImageSamples:
+    """Training samples and the per-item caches they index into."""
+
+    preference: torch.Tensor  # [N, d] per sample
+    item_index: torch.Tensor  # [N] row of the item caches
+    latent_parameters: torch.Tensor  # [M, 2C, h, w] VAE mean and log-variance per item
+    prompt_embeds: torch.Tensor  # [M, L, joint_dim]
+    pooled: torch.Tensor  # [M, pooled_dim]
+    iids: list[int]  # item id of each cache row
+
+    def __len__(self) -> int:
+        return len(self.item_index)
+
+
+def liked_rows(dataset: RatingDataset, split: str, images: pd.DataFrame) -> pd.DataFrame:
+    """The split's positive rows whose item has an image."""
+    frame = dataset.splits[split]
+    return frame[(frame["label"] == 1) & frame["iid"].isin(images["iid"])].reset_index(drop=True)
+
+
+@torch.no_grad()
+def encode_items(model: PersonalizedSD3, config: SD3Config, dataset: RatingDataset, images: pd.DataFrame, iids: list[int], batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
+    """VAE latent distributions of the items' images and SD3 embeddings of their captions, once per item."""
+    paths = images.set_index("iid")["path"]
+    items = dataset.items.set_index("iid", drop=False)
+    where = "model.flow.caption"
+    captions = [fill_caption(config.flow.caption, items.loc[iid].to_dict(), where) for iid in iids]
+    parts: dict[str, list[torch.Tensor]] = {"latent_parameters": [], "prompt_embeds": [], "pooled": []}
+    for start in tqdm(range(0, len(iids), batch_size), desc="encode item images and captions", disable=not progress):
+        chunk = iids[start : start + batch_size]
+        pixels = torch.stack([image_pixels(dataset.root / paths[iid], config.flow.resolution) for iid in chunk])
+        parts["latent_parameters"].append(model.encode_images(pixels).float().cpu())
+        prompt_embeds, pooled = model.encode_text(captions[start : start + batch_size])
+        parts["prompt_embeds"].append(prompt_embeds.float().cpu())
+        parts["pooled"].append(pooled.float().cpu())
+    return {name: torch.cat(tensors) for name, tensors in parts.items()}
+
+
+def build_samples(config: Config, model: PersonalizedSD3, dataset: RatingDataset, images: pd.DataFrame, progress: bool = True) -> ImageSamples:
+    """The (sub-sampled) liked training pairs with their preferences and cached item encodings."""
+    rows = subsample(liked_rows(dataset, "train", images), config.run.train_rows, config.run.seed)
+    if rows.empty:
+        raise DiffRecError(f"{dataset.root}: no liked training pair has an item image (images.parquet covers {len(images)} items)")
+    iids = sorted(int(iid) for iid in rows["iid"].unique())
+    caches = encode_items(model, config.model, dataset, images, iids, config.run.eval_batch_size, progress)
+    tensors = RatingTensors(rows, model.collab.max_history, model.transformer.device)
+    preference = model.preference(tensors.__getitems__(list(range(len(rows))))).cpu()
+    position = {iid: index for index, iid in enumerate(iids)}
+    item_index = torch.tensor([position[int(iid)] for iid in rows["iid"]])
+    return ImageSamples(preference, item_index, iids=iids, **caches)
+
+
+def build_personalized(config: SD3Config, dataset: RatingDataset, device: torch.device | str = "cpu") -> PersonalizedSD3:
+    """The pipeline from its folder with a fresh LoRA and fusion, and the frozen collaborative model."""
+    collab = load_recommender(config.collab.ckpt, None, dataset.n_users, dataset.n_items).to(device)
+    return PersonalizedSD3(config, load_sd3_pipeline(config.pipeline, device), collab)
+
+
+def load_training_weights(model: PersonalizedSD3, folder: Path) -> None:
+    """Put a checkpoint's LoRA and fusion weights into a model built for training (to resume)."""
+    path = require_file(folder / LORA_FILE)
+    # diffusers' file names keys ``transformer.<module>.lora_A.weight``; peft's state dict drops the prefix.
+    state = {key.removeprefix("transformer."): value for key, value in load_file(path).items()}
+    result = set_peft_model_state_dict(model.transformer, state)
+    if result.unexpected_keys:
+        raise DiffRecError(f"{path}: keys that the configured LoRA does not have, first {result.unexpected_keys[0]}")
+    model.load_fusion(folder)
+
+
+def train_images(config: Config) -> dict:
+    """Train LoRA and fusion on the liked items' images; returns the loss curve and the checkpoint."""
+    run = config.run
+    state = PartialState(cpu=run.cpu)
+    dataset = load_rating_dataset(config.datasets.path)
+    images = load_image_table(dataset.root, dataset.n_items)
+    # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
+    set_seed(run.seed)  # the LoRA and fusion initialisation too
+    model = build_personalized(config.model, dataset, state.device)
+    if run.resume_from is not None:
+        load_training_weights(model, run.resume_from)
+        require_file(run.resume_from / TRAINER_STATE)
+    samples = build_samples(config, model, dataset, images, progress=state.is_local_main_process)
+    run_dir = open_run_folder(config, state)
+    accelerator = Accelerator(
+        cpu=run.cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
+        log_with="tensorboard", project_dir=str(run_dir),
+    )
+    metrics = _train(config, model, samples, accelerator, run_dir)
+    metrics = json_safe({"run_dir": str(run_dir), "model": "sd3", "dataset": config.datasets.name, **metrics})
+    if accelerator.is_main_process:
+        write_metrics(run_dir, metrics)
+    accelerator.end_training()
+    return metrics
+
+
+def _sample_order(samples: ImageSamples, seed: int, epoch: int) -> list[int]:
+    """A permutation seeded by (seed, epoch), so a resumed run sees the same order."""
+    return torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accelerator: Accelerator, run_dir: Path) -> dict:
+    """The step loop: one micro-batch per accumulation step, a checkpoint every ``eval_every_steps``."""
+    run = config.run
+    micro_per_step = run.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(samples) // (run.batch_size * micro_per_step))
+    total_steps = run.max_steps or run.max_epochs * steps_per_epoch
+    params = model.trainable_parameters()
+    logger.info("run folder %s; %d samples over %d items; %d trainable tensors, %d parameters; %d optimizer steps",
+                run_dir, len(samples), len(samples.iids), len(params), sum(p.numel() for p in params), total_steps)
+    optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, total_steps)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    checkpoint = run_dir / "checkpoints" / "last"
+    progress = {"step": 0, "curve": []}
+    if run.resume_from is not None:
+        progress = json.loads((run.resume_from / TRAINER_STATE).read_text())
+        optimizer.load_state_dict(torch.load(require_file(run.resume_from / "optimizer.pt"), weights_only=True))
+        scheduler.load_state_dict(torch.load(require_file(run.resume_from / "scheduler.pt"), weights_only=True))
+        logger.info("resumed from %s at step %d", run.resume_from, progress["step"])
+    accelerator.init_trackers("tensorboard", config={"lr": run.lr, "batch_size": run.batch_size, "lora_r": config.model.lora.r})
+    device = accelerator.device
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="train sd3", disable=not accelerator.is_local_main_process)
+    prepared.train()
+    while progress["step"] < total_steps:
+        step = progress["step"]
+        step_loss = 0.0
+        for micro in range(micro_per_step):
+            # Every micro-batch has its own seeded generator: rows, noise and timesteps repeat on resume.
+            position = step * micro_per_step + micro
+            per_epoch = max(1, len(samples) // run.batch_size)
+            epoch, offset = divmod(position, per_epoch)
+            rows = _sample_order(samples, run.seed, epoch)[offset * run.batch_size : (offset + 1) * run.batch_size]
+            generator = torch.Generator().manual_seed(run.seed * 100_003 + position)
+            index = samples.item_index[rows]
+            with accelerator.accumulate(prepared):
+                latents = model.latents(samples.latent_parameters[index], generator).to(device)
+                loss = prepared(latents, samples.prompt_embeds[index].to(device), samples.pooled[index].to(device), samples.preference[rows].to(device), generator)
+                if not torch.isfinite(loss):
+                    kept = checkpoint if checkpoint.is_dir() else "(none yet)"
+                    raise DiffRecError(f"loss became {loss.item()} at step {step}; training stopped, the last checkpoint is kept at {kept}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, run.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / micro_per_step
+        scheduler.step()
+        progress["step"] = step + 1
+        progress["curve"].append({"step": step + 1, "seconds": round(time.perf_counter() - start, 3), "loss": step_loss})
+        accelerator.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
+        bar.update()
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if progress["step"] % run.eval_every_steps == 0 or progress["step"] == total_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint, accelerator.unwrap_model(prepared), config, optimizer, scheduler, progress)
+            accelerator.wait_for_everyone()
+    bar.close()
+    seconds = time.perf_counter() - start
+    losses = [point["loss"] for point in progress["curve"]]
+    window = max(1, min(10, len(losses) // 4))
+    logger.info("trained %d steps in %.1f s; mean loss of the first/last %d steps %.4f -> %.4f",
+                progress["step"], seconds, window, np.mean(losses[:window]), np.mean(losses[-window:]))
+    return {
+        "steps_run": progress["step"],
+        "samples": len(samples),
+        "items": len(samples.iids),
+        "loss_first": float(np.mean(losses[:window])),
+        "loss_last": float(np.mean(losses[-window:])),
+        "train_seconds": round(seconds, 3),
+        "checkpoint": str(checkpoint),
+        "curve": progress["curve"],
+    }
