@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import PartialState
 
 from minigpt4.config import Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.images import load_image_table, open_image
-from minigpt4.data.tensors import RatingTensors
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
@@ -19,7 +19,7 @@ from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.diffusion import fill_caption, liked_rows
+from minigpt4.training.diffusion import item_captions, liked_rows
 from minigpt4.training.llm import subsample
 from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
 
@@ -51,12 +51,6 @@ def reference_images(dataset: RatingDataset, images: pd.DataFrame, history: list
     return [open_image(dataset.root / paths[iid]) for iid in recent]
 
 
-def _preferences(model: PersonalizedSD3, rows: pd.DataFrame) -> torch.Tensor:
-    """Preference vectors of rating rows."""
-    tensors = RatingTensors(rows, model.collab.max_history, model.transformer.device)
-    return model.preference(tensors.__getitems__(list(range(len(rows)))))
-
-
 def _score(scorer: ClipScorer | None, images: list, texts: list[str], references: list[list]) -> list[dict]:
     """CLIP-T and CLIP-I of each image (missing without a scorer or references), with the backbone."""
     if scorer is None:
@@ -79,13 +73,13 @@ def generate_for_user(config: Config, user: int, item: int | None, instruction: 
     if instruction is None:
         if item is None:
             raise DiffRecError("give --item (its caption becomes the instruction) or --instruction TEXT")
-        instruction = fill_caption(config.model.flow.caption, dataset.items.set_index("iid", drop=False).loc[item].to_dict(), "model.flow.caption")
-    device = "cpu" if config.run.cpu else ("cuda" if torch.cuda.is_available() else "cpu")
+        instruction = item_captions(config.model.flow.caption, dataset.items, [item])[0]
+    device = PartialState(cpu=config.run.cpu).device
     model = load_for_sampling(config, dataset, device)
     scorer = ClipScorer(config.model.clip, device) if config.model.clip is not None else None
     seed = config.run.seed if seed is None else seed
     override = alpha if alpha is not None else config.model.fusion.alpha_override
-    generated, gate = generate_images(model, _preferences(model, row), [instruction], [seed], config.model.sampling, override)
+    generated, gate = generate_images(model, model.preference(row), [instruction], [seed], config.model.sampling, override)
     scores = _score(scorer, generated, [instruction], [reference_images(dataset, images, list(row["his"].iloc[0]))])[0]
     store = ImageStore(config.run.output_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images)
     record = {"user": user, "item": item, "instruction": instruction, "seed": seed, "alpha": float(gate[0]), "alpha_forced": override is not None, "checkpoint": str(config.run.ckpt), "steps": config.model.sampling.steps, "guidance_scale": config.model.sampling.guidance_scale, **scores, "score": scores["clip_t"]}
@@ -100,17 +94,17 @@ def evaluate_images(config: Config) -> dict:
     images = load_image_table(dataset.root, dataset.n_items)
     if config.model.clip is None:
         raise DiffRecError("evaluating images needs a CLIP scorer: set model.clip.path")
-    device = "cpu" if run.cpu else ("cuda" if torch.cuda.is_available() else "cpu")
+    state = PartialState(cpu=run.cpu)
+    device = state.device
     model = load_for_sampling(config, dataset, device)
     scorer = ClipScorer(config.model.clip, device)
     judge = VLMJudge(config.model.judge, device) if config.model.judge is not None else None
     rows = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
     if rows.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
-    items = dataset.items.set_index("iid", drop=False)
-    texts = [fill_caption(config.model.flow.caption, items.loc[iid].to_dict(), "model.flow.caption") for iid in rows["iid"]]
+    texts = item_captions(config.model.flow.caption, dataset.items, list(rows["iid"]))
     references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
-    run_dir = open_run_folder(config, _state(run.cpu))
+    run_dir = open_run_folder(config, state)
     store = ImageStore(run_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images)
     results = {}
     for name, override in (("fused", config.model.fusion.alpha_override), ("alpha0", 0.0)):
@@ -118,7 +112,7 @@ def evaluate_images(config: Config) -> dict:
         for start in range(0, len(rows), run.eval_batch_size):
             chunk = rows.iloc[start : start + run.eval_batch_size]
             seeds = [run.seed + start + offset for offset in range(len(chunk))]
-            generated, gate = generate_images(model, _preferences(model, chunk), texts[start : start + len(chunk)], seeds, config.model.sampling, override)
+            generated, gate = generate_images(model, model.preference(chunk), texts[start : start + len(chunk)], seeds, config.model.sampling, override)
             scores = _score(scorer, generated, texts[start : start + len(chunk)], references[start : start + len(chunk)])
             for image, row, text, seed, alpha, score in zip(generated, chunk.itertuples(), texts[start:], seeds, gate.tolist(), scores):
                 record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": seed, "alpha": alpha, "variant": name, **score, "score": score["clip_t"]}
@@ -141,10 +135,3 @@ def _summary(records: list[dict]) -> dict:
         return float(np.mean(values)) if values else None
 
     return {"clip_t": mean("clip_t"), "clip_i": mean("clip_i"), "alpha": mean("alpha"), "truncated": sum(bool(record["truncated"]) for record in records), "images": len(records)}
-
-
-def _state(cpu: bool):
-    """Accelerate's process state (the run folder is created on the main process)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=cpu)

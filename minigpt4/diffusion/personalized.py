@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minigpt4.config import SD3Config
-from minigpt4.data.tensors import RatingBatch
+from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.diffusion.fusion import AdaptiveFusion, FusedConditioning
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel
@@ -60,9 +61,10 @@ class PersonalizedSD3(nn.Module):
         return self
 
     @torch.no_grad()
-    def preference(self, batch: RatingBatch) -> torch.Tensor:
-        """The user's preference vector of each row, [B, d], from the frozen collaborative model."""
-        return self.collab.user_embeddings(batch).float()
+    def preference(self, rows: pd.DataFrame) -> torch.Tensor:
+        """The user's preference vector of each rating row, [B, d], from the frozen collaborative model."""
+        tensors = RatingTensors(rows, self.collab.max_history, self.transformer.device)
+        return self.collab.user_embeddings(tensors.__getitems__(list(range(len(rows))))).float()
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

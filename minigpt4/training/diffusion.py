@@ -29,7 +29,6 @@ from transformers import get_cosine_schedule_with_warmup
 from minigpt4.config import Config, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.images import load_image_table, open_image
-from minigpt4.data.tensors import RatingTensors
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
@@ -50,6 +49,12 @@ def fill_caption(template: str, item: dict, where: str) -> str:
         return template.format_map(item)
     except KeyError as err:
         raise DiffRecError(f"{where}: placeholder {{{err.args[0]}}} is not a column of the items table (has: {', '.join(item)})") from None
+
+
+def item_captions(template: str, items: pd.DataFrame, iids: list[int]) -> list[str]:
+    """The caption of each item id, from ``model.flow.caption`` and the items table."""
+    by_id = items.set_index("iid", drop=False)
+    return [fill_caption(template, by_id.loc[int(iid)].to_dict(), "model.flow.caption") for iid in iids]
 
 
 @dataclass
@@ -77,9 +82,7 @@ def liked_rows(dataset: RatingDataset, split: str, images: pd.DataFrame) -> pd.D
 def encode_items(model: PersonalizedSD3, config: SD3Config, dataset: RatingDataset, images: pd.DataFrame, iids: list[int], batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
     """VAE latent distributions of the items' images and SD3 embeddings of their captions, once per item."""
     paths = images.set_index("iid")["path"]
-    items = dataset.items.set_index("iid", drop=False)
-    where = "model.flow.caption"
-    captions = [fill_caption(config.flow.caption, items.loc[iid].to_dict(), where) for iid in iids]
+    captions = item_captions(config.flow.caption, dataset.items, iids)
     parts: dict[str, list[torch.Tensor]] = {"latent_parameters": [], "prompt_embeds": [], "pooled": []}
     for start in tqdm(range(0, len(iids), batch_size), desc="encode item images and captions", disable=not progress):
         chunk = iids[start : start + batch_size]
@@ -98,8 +101,7 @@ def build_samples(config: Config, model: PersonalizedSD3, dataset: RatingDataset
         raise DiffRecError(f"{dataset.root}: no liked training pair has an item image (images.parquet covers {len(images)} items)")
     iids = sorted(int(iid) for iid in rows["iid"].unique())
     caches = encode_items(model, config.model, dataset, images, iids, config.run.eval_batch_size, progress)
-    tensors = RatingTensors(rows, model.collab.max_history, model.transformer.device)
-    preference = model.preference(tensors.__getitems__(list(range(len(rows))))).cpu()
+    preference = model.preference(rows).cpu()
     position = {iid: index for index, iid in enumerate(iids)}
     item_index = torch.tensor([position[int(iid)] for iid in rows["iid"]])
     return ImageSamples(preference, item_index, iids=iids, **caches)
@@ -177,15 +179,18 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=progress["step"], desc="train sd3", disable=not accelerator.is_local_main_process)
     prepared.train()
+    per_epoch = max(1, len(samples) // run.batch_size)
+    orders: dict[int, list[int]] = {}
     while progress["step"] < total_steps:
         step = progress["step"]
         step_loss = 0.0
         for micro in range(micro_per_step):
             # Every micro-batch has its own seeded generator: rows, noise and timesteps repeat on resume.
             position = step * micro_per_step + micro
-            per_epoch = max(1, len(samples) // run.batch_size)
             epoch, offset = divmod(position, per_epoch)
-            rows = _sample_order(samples, run.seed, epoch)[offset * run.batch_size : (offset + 1) * run.batch_size]
+            if epoch not in orders:
+                orders = {epoch: _sample_order(samples, run.seed, epoch)}
+            rows = orders[epoch][offset * run.batch_size : (offset + 1) * run.batch_size]
             generator = torch.Generator().manual_seed(run.seed * 100_003 + position)
             index = samples.item_index[rows]
             with accelerator.accumulate(prepared):
