@@ -2,9 +2,8 @@
 against a plain LoRA (TALLRec) step, each on the same batches, with peak memory.
 
 SmolLM2-135M-Instruct on CoLLM's ML-1M prompts (the configs `train_configs/{tallrec,cora}_collm_ml1m.yaml`,
-dtype as there). Peak memory is the growth over the resident size before each measurement (CUDA:
-max_memory_allocated; CPU: the process's peak RSS, reset through /proc/self/clear_refs). Prints one JSON
-line per figure with the ratio.
+dtype as there). Peak memory as in bench/measure.py: the peak during each measurement and its growth
+over the usage before. Prints one JSON line per figure with the ratio.
 
     python bench/llm_speed.py [--batches 4] [--batch-size 16] [--train-steps 5]
 """
@@ -63,8 +62,8 @@ def main() -> None:
             with torch.no_grad():
                 for batch in batches:
                     head(model.llm, model.prepare_inputs(batch), batch.attention_mask, model.answer_ids)
-        seconds, peak = timed(device, score_all)
-        results[name] = {"rows_per_second": args.batches * args.batch_size / seconds, "peak_mb": peak}
+        timing = timed(device, score_all)
+        results[name] = {"rows_per_second": args.batches * args.batch_size / timing.seconds, "peak_mb": timing.peak_mb, "peak_growth_mb": timing.peak_growth_mb}
     tokens = sum(int(b.attention_mask.sum()) for b in batches) / (args.batches * args.batch_size)
     print(json.dumps({**base, "figure": "scoring_rows_per_second", "mean_prompt_tokens": round(tokens, 1), "two_rows": results["two_rows"], "full_vocabulary": results["full_vocabulary"],
                       "speedup": results["two_rows"]["rows_per_second"] / results["full_vocabulary"]["rows_per_second"]}), flush=True)  # fmt: skip
@@ -82,8 +81,8 @@ def main() -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        seconds, peak = timed(device, train_all)
-        steps[mode] = {"seconds_per_step": seconds / args.train_steps, "peak_mb": peak}
+        timing = timed(device, train_all)
+        steps[mode] = {"seconds_per_step": timing.seconds / args.train_steps, "peak_mb": timing.peak_mb, "peak_growth_mb": timing.peak_growth_mb}
     print(json.dumps({**base, "figure": "train_step_seconds", "batch_size": args.train_batch_size, "lora": steps["tallrec"], "cora": steps["cora"],
                       "ratio_cora_over_lora": steps["cora"]["seconds_per_step"] / steps["tallrec"]["seconds_per_step"]}), flush=True)  # fmt: skip
 

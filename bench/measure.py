@@ -1,13 +1,16 @@
 """Timing and peak-memory helpers shared by the benchmarks.
 
-Peak memory is the growth over the resident size before each measurement (CUDA:
-max_memory_allocated; CPU: the process's peak RSS, reset through /proc/self/clear_refs).
+Peak memory is given twice: the peak during the measured work (CUDA: max_memory_allocated; CPU: the
+process's peak RSS, reset through /proc/self/clear_refs), and its growth over the usage just before.
+On the CPU the growth is often near zero after the warm-up call, because the allocator keeps and
+reuses the memory it freed; the absolute peak is then the informative figure.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -30,20 +33,30 @@ def start_peak(device: torch.device) -> int:
     return _status_bytes("VmRSS")
 
 
-def peak_growth_mb(device: torch.device, baseline: int) -> float:
-    """Peak usage since ``start_peak`` above its baseline, in MiB."""
+def peak_bytes(device: torch.device) -> int:
+    """Peak usage since the last ``start_peak``."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    return (_status_bytes("VmHWM") - baseline) / 2**20
+        return torch.cuda.max_memory_allocated()
+    return _status_bytes("VmHWM")
 
 
-def timed(device: torch.device, work) -> tuple[float, float]:
-    """Seconds and peak memory growth of ``work()`` (after one untimed warm-up call)."""
+class Timing(NamedTuple):
+    """Wall seconds of a measured call, its peak memory and that peak's growth over the usage before, in MiB."""
+
+    seconds: float
+    peak_mb: float
+    peak_growth_mb: float
+
+
+def timed(device: torch.device, work) -> Timing:
+    """Time ``work()`` and its peak memory (after one untimed warm-up call)."""
     work()
     baseline = start_peak(device)
     start = time.perf_counter()
     work()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, peak_growth_mb(device, baseline)
+    seconds = time.perf_counter() - start
+    peak = peak_bytes(device)
+    return Timing(seconds, peak / 2**20, (peak - baseline) / 2**20)

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--alpha", type=float, help="force the fusion gate (0: text only, 1: full preference)")
     models = commands.add_parser("models", help="model files")
     model_commands = models.add_subparsers(dest="models_command", required=True, parser_class=OneLineParser)
-    tiny = model_commands.add_parser("make-tiny", help="write a tiny SD3.5-architecture pipeline (DIR/sd3) and a tiny open_clip model (DIR/clip)")
+    tiny = model_commands.add_parser("make-tiny", help="write a tiny SD3.5-architecture pipeline (DIR/sd3), open_clip model (DIR/clip) and VLM judge (DIR/vlm)")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     demo = commands.add_parser("demo", help="prepare ML-100K, train MF, then CoRA with SmolLM2; evaluate both, summarise")
@@ -201,10 +201,14 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
 
 
 def run_models(args: argparse.Namespace) -> dict:
-    """Write the tiny SD3 pipeline and open_clip model folders."""
-    from minigpt4.diffusion.tiny import write_tiny_clip, write_tiny_sd3
+    """Write the tiny SD3 pipeline, open_clip model and VLM judge folders."""
+    from minigpt4.diffusion.tiny import write_tiny_clip, write_tiny_sd3, write_tiny_vlm
 
-    return {"sd3": str(write_tiny_sd3(args.dir / "sd3", args.seed)), "clip": str(write_tiny_clip(args.dir / "clip", args.seed))}
+    return {
+        "sd3": str(write_tiny_sd3(args.dir / "sd3", args.seed)),
+        "clip": str(write_tiny_clip(args.dir / "clip", args.seed)),
+        "vlm": str(write_tiny_vlm(args.dir / "vlm", args.seed)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from minigpt4.diffusion.personalized import LORA_FILE, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
-from minigpt4.evaluation.vlm_judge import parse_verdict, summarize_verdicts
+from minigpt4.evaluation.vlm_judge import CRITERIA, parse_verdict, summarize_verdicts
 from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
 from minigpt4.training.diffusion import build_personalized, build_samples, train_images
 
@@ -179,13 +179,19 @@ def test_generate_command_writes_image_and_record(trained, tmp_path, tiny_models
         generate_for_user(load_config(config_path), 99, None, "a red chair", None, None)
 
 
-def test_evaluate_reports_clip_scores_with_and_without_fusion(trained, tmp_path, tiny_models, photo_dataset, capsys):
-    config_path = sd3_config(tmp_path, tiny_models, photo_dataset, run={"ckpt": trained["metrics"]["checkpoint"]})
+def test_evaluate_reports_clip_scores_and_judge_verdicts_with_and_without_fusion(trained, tmp_path, tiny_models, photo_dataset, capsys):
+    judge = {"path": str(tiny_models / "vlm"), "max_new_tokens": 12}
+    config_path = sd3_config(tmp_path, tiny_models, photo_dataset, run={"ckpt": trained["metrics"]["checkpoint"]}, model={"judge": judge})
     assert main(["evaluate", "--cfg-path", str(config_path)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["backbone"] == "open_clip clip" and metrics["pairs"] > 0
     for variant in ("fused", "alpha0"):
         assert metrics[variant]["images"] == metrics["pairs"] and metrics[variant]["clip_t"] is not None
+        # The untrained tiny judge answers without a JSON object: every verdict is counted as
+        # unparseable and every criterion reported as missing, none as a default score.
+        verdicts = metrics[variant]["judge"]
+        assert verdicts["model"] == "vlm" and verdicts["judged"] == verdicts["unparseable"] == metrics["pairs"]
+        assert all(verdicts[name] is None and verdicts[f"{name}_missing"] == metrics["pairs"] for name in CRITERIA)
     assert metrics["alpha0"]["alpha"] == 0.0 and metrics["fused"]["alpha"] > 0
 
 

@@ -47,6 +47,9 @@ def test_evaluate_reproduces_the_best_checkpoint(tiny_dataset, tmp_path, capsys)
     evaluated = last_json_line(capsys.readouterr().out)
     for split in ("valid", "test", "test_warm", "test_cold"):
         assert evaluated[split] == trained[split]
+    # `latest` keeps naming the training run, not the evaluation's folder.
+    latest = Path(evaluated["run_dir"]).parent / "latest"
+    assert latest.resolve() == Path(trained["run_dir"]).resolve() != Path(evaluated["run_dir"]).resolve()
 
 
 def test_entry_point_scripts(tiny_dataset, tmp_path):

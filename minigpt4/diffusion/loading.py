@@ -29,10 +29,9 @@ def load_sd3_pipeline(config: PipelineConfig, device: torch.device | str = "cpu"
     absent = {name: None for name in OPTIONAL_COMPONENTS if index.get(name, [None])[0] is None}
     if not config.use_t5:
         absent.update(text_encoder_3=None, tokenizer_3=None)
-    dtype = DTYPES[config.dtype]
-    pipeline = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=dtype, **absent)
     # SD3's VAE decodes badly in half precision; it stays in float32 as in diffusers' trainers.
-    pipeline.vae.to(torch.float32)
+    dtypes = {"vae": torch.float32, "default": DTYPES[config.dtype]}
+    pipeline = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtypes, **absent)
     if config.vae_slicing:
         pipeline.vae.enable_slicing()
     if config.vae_tiling:

@@ -151,7 +151,7 @@ def load_personalized(config: SD3Config, pipeline, collab: CollaborativeModel, c
     """A plain pipeline with a checkpoint's LoRA loaded through diffusers' ``load_lora_weights`` and its fusion."""
     lora = ckpt / LORA_FILE
     if not lora.is_file():
-        raise DiffRecError(f"{lora}: missing (run.ckpt must be a checkpoint folder of `diffrec train-images`)")
+        raise DiffRecError(f"{lora}: missing (run.ckpt must be a checkpoint folder of `diffrec train` on an sd3 config)")
     pipeline.load_lora_weights(ckpt, weight_name=LORA_FILE)
     model = PersonalizedSD3(config, pipeline, collab, lora=False)
     model.load_fusion(ckpt)

@@ -1,6 +1,7 @@
 """Tiny models in the real on-disk formats, for tests and the demo: an SD3-architecture pipeline folder
-(diffusers ``model_index.json`` layout, SD3.5's dual attention and RMS q/k norm, no T5) and an
-open_clip ``local-dir`` folder. Both load through the same loaders as the published weights.
+(diffusers ``model_index.json`` layout, SD3.5's dual attention and RMS q/k norm, no T5), an open_clip
+``local-dir`` folder and a LLaVA folder for the VLM judge. All load through the same loaders as the
+published weights.
 
 The CLIP tokenizers are the real ones: their vocabulary is rebuilt from the BPE merges that ship
 inside open-clip-torch, exactly as open_clip's ``SimpleTokenizer`` builds it.
@@ -131,4 +132,45 @@ def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     with atomic_folder(folder) as partial:
         (partial / "open_clip_config.json").write_text(json.dumps(config, indent=2))
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, partial / "open_clip_model.safetensors")
+    return folder
+
+
+# The processor's chat template places the image before the text of a user turn (ChatML, as SmolLM2's).
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_vlm(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny LLaVA image-text-to-text folder (CLIP vision tower, Llama text model, SmolLM2's tokenizer)."""
+    from transformers import (
+        AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+        LlavaForConditionalGeneration, LlavaProcessor,
+    )
+
+    from minigpt4.llm.loading import bundled_smollm2_folder
+
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_smollm2_folder())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    size, patch = 32, 16
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=patch, projection_dim=32)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=OPENAI_MEAN, image_std=OPENAI_STD),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=VLM_CHAT_TEMPLATE,
+    )
+    with atomic_folder(folder) as partial:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
     return folder

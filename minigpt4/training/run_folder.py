@@ -1,5 +1,6 @@
 """Run folders: ``<output_dir>/<timestamp>/`` holding the resolved config, log, metrics.json and checkpoints;
-``<output_dir>/latest`` links to the newest."""
+``<output_dir>/latest`` links to the newest training run (an evaluation's folder never moves it, so
+``latest/checkpoints/...`` keeps naming trained weights)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def open_run_folder(config: Config, state: PartialState) -> Path:
             suffix += 1
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "config.yaml").write_text(dump_config(config))
-        _point_latest(folder)
+        if not config.run.evaluate:
+            _point_latest(folder)
     folder = Path(broadcast_object_list([str(folder)])[0])
     _start_log(folder / "log.txt", state.is_main_process)
     return folder
