@@ -175,10 +175,10 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
     options = list(args.options) + (["run.evaluate=true"] if args.command == "evaluate" else [])
     config = load_config(args.cfg_path, options)
     arch = config.model.arch
-    kind = {"llmrec": "llm", "sd3": "image"}.get(arch, "collaborative")
-    allowed = {"pretrain": {"collaborative"}, "train": {"llm", "image"}, "evaluate": {"collaborative", "llm", "image"}, "reply": {"llm"}, "generate": {"image"}}
+    kind = {"llmrec": "llm", "sd3": "image", "diffrec": "joint"}.get(arch, "collaborative")
+    allowed = {"pretrain": {"collaborative"}, "train": {"llm", "image", "joint"}, "evaluate": {"collaborative", "llm", "image", "joint"}, "reply": {"llm"}, "generate": {"image"}}
     if kind not in allowed[args.command]:
-        hint = {"collaborative": "train it with diffrec pretrain", "llm": "train it with diffrec train", "image": "train it with diffrec train"}[kind]
+        hint = "train it with diffrec pretrain" if kind == "collaborative" else "train it with diffrec train"
         raise DiffRecError(f"{args.cfg_path}: diffrec {args.command} does not apply: model.arch {arch} is {'an' if kind[0] in 'ai' else 'a'} {kind} model; {hint}")
     if args.command == "reply":
         from minigpt4.llm.reply import write_reply
@@ -191,6 +191,10 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
         if args.command == "generate":
             return generate_for_user(config, args.user, args.item, args.instruction, args.seed, args.alpha)
         return evaluate_images(config) if config.run.evaluate else train_images(config)
+    if kind == "joint":
+        from minigpt4.training.joint import train_diffrec
+
+        return train_diffrec(config)
     if kind == "llm":
         from minigpt4.training.llm import train_llm
 

@@ -241,10 +241,40 @@ class SD3Config(Section):
     lora: DiffusionLoRAConfig = Field(default_factory=DiffusionLoRAConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     flow: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
-    collab: CollabConfig  # the user preference vector comes from this collaborative model
+    # The user preference vector comes from this collaborative model (in a joint ``diffrec`` model it
+    # may be left out: the recommender's collaborative model, or the LLM, gives it).
+    collab: CollabConfig | None = None
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     clip: ClipConfig | None = None
     judge: VLMJudgeConfig | None = None
+
+
+class JointConfig(Section):
+    """How the recommender and the image generator train together in one ``diffrec`` run."""
+
+    preference: Literal["collab", "llm"] = "collab"  # the image side's user vector: collaborative embedding or the LLM's answer-position hidden state
+    rec_weight: float = Field(1.0, ge=0)  # loss = rec_weight * BCE + image_weight * flow matching
+    image_weight: float = Field(1.0, ge=0)
+    schedule: Literal["sum", "alternate"] = "sum"  # alternate: even steps train the recommender, odd steps the images
+    image_batch_size: int = Field(4, gt=0)  # liked (user, item image) pairs per micro-batch and process
+    eval_images: int = Field(32, gt=0)  # liked test pairs generated and scored at evaluation
+    replies: int = Field(0, ge=0)  # personalized replies written at evaluation, for the report
+
+
+class DiffRecConfig(Section):
+    """The whole DiffRec model: the LLM recommender and the personalized image generator, trained jointly."""
+
+    arch: Literal["diffrec"] = "diffrec"
+    rec: LLMRecConfig
+    image: SD3Config
+    joint: JointConfig = Field(default_factory=JointConfig)
+
+    @model_validator(mode="after")
+    def _preference_source(self) -> "DiffRecConfig":
+        """The collaborative preference needs a collaborative model on one side or the other."""
+        if self.joint.preference == "collab" and self.image.collab is None and self.rec.collab is None:
+            raise ValueError("joint.preference collab needs model.rec.collab or model.image.collab")
+        return self
 
 
 MODEL_CONFIGS: dict[str, type[Section]] = {
@@ -254,9 +284,10 @@ MODEL_CONFIGS: dict[str, type[Section]] = {
     "din": DINConfig,
     "llmrec": LLMRecConfig,
     "sd3": SD3Config,
+    "diffrec": DiffRecConfig,
 }
 CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig]
-ModelConfig = Annotated[Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, LLMRecConfig, SD3Config], Field(discriminator="arch")]
+ModelConfig = Annotated[Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, LLMRecConfig, SD3Config, DiffRecConfig], Field(discriminator="arch")]
 
 
 class DatasetConfig(Section):
@@ -264,6 +295,13 @@ class DatasetConfig(Section):
 
     name: str
     path: Path
+
+
+class DevicePlacement(Section):
+    """Where each half of a joint model lives in a single process (the paper's two-GPU setup)."""
+
+    llm: str = "cuda:0"
+    image: str = "cuda:1"
 
 
 class RunConfig(Section):
@@ -291,7 +329,11 @@ class RunConfig(Section):
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)
-    resume_from: Path | None = None  # a checkpoint folder of an earlier ``diffrec train`` run
+    resume_from: Path | None = None  # a checkpoint folder of an earlier ``diffrec train`` run; ``latest``: the newest one under output_dir
+    # Joint (``model.arch: diffrec``) runs: Accelerate state every N steps, the newest K kept.
+    checkpoint_every_steps: int | None = Field(None, gt=0)  # None: every eval_every_steps
+    keep_checkpoints: int = Field(3, gt=0)
+    devices: DevicePlacement | None = None  # one process: the LLM on one device, the image models on another
 
 
 class Config(Section):
@@ -300,6 +342,13 @@ class Config(Section):
     model: ModelConfig
     datasets: DatasetConfig
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _standalone_image_model_needs_collab(self) -> "Config":
+        """An sd3 model on its own reads the preference from its collaborative checkpoint."""
+        if isinstance(self.model, SD3Config) and self.model.collab is None:
+            raise ValueError("model.collab.ckpt is required: the collaborative checkpoint whose user embedding is the preference")
+        return self
 
 
 def _check_keys(section: type[BaseModel], data: Any, where: str) -> None:
@@ -385,22 +434,28 @@ def load_config(path: str | Path, options: list[str] | None = None) -> Config:
     config.datasets.path = _resolve(config.datasets.path, Path(data_root) if data_root else config_dir)
     config.run.output_dir = _resolve(config.run.output_dir, config_dir)
     config.run.ckpt = _resolve(config.run.ckpt, config_dir)
-    config.run.resume_from = _resolve(config.run.resume_from, config_dir)
-    if isinstance(config.model, LLMRecConfig):
-        model = config.model
+    if config.run.resume_from is not None and config.run.resume_from.name != "latest":
+        config.run.resume_from = _resolve(config.run.resume_from, config_dir)
+    model = config.model
+    for part in (model.rec, model.image) if isinstance(model, DiffRecConfig) else (model,):
+        _resolve_model_paths(part, config_dir)
+    return config
+
+
+def _resolve_model_paths(model: Section, config_dir: Path) -> None:
+    """Make an LLM or image model section's paths absolute against the config's folder."""
+    collab = getattr(model, "collab", None)
+    if collab is not None:
+        collab.ckpt = _resolve(collab.ckpt, config_dir)
+    if isinstance(model, LLMRecConfig):
         model.llm.path = _resolve(model.llm.path, config_dir)
         model.prompt.template = _resolve(model.prompt.template, config_dir)
         model.reply.template = _resolve(model.reply.template, config_dir)
-        if model.collab is not None:
-            model.collab.ckpt = _resolve(model.collab.ckpt, config_dir)
-    if isinstance(config.model, SD3Config):
-        model = config.model
+    if isinstance(model, SD3Config):
         model.pipeline.path = _resolve(model.pipeline.path, config_dir)
-        model.collab.ckpt = _resolve(model.collab.ckpt, config_dir)
         for section in (model.clip, model.judge):
             if section is not None:
                 section.path = _resolve(section.path, config_dir)
-    return config
 
 
 def dump_config(config: Config) -> str:

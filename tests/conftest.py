@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic dataset in the contract's layout and config files for it."""
+"""Shared fixtures: a tiny synthetic dataset in the contract's layout, config files for it, a tiny LLM, an
+MF checkpoint and the tiny SD3 / open_clip / VLM folders of ``diffrec models make-tiny``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from minigpt4.cli import main
+from minigpt4.config import load_config
 from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.data.contract import save_rating_dataset
+from minigpt4.llm.loading import bundled_smollm2_folder
+from minigpt4.training.pretrain import pretrain
 
 SHARED_DATA = Path(os.environ.get("DIFFREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -48,3 +55,35 @@ def write_config(folder: Path, dataset: Path, arch: str = "mf", model: dict | No
     path = folder / f"{arch}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer, as a Hugging Face folder."""
+    smollm2 = bundled_smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mf_checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MF checkpoint trained on the tiny dataset."""
+    folder = tmp_path_factory.mktemp("mf")
+    return Path(pretrain(load_config(write_config(folder, tiny_dataset, "mf", run={"max_epochs": 2})))["checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD3.5-shaped pipeline, open_clip model and VLM judge, written by ``diffrec models make-tiny``."""
+    folder = tmp_path_factory.mktemp("models")
+    assert main(["models", "make-tiny", str(folder)]) == 0
+    return folder

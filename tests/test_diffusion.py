@@ -29,17 +29,9 @@ from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.evaluation.vlm_judge import CRITERIA, parse_verdict, summarize_verdicts
 from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
-from minigpt4.training.diffusion import build_personalized, build_samples, train_images
+from minigpt4.training.diffusion import build_personalized, build_samples, train_images, training_pairs
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SD3.5-shaped pipeline and open_clip model, written by ``diffrec models make-tiny``."""
-    folder = tmp_path_factory.mktemp("models")
-    assert main(["models", "make-tiny", str(folder)]) == 0
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +105,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path, photo_d
     config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run=run, model={"lora": lora}))
     dataset = load_rating_dataset(photo_dataset)
     model = build_personalized(config.model, dataset)
-    samples = build_samples(config, model, dataset, load_image_table(photo_dataset, dataset.n_items), progress=False)
+    images = load_image_table(photo_dataset, dataset.n_items)
+    samples = build_samples(config.model, training_pairs(config, dataset, images), model, dataset, images, config.run.eval_batch_size, progress=False)
     before = fixed_loss(model, samples)
     metrics = train_images(config)
     after_model = load_personalized(config.model, load_sd3_pipeline(config.model.pipeline), load_recommender(photo_dataset.parent / "mf"), Path(metrics["checkpoint"]))

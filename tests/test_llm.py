@@ -16,9 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import write_config
 from minigpt4.cli import main
 from minigpt4.config import LLMConfig, load_config
 from minigpt4.data.contract import load_rating_dataset
@@ -29,35 +27,10 @@ from minigpt4.llm.prompts import PromptTemplate, encode_prompts
 from minigpt4.llm.scoring import answer_token_ids, full_vocabulary_yes_no, yes_no_logits
 from minigpt4.training import llm as training_llm
 from minigpt4.training.llm import build_llm_recommender, split_prompt_rows
-from minigpt4.training.pretrain import pretrain
 from minigpt4.training.run_folder import TRAINER_STATE, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts"
-
-
-@pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama with SmolLM2's tokenizer, as a Hugging Face folder."""
-    smollm2 = bundled_smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llm") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def mf_checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MF checkpoint trained on the tiny dataset."""
-    folder = tmp_path_factory.mktemp("mf")
-    return Path(pretrain(load_config(write_config(folder, tiny_dataset, "mf", run={"max_epochs": 2})))["checkpoint"])
 
 
 def llm_config(folder: Path, dataset: Path, llm: Path, mode: str = "cora", collab: Path | None = None, model: dict | None = None, run: dict | None = None) -> Path:

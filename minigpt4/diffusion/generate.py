@@ -51,7 +51,7 @@ def reference_images(dataset: RatingDataset, images: pd.DataFrame, history: list
     return [open_image(dataset.root / paths[iid]) for iid in recent]
 
 
-def _score(scorer: ClipScorer | None, images: list, texts: list[str], references: list[list]) -> list[dict]:
+def score_images(scorer: ClipScorer | None, images: list, texts: list[str], references: list[list]) -> list[dict]:
     """CLIP-T and CLIP-I of each image (missing without a scorer or references), with the backbone."""
     if scorer is None:
         return [{"clip_t": None, "clip_i": None, "backbone": None, "truncated": None} for _ in images]
@@ -80,7 +80,7 @@ def generate_for_user(config: Config, user: int, item: int | None, instruction: 
     seed = config.run.seed if seed is None else seed
     override = alpha if alpha is not None else config.model.fusion.alpha_override
     generated, gate = generate_images(model, model.preference(row), [instruction], [seed], config.model.sampling, override)
-    scores = _score(scorer, generated, [instruction], [reference_images(dataset, images, list(row["his"].iloc[0]))])[0]
+    scores = score_images(scorer, generated, [instruction], [reference_images(dataset, images, list(row["his"].iloc[0]))])[0]
     store = ImageStore(config.run.output_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images)
     record = {"user": user, "item": item, "instruction": instruction, "seed": seed, "alpha": float(gate[0]), "alpha_forced": override is not None, "checkpoint": str(config.run.ckpt), "steps": config.model.sampling.steps, "guidance_scale": config.model.sampling.guidance_scale, **scores, "score": scores["clip_t"]}
     record = store.add(generated[0], json_safe(record))
@@ -113,13 +113,13 @@ def evaluate_images(config: Config) -> dict:
             chunk = rows.iloc[start : start + run.eval_batch_size]
             seeds = [run.seed + start + offset for offset in range(len(chunk))]
             generated, gate = generate_images(model, model.preference(chunk), texts[start : start + len(chunk)], seeds, config.model.sampling, override)
-            scores = _score(scorer, generated, texts[start : start + len(chunk)], references[start : start + len(chunk)])
+            scores = score_images(scorer, generated, texts[start : start + len(chunk)], references[start : start + len(chunk)])
             for image, row, text, seed, alpha, score in zip(generated, chunk.itertuples(), texts[start:], seeds, gate.tolist(), scores):
                 record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": seed, "alpha": alpha, "variant": name, **score, "score": score["clip_t"]}
                 records.append(store.add(image, json_safe(record)))
                 if judge is not None:
                     verdicts.append(judge.judge(image, text))
-        results[name] = _summary(records)
+        results[name] = summarize_records(records)
         if judge is not None:
             results[name]["judge"] = {"model": judge.name, **summarize_verdicts(verdicts)}
         logger.info("%s: %s", name, results[name])
@@ -128,7 +128,7 @@ def evaluate_images(config: Config) -> dict:
     return metrics
 
 
-def _summary(records: list[dict]) -> dict:
+def summarize_records(records: list[dict]) -> dict:
     """Means of CLIP-T, CLIP-I and alpha over records; a mean over no values is missing."""
     def mean(key: str) -> float | None:
         values = [record[key] for record in records if record.get(key) is not None]

@@ -29,12 +29,13 @@ FUSION_FILE = "fusion.safetensors"
 class PersonalizedSD3(nn.Module):
     """SD3 + LoRA + adaptive fusion; trains on (preference, image latents, caption embeddings) samples."""
 
-    def __init__(self, config: SD3Config, pipeline, collab: CollaborativeModel, lora: bool = True) -> None:
+    def __init__(self, config: SD3Config, pipeline, collab: CollaborativeModel | None, lora: bool = True, preference_dim: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
-        self.collab = collab.requires_grad_(False).eval()
+        # Without a collaborative model the caller supplies preferences of ``preference_dim`` (the LLM's hidden state).
+        self.collab = collab.requires_grad_(False).eval() if collab is not None else None
         for part in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3):
             if part is not None:
                 part.requires_grad_(False)
@@ -44,7 +45,8 @@ class PersonalizedSD3(nn.Module):
                            init_lora_weights="gaussian", target_modules=config.lora.target_modules)
             )
         transformer_config = self.transformer.config
-        preference_dim = self.collab.user_embeddings(_probe_batch(max(collab.max_history, 1)).to(next(collab.parameters()).device)).shape[-1]
+        if preference_dim is None:
+            preference_dim = collab.user_embeddings(_probe_batch(max(collab.max_history, 1)).to(next(collab.parameters()).device)).shape[-1]
         self.fusion = AdaptiveFusion(
             preference_dim, transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim,
             config.fusion.tokens, config.fusion.hidden,
@@ -55,7 +57,8 @@ class PersonalizedSD3(nn.Module):
     def train(self, mode: bool = True) -> "PersonalizedSD3":
         """Only the transformer (its LoRA) and the fusion module ever train; the rest stays in eval mode."""
         super().train(mode)
-        self.collab.eval()
+        if self.collab is not None:
+            self.collab.eval()
         for part in (self.pipeline.vae, self.pipeline.text_encoder, self.pipeline.text_encoder_2):
             part.eval()
         return self
@@ -63,6 +66,8 @@ class PersonalizedSD3(nn.Module):
     @torch.no_grad()
     def preference(self, rows: pd.DataFrame) -> torch.Tensor:
         """The user's preference vector of each rating row, [B, d], from the frozen collaborative model."""
+        if self.collab is None:
+            raise DiffRecError("this image model takes its preference from the LLM, not from a collaborative model")
         tensors = RatingTensors(rows, self.collab.max_history, self.transformer.device)
         return self.collab.user_embeddings(tensors.__getitems__(list(range(len(rows))))).float()
 

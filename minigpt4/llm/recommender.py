@@ -33,7 +33,7 @@ from minigpt4.errors import DiffRecError, require_file
 from minigpt4.llm.collm import CoLLMProjector
 from minigpt4.llm.cora import CoRA
 from minigpt4.llm.prompts import PromptTemplate, encode_prompts
-from minigpt4.llm.scoring import yes_no_logits
+from minigpt4.llm.scoring import answer_hidden_states, yes_no_from_hidden, yes_no_logits
 from minigpt4.recommenders import CollaborativeModel
 
 ADAPTER_DIR = "adapter"
@@ -162,6 +162,15 @@ class LLMRecommender(nn.Module):
     def score(self, batch: PromptBatch) -> torch.Tensor:
         """log P(" Yes") - log P(" No") at the answer position, [B]."""
         return yes_no_logits(self.llm, self.prepare_inputs(batch), batch.attention_mask, self.answer_ids)
+
+    def score_and_hidden(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Yes/No score [B] and the answer position's hidden state [B, hidden] of one forward pass."""
+        hidden = answer_hidden_states(self.llm, self.prepare_inputs(batch), batch.attention_mask)
+        return yes_no_from_hidden(self.llm, hidden, self.answer_ids), hidden
+
+    def hidden_size(self) -> int:
+        """Width of the answer-position hidden state."""
+        return self.llm.get_input_embeddings().embedding_dim
 
     def forward(self, batch: PromptBatch) -> torch.Tensor:
         """Binary cross-entropy of the Yes/No score against the labels."""

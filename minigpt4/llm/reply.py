@@ -5,7 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from minigpt4.config import Config
+from transformers import PreTrainedTokenizerBase
+
+from minigpt4.config import Config, LLMRecConfig, ReplyConfig
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError
@@ -33,29 +35,43 @@ def write_reply(config: Config, user: int, item: int) -> dict:
     """Generate the reply for (user, item) from the checkpoint ``run.ckpt``, seeded by ``run.seed``."""
     from minigpt4.training.llm import build_llm_recommender  # the trainer imports this package
 
-    model_config = config.model
-    if model_config.reply.template is None:
-        raise DiffRecError("model.reply.template is not set (e.g. ../prompts/reply_movie.txt)")
     if config.run.ckpt is None:
         raise DiffRecError("run.ckpt is not set: a reply needs the trained adapters of a diffrec train checkpoint")
-    template = PromptTemplate.load(model_config.reply.template)
-    check_template(model_config, template)
     dataset = load_rating_dataset(config.datasets.path)
-    model, tokenizer, _ = build_llm_recommender(model_config, dataset)
-    model.load_weights(config.run.ckpt)
     row = reply_row(dataset, user, item)
+    reply_template(config.model)  # a missing template fails before the model loads
+    model, tokenizer, _ = build_llm_recommender(config.model, dataset)
+    model.load_weights(config.run.ckpt)
+    return write_replies(model, tokenizer, config.model, config.run.seed, row)[0]
+
+
+def reply_template(config: LLMRecConfig) -> PromptTemplate:
+    """The configured reply template, checked against the mode."""
+    if config.reply.template is None:
+        raise DiffRecError("model.reply.template is not set (e.g. ../prompts/reply_movie.txt)")
+    template = PromptTemplate.load(config.reply.template)
+    check_template(config, template)
+    return template
+
+
+def write_replies(model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, config: LLMRecConfig, seed: int, rows: pd.DataFrame) -> list[dict]:
+    """One seeded reply per rating row (its user's history and its item), with the prompt it answered."""
+    template = reply_template(config)
     history = model.collab.max_history if model.collab is not None else 0
-    batch = whole_batch(prompt_rows(row, model_config, template, tokenizer, history, "reply").__getitems__([0]))
-    text = tokenizer.decode(generate(model, batch, tokenizer.pad_token_id, config), skip_special_tokens=True)
-    return {"user": user, "item": item, "title": row["title"].iloc[0], "prompt": tokenizer.decode(batch.input_ids[0]), "reply": text.strip()}
+    prompts = prompt_rows(rows.reset_index(drop=True), config, template, tokenizer, history, "reply")
+    replies = []
+    for index, row in enumerate(rows.itertuples()):
+        batch = whole_batch(prompts.__getitems__([index])).to(model.llm.device)
+        text = tokenizer.decode(generate(model, batch, tokenizer.pad_token_id, config.reply, seed), skip_special_tokens=True)
+        replies.append({"user": int(row.uid), "item": int(row.iid), "title": row.title, "prompt": tokenizer.decode(batch.input_ids[0]), "reply": text.strip()})
+    return replies
 
 
 @torch.no_grad()
-def generate(model: LLMRecommender, batch: PromptBatch, pad_id: int, config: Config) -> torch.Tensor:
+def generate(model: LLMRecommender, batch: PromptBatch, pad_id: int, settings: ReplyConfig, seed: int) -> torch.Tensor:
     """The new token ids continuing the batch's one prompt, with the mode's collaborative signal in place."""
-    settings = config.model.reply
     model.eval()
-    torch.manual_seed(config.run.seed)
+    torch.manual_seed(seed)
     embeds = model.prepare_inputs(batch)
     output = model.llm.generate(
         inputs_embeds=embeds,

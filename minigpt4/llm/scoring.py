@@ -29,18 +29,27 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.sum(dim=1) - 1
 
 
-def yes_no_logits(
-    model: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor
-) -> torch.Tensor:
-    """logit(" Yes") - logit(" No") at each row's last token, [B], from two rows of the output matrix."""
+def answer_hidden_states(model: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden state at each row's last token (the answer position), [B, hidden]."""
     hidden = model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    final = hidden[rows, last_positions(attention_mask)]
+    return hidden[rows, last_positions(attention_mask)]
+
+
+def yes_no_from_hidden(model: PreTrainedModel, final: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """logit(" Yes") - logit(" No") from answer-position hidden states, [B], through two rows of the output matrix."""
     head = model.get_output_embeddings()
     logits = final @ head.weight[answer_ids].T
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias[answer_ids]
     return (logits[:, 0] - logits[:, 1]).float()
+
+
+def yes_no_logits(
+    model: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor
+) -> torch.Tensor:
+    """logit(" Yes") - logit(" No") at each row's last token, [B], from two rows of the output matrix."""
+    return yes_no_from_hidden(model, answer_hidden_states(model, inputs_embeds, attention_mask), answer_ids)
 
 
 def full_vocabulary_yes_no(

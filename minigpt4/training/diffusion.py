@@ -61,7 +61,7 @@ def item_captions(template: str, items: pd.DataFrame, iids: list[int]) -> list[s
 class ImageSamples:
     """Training samples and the per-item caches they index into."""
 
-    preference: torch.Tensor  # [N, d] per sample
+    preference: torch.Tensor | None  # [N, d] per sample; None when the LLM gives it (joint runs)
     item_index: torch.Tensor  # [N] row of the item caches
     latent_parameters: torch.Tensor  # [M, 2C, h, w] VAE mean and log-variance per item
     prompt_embeds: torch.Tensor  # [M, L, joint_dim]
@@ -94,14 +94,19 @@ def encode_items(model: PersonalizedSD3, config: SD3Config, dataset: RatingDatas
     return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
-def build_samples(config: Config, model: PersonalizedSD3, dataset: RatingDataset, images: pd.DataFrame, progress: bool = True) -> ImageSamples:
-    """The (sub-sampled) liked training pairs with their preferences and cached item encodings."""
+def training_pairs(config: Config, dataset: RatingDataset, images: pd.DataFrame) -> pd.DataFrame:
+    """The (sub-sampled, ``run.train_rows``) liked training pairs whose item has an image."""
     rows = subsample(liked_rows(dataset, "train", images), config.run.train_rows, config.run.seed)
     if rows.empty:
         raise DiffRecError(f"{dataset.root}: no liked training pair has an item image (images.parquet covers {len(images)} items)")
+    return rows
+
+
+def build_samples(config: SD3Config, rows: pd.DataFrame, model: PersonalizedSD3, dataset: RatingDataset, images: pd.DataFrame, batch_size: int, progress: bool = True) -> ImageSamples:
+    """Training samples of liked pairs: preferences (when the model has a collaborative model) and cached item encodings."""
     iids = sorted(int(iid) for iid in rows["iid"].unique())
-    caches = encode_items(model, config.model, dataset, images, iids, config.run.eval_batch_size, progress)
-    preference = model.preference(rows).cpu()
+    caches = encode_items(model, config, dataset, images, iids, batch_size, progress)
+    preference = model.preference(rows).cpu() if model.collab is not None else None
     position = {iid: index for index, iid in enumerate(iids)}
     item_index = torch.tensor([position[int(iid)] for iid in rows["iid"]])
     return ImageSamples(preference, item_index, iids=iids, **caches)
@@ -136,7 +141,8 @@ def train_images(config: Config) -> dict:
     if run.resume_from is not None:
         load_training_weights(model, run.resume_from)
         require_file(run.resume_from / TRAINER_STATE)
-    samples = build_samples(config, model, dataset, images, progress=state.is_local_main_process)
+    rows = training_pairs(config, dataset, images)
+    samples = build_samples(config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process)
     run_dir = open_run_folder(config, state)
     accelerator = Accelerator(
         cpu=run.cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,

@@ -60,9 +60,10 @@ def subsample(frame: pd.DataFrame, rows: int | None, seed: int) -> pd.DataFrame:
 def split_prompt_rows(config: Config, dataset: RatingDataset, model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> dict[str, PromptRows]:
     """Tokenized prompts of train, valid and test (subsampled as ``run.*_rows`` say)."""
     run, history = config.run, model.collab.max_history if model.collab is not None else 0
+    rec_config = model.config  # the llmrec section, on its own or inside a joint model
     limits = {"train": run.train_rows, "valid": run.valid_rows, "test": run.test_rows}
     return {
-        name: prompt_rows(subsample(dataset.splits[name], limits[name], run.seed), config.model, template, tokenizer, history, f"{dataset.root}/{name}")
+        name: prompt_rows(subsample(dataset.splits[name], limits[name], run.seed), rec_config, template, tokenizer, history, f"{dataset.root}/{name}")
         for name in limits
     }
 
@@ -96,7 +97,7 @@ def train_llm(config: Config) -> dict:
         run_dir, config.model.mode, type(model.llm).__name__, accelerator.num_processes, accelerator.device,
         len(rows["train"]), len(rows["valid"]), len(rows["test"]),
     )
-    eval_loaders = {name: _eval_loader(rows[name], run.eval_batch_size) for name in ("valid", "test")}
+    eval_loaders = {name: eval_loader(rows[name], run.eval_batch_size) for name in ("valid", "test")}
     if run.evaluate:
         model, *prepared = accelerator.prepare(model, *eval_loaders.values())
         metrics = {"checkpoint": str(run.ckpt), **evaluate_all(model, dict(zip(eval_loaders, prepared)), accelerator, progress=True)}
@@ -109,7 +110,7 @@ def train_llm(config: Config) -> dict:
     return metrics
 
 
-def _eval_loader(rows: PromptRows, batch_size: int) -> DataLoader:
+def eval_loader(rows: PromptRows, batch_size: int) -> DataLoader:
     """Batches of similar prompt lengths (less padding); predictions are put back in row order afterwards."""
     by_length = sorted(range(len(rows)), key=lambda row: len(rows.input_ids[row]))
     return DataLoader(rows, batch_size=batch_size, sampler=by_length, collate_fn=whole_batch)

@@ -1,0 +1,199 @@
+"""Joint DiffRec runs on tiny models: one and two processes agree, kill -9 then resume equals an
+uninterrupted run, a NaN loss stops with a loadable last-good checkpoint, evaluate-only loads ``ckpt``,
+and every shipped config validates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minigpt4.cli import main
+from minigpt4.config import DiffRecConfig, load_config
+from minigpt4.data.images import render_item_cards
+from minigpt4.errors import DiffRecError
+from minigpt4.training import joint
+from minigpt4.training.joint import CHECKPOINT_PREFIX, DiffRecModel, step_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "prompts"
+
+
+@pytest.fixture(scope="session")
+def card_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny rating dataset with a rendered card per item as its images table."""
+    root = tmp_path_factory.mktemp("cards") / "tiny"
+    shutil.copytree(tiny_dataset, root)
+    render_item_cards(root, size=64)
+    return root
+
+
+def joint_config(folder: Path, dataset: Path, llm: Path, models: Path, collab: Path, run: dict | None = None, joint_section: dict | None = None) -> Path:
+    """A diffrec config on the tiny LLM, tiny SD3 and tiny CLIP, sized for seconds."""
+    config = {
+        "model": {
+            "arch": "diffrec",
+            "rec": {
+                "mode": "cora", "llm": {"path": str(llm), "max_length": 128},
+                "prompt": {"template": str(PROMPTS / "tallrec_movie.txt"), "max_history": 5},
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "cora": {"rank": 8, "alpha": 16, "queries": 4, "width": 16, "heads": 2},
+                "collab": {"ckpt": str(collab)}, "reply": {"template": str(PROMPTS / "reply_movie.txt"), "max_new_tokens": 6},
+            },
+            "image": {
+                "pipeline": {"path": str(models / "sd3"), "max_sequence_length": 4}, "lora": {"r": 4, "alpha": 8},
+                "fusion": {"tokens": 2, "hidden": 16}, "flow": {"caption": "a poster for {title}", "resolution": 64},
+                "sampling": {"steps": 2, "guidance_scale": 1.0}, "clip": {"path": str(models / "clip")},
+            },
+            "joint": {"image_batch_size": 2, "eval_images": 4, **(joint_section or {})},
+        },
+        "datasets": {"name": "tiny", "path": str(dataset)},
+        "run": {
+            "cpu": True, "seed": 7, "batch_size": 4, "eval_batch_size": 16, "lr": 5e-3, "max_steps": 6, "eval_every_steps": 3,
+            "checkpoint_every_steps": 2, "keep_checkpoints": 2, "train_rows": 32, "valid_rows": 32, "test_rows": 32,
+            "output_dir": str(folder / "runs"), **(run or {}),
+        },
+    }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "diffrec.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def last_json_line(text: str) -> dict:
+    """The final JSON line a command printed."""
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def comparable(metrics: dict) -> dict:
+    """Evaluation figures of a metrics dict (no paths, times or curves)."""
+    return {
+        "ctr": {split: metrics[split] for split in ("valid", "test", "test_warm", "test_cold")},
+        "images": {variant: {key: metrics["images"][variant][key] for key in ("clip_t", "clip_i", "alpha", "images")} for variant in ("fused", "alpha0")},
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_joint(tmp_path_factory, card_dataset, tiny_llm, tiny_models, mf_checkpoint) -> dict:
+    """One uninterrupted joint run, its config file and metrics."""
+    folder = tmp_path_factory.mktemp("joint")
+    path = joint_config(folder, card_dataset, tiny_llm, tiny_models, mf_checkpoint)
+    return {"path": path, "metrics": joint.train_diffrec(load_config(path))}
+
+
+def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_joint):
+    metrics = trained_joint["metrics"]
+    assert metrics["steps_run"] == 6 and [point["step"] for point in metrics["curve"]] == [3, 6]
+    assert all({"rec_loss", "image_loss", "valid_auc"} <= set(point) for point in metrics["curve"])
+    checkpoints = Path(metrics["run_dir"]) / "checkpoints"
+    assert [path.name for path in step_checkpoints(checkpoints)] == [f"{CHECKPOINT_PREFIX}000004", f"{CHECKPOINT_PREFIX}000006"]
+    assert not list(checkpoints.glob("*.partial"))
+    last = checkpoints / f"{CHECKPOINT_PREFIX}000006"
+    for name in ("rec/adapter/adapter_model.safetensors", "rec/collab_modules.safetensors", "image/pytorch_lora_weights.safetensors", "image/fusion.safetensors", "optimizer.bin", "trainer_state.json"):
+        assert (last / name).is_file(), name
+    assert not list(last.glob("model*.safetensors"))  # the frozen base models are never copied into a checkpoint
+    assert metrics["test"]["n"] == 32 == metrics["test_warm"]["n"] + metrics["test_cold"]["n"]
+    images = metrics["images"]
+    assert images["backbone"] == "open_clip clip" and images["pairs"] == 4
+    assert images["fused"]["images"] == images["alpha0"]["images"] == 4 and images["alpha0"]["alpha"] == 0.0
+    assert images["fused"]["clip_t"] is not None and images["fused"]["clip_i"] is not None
+    stored = [json.loads(line) for line in (Path(metrics["run_dir"]) / "images" / "records.jsonl").read_text().splitlines()]
+    assert {record["variant"] for record in stored} == {"fused", "alpha0"}
+
+
+def test_evaluate_only_loads_the_checkpoint_and_reproduces_its_metrics(trained_joint, capsys):
+    metrics = trained_joint["metrics"]
+    assert main(["evaluate", "--cfg-path", str(trained_joint["path"]), "--options", f"run.ckpt={metrics['checkpoint']}"]) == 0
+    evaluated = last_json_line(capsys.readouterr().out)
+    assert evaluated["checkpoint"] == metrics["checkpoint"]
+    assert comparable(evaluated) == comparable(metrics)
+
+
+def test_two_processes_report_the_same_metrics_as_one(trained_joint):
+    """Predictions and image scores are gathered before any mean, so two CPU processes give one process's figures."""
+    checkpoint = trained_joint["metrics"]["checkpoint"]
+    options = ["--options", "run.evaluate=true", f"run.ckpt={checkpoint}"]  # CoLLM's way: evaluate: True with ckpt
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "train_collm_mf_din.py", "--cfg-path", str(trained_joint["path"]), *options], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    launcher = Path(sys.executable).parent / "accelerate"
+    double = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "train_collm_mf_din.py", "--cfg-path", str(trained_joint["path"]), *options],
+        cwd=ROOT, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert double.returncode == 0, double.stderr
+    assert "2 process(es)" in double.stderr
+    one, two = comparable(last_json_line(single.stdout)), comparable(last_json_line(double.stdout))
+    for split, values in one["ctr"].items():
+        assert two["ctr"][split]["n"] == values["n"]
+        assert two["ctr"][split]["auc"] == pytest.approx(values["auc"], abs=1e-6)
+        assert two["ctr"][split]["uauc"] == pytest.approx(values["uauc"], abs=1e-6)
+    for variant, values in one["images"].items():
+        for key, value in values.items():
+            assert two["images"][variant][key] == pytest.approx(value, abs=1e-3), (variant, key)
+
+
+def test_kill_then_resume_latest_finishes_like_the_uninterrupted_run(trained_joint, tmp_path):
+    """A run killed with SIGKILL after its first checkpoint, resumed with ``run.resume_from: latest``."""
+    config = yaml.safe_load(trained_joint["path"].read_text())
+    config["run"]["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "diffrec.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([sys.executable, "-m", "minigpt4.cli", "train", "--cfg-path", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs").glob(f"*/checkpoints/{CHECKPOINT_PREFIX}000002/trainer_state.json")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not list((tmp_path / "runs").glob(f"*/checkpoints/{CHECKPOINT_PREFIX}000006"))  # it was stopped mid-run
+    resumed = joint.train_diffrec(load_config(path, ["run.resume_from=latest"]))
+    assert resumed["steps_run"] == 6
+    assert comparable(resumed) == comparable(trained_joint["metrics"])
+    untimed = lambda curve: [{k: v for k, v in point.items() if k != "seconds"} for point in curve]  # noqa: E731
+    assert untimed(resumed["curve"]) == untimed(trained_joint["metrics"]["curve"])
+
+
+def test_nan_loss_stops_and_leaves_a_loadable_last_good_checkpoint(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path, monkeypatch):
+    path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint)
+    calls = {"count": 0}
+    real_loss = DiffRecModel.image_loss
+
+    def poisoned(self, batch, generator):
+        calls["count"] += 1
+        loss = real_loss(self, batch, generator)
+        return loss * float("nan") if calls["count"] == 4 else loss
+
+    monkeypatch.setattr(DiffRecModel, "image_loss", poisoned)
+    with pytest.raises(DiffRecError, match=r"loss became nan at step 3 .*the last good checkpoint is .*step-000002"):
+        joint.train_diffrec(load_config(path))
+    monkeypatch.undo()
+    good = next(tmp_path.glob(f"runs/*/checkpoints/{CHECKPOINT_PREFIX}000002"))
+    metrics = joint.train_diffrec(load_config(path, ["run.evaluate=true", f"run.ckpt={good}"]))
+    assert metrics["checkpoint"] == str(good) and metrics["test"]["auc"] is not None
+
+
+def test_every_shipped_config_validates():
+    paths = sorted((ROOT / "train_configs").glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        load_config(path)
+    joint_configs = [path.name for path in paths if isinstance(load_config(path).model, DiffRecConfig)]
+    assert {"demo_ml100k.yaml", "plora_pretrain_mf_ood.yaml"} <= set(joint_configs)
+
+
+def test_joint_config_errors(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path):
+    path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preferance": "llm"})
+    with pytest.raises(DiffRecError, match="unknown key 'model.joint.preferance'; did you mean 'model.joint.preference'"):
+        load_config(path)
+    path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, run={"resume_from": "latest"})
+    with pytest.raises(DiffRecError, match="holds no complete step-N checkpoint"):
+        joint.train_diffrec(load_config(path))
