@@ -10,10 +10,6 @@ from pathlib import Path
 
 from minigpt4.errors import DiffRecError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
-DEMO_CONFIG = CONFIGS / "demo_ml100k.yaml"
-DEMO_LLM_CONFIG = CONFIGS / "cora_ml100k.yaml"
-
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error on one line (exit code 2), like every other user error."""
@@ -85,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = model_commands.add_parser("make-tiny", help="write a tiny SD3.5-architecture pipeline (DIR/sd3), open_clip model (DIR/clip) and VLM judge (DIR/vlm)")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
-    demo = commands.add_parser("demo", help="prepare ML-100K, train MF, then CoRA with SmolLM2; evaluate both, summarise")
-    demo.add_argument("--options", nargs="*", default=[], help="overrides for the MF config (train_configs/demo_ml100k.yaml)")
-    demo.add_argument("--llm-options", nargs="*", default=[], help="overrides for the CoRA config (train_configs/cora_ml100k.yaml)")
+    demo = commands.add_parser("demo", help="ML-100K end to end: MF, then CoRA with SmolLM2 and personalized images from the tiny SD3, evaluated, with runs/demo/report.html")
+    demo.add_argument("--options", nargs="*", default=[], help="overrides for the MF config (train_configs/demo_mf_ml100k.yaml)")
+    demo.add_argument("--joint-options", nargs="*", default=[], help="overrides for the DiffRec config (train_configs/demo_ml100k.yaml)")
     return parser
 
 
@@ -125,47 +121,6 @@ def run_data(args: argparse.Namespace) -> dict:
         # Items without a usable picture are left out of the images table and counted, not fatal.
         result["images"] = import_item_images(out, args.images, key="raw_id", on_bad="exclude")
     return result
-
-
-def run_demo(args: argparse.Namespace) -> dict:
-    """The demo: ML-100K, MF, then CoRA with SmolLM2 on a subsample, both scored on the same test rows."""
-    from minigpt4.config import load_config
-    from minigpt4.data.contract import load_rating_dataset, save_rating_dataset
-    from minigpt4.data.movielens import prepare_ml100k
-    from minigpt4.evaluation.ctr import frame_metrics
-    from minigpt4.recommenders import load_recommender
-    from minigpt4.training.llm import subsample, train_llm
-    from minigpt4.training.pretrain import pretrain
-    from minigpt4.training.run_folder import json_safe
-
-    config = load_config(DEMO_CONFIG, args.options)
-    if not (config.datasets.path / "meta.json").is_file():
-        print(f"preparing ML-100K into {config.datasets.path}", file=sys.stderr)
-        save_rating_dataset(config.datasets.path, *prepare_ml100k())
-    mf = pretrain(config)
-    demo_options = [f"model.collab.ckpt={mf['checkpoint']}", f"datasets.path={config.datasets.path}", f"run.output_dir={config.run.output_dir / 'cora'}"]
-    llm_config = load_config(DEMO_LLM_CONFIG, demo_options + args.llm_options)
-    cora = train_llm(llm_config)
-    # MF on exactly the rows CoRA was scored on, so the two columns compare.
-    rows = subsample(load_rating_dataset(config.datasets.path).splits["test"], llm_config.run.test_rows, llm_config.run.seed)
-    mf_same = json_safe(frame_metrics(load_recommender(Path(mf["checkpoint"])), rows))
-    lines = [
-        f"ML-100K test ({cora['test']['n']} rows, {cora['test_warm']['n']} warm) | AUC | UAUC | warm AUC | cold AUC",
-        *(
-            f"{name:<38} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}"
-            for name, m in (("MF (the collaborative teacher)", mf_same), ("CoRA (SmolLM2-135M + MF weights)", cora))
-        ),
-        f"MF on the whole test split: AUC {_fmt(mf['test']['auc'])}, UAUC {_fmt(mf['test']['uauc'])}; run folders {mf['run_dir']} and {cora['run_dir']}",
-    ]
-    summary = "\n".join(lines)
-    print(summary, file=sys.stderr)
-    Path(cora["run_dir"], "summary.txt").write_text(summary + "\n")
-    return {"mf": {k: v for k, v in mf.items() if k != "curve"}, "mf_on_cora_rows": mf_same, "cora": {k: v for k, v in cora.items() if k != "curve"}}
-
-
-def _fmt(value: float | None) -> str:
-    """A metric for people: 4 decimals, or 'missing'."""
-    return "missing" if value is None else f"{value:.4f}"
 
 
 def run_config_command(args: argparse.Namespace) -> dict | None:
@@ -222,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             result = run_data(args)
         elif args.command == "demo":
-            result = run_demo(args)
+            from minigpt4.demo import run_demo
+
+            result = run_demo(args.options, args.joint_options)
         elif args.command == "models":
             result = run_models(args)
         else:

@@ -1,11 +1,12 @@
 """Joint DiffRec runs on tiny models: one and two processes agree, kill -9 then resume equals an
 uninterrupted run, a NaN loss stops with a loadable last-good checkpoint, evaluate-only loads ``ckpt``,
-and every shipped config validates."""
+every shipped config validates, and the report page renders with its images."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from minigpt4.cli import main
 from minigpt4.config import DiffRecConfig, load_config
+from minigpt4.data.contract import load_rating_dataset
 from minigpt4.data.images import render_item_cards
 from minigpt4.errors import DiffRecError
+from minigpt4.evaluation.report import write_report
 from minigpt4.training import joint
 from minigpt4.training.joint import CHECKPOINT_PREFIX, DiffRecModel, step_checkpoints
 
@@ -197,3 +201,33 @@ def test_joint_config_errors(card_dataset, tiny_llm, tiny_models, mf_checkpoint,
     path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, run={"resume_from": "latest"})
     with pytest.raises(DiffRecError, match="holds no complete step-N checkpoint"):
         joint.train_diffrec(load_config(path))
+
+
+@pytest.fixture(scope="session")
+def joint_report(trained_joint, card_dataset, tmp_path_factory) -> Path:
+    """The report page of the trained joint run."""
+    metrics = {**trained_joint["metrics"], "images": {**trained_joint["metrics"]["images"], "replies": [{"user": 1, "item": 2, "title": "Item 2", "reply": "You may like it."}]}}
+    out = tmp_path_factory.mktemp("report")
+    return write_report(out, [("DiffRec (tiny)", metrics)], metrics, load_rating_dataset(card_dataset), Path(metrics["run_dir"]) / "images", users=3)
+
+
+def test_report_has_metrics_curves_users_and_replies_with_every_file_beside_it(joint_report):
+    page = joint_report.read_text()
+    sources = re.findall(r"src='([^']+)'", page)
+    assert "report_files/curves.png" in sources and len(sources) > 4
+    assert all((joint_report.parent / source).is_file() for source in sources)
+    assert "CLIP-T" in page and "open_clip clip" in page and "You may like it." in page and "DiffRec (tiny)" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(joint_report, tmp_path):
+    shot = tmp_path / "report.png"
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files", f"--screenshot={shot}",
+         "--window-size=1100,1600", "--virtual-time-budget=5000", joint_report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0 and shot.is_file(), result.stderr
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 500  # text, the curve plot and the thumbnails, not a blank page

@@ -16,7 +16,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minigpt4.config import SD3Config
+from minigpt4.config import FlowMatchingConfig, SD3Config
 from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.diffusion.fusion import AdaptiveFusion, FusedConditioning
 from minigpt4.errors import DiffRecError
@@ -98,31 +98,8 @@ class PersonalizedSD3(nn.Module):
 
     def forward(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, preference: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Flow-matching loss of a batch of clean latents under the fused conditioning."""
-        flow = self.config.flow
         fused = self.fuse(prompt_embeds, pooled, preference)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        u = compute_density_for_timestep_sampling(
-            flow.weighting_scheme, len(latents), logit_mean=flow.logit_mean, logit_std=flow.logit_std,
-            mode_scale=flow.mode_scale, generator=generator,
-        )
-        scheduler = self.train_scheduler
-        indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
-        timesteps = scheduler.timesteps[indices].to(latents.device)
-        sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        transformer_dtype = self.transformer.dtype
-        prediction = self.transformer(
-            hidden_states=noisy.to(transformer_dtype), timestep=timesteps,
-            encoder_hidden_states=fused.prompt_embeds.to(transformer_dtype),
-            pooled_projections=fused.pooled_prompt_embeds.to(transformer_dtype), return_dict=False,
-        )[0].float()
-        if flow.precondition_outputs:
-            prediction = prediction * (-sigmas) + noisy
-            target = latents
-        else:
-            target = noise - latents
-        weighting = compute_loss_weighting_for_sd3(flow.weighting_scheme, sigmas)
-        return (weighting * (prediction - target) ** 2).reshape(len(latents), -1).mean(1).mean()
+        return flow_matching_loss(self.transformer, self.train_scheduler, self.config.flow, latents, fused.prompt_embeds, fused.pooled_prompt_embeds, generator)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The LoRA and fusion parameters."""
@@ -150,6 +127,34 @@ class PersonalizedSD3(nn.Module):
                 got = tuple(state[name].shape) if name in state else "nothing"
                 raise DiffRecError(f"{path}: '{name}' should be {tuple(tensor.shape)}, found {got}; the checkpoint was trained with another fusion or collaborative model")
         self.fusion.load_state_dict(state)
+
+
+def flow_matching_loss(
+    transformer, scheduler: FlowMatchEulerDiscreteScheduler, flow: FlowMatchingConfig, latents: torch.Tensor,
+    prompt_embeds: torch.Tensor, pooled: torch.Tensor, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The rectified-flow loss of diffusers' SD3 trainer for clean latents under the given conditioning."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    u = compute_density_for_timestep_sampling(
+        flow.weighting_scheme, len(latents), logit_mean=flow.logit_mean, logit_std=flow.logit_std,
+        mode_scale=flow.mode_scale, generator=generator,
+    )
+    indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
+    timesteps = scheduler.timesteps[indices].to(latents.device)
+    sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    dtype = transformer.dtype
+    prediction = transformer(
+        hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=prompt_embeds.to(dtype),
+        pooled_projections=pooled.to(dtype), return_dict=False,
+    )[0].float()
+    if flow.precondition_outputs:
+        prediction = prediction * (-sigmas) + noisy
+        target = latents
+    else:
+        target = noise - latents
+    weighting = compute_loss_weighting_for_sd3(flow.weighting_scheme, sigmas)
+    return (weighting * (prediction - target) ** 2).reshape(len(latents), -1).mean(1).mean()
 
 
 def load_personalized(config: SD3Config, pipeline, collab: CollaborativeModel, ckpt: Path) -> PersonalizedSD3:

@@ -44,9 +44,11 @@ def image_pixels(path: Path, resolution: int) -> torch.Tensor:
 
 
 def fill_caption(template: str, item: dict, where: str) -> str:
-    """The caption template filled from an item's columns; an unknown placeholder fails naming it."""
+    """The caption template filled from an item's columns (list columns such as genres joined by commas);
+    an unknown placeholder fails naming it."""
+    values = {key: ", ".join(map(str, value)) if isinstance(value, (list, tuple, np.ndarray)) else value for key, value in item.items()}
     try:
-        return template.format_map(item)
+        return template.format_map(values)
     except KeyError as err:
         raise DiffRecError(f"{where}: placeholder {{{err.args[0]}}} is not a column of the items table (has: {', '.join(item)})") from None
 

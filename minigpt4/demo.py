@@ -1,0 +1,145 @@
+"""``diffrec demo`` / ``make demo``: DiffRec end to end on ML-100K on the CPU.
+
+Stages: prepare ML-100K and its item cards; MF (``train_configs/demo_mf_ml100k.yaml``); the tiny
+SD3.5-shaped pipeline, CLIP and VLM folders; base weights for the tiny pipeline trained on the cards
+(cached under a fingerprint, so a second run skips them); the joint DiffRec run — CoRA on SmolLM2 and
+personalized images — with its evaluation (``train_configs/demo_ml100k.yaml``); and
+``runs/demo/report.html``. Each stage is a function of the shared state, so ``bench/end_to_end.py`` can
+time and measure them one by one.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minigpt4.config import Config, load_config
+from minigpt4.training.run_folder import json_safe
+
+CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
+MF_CONFIG = CONFIGS / "demo_mf_ml100k.yaml"
+JOINT_CONFIG = CONFIGS / "demo_ml100k.yaml"
+CARD_SIZE = 64
+
+
+@dataclass
+class DemoState:
+    """What the stages hand to each other."""
+
+    mf_options: list[str]
+    joint_options: list[str]
+    mf_config: Config | None = None
+    joint_config: Config | None = None
+    results: dict = field(default_factory=dict)
+
+
+def prepare_data(state: DemoState) -> dict:
+    """ML-100K in the data contract and a card per movie as its images table (both only when missing)."""
+    from minigpt4.data.contract import save_rating_dataset
+    from minigpt4.data.images import IMAGE_TABLE, render_item_cards
+    from minigpt4.data.movielens import prepare_ml100k
+
+    state.mf_config = load_config(MF_CONFIG, state.mf_options)
+    root = state.mf_config.datasets.path
+    if not (root / "meta.json").is_file():
+        print(f"preparing ML-100K into {root}", file=sys.stderr)
+        save_rating_dataset(root, *prepare_ml100k())
+    if not (root / IMAGE_TABLE).is_file():
+        render_item_cards(root, CARD_SIZE)
+    return {"dataset": str(root)}
+
+
+def train_mf(state: DemoState) -> dict:
+    """The collaborative model behind CoRA and the image fusion."""
+    from minigpt4.training.pretrain import pretrain
+
+    mf = pretrain(state.mf_config)
+    state.joint_config = load_config(JOINT_CONFIG, [f"model.rec.collab.ckpt={mf['checkpoint']}", f"datasets.path={state.mf_config.datasets.path}", *state.joint_options])
+    return {key: value for key, value in mf.items() if key != "curve"}
+
+
+def tiny_models(state: DemoState) -> dict:
+    """The tiny SD3, open_clip and VLM folders the demo config names (written once)."""
+    from minigpt4.diffusion.tiny import write_tiny_clip, write_tiny_sd3, write_tiny_vlm
+
+    folder = state.joint_config.model.image.clip.path.parent
+    written = {}
+    for name, write in (("sd3", write_tiny_sd3), ("clip", write_tiny_clip), ("vlm", write_tiny_vlm)):
+        if not (folder / name).is_dir():
+            write(folder / name)
+            written[name] = str(folder / name)
+    return {"folder": str(folder), "written": written}
+
+
+def base_weights(state: DemoState) -> dict:
+    """The tiny pipeline's VAE and transformer trained on every card, cached by fingerprint."""
+    from minigpt4.diffusion.base_training import train_base_pipeline
+
+    image = state.joint_config.model.image
+    start = image.clip.path.parent / "sd3"
+    return train_base_pipeline(start, state.joint_config.datasets.path, image.pipeline.path, image.flow.caption, resolution=image.flow.resolution)
+
+
+def train_joint(state: DemoState) -> dict:
+    """CoRA and the personalized images in one run, then both evaluated."""
+    from minigpt4.training.joint import train_diffrec
+
+    return train_diffrec(state.joint_config)
+
+
+def write_demo_report(state: DemoState) -> dict:
+    """MF on the rows CoRA was scored on, and the report page."""
+    from minigpt4.data.contract import load_rating_dataset
+    from minigpt4.evaluation.ctr import frame_metrics
+    from minigpt4.evaluation.report import write_report
+    from minigpt4.recommenders import load_recommender
+    from minigpt4.training.llm import subsample
+
+    config, joint = state.joint_config, state.results["train_joint"]
+    dataset = load_rating_dataset(config.datasets.path)
+    rows = subsample(dataset.splits["test"], config.run.test_rows, config.run.seed)
+    mf = json_safe(frame_metrics(load_recommender(config.model.rec.collab.ckpt), rows))
+    table = [("MF (the collaborative model)", mf), ("DiffRec: CoRA on SmolLM2-135M + MF weights", joint)]
+    path = write_report(config.run.output_dir.parent, table, joint, dataset, Path(joint["run_dir"]) / "images")
+    return {"report": str(path), "mf_on_the_same_rows": mf}
+
+
+STAGES: list[tuple[str, Callable[[DemoState], dict]]] = [
+    ("prepare_data", prepare_data),
+    ("train_mf", train_mf),
+    ("tiny_models", tiny_models),
+    ("base_weights", base_weights),
+    ("train_joint", train_joint),
+    ("report", write_demo_report),
+]
+
+
+def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
+    """Run every stage in order; returns each stage's result and wall seconds, and a summary printed to stderr."""
+    state = DemoState(mf_options, joint_options)
+    seconds = {}
+    for name, stage in STAGES:
+        start = time.perf_counter()
+        state.results[name] = stage(state)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    joint, mf = state.results["train_joint"], state.results["report"]["mf_on_the_same_rows"]
+    images = joint["images"]
+    lines = [
+        f"ML-100K test ({joint['test']['n']} rows) | AUC | UAUC | warm AUC | cold AUC",
+        *(f"{name:<34} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}" for name, m in (("MF", mf), ("DiffRec (CoRA, SmolLM2-135M)", joint))),
+        f"images for {images['pairs']} liked test pairs ({images['backbone']}): CLIP-T {_fmt(images['fused']['clip_t'])} / CLIP-I {_fmt(images['fused']['clip_i'])} fused, "
+        f"{_fmt(images['alpha0']['clip_t'])} / {_fmt(images['alpha0']['clip_i'])} with alpha 0",
+        f"stage seconds: {seconds}",
+        f"report: {state.results['report']['report']}",
+    ]
+    print("\n".join(lines), file=sys.stderr)
+    summary = {name: {k: v for k, v in result.items() if k != "curve"} for name, result in state.results.items()}
+    return json_safe({"seconds": seconds, **summary})
+
+
+def _fmt(value: float | None) -> str:
+    """A metric for people: 4 decimals, or 'missing'."""
+    return "missing" if value is None else f"{value:.4f}"
