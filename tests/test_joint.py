@@ -1,6 +1,7 @@
 """Joint DiffRec runs on tiny models: one and two processes agree, kill -9 then resume equals an
 uninterrupted run, a NaN loss stops with a loadable last-good checkpoint, evaluate-only loads ``ckpt``,
-every shipped config validates, and the report page renders with its images."""
+every shipped config validates, the report page renders with its images, and the demo's base training of
+the tiny pipeline on item cards fits them and is cached."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from minigpt4.cli import main
-from minigpt4.config import DiffRecConfig, load_config
+from minigpt4.config import DiffRecConfig, PipelineConfig, load_config
 from minigpt4.data.contract import load_rating_dataset
 from minigpt4.data.images import render_item_cards
+from minigpt4.diffusion.base_training import train_base_pipeline
+from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.report import write_report
 from minigpt4.training import joint
@@ -56,7 +60,7 @@ def joint_config(folder: Path, dataset: Path, llm: Path, models: Path, collab: P
                 "fusion": {"tokens": 2, "hidden": 16}, "flow": {"caption": "a poster for {title}", "resolution": 64},
                 "sampling": {"steps": 2, "guidance_scale": 1.0}, "clip": {"path": str(models / "clip")},
             },
-            "joint": {"image_batch_size": 2, "eval_images": 4, **(joint_section or {})},
+            "joint": {"image_batch_size": 2, "eval_images": 4, "replies": 2, **(joint_section or {})},
         },
         "datasets": {"name": "tiny", "path": str(dataset)},
         "run": {
@@ -108,6 +112,7 @@ def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_
     assert images["backbone"] == "open_clip clip" and images["pairs"] == 4
     assert images["fused"]["images"] == images["alpha0"]["images"] == 4 and images["alpha0"]["alpha"] == 0.0
     assert images["fused"]["clip_t"] is not None and images["fused"]["clip_i"] is not None
+    assert [reply["user"] for reply in images["replies"]] and all(reply["reply"] for reply in images["replies"])
     stored = [json.loads(line) for line in (Path(metrics["run_dir"]) / "images" / "records.jsonl").read_text().splitlines()]
     assert {record["variant"] for record in stored} == {"fused", "alpha0"}
 
@@ -231,3 +236,37 @@ def test_report_renders_in_headless_chromium(joint_report, tmp_path):
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 500  # text, the curve plot and the thumbnails, not a blank page
+
+
+def test_base_training_fits_the_cards_writes_a_pipeline_and_is_cached(card_dataset, tiny_models, tmp_path):
+    out = tmp_path / "sd3-cards"
+    first = train_base_pipeline(tiny_models / "sd3", card_dataset, out, "a poster for {title}", vae_steps=30, transformer_steps=60, batch_size=8, progress=False)
+    assert not first["cached"] and first["images"] == 30
+    assert first["vae_loss"]["last"] < 0.5 * first["vae_loss"]["first"]
+    assert first["transformer_loss"]["last"] < first["transformer_loss"]["first"]
+    again = train_base_pipeline(tiny_models / "sd3", card_dataset, out, "a poster for {title}", vae_steps=30, transformer_steps=60, batch_size=8, progress=False)
+    assert again["cached"] and again["fingerprint"] == first["fingerprint"]
+    pipeline = load_sd3_pipeline(PipelineConfig(path=out, use_t5=False))
+    # The posterior stays nearly deterministic (its log-variance is never trained).
+    with torch.no_grad():
+        posterior = pipeline.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist
+    assert posterior.std.max() < 0.01
+
+
+def test_llm_preference_sends_the_image_loss_into_the_llm(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path):
+    """With ``joint.preference: llm`` the fusion reads the LLM's answer-position hidden state, so the
+    flow-matching loss alone gives gradients to the LLM's LoRA and CoRA generator."""
+    config = load_config(joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"}))
+    dataset = load_rating_dataset(card_dataset)
+    model = joint.build_diffrec(config.model, dataset, (torch.device("cpu"), torch.device("cpu")))
+    assert model.image.fusion.preference[1].in_features == model.rec.hidden_size()
+    data = joint.joint_data(config, model, dataset, progress=False)
+    batch = joint._image_batch(data, [0, 1])
+    assert batch.preference is None and batch.prompts is not None
+    model.train()
+    model(None, batch, torch.Generator().manual_seed(0))[0].backward()
+    llm_grads = [p.grad for name, p in model.rec.named_parameters() if p.requires_grad and ("lora_" in name or "generator" in name)]
+    assert llm_grads and all(grad is not None for grad in llm_grads) and any(grad.abs().sum() > 0 for grad in llm_grads)
+    with_checkpointing = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"})
+    with pytest.raises(DiffRecError, match="gradient_checkpointing off"):
+        joint.train_diffrec(load_config(with_checkpointing, ["model.rec.llm.gradient_checkpointing=true"]))

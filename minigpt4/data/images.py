@@ -104,19 +104,22 @@ def import_item_images(
     return {"images": len(table), "excluded": len(problems), "items": len(items)}
 
 
-def _card_colour(genres: list[str]) -> tuple[int, int, int]:
-    """A stable colour per genre set (a hash, so it never depends on the order items were drawn)."""
-    digest = hashlib.sha256("|".join(sorted(genres)).encode()).digest()
+def _genre_colour(genre: str) -> tuple[int, int, int]:
+    """A stable colour per genre (a hash, so it never depends on the order items were drawn)."""
+    digest = hashlib.sha256(genre.encode()).digest()
     return tuple(64 + value % 160 for value in digest[:3])
 
 
 def render_card(title: str, genres: list[str], size: int = 256) -> Image.Image:
-    """A deterministic card for an item without a picture: genre-coloured bands and the wrapped title."""
-    image = Image.new("RGB", (size, size), _card_colour(genres))
+    """A deterministic card for an item without a picture: the first genre's colour, a band per genre and the wrapped title.
+
+    One colour per genre (not per genre set) keeps the picture a simple function of the words a caption
+    like "a {genres} movie poster" starts with, which a small generator can learn."""
+    image = Image.new("RGB", (size, size), _genre_colour(genres[0]) if genres else (128, 128, 128))
     draw = ImageDraw.Draw(image)
     band = size // max(len(genres), 1) if genres else size
     for index, genre in enumerate(genres):
-        draw.rectangle([0, index * band, size // 8, (index + 1) * band], fill=_card_colour([genre]))
+        draw.rectangle([0, index * band, size // 8, (index + 1) * band], fill=_genre_colour(genre))
     font = ImageFont.load_default(size=max(size // 12, 8))
     words, lines, line = title.split(), [], ""
     for word in words:

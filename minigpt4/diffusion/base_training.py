@@ -1,7 +1,7 @@
 """Base weights for a tiny SD3 pipeline, trained on a dataset's item images before any personalization.
 
 A randomly initialised VAE decodes to noise, so a personalized LoRA on top of it can only learn noise.
-This first trains the VAE to reconstruct the item images (MSE plus a small KL term), then trains the
+This first trains the VAE to reconstruct the item images (MSE), then trains the
 whole transformer with the flow-matching objective on every (image, caption) pair, and writes a new
 pipeline folder in diffusers' format. It is what a real deployment gets from the published SD3.5
 weights; ``diffrec demo`` runs it on the tiny pipeline and caches the result under a fingerprint of
@@ -31,6 +31,7 @@ from minigpt4.io import atomic_folder
 from minigpt4.training.diffusion import image_pixels, item_captions
 
 FINGERPRINT_FILE = "base_training.json"
+CAPTION_DROPOUT = 0.1
 
 
 def base_fingerprint(pipeline: Path, dataset: Path, settings: dict) -> str:
@@ -44,8 +45,8 @@ def base_fingerprint(pipeline: Path, dataset: Path, settings: dict) -> str:
 
 
 def train_base_pipeline(
-    pipeline: Path, dataset_root: Path, out: Path, caption: str, resolution: int = 64, vae_steps: int = 600,
-    transformer_steps: int = 1500, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+    pipeline: Path, dataset_root: Path, out: Path, caption: str, resolution: int = 64, vae_steps: int = 200,
+    transformer_steps: int = 1000, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, progress: bool = True,
 ) -> dict:
     """Train the VAE, then the transformer, on every item image; write the pipeline to ``out`` (skipped when cached)."""
     settings = {"caption": caption, "resolution": resolution, "vae_steps": vae_steps, "transformer_steps": transformer_steps, "batch_size": batch_size, "lr": lr, "seed": seed}
@@ -79,18 +80,28 @@ def _ends(curve: list[float]) -> dict:
 
 
 def _train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> list[float]:
-    """Reconstruction (MSE) plus a small KL term, on random batches of the item images."""
+    """Reconstruction (MSE) of random batches of the item images, decoding samples of the posterior.
+
+    The posterior's log-variance stays at the small fixed value the tiny VAE starts with, as a trained SD
+    VAE's nearly deterministic posterior: a KL term would drive it towards 1 under Adam (whose update
+    size ignores the term's 1e-6 weight) and bury the image in latent noise.
+    """
     vae.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    latent_channels = vae.config.latent_channels
+    log_variance = vae.encoder.conv_out
     generator = torch.Generator().manual_seed(seed)
     curve = []
     bar = tqdm(range(steps), desc="train base VAE on item images", disable=not progress)
     for _ in bar:
         batch = pixels[torch.randint(len(pixels), (batch_size,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
-        loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
-        _step(optimizer, loss, vae.parameters())
+        reconstruction = vae.decode(vae.encode(batch).latent_dist.sample(generator)).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, batch)
+        _check(loss)
+        loss.backward()
+        log_variance.weight.grad[latent_channels:] = 0
+        log_variance.bias.grad[latent_channels:] = 0
+        _step(optimizer, vae.parameters())
         curve.append(loss.item())
         bar.set_postfix(loss=f"{curve[-1]:.4f}")
     vae.requires_grad_(False).eval()
@@ -101,9 +112,11 @@ def _train_transformer(sd3, pixels: torch.Tensor, captions: list[str], steps: in
     """Flow matching of the whole transformer on (image latent, caption) pairs, latents and embeddings cached once."""
     with torch.no_grad():
         parameters = torch.cat([sd3.vae.encode(chunk).latent_dist.parameters for chunk in pixels.split(64)])
-        prompt_embeds, _, pooled, _ = sd3.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=8)
+        # The empty caption comes last: dropped captions point at it, as SD's trainers drop 10% of them
+        # so that classifier-free guidance has an unconditional prediction to push away from.
+        prompt_embeds, _, pooled, _ = sd3.encode_prompt(prompt=[*captions, ""], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=8)
     transformer = sd3.transformer.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(transformer.parameters(), lr=lr)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sd3.scheduler.config)
     flow = FlowMatchingConfig()
     vae_config = sd3.vae.config
@@ -113,19 +126,25 @@ def _train_transformer(sd3, pixels: torch.Tensor, captions: list[str], steps: in
     for _ in bar:
         index = torch.randint(len(parameters), (batch_size,), generator=generator)
         latents = (DiagonalGaussianDistribution(parameters[index]).sample(generator) - vae_config.shift_factor) * vae_config.scaling_factor
-        loss = flow_matching_loss(transformer, scheduler, flow, latents, prompt_embeds[index], pooled[index], generator)
-        _step(optimizer, loss, transformer.parameters())
+        text = torch.where(torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT, len(captions), index)
+        loss = flow_matching_loss(transformer, scheduler, flow, latents, prompt_embeds[text], pooled[text], generator)
+        _check(loss)
+        loss.backward()
+        _step(optimizer, transformer.parameters())
         curve.append(loss.item())
         bar.set_postfix(loss=f"{curve[-1]:.4f}")
     transformer.requires_grad_(False).eval()
     return curve
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters) -> None:
-    """One clipped optimizer step; a non-finite loss stops training before it reaches the weights."""
+def _check(loss: torch.Tensor) -> None:
+    """A non-finite loss stops training before it reaches the weights (nothing is written)."""
     if not torch.isfinite(loss):
         raise DiffRecError(f"base training loss became {loss.item()}; nothing was written")
-    loss.backward()
+
+
+def _step(optimizer: torch.optim.Optimizer, parameters) -> None:
+    """One optimizer step on clipped gradients."""
     torch.nn.utils.clip_grad_norm_(list(parameters), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -454,7 +454,7 @@ def evaluate_diffrec(config: Config, model: nn.Module, data: JointData, loaders:
         for image, record, _ in records:
             store.add(image, json_safe(record))
         if config.model.joint.replies:
-            results["replies"] = write_replies(unwrapped.rec, unwrapped.tokenizer, config, dataset, pairs.head(config.model.joint.replies))
+            results["replies"] = write_replies(unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, pairs.head(config.model.joint.replies))
     logger.info("images: %s", json.dumps(json_safe({k: results[k] for k in ("fused", "alpha0")})))
     metrics["images"] = results
     return metrics
