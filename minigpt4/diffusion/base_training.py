@@ -45,7 +45,7 @@ def base_fingerprint(pipeline: Path, dataset: Path, settings: dict) -> str:
 
 
 def train_base_pipeline(
-    pipeline: Path, dataset_root: Path, out: Path, caption: str, resolution: int = 64, vae_steps: int = 200,
+    pipeline: Path, dataset_root: Path, out: Path, caption: str, resolution: int = 64, vae_steps: int = 150,
     transformer_steps: int = 1000, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, progress: bool = True,
 ) -> dict:
     """Train the VAE, then the transformer, on every item image; write the pipeline to ``out`` (skipped when cached)."""
