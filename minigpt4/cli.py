@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     collm.add_argument("--out", type=Path, help="output folder (default dataset/collm-<folder name>)")
     diffmm = data_commands.add_parser("import-diffmm", help="import a DiffMM-family folder (trnMat/valMat/tstMat.pkl, *_feat.npy) as the implicit full-ranking shape")
     diffmm.add_argument("folder", type=Path, help="folder with trnMat.pkl, valMat.pkl, tstMat.pkl and any of image_feat.npy, text_feat.npy, audio_feat.npy")
-    diffmm.add_argument("--out", type=Path, help="output folder (default dataset/diffmm-<folder name>)")
+    diffmm.add_argument("--out", type=Path, help="output folder (default dataset/<folder name>)")
 
     for name, text in (
         ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN)"),
@@ -104,7 +104,7 @@ def run_data(args: argparse.Namespace) -> dict:
         from minigpt4.data.implicit import import_diffmm_folder, save_implicit_dataset
 
         splits, features, meta = import_diffmm_folder(args.folder)
-        out = save_implicit_dataset(args.out or Path("dataset") / f"diffmm-{args.folder.resolve().name}", splits, features, meta)
+        out = save_implicit_dataset(args.out or Path("dataset") / args.folder.resolve().name, splits, features, meta)
         return {"dataset": str(out), **{key: meta[key] for key in ("n_users", "n_items", "modalities", "train_pairs", "valid_pairs", "test_pairs")}}
     if args.data_command == "import-collm":
         from minigpt4.data.collm import import_collm
