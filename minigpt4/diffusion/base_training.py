@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from minigpt4.config import FlowMatchingConfig, PipelineConfig
 from minigpt4.data.contract import load_rating_dataset
 from minigpt4.data.images import load_image_table
 from minigpt4.diffusion.loading import load_sd3_pipeline
-from minigpt4.diffusion.personalized import flow_matching_loss
+from minigpt4.diffusion.personalized import flow_matching_loss, sample_latents
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder
 from minigpt4.training.diffusion import image_pixels, item_captions
@@ -119,13 +118,12 @@ def _train_transformer(sd3, pixels: torch.Tensor, captions: list[str], steps: in
     optimizer = torch.optim.Adam(transformer.parameters(), lr=lr)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sd3.scheduler.config)
     flow = FlowMatchingConfig()
-    vae_config = sd3.vae.config
     generator = torch.Generator().manual_seed(seed + 1)
     curve = []
     bar = tqdm(range(steps), desc="train base transformer on item images", disable=not progress)
     for _ in bar:
         index = torch.randint(len(parameters), (batch_size,), generator=generator)
-        latents = (DiagonalGaussianDistribution(parameters[index]).sample(generator) - vae_config.shift_factor) * vae_config.scaling_factor
+        latents = sample_latents(sd3.vae, parameters[index], generator)
         text = torch.where(torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT, len(captions), index)
         loss = flow_matching_loss(transformer, scheduler, flow, latents, prompt_embeds[text], pooled[text], generator)
         _check(loss)

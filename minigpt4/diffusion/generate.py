@@ -4,12 +4,17 @@ fusion on and with alpha forced to 0)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
-from minigpt4.config import Config
+from minigpt4.config import Config, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.images import load_image_table, open_image
 from minigpt4.diffusion.loading import load_sd3_pipeline
@@ -95,37 +100,60 @@ def evaluate_images(config: Config) -> dict:
     if config.model.clip is None:
         raise DiffRecError("evaluating images needs a CLIP scorer: set model.clip.path")
     state = PartialState(cpu=run.cpu)
-    device = state.device
-    model = load_for_sampling(config, dataset, device)
-    scorer = ClipScorer(config.model.clip, device)
-    judge = VLMJudge(config.model.judge, device) if config.model.judge is not None else None
-    rows = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
-    if rows.empty:
+    model = load_for_sampling(config, dataset, state.device)
+    pairs = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
+    if pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
-    texts = item_captions(config.model.flow.caption, dataset.items, list(rows["iid"]))
-    references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
     run_dir = open_run_folder(config, state)
-    store = ImageStore(run_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images)
-    results = {}
-    for name, override in (("fused", config.model.fusion.alpha_override), ("alpha0", 0.0)):
-        records, verdicts = [], []
-        for start in range(0, len(rows), run.eval_batch_size):
-            chunk = rows.iloc[start : start + run.eval_batch_size]
-            seeds = [run.seed + start + offset for offset in range(len(chunk))]
-            generated, gate = generate_images(model, model.preference(chunk), texts[start : start + len(chunk)], seeds, config.model.sampling, override)
-            scores = score_images(scorer, generated, texts[start : start + len(chunk)], references[start : start + len(chunk)])
-            for image, row, text, seed, alpha, score in zip(generated, chunk.itertuples(), texts[start:], seeds, gate.tolist(), scores):
-                record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": seed, "alpha": alpha, "variant": name, **score, "score": score["clip_t"]}
-                records.append(store.add(image, json_safe(record)))
-                if judge is not None:
-                    verdicts.append(judge.judge(image, text))
-        results[name] = summarize_records(records)
-        if judge is not None:
-            results[name]["judge"] = {"model": judge.name, **summarize_verdicts(verdicts)}
-        logger.info("%s: %s", name, results[name])
-    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), "backbone": scorer.backbone, "pairs": len(rows), **results})
-    write_metrics(run_dir, metrics)
+    results = evaluate_test_pairs(model, lambda rows: model.preference(pairs.iloc[rows]), pairs, dataset, images, config.model, run.seed, run.eval_batch_size, run_dir / "images")
+    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results})
+    if state.is_main_process:
+        write_metrics(run_dir, metrics)
     return metrics
+
+
+@torch.no_grad()
+def evaluate_test_pairs(
+    model: PersonalizedSD3, preference: Callable[[list[int]], torch.Tensor], pairs: pd.DataFrame, dataset: RatingDataset,
+    images: pd.DataFrame, config: SD3Config, seed: int, batch_size: int, store_folder: Path,
+) -> dict:
+    """Images for liked (user, item) pairs, fused and with alpha forced to 0, scored by CLIP (and the judge).
+
+    ``preference(pair positions)`` gives those pairs' user vectors. Each process draws its share of the
+    pairs (an image's seed is fixed by its pair, not by the process); records are gathered before any
+    mean, and the main process stores the images. Returns the backbone, the pair count and, per
+    variant, the means of ``summarize_records`` (with the judge's when one is configured).
+    """
+    state = PartialState()
+    scorer = ClipScorer(config.clip, model.transformer.device)
+    judge = VLMJudge(config.judge, model.transformer.device) if config.judge is not None else None
+    texts = item_captions(config.flow.caption, dataset.items, list(pairs["iid"]))
+    drawn = []
+    with state.split_between_processes(list(range(len(pairs)))) as mine:
+        for start in tqdm(range(0, len(mine), batch_size), desc="generate images", disable=not state.is_local_main_process):
+            chunk = mine[start : start + batch_size]
+            rows, chunk_texts, seeds = pairs.iloc[chunk], [texts[index] for index in chunk], [seed + index for index in chunk]
+            users = preference(chunk)
+            references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
+            for variant, override in (("fused", config.fusion.alpha_override), ("alpha0", 0.0)):
+                generated, gate = generate_images(model, users, chunk_texts, seeds, config.sampling, override)
+                scores = score_images(scorer, generated, chunk_texts, references)
+                for image, row, text, image_seed, alpha, score in zip(generated, rows.itertuples(), chunk_texts, seeds, gate.tolist(), scores):
+                    record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": image_seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}
+                    drawn.append((image, record, judge.judge(image, text) if judge is not None else None))
+    drawn = gather_object(drawn)
+    results = {"backbone": scorer.backbone, "pairs": len(pairs)}
+    for variant in ("fused", "alpha0"):
+        chosen = [entry for entry in drawn if entry[1]["variant"] == variant]
+        results[variant] = summarize_records([record for _, record, _ in chosen])
+        if judge is not None:
+            results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([verdict for _, _, verdict in chosen])}
+        logger.info("%s: %s", variant, results[variant])
+    if state.is_main_process:
+        store = ImageStore(store_folder, config.sampling.keep_best, config.sampling.max_images)
+        for image, record, _ in drawn:
+            store.add(image, json_safe(record))
+    return results
 
 
 def summarize_records(records: list[dict]) -> dict:

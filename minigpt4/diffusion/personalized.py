@@ -47,10 +47,11 @@ class PersonalizedSD3(nn.Module):
         transformer_config = self.transformer.config
         if preference_dim is None:
             preference_dim = collab.user_embeddings(_probe_batch(max(collab.max_history, 1)).to(next(collab.parameters()).device)).shape[-1]
+        # Built beside the transformer, so the model is usable wherever the pipeline was placed.
         self.fusion = AdaptiveFusion(
             preference_dim, transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim,
             config.fusion.tokens, config.fusion.hidden,
-        )
+        ).to(self.transformer.device)
         # The pipeline's scheduler is re-stepped at every sampling call; training keeps its own copy.
         self.train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
 
@@ -88,9 +89,7 @@ class PersonalizedSD3(nn.Module):
 
     def latents(self, parameters: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw scaled, shifted latents from cached distribution parameters, as diffusers' SD3 trainer does."""
-        vae_config = self.pipeline.vae.config
-        sample = DiagonalGaussianDistribution(parameters).sample(generator)
-        return (sample - vae_config.shift_factor) * vae_config.scaling_factor
+        return sample_latents(self.pipeline.vae, parameters, generator)
 
     def fuse(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, preference: torch.Tensor, alpha_override: float | None = None) -> FusedConditioning:
         """The pipeline's conditioning: the text embeddings fused with the preference vectors."""
@@ -127,6 +126,12 @@ class PersonalizedSD3(nn.Module):
                 got = tuple(state[name].shape) if name in state else "nothing"
                 raise DiffRecError(f"{path}: '{name}' should be {tuple(tensor.shape)}, found {got}; the checkpoint was trained with another fusion or collaborative model")
         self.fusion.load_state_dict(state)
+
+
+def sample_latents(vae, parameters: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents drawn from a VAE's cached distribution parameters, shifted and scaled as the transformer expects."""
+    sample = DiagonalGaussianDistribution(parameters).sample(generator)
+    return (sample - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 def flow_matching_loss(

@@ -48,9 +48,9 @@ def evaluate_split(model: nn.Module, loader: DataLoader, accelerator: Accelerato
     return ctr_metrics(users, labels, scores)
 
 
-def evaluate_all(model: nn.Module, split_loaders: dict[str, DataLoader], accelerator: Accelerator, progress: bool = False) -> dict:
-    """Metrics on valid, test, test-warm (``not_cold``) and test-cold."""
-    metrics = {"valid": evaluate_split(model, split_loaders["valid"], accelerator, "valid" if progress else None)}
+def evaluate_all(model: nn.Module, split_loaders: dict[str, DataLoader], accelerator: Accelerator, progress: bool = False, valid: dict | None = None) -> dict:
+    """Metrics on valid, test, test-warm (``not_cold``) and test-cold; ``valid`` when the caller already has them for these weights."""
+    metrics = {"valid": valid or evaluate_split(model, split_loaders["valid"], accelerator, "valid" if progress else None)}
     users, labels, scores, warm = split_predictions(model, split_loaders["test"], accelerator, "test" if progress else None)
     for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm)):
         metrics[name] = ctr_metrics(users[keep], labels[keep], scores[keep])

@@ -10,6 +10,7 @@ resolved config and the optimizer, scheduler and loop state to resume from.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -158,9 +159,21 @@ def train_images(config: Config) -> dict:
     return metrics
 
 
-def _sample_order(samples: ImageSamples, seed: int, epoch: int) -> list[int]:
-    """A permutation seeded by (seed, epoch), so a resumed run sees the same order."""
-    return torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+@functools.lru_cache(maxsize=2)
+def _pass_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one pass, seeded by (seed, pass); drawn once per pass, not per micro-batch."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def micro_batch_rows(count: int, batch_size: int, position: int, seed: int, process: int = 0, processes: int = 1) -> list[int]:
+    """The sample positions of micro-batch ``position`` for one process: the pass's seeded order, sharded by
+    rank, so a resumed run draws the same rows."""
+    per_pass = count // (batch_size * processes)
+    if per_pass == 0:
+        raise DiffRecError(f"{count} image samples cannot fill a micro-batch of {batch_size} on {processes} process(es)")
+    epoch, offset = divmod(position, per_pass)
+    start = (offset * processes + process) * batch_size
+    return _pass_order(count, seed, epoch)[start : start + batch_size].tolist()
 
 
 def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accelerator: Accelerator, run_dir: Path) -> dict:
@@ -187,18 +200,13 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=progress["step"], desc="train sd3", disable=not accelerator.is_local_main_process)
     prepared.train()
-    per_epoch = max(1, len(samples) // run.batch_size)
-    orders: dict[int, list[int]] = {}
     while progress["step"] < total_steps:
         step = progress["step"]
         step_loss = 0.0
         for micro in range(micro_per_step):
             # Every micro-batch has its own seeded generator: rows, noise and timesteps repeat on resume.
             position = step * micro_per_step + micro
-            epoch, offset = divmod(position, per_epoch)
-            if epoch not in orders:
-                orders = {epoch: _sample_order(samples, run.seed, epoch)}
-            rows = orders[epoch][offset * run.batch_size : (offset + 1) * run.batch_size]
+            rows = micro_batch_rows(len(samples), run.batch_size, position, run.seed)
             generator = torch.Generator().manual_seed(run.seed * 100_003 + position)
             index = samples.item_index[rows]
             with accelerator.accumulate(prepared):

@@ -32,30 +32,25 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, DiffRecConfig, dump_config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.images import load_image_table
-from minigpt4.data.tensors import whole_batch
-from minigpt4.diffusion.generate import reference_images, score_images, summarize_records
+from minigpt4.diffusion.generate import evaluate_test_pairs
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
-from minigpt4.diffusion.sampling import ImageStore, generate_images
 from minigpt4.errors import DiffRecError, require_file
-from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, prompt_rows
 from minigpt4.llm.reply import write_replies
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.diffusion import ImageSamples, build_samples, item_captions, liked_rows, load_training_weights, training_pairs
-from minigpt4.training.llm import build_llm_recommender, eval_loader, split_prompt_rows, subsample
+from minigpt4.training.diffusion import ImageSamples, build_samples, liked_rows, load_training_weights, micro_batch_rows, training_pairs
+from minigpt4.training.llm import build_llm_recommender, epoch_loader, eval_loader, split_prompt_rows, subsample
 from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, open_run_folder, write_metrics
 
 CHECKPOINT_PREFIX = "step-"
@@ -128,7 +123,7 @@ class DiffRecModel(nn.Module):
 
     def load_weights(self, folder: Path) -> None:
         """Load what ``save_weights`` wrote; a missing file or a mismatch is an error naming it."""
-        self.rec.load_weights(require_file(folder / "rec" / "config.yaml").parent)
+        self.rec.load_weights(folder / "rec")
         load_training_weights(self.image, folder / "image")
 
 
@@ -144,7 +139,6 @@ def build_diffrec(config: DiffRecConfig, dataset: RatingDataset, devices: tuple[
     else:
         collab = rec.collab  # the recommender's frozen collaborative model gives the preference too
     image = PersonalizedSD3(config.image, load_sd3_pipeline(config.image.pipeline, image_device), collab, preference_dim=preference_dim)
-    image.fusion.to(image_device)
     return DiffRecModel(config, rec, image, tokenizer, template)
 
 
@@ -157,6 +151,7 @@ class JointData:
     image_prompts: PromptRows | None  # the training pairs' prompts, when the LLM gives the preference
     test_pairs: pd.DataFrame
     test_prompts: PromptRows | None
+    images: pd.DataFrame  # the dataset's images table
 
 
 def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, progress: bool) -> JointData:
@@ -178,7 +173,7 @@ def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, prog
     test_pairs = subsample(liked_rows(dataset, "test", images), config.model.joint.eval_images, config.run.seed)
     if test_pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image; nothing to generate for")
-    return JointData(prompts, samples, image_prompts, test_pairs, pair_prompts(test_pairs, f"{dataset.root}/test (image pairs)"))
+    return JointData(prompts, samples, image_prompts, test_pairs, pair_prompts(test_pairs, f"{dataset.root}/test (image pairs)"), images)
 
 
 def _devices(config: Config, state: PartialState) -> tuple[torch.device, torch.device]:
@@ -213,6 +208,8 @@ def train_diffrec(config: Config) -> dict:
         # Both LLM passes of a step (ratings and image pairs) would share the CoRA weights that
         # checkpointing re-reads in backward, so the first pass would be recomputed with the second's.
         raise DiffRecError("joint.preference llm runs the LLM twice per step; turn model.rec.llm.gradient_checkpointing off")
+    if config.model.image.clip is None:
+        raise DiffRecError("a diffrec run ends by scoring its images and needs a CLIP scorer: set model.image.clip.path")
     devices = _devices(config, state)
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
     set_seed(run.seed)
@@ -242,7 +239,7 @@ def train_diffrec(config: Config) -> dict:
         metrics = {"checkpoint": str(run.ckpt)}
     else:
         model, metrics = _train(config, model, data, loaders, accelerator, run_dir, devices)
-    metrics.update(evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset))
+    metrics.update(evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, metrics.pop("valid", None)))
     metrics = json_safe({"run_dir": str(run_dir), "model": f"diffrec/{config.model.rec.mode}", "dataset": config.datasets.name, **metrics})
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
@@ -259,24 +256,6 @@ def _image_batch(data: JointData, rows: list[int]) -> ImageBatch:
         preference=samples.preference[rows] if samples.preference is not None else None,
         prompts=data.image_prompts.__getitems__(rows) if data.image_prompts is not None else None,
     )
-
-
-def _image_rows(count: int, batch_size: int, position: int, seed: int, process: int, processes: int) -> list[int]:
-    """This process's image pairs for micro-batch ``position``: a seeded permutation per pass, sharded by rank."""
-    per_pass = count // (batch_size * processes)
-    if per_pass == 0:
-        raise DiffRecError(f"{count} image pairs cannot fill joint.image_batch_size {batch_size} on {processes} process(es)")
-    epoch, offset = divmod(position, per_pass)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7919 * (epoch + 1)))
-    start = (offset * processes + process) * batch_size
-    return order[start : start + batch_size].tolist()
-
-
-def _epoch_loader(rows: PromptRows, config: Config, epoch: int, accelerator: Accelerator, device: torch.device) -> DataLoader:
-    """One epoch's rating batches: a permutation seeded by (seed, epoch), sharded over processes."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.run.seed + epoch)).tolist()
-    loader = DataLoader(rows, batch_size=config.run.batch_size, sampler=order, collate_fn=whole_batch)
-    return prepare_data_loader(loader, device, accelerator.num_processes, accelerator.process_index, put_on_device=True)
 
 
 def _checkpoint_hooks(accelerator: Accelerator) -> None:
@@ -347,12 +326,12 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
         progress = json.loads((run.resume_from / TRAINER_STATE).read_text())
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", run.resume_from, progress["step"], progress["epoch"], progress["batch"])
     accelerator.init_trackers("tensorboard", config={"mode": config.model.rec.mode, "preference": joint.preference, "lr": run.lr})
-    start, stop = time.perf_counter(), False
+    start, stop, valid = time.perf_counter(), False, None
     sums = progress["sums"]
     bar = tqdm(total=total_steps, initial=progress["step"], desc=f"train diffrec ({config.model.rec.mode})", disable=not accelerator.is_local_main_process)
     model.train()
     while progress["step"] < total_steps and not stop:
-        loader = _epoch_loader(data.prompts["train"], config, progress["epoch"], accelerator, devices[0])
+        loader = epoch_loader(data.prompts["train"], config, progress["epoch"], accelerator, devices[0])
         if progress["batch"]:
             loader = accelerator.skip_first_batches(loader, progress["batch"])
         for rec_batch in loader:
@@ -361,7 +340,7 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
             train_image = joint.schedule == "sum" or step % 2 == 1
             image_batch = None
             if train_image:
-                rows = _image_rows(len(data.image_samples), joint.image_batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes)
+                rows = micro_batch_rows(len(data.image_samples), joint.image_batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes)
                 image_batch = _image_batch(data, rows)
             # Noise and timesteps are seeded by (seed, micro-batch, process): a resumed run draws the same.
             generator = torch.Generator().manual_seed(run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index)
@@ -406,55 +385,26 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
             progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
     bar.close()
     seconds = time.perf_counter() - start
-    return model, {"steps_run": progress["step"], "train_seconds": round(seconds, 3), "checkpoint": str(step_checkpoints(checkpoints)[-1]), "curve": progress["curve"]}
+    # The last step is always evaluated, so its valid metrics are the final weights' (``valid`` below).
+    return model, {"steps_run": progress["step"], "train_seconds": round(seconds, 3), "checkpoint": str(step_checkpoints(checkpoints)[-1]), "curve": progress["curve"], "valid": valid}
 
 
 @torch.no_grad()
-def evaluate_diffrec(config: Config, model: nn.Module, data: JointData, loaders: dict, accelerator: Accelerator, run_dir: Path, dataset: RatingDataset) -> dict:
-    """AUC/UAUC on valid, test, warm and cold; CLIP-T, CLIP-I (and the VLM judge) of images for liked test pairs."""
+def evaluate_diffrec(config: Config, model: nn.Module, data: JointData, loaders: dict, accelerator: Accelerator, run_dir: Path, dataset: RatingDataset, valid: dict | None = None) -> dict:
+    """AUC/UAUC on valid (unless given), test, warm and cold; CLIP-T, CLIP-I (and the VLM judge) of images for liked test pairs."""
     unwrapped: DiffRecModel = accelerator.unwrap_model(model)
     unwrapped.eval()
-    metrics = evaluate_all(unwrapped.rec, loaders, accelerator, progress=True)
+    metrics = evaluate_all(unwrapped.rec, loaders, accelerator, progress=True, valid=valid)
     image_config, run = config.model.image, config.run
-    if image_config.clip is None:
-        raise DiffRecError("evaluating images needs a CLIP scorer: set model.image.clip.path")
-    image_device = unwrapped.image_device
-    scorer = ClipScorer(image_config.clip, image_device)
-    judge = VLMJudge(image_config.judge, image_device) if image_config.judge is not None else None
-    images = load_image_table(dataset.root, dataset.n_items)
     pairs = data.test_pairs
-    texts = item_captions(image_config.flow.caption, dataset.items, list(pairs["iid"]))
-    # Each process draws its share of the pairs; every image's seed is fixed by its pair, not by the process.
-    with accelerator.split_between_processes(list(range(len(pairs)))) as mine:
-        records = []
-        for start in tqdm(range(0, len(mine), run.eval_batch_size), desc="generate images", disable=not accelerator.is_local_main_process):
-            chunk = mine[start : start + run.eval_batch_size]
-            rows = pairs.iloc[chunk]
-            prompts = data.test_prompts.__getitems__(chunk) if data.test_prompts is not None else None
-            collab = unwrapped.image.preference(rows) if unwrapped.image.collab is not None else None
-            preference = unwrapped.preference(prompts, collab)
-            chunk_texts = [texts[index] for index in chunk]
-            references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
-            for variant, override in (("fused", image_config.fusion.alpha_override), ("alpha0", 0.0)):
-                seeds = [run.seed + index for index in chunk]
-                generated, gate = generate_images(unwrapped.image, preference, chunk_texts, seeds, image_config.sampling, override)
-                scores = score_images(scorer, generated, chunk_texts, references)
-                for image, row, text, seed, alpha, score in zip(generated, rows.itertuples(), chunk_texts, seeds, gate.tolist(), scores):
-                    verdict = judge.judge(image, text) if judge is not None else None
-                    records.append((image, {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}, verdict))
-    records = gather_object(records)
-    results = {"backbone": scorer.backbone, "pairs": len(pairs)}
-    for variant in ("fused", "alpha0"):
-        chosen = [record for record in records if record[1]["variant"] == variant]
-        results[variant] = summarize_records([record[1] for record in chosen])
-        if judge is not None:
-            results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([record[2] for record in chosen])}
-    if accelerator.is_main_process:
-        store = ImageStore(run_dir / "images", image_config.sampling.keep_best, image_config.sampling.max_images)
-        for image, record, _ in records:
-            store.add(image, json_safe(record))
-        if config.model.joint.replies:
-            results["replies"] = write_replies(unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, pairs.head(config.model.joint.replies))
-    logger.info("images: %s", json.dumps(json_safe({k: results[k] for k in ("fused", "alpha0")})))
+
+    def preference(rows: list[int]) -> torch.Tensor:
+        prompts = data.test_prompts.__getitems__(rows) if data.test_prompts is not None else None
+        collab = unwrapped.image.preference(pairs.iloc[rows]) if unwrapped.image.collab is not None else None
+        return unwrapped.preference(prompts, collab)
+
+    results = evaluate_test_pairs(unwrapped.image, preference, pairs, dataset, data.images, image_config, run.seed, run.eval_batch_size, run_dir / "images")
+    if accelerator.is_main_process and config.model.joint.replies:
+        results["replies"] = write_replies(unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, pairs.head(config.model.joint.replies))
     metrics["images"] = results
     return metrics

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -116,10 +117,12 @@ def eval_loader(rows: PromptRows, batch_size: int) -> DataLoader:
     return DataLoader(rows, batch_size=batch_size, sampler=by_length, collate_fn=whole_batch)
 
 
-def _epoch_loader(rows: PromptRows, config: Config, epoch: int, accelerator: Accelerator) -> DataLoader:
-    """The training loader of one epoch: a permutation seeded by (seed, epoch), so a resumed run sees the same order."""
+def epoch_loader(rows: PromptRows, config: Config, epoch: int, accelerator: Accelerator, device: torch.device | None = None) -> DataLoader:
+    """One epoch's training batches: a permutation seeded by (seed, epoch), so a resumed run sees the same
+    order, sharded over processes and put on ``device`` (the process's by default)."""
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.run.seed + epoch)).tolist()
-    return accelerator.prepare_data_loader(DataLoader(rows, batch_size=config.run.batch_size, sampler=order, collate_fn=whole_batch))
+    loader = DataLoader(rows, batch_size=config.run.batch_size, sampler=order, collate_fn=whole_batch)
+    return prepare_data_loader(loader, device or accelerator.device, accelerator.num_processes, accelerator.process_index, put_on_device=True)
 
 
 def _train(config: Config, model: LLMRecommender, train_rows: PromptRows, eval_loaders: dict, accelerator: Accelerator, run_dir: Path) -> dict:
@@ -150,7 +153,7 @@ def _train(config: Config, model: LLMRecommender, train_rows: PromptRows, eval_l
     start, samples, loss_sum, loss_count, stop = time.perf_counter(), 0, 0.0, 0, False
     bar = tqdm(total=total_steps, initial=progress["step"], desc=f"train {config.model.mode}", disable=not accelerator.is_local_main_process)
     while progress["step"] < total_steps and not stop:
-        loader = _epoch_loader(train_rows, config, progress["epoch"], accelerator)
+        loader = epoch_loader(train_rows, config, progress["epoch"], accelerator)
         if progress["batch"]:
             loader = accelerator.skip_first_batches(loader, progress["batch"])
         for batch in loader:
