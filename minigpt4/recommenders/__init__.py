@@ -14,13 +14,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt4.config import MODEL_CONFIGS, DINConfig, LightGCNConfig, MFConfig, ModelConfig, SASRecConfig
+from minigpt4.config import MODEL_CONFIGS, DiffMMConfig, DINConfig, LightGCNConfig, MFConfig, ModelConfig, PopularityConfig, SASRecConfig
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder
 from minigpt4.recommenders.base import CollaborativeModel
+from minigpt4.recommenders.diffmm import DiffMM
 from minigpt4.recommenders.din import DIN
 from minigpt4.recommenders.lightgcn import LightGCN
 from minigpt4.recommenders.mf import MatrixFactorization
+from minigpt4.recommenders.popularity import MostPopular
 from minigpt4.recommenders.sasrec import SASRec
 
 __all__ = ["CollaborativeModel", "build_recommender", "graph_edges", "load_recommender", "save_recommender"]
@@ -33,14 +35,24 @@ def graph_edges(train: pd.DataFrame, positives_only: bool = True) -> torch.Tenso
     return torch.as_tensor(pairs.to_numpy().T.copy(), dtype=torch.long)
 
 
-def build_recommender(config: ModelConfig, n_users: int, n_items: int, edges: torch.Tensor | None = None) -> CollaborativeModel:
-    """A freshly initialised model of ``config.arch``; graph models need the training ``edges``."""
+FEATURE_PREFIX = "feature_"  # item feature buffers in a checkpoint: feature_<modality>
+
+
+def build_recommender(
+    config: ModelConfig, n_users: int, n_items: int, edges: torch.Tensor | None = None, features: dict[str, torch.Tensor] | None = None
+) -> CollaborativeModel:
+    """A freshly initialised model of ``config.arch``; graph models need the training ``edges`` ((uid, iid)
+    pairs, 1-based, [2, E]) and multimodal ones the item ``features`` per modality ([n_items, dim])."""
     if isinstance(config, MFConfig):
         return MatrixFactorization(config, n_users, n_items)
+    if isinstance(config, (LightGCNConfig, PopularityConfig, DiffMMConfig)) and edges is None:
+        raise DiffRecError(f"{config.arch} needs the training graph (edges)")
     if isinstance(config, LightGCNConfig):
-        if edges is None:
-            raise DiffRecError("lightgcn needs the training graph (edges)")
         return LightGCN(config, n_users, n_items, edges)
+    if isinstance(config, PopularityConfig):
+        return MostPopular(config, n_users, n_items, edges)
+    if isinstance(config, DiffMMConfig):
+        return DiffMM(config, n_users, n_items, edges, features or {})
     if isinstance(config, SASRecConfig):
         return SASRec(config, n_users, n_items)
     if isinstance(config, DINConfig):
@@ -79,7 +91,8 @@ def load_recommender(folder: Path, expected: ModelConfig | None = None, n_users:
         state = load_file(weights_path)
     except SafetensorError as err:
         raise DiffRecError(f"{weights_path}: not a readable safetensors file ({err})") from None
-    model = build_recommender(config, info["n_users"], info["n_items"], state.get("graph_edges"))
+    features = {key[len(FEATURE_PREFIX) :]: value for key, value in state.items() if key.startswith(FEATURE_PREFIX)}
+    model = build_recommender(config, info["n_users"], info["n_items"], state.get("graph_edges"), features)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

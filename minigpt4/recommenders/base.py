@@ -3,11 +3,27 @@ special-case a model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minigpt4.data.tensors import RatingBatch
+from minigpt4.recommenders.graph import bpr_loss
+
+
+@dataclass
+class EpochContext:
+    """What a model's once-per-epoch phase may use (see ``CollaborativeModel.prepare_epoch``)."""
+
+    train: sp.csr_matrix  # users x items training interactions, 0-based
+    batch_size: int
+    generator: torch.Generator
+    optimizers: dict[str, torch.optim.Optimizer]
+    device: torch.device
 
 
 class CollaborativeModel(nn.Module):
@@ -35,6 +51,37 @@ class CollaborativeModel(nn.Module):
     def forward(self, batch: RatingBatch) -> torch.Tensor:
         """The training loss of a batch: binary cross-entropy on the pair logits."""
         return F.binary_cross_entropy_with_logits(self.score(batch), batch.label)
+
+    # Full-ranking training on implicit feedback. Users and items here are 0-based rows and columns of
+    # the interaction matrices (row i is id i + 1).
+
+    def ranking_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """User and item representations whose inner products rank the catalogue, [n_users, d], [n_items, d]."""
+        raise NotImplementedError(f"{type(self).__name__} does not rank the full catalogue")
+
+    def ranker(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function from 0-based users to scores of every item, [B, n_items] (the tables computed once)."""
+        users, items = self.ranking_tables()
+        return lambda batch: users[batch] @ items.T
+
+    def pair_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float) -> dict[str, torch.Tensor]:
+        """BPR on (user, positive, negative) rows plus ``l2_reg`` x the squared norm of the rows' own id
+        embeddings per row (LightGCN's regulariser); ``loss`` is the total. Needs ``user_embedding`` and
+        ``item_embedding`` id tables; other models override it."""
+        user_table, item_table = self.ranking_tables()
+        bpr = bpr_loss(user_table[users], item_table[positives], item_table[negatives])
+        own = [self.user_embedding(users + 1), self.item_embedding(positives + 1), self.item_embedding(negatives + 1)]
+        reg = l2_reg * sum(rows.square().sum() for rows in own) / (2 * len(users))
+        return {"loss": bpr + reg, "bpr": bpr, "reg": reg}
+
+    def prepare_epoch(self, context: EpochContext) -> dict[str, float]:
+        """Work done once per epoch before the BPR steps (DiffMM: train the denoisers and regenerate the
+        modality graphs); returns mean losses to log."""
+        return {}
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups that get their own Adam optimizer; ``model`` is the one the BPR steps update."""
+        return {"model": [parameter for parameter in self.parameters() if parameter.requires_grad]}
 
 
 def embedding(count: int, dim: int, init_std: float) -> nn.Embedding:

@@ -64,3 +64,8 @@ class LightGCN(CollaborativeModel):
         """<u, i> with one propagation for the whole batch."""
         users, items = self.propagate()
         return (users[batch.uid] * items[batch.iid]).sum(-1)
+
+    def ranking_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The propagated tables without their padding rows."""
+        users, items = self.propagate()
+        return users[1:], items[1:]

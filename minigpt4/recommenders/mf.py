@@ -25,3 +25,7 @@ class MatrixFactorization(CollaborativeModel):
     def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         """The item's embedding row."""
         return self.item_embedding(items)
+
+    def ranking_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The id tables without their padding rows."""
+        return self.user_embedding.weight[1:], self.item_embedding.weight[1:]

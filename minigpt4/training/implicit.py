@@ -1,0 +1,166 @@
+"""Full-ranking training on the implicit shape (``datasets.shape: implicit``): most-popular, MF and LightGCN
+with BPR, DiffMM and MDMNS, one loop for all of them.
+
+Each epoch runs the model's own phase first (``prepare_epoch``: DiffMM's denoisers and graph
+regeneration), then BPR steps over every training pair with one freshly sampled negative each. After each
+evaluated epoch both validation and test are ranked, so one run yields both protocols: the default selects
+the epoch by validation ``run.select_metric`` and reports test there; ``run.paper_parity`` selects by the
+test metric itself (the published code's protocol) and is labelled so in every output. Early stopping
+and the kept checkpoint follow the run's protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from minigpt4.config import Config
+from minigpt4.data.implicit import ImplicitDataset, load_implicit_dataset
+from minigpt4.errors import DiffRecError
+from minigpt4.evaluation.ranking import full_ranking_metrics
+from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
+from minigpt4.recommenders.base import CollaborativeModel, EpochContext
+from minigpt4.recommenders.graph import sample_negatives
+from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
+
+PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
+VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"
+
+
+def protocol_label(config: Config) -> str:
+    """The selection protocol in words, as every report names it."""
+    return (PAPER_PARITY if config.run.paper_parity else VALIDATION).format(metric=config.run.select_metric)
+
+
+def _edges(dataset: ImplicitDataset) -> torch.Tensor:
+    """The training pairs as 1-based (uid, iid) edges, [2, E]."""
+    coo = dataset.matrices["train"].tocoo()
+    return torch.as_tensor(np.stack([coo.row, coo.col]).astype(np.int64) + 1)
+
+
+@torch.no_grad()
+def evaluate_ranking(model: CollaborativeModel, dataset: ImplicitDataset, split: str, ks: list[int], device: torch.device) -> dict[str, float]:
+    """Recall/NDCG/Precision@K on ``split``, the user's training items masked."""
+    was_training = model.training
+    model.eval()
+    metrics = full_ranking_metrics(model.ranker(), dataset.matrices["train"], dataset.matrices[split], tuple(ks), device=device)
+    model.train(was_training)
+    return metrics
+
+
+def pretrain_implicit(config: Config) -> dict:
+    """Train (or, with ``run.evaluate``, only evaluate) a full-ranking model; returns the metrics."""
+    dataset = load_implicit_dataset(config.datasets.path, config.datasets.modalities)
+    model = None
+    if config.run.evaluate:
+        if config.run.ckpt is None:
+            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
+        model = load_recommender(config.run.ckpt, config.model, dataset.n_users, dataset.n_items)
+    accelerator = Accelerator(cpu=config.run.cpu)
+    if accelerator.num_processes > 1:
+        raise DiffRecError("full-ranking training runs in one process (launch it without accelerate launch --num_processes)")
+    run_dir = open_run_folder(config, accelerator.state)
+    set_seed(config.run.seed)
+    device = accelerator.device
+    logger.info("run folder %s on %s; %d users, %d items, %d training pairs, modalities %s", run_dir, device, dataset.n_users, dataset.n_items, dataset.matrices["train"].nnz, list(dataset.features) or "none")
+    if model is not None:
+        model = model.to(device)
+        metrics = {"checkpoint": str(config.run.ckpt), **{split: evaluate_ranking(model, dataset, split, config.run.ranking_ks, device) for split in ("valid", "test")}}
+    else:
+        metrics = _train(config, dataset, device, run_dir)
+    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics})
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_dir: Path) -> dict:
+    """The epoch loop; returns both protocols' selections, the curve and timings."""
+    run = config.run
+    features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
+    model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features).to(device)
+    groups = {name: params for name, params in model.optimizer_groups().items() if params}
+    optimizers = {name: torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay) for name, params in groups.items()}
+    train = dataset.matrices["train"]
+    coo = train.tocoo()
+    pair_users, pair_items = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    generator = torch.Generator().manual_seed(run.seed)
+    context = EpochContext(train, run.batch_size, generator, optimizers, device)
+    metric = run.select_metric
+    best_dir = run_dir / "checkpoints" / "best"
+    by_valid = {"epoch": 0, "valid": {metric: -math.inf}}
+    by_test = {"epoch": 0, "test": {metric: -math.inf}}
+    curve, epoch_seconds, stale, epoch = [], [], 0, 0
+    epochs = range(1, run.max_epochs + 1) if optimizers else range(0)  # nothing to train: evaluate once
+    bar = tqdm(epochs, desc=f"pretrain {config.model.arch}", disable=not optimizers)
+    for epoch in bar:
+        start = time.perf_counter()
+        model.train()
+        losses = model.prepare_epoch(context)
+        if "model" in optimizers:
+            losses |= _bpr_epoch(model, optimizers["model"], pair_users, pair_items, context, run.l2_reg)
+        epoch_seconds.append(time.perf_counter() - start)
+        bad = [name for name, value in losses.items() if not math.isfinite(value)]
+        if bad:
+            raise DiffRecError(f"{bad[0]} became {losses[bad[0]]} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}")
+        if epoch % run.eval_every and epoch != run.max_epochs:
+            continue
+        valid = evaluate_ranking(model, dataset, "valid", run.ranking_ks, device)
+        test = evaluate_ranking(model, dataset, "test", run.ranking_ks, device)
+        curve.append({"epoch": epoch, "seconds": round(sum(epoch_seconds), 3), **{k: round(v, 6) for k, v in losses.items()}, f"valid_{metric}": valid[metric], f"test_{metric}": test[metric]})
+        logger.info("epoch %d (%.1f s): %s", epoch, epoch_seconds[-1], json_safe(curve[-1]))
+        improved_valid, improved_test = valid[metric] > by_valid["valid"][metric], test[metric] > by_test["test"][metric]
+        if improved_valid:
+            by_valid = {"epoch": epoch, "valid": valid, "test": test}
+        if improved_test:
+            by_test = {"epoch": epoch, "test": test}
+        bar.set_postfix({f"valid_{metric}": f"{valid[metric]:.4f}", f"test_{metric}": f"{test[metric]:.4f}"})
+        if improved_test if run.paper_parity else improved_valid:
+            stale = 0
+            save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": protocol_label(config)})
+        else:
+            stale += 1
+            if stale >= run.patience:
+                logger.info("early stop at epoch %d: %s has not improved for %d evaluations", epoch, "test" if run.paper_parity else "valid", stale)
+                break
+    if not optimizers:
+        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": protocol_label(config)})
+        by_valid = {"epoch": 0, **{split: evaluate_ranking(model, dataset, split, run.ranking_ks, device) for split in ("valid", "test")}}
+        by_test = {"epoch": 0, "test": by_valid["test"]}
+    return {
+        "selected": by_test if run.paper_parity else by_valid,
+        "valid_selection": by_valid,
+        "paper_parity_selection": by_test,
+        "epochs_run": epoch,
+        "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None,
+        "train_seconds": round(sum(epoch_seconds), 3),
+        "checkpoint": str(best_dir),
+        "curve": curve,
+    }
+
+
+def _bpr_epoch(model: CollaborativeModel, optimizer: torch.optim.Optimizer, users: np.ndarray, items: np.ndarray, context: EpochContext, l2_reg: float) -> dict[str, float]:
+    """One pass of BPR steps over every training pair, each with a fresh negative; mean losses."""
+    negatives = sample_negatives(context.train, users, context.generator)
+    order = torch.randperm(len(users), generator=context.generator).numpy()
+    sums: dict[str, float] = {}
+    steps = 0
+    for start in range(0, len(order), context.batch_size):
+        rows = order[start : start + context.batch_size]
+        batch = [torch.as_tensor(column[rows], device=context.device) for column in (users, items, negatives)]
+        losses = model.pair_loss(*batch, l2_reg)
+        if not torch.isfinite(losses["loss"]):  # the caller stops and names the checkpoint it keeps
+            return {name: value.item() for name, value in losses.items()}
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        steps += 1
+    return {name: total / steps for name, total in sums.items()}

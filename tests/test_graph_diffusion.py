@@ -1,0 +1,293 @@
+"""Full-ranking models on tiny synthetic data: vectorised negative sampling, the DiffMM denoiser and graph
+regeneration, losses that fall, the implicit trainer's two protocols, checkpoints that re-score the same,
+the implicit shape derived from a rating dataset (MiniLM text) and a CoRA model on a tiny DiffMM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import yaml
+
+from conftest import SHARED_DATA
+from minigpt4.cli import main
+from minigpt4.config import DiffMMConfig, LightGCNConfig, MFConfig
+from minigpt4.data.implicit import derive_implicit, load_implicit_dataset, save_implicit_dataset
+from minigpt4.recommenders import build_recommender, load_recommender
+from minigpt4.recommenders.base import EpochContext
+from minigpt4.recommenders.diffmm import Denoiser, GaussianDiffusion
+from minigpt4.recommenders.graph import all_pairs_info_nce, dense_rows, sample_negatives
+from minigpt4.training.implicit import _edges
+from test_llm import build, first_rows, llm_config, one_step
+
+N_USERS, N_ITEMS = 24, 20
+
+
+def synthetic_implicit(seed: int = 0) -> tuple[dict, dict, dict]:
+    """Two taste clusters over 24 users x 20 items, 8 interactions per user split 6/1/1, image and audio features."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "valid": [], "test": []}
+    for user in range(N_USERS):
+        pool = np.arange(10) if user % 2 else np.arange(10, 20)
+        items = rng.choice(pool, size=8, replace=False)
+        for split, chosen in (("train", items[:6]), ("valid", items[6:7]), ("test", items[7:])):
+            splits[split] += [(user + 1, item + 1) for item in chosen]
+    frames = {name: pd.DataFrame(rows, columns=["uid", "iid"]) for name, rows in splits.items()}
+    cluster = (np.arange(N_ITEMS) >= 10).astype(np.float32)[:, None]
+    features = {"image": np.hstack([cluster, rng.normal(size=(N_ITEMS, 7))]).astype(np.float32), "audio": rng.normal(size=(N_ITEMS, 5)).astype(np.float32)}
+    meta = {"source": "synthetic", "n_users": N_USERS, "n_items": N_ITEMS, "modalities": ["audio", "image"], **{f"{k}_pairs": len(v) for k, v in frames.items()}}
+    return frames, features, meta
+
+
+@pytest.fixture(scope="module")
+def implicit_root(tmp_path_factory):
+    return save_implicit_dataset(tmp_path_factory.mktemp("implicit") / "synthetic", *synthetic_implicit())
+
+
+def tiny_diffmm_config(**overrides) -> DiffMMConfig:
+    return DiffMMConfig(embedding_size=8, denoiser_dims=[16], rebuild_k=2, **overrides)
+
+
+def build_model(config, root):
+    dataset = load_implicit_dataset(root)
+    features = {name: torch.as_tensor(values) for name, values in dataset.features.items()}
+    return build_recommender(config, dataset.n_users, dataset.n_items, _edges(dataset), features), dataset
+
+
+def context(model, dataset, batch_size: int = 8) -> EpochContext:
+    optimizers = {name: torch.optim.Adam(params, lr=0.01) for name, params in model.optimizer_groups().items() if params}
+    return EpochContext(dataset.matrices["train"], batch_size, torch.Generator().manual_seed(0), optimizers, torch.device("cpu"))
+
+
+def write_implicit_config(folder, root, arch: str, model: dict | None = None, run: dict | None = None):
+    config = {
+        "model": {"arch": arch, **(model or {})},
+        "datasets": {"name": "synthetic", "path": str(root), "shape": "implicit"},
+        "run": {"cpu": True, "batch_size": 32, "lr": 0.01, "max_epochs": 3, "patience": 5, "ranking_ks": [5, 10], "select_metric": "recall@10", "output_dir": str(folder / "runs"), **(run or {})},
+    }
+    path = folder / f"{arch}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+def test_negative_sampling_avoids_training_items_and_is_uniform_over_the_rest():
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix(rng.random((5, 12)) < 0.5)
+    users = np.repeat(np.arange(5), 6000)
+    negatives = sample_negatives(train, users, torch.Generator().manual_seed(1))
+    assert not train.toarray()[users, negatives].any()
+    for user in range(5):
+        allowed = np.setdiff1d(np.arange(12), train[user].indices)
+        counts = np.bincount(negatives[users == user], minlength=12)[allowed]
+        assert counts.min() > 0 and counts.max() / counts.min() < 1.3, counts  # every free item, about evenly
+    full = sp.csr_matrix(np.ones((1, 4)))
+    with pytest.raises(ValueError, match="every item"):
+        sample_negatives(full, np.zeros(1, dtype=np.int64), torch.Generator())
+
+
+def test_denoiser_and_reverse_chain_keep_the_row_shape():
+    denoiser = Denoiser(N_ITEMS, [16, 12], time_size=10, dropout=0.5, normalize=False)
+    diffusion = GaussianDiffusion(0.1, 1e-4, 0.02, steps=5)
+    rows = (torch.rand(4, N_ITEMS) < 0.3).float()
+    assert denoiser(rows, torch.tensor([0, 1, 2, 4])).shape == (4, N_ITEMS)
+    assert diffusion.p_sample(denoiser, rows, sampling_steps=0, sampling_noise=False).shape == (4, N_ITEMS)
+    diffusion_loss, consistency = diffusion.training_losses(denoiser, rows, torch.randn(N_ITEMS, 8), torch.randn(N_ITEMS, 8))
+    assert diffusion_loss.shape == consistency.shape == (4,)
+
+
+def test_all_pairs_info_nce_in_chunks_equals_the_full_matrix():
+    torch.manual_seed(0)
+    a, b = torch.randn(37, 6, requires_grad=True), torch.randn(37, 6, requires_grad=True)
+    chunked = all_pairs_info_nce(a, b, 0.5, chunk=8)
+    full = torch.nn.functional.cross_entropy(torch.nn.functional.normalize(a) @ torch.nn.functional.normalize(b).T / 0.5, torch.arange(37))
+    torch.testing.assert_close(chunked, full)
+    grads = torch.autograd.grad(chunked, (a, b))
+    expected = torch.autograd.grad(full, (a, b))
+    for ours, reference in zip(grads, expected):
+        torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_regeneration_excludes_seen_items_unless_faithful(faithful, implicit_root):
+    torch.manual_seed(0)
+    model, dataset = build_model(tiny_diffmm_config(faithful=faithful), implicit_root)
+    for denoiser in model.denoisers.values():  # a denoiser that returns its input ranks the seen items first
+        denoiser.forward = lambda x, t, dropout=True: x
+    model.regenerate_graphs(context(model, dataset))
+    train = dataset.matrices["train"]
+    for modality in model.modalities:
+        indices = getattr(model, f"modal_indices_{modality}")
+        users, items = indices[0], indices[1] - N_USERS
+        links = (users < N_USERS) & (items >= 0)  # user -> item entries, not self-loops or the mirrored half
+        seen = train.toarray()[users[links].numpy(), items[links].numpy()]
+        if faithful:
+            assert seen.all()  # the published code re-adds the training edges
+        else:
+            assert links.sum() > 0 and not seen.any()
+            assert torch.equal(torch.bincount(users[links], minlength=N_USERS), torch.full((N_USERS,), 2))  # rebuild_k per user
+
+
+@pytest.mark.parametrize("config", [MFConfig(embedding_size=8), LightGCNConfig(embedding_size=8, n_layers=2), tiny_diffmm_config()], ids=lambda c: c.arch)
+def test_bpr_loss_falls(config, implicit_root):
+    torch.manual_seed(0)
+    model, dataset = build_model(config, implicit_root)
+    coo = dataset.matrices["train"].tocoo()
+    users, positives = torch.as_tensor(coo.row).long(), torch.as_tensor(coo.col).long()
+    negatives = torch.as_tensor(sample_negatives(dataset.matrices["train"], coo.row, torch.Generator().manual_seed(0)))
+    optimizer = torch.optim.Adam(model.optimizer_groups()["model"], lr=0.01)
+    losses = []
+    for _ in range(15):
+        loss = model.pair_loss(users, positives, negatives, 1e-4)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_diffmm_denoising_loss_falls(implicit_root):
+    torch.manual_seed(0)
+    model, dataset = build_model(tiny_diffmm_config(denoiser_dropout=0.0), implicit_root)
+    optimizer = torch.optim.Adam(model.denoisers.parameters(), lr=0.01)
+    rows = dense_rows(dataset.matrices["train"], np.arange(N_USERS))
+    losses = []
+    for _ in range(30):
+        loss = sum(model.denoising_losses(rows).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+# --- the trainer -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mostpop", "mf", "lightgcn", "diffmm"])
+def test_pretrain_reports_both_protocols_and_the_checkpoint_scores_the_same(arch, implicit_root, tmp_path, capsys):
+    model = {"diffmm": {"embedding_size": 8, "denoiser_dims": [16], "rebuild_k": 2}, "mf": {"embedding_size": 8}, "lightgcn": {"embedding_size": 8}}.get(arch, {})
+    path = write_implicit_config(tmp_path, implicit_root, arch, model)
+    assert main(["pretrain", "--cfg-path", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["protocol"].startswith("validation")
+    selected = metrics["valid_selection"]
+    assert metrics["selected"] == selected and set(selected) == {"epoch", "valid", "test"}
+    assert metrics["paper_parity_selection"]["test"]["recall@10"] >= selected["test"]["recall@10"]
+    curve = json.loads((Path(metrics["run_dir"]) / "metrics.json").read_text())["curve"]
+    assert metrics["epochs_run"] == (0 if arch == "mostpop" else 3) and len(curve) == metrics["epochs_run"]
+    assert main(["evaluate", "--cfg-path", str(path), "--options", f"run.ckpt={metrics['checkpoint']}"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for split in ("valid", "test"):
+        assert again[split] == pytest.approx(selected[split]), split
+
+
+def test_paper_parity_is_labelled_and_selects_on_test(implicit_root, tmp_path, capsys):
+    path = write_implicit_config(tmp_path, implicit_root, "mf", {"embedding_size": 8}, {"paper_parity": True, "max_epochs": 4})
+    assert main(["pretrain", "--cfg-path", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["protocol"].startswith("paper_parity")
+    assert metrics["selected"] == metrics["paper_parity_selection"]
+    curve = json.loads((Path(metrics["run_dir"]) / "metrics.json").read_text())["curve"]
+    best = max(curve, key=lambda row: row["test_recall@10"])
+    assert metrics["selected"]["epoch"] == best["epoch"]
+
+
+def test_config_errors_name_the_problem(implicit_root, tmp_path, capsys):
+    wrong_shape = write_implicit_config(tmp_path, implicit_root, "diffmm")
+    data = yaml.safe_load(wrong_shape.read_text())
+    data["datasets"]["shape"] = "ratings"
+    wrong_shape.write_text(yaml.safe_dump(data))
+    assert main(["pretrain", "--cfg-path", str(wrong_shape)]) == 2
+    assert "datasets.shape: implicit" in capsys.readouterr().err
+    bad_metric = write_implicit_config(tmp_path, implicit_root, "mf", run={"select_metric": "recall@20"})
+    assert main(["pretrain", "--cfg-path", str(bad_metric)]) == 2
+    assert "run.ranking_ks" in capsys.readouterr().err
+    missing = write_implicit_config(tmp_path, implicit_root, "diffmm", run={"max_epochs": 1})
+    data = yaml.safe_load(missing.read_text())
+    data["datasets"]["modalities"] = ["text"]
+    missing.write_text(yaml.safe_dump(data))
+    assert main(["pretrain", "--cfg-path", str(missing)]) == 2
+    assert "feature file missing for modality 'text'" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_kept_checkpoint(implicit_root, tmp_path, capsys, monkeypatch):
+    from minigpt4.recommenders.mf import MatrixFactorization
+
+    calls = {"n": 0}
+    original = MatrixFactorization.pair_loss
+
+    def poisoned(self, *args):
+        calls["n"] += 1
+        losses = original(self, *args)
+        return losses | {"loss": losses["loss"] * float("nan")} if calls["n"] > 1 else losses
+
+    monkeypatch.setattr(MatrixFactorization, "pair_loss", poisoned)
+    path = write_implicit_config(tmp_path, implicit_root, "mf", {"embedding_size": 8}, {"batch_size": 512})
+    assert main(["pretrain", "--cfg-path", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan at epoch 2" in err and "checkpoints/best" in err
+    assert load_recommender(next(tmp_path.glob("runs/*/checkpoints/best"))) is not None
+
+
+# --- rating datasets and the LLM side ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def derived_tiny(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("derived") / "tiny"
+    shutil.copytree(tiny_dataset, root)
+    derive_implicit(root)
+    return root
+
+
+def test_derived_implicit_shape_keeps_ids_and_positives_with_minilm_text(derived_tiny, tiny_dataset):
+    from minigpt4.data.contract import load_rating_dataset
+
+    ratings = load_rating_dataset(tiny_dataset)
+    implicit = load_implicit_dataset(derived_tiny)
+    assert (implicit.n_users, implicit.n_items) == (ratings.n_users, ratings.n_items)
+    for split in ("train", "valid", "test"):
+        positives = ratings.splits[split].query("label == 1")
+        expected = set(zip(positives.uid - 1, positives.iid - 1))
+        coo = implicit.matrices[split].tocoo()
+        assert set(zip(coo.row, coo.col)) == expected
+    text = implicit.features["text"]
+    assert text.shape == (ratings.n_items, 384)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-5)
+    assert implicit.meta["text_encoder"].startswith("all-MiniLM-L6-v2")
+
+
+def test_cora_runs_on_a_tiny_diffmm(derived_tiny, tiny_llm, tmp_path, capsys):
+    path = write_implicit_config(tmp_path, derived_tiny, "diffmm", {"embedding_size": 8, "denoiser_dims": [16], "rebuild_k": 2}, {"max_epochs": 1})
+    assert main(["pretrain", "--cfg-path", str(path)]) == 0
+    checkpoint = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"]
+    config, model, rows = build(llm_config(tmp_path, derived_tiny, tiny_llm, "cora", checkpoint))
+    assert type(model.collab).__name__ == "DiffMM"
+    batch = first_rows(rows["train"])
+    one_step(model, batch)
+    assert any(b.abs().sum() > 0 for b in model.cora.lora_b.values())
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model.score(batch)).all()
+
+
+TIKTOK = SHARED_DATA / "diffmm-tiktok"
+
+
+@pytest.mark.skipif(not TIKTOK.is_dir(), reason="DiffMM's TikTok data is not in ../shared/data")
+def test_most_popular_through_the_trainer_reproduces_the_tiktok_floor(tmp_path, capsys):
+    assert main(["data", "import-diffmm", str(TIKTOK), "--out", str(tmp_path / "tiktok")]) == 0
+    capsys.readouterr()
+    path = write_implicit_config(tmp_path, tmp_path / "tiktok", "mostpop", run={"ranking_ks": [20], "select_metric": "recall@20"})
+    assert main(["pretrain", "--cfg-path", str(path)]) == 0
+    test = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["selected"]["test"]
+    assert (round(test["recall@20"], 4), round(test["ndcg@20"], 4), round(test["precision@20"], 4)) == (0.0597, 0.0255, 0.0030)
