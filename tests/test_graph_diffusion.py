@@ -99,7 +99,7 @@ def test_denoiser_and_reverse_chain_keep_the_row_shape():
     diffusion = GaussianDiffusion(0.1, 1e-4, 0.02, steps=5)
     rows = (torch.rand(4, N_ITEMS) < 0.3).float()
     assert denoiser(rows, torch.tensor([0, 1, 2, 4])).shape == (4, N_ITEMS)
-    assert diffusion.p_sample(denoiser, rows, sampling_steps=0, sampling_noise=False).shape == (4, N_ITEMS)
+    assert diffusion.p_sample(lambda x, t: denoiser(x, t, dropout=False), rows, sampling_steps=0, sampling_noise=False).shape == (4, N_ITEMS)
     diffusion_loss, consistency = diffusion.training_losses(denoiser, rows, torch.randn(N_ITEMS, 8), torch.randn(N_ITEMS, 8))
     assert diffusion_loss.shape == consistency.shape == (4,)
 
@@ -120,8 +120,7 @@ def test_all_pairs_info_nce_in_chunks_equals_the_full_matrix():
 def test_regeneration_excludes_seen_items_unless_faithful(faithful, implicit_root):
     torch.manual_seed(0)
     model, dataset = build_model(tiny_diffmm_config(faithful=faithful), implicit_root)
-    for denoiser in model.denoisers.values():  # a denoiser that returns its input ranks the seen items first
-        denoiser.forward = lambda x, t, dropout=True: x
+    model.denoise = lambda modality, x, t, training: x  # a denoiser returning its input ranks the seen items first
     model.regenerate_graphs(context(model, dataset))
     train = dataset.matrices["train"]
     for modality in model.modalities:

@@ -25,6 +25,8 @@ Differences from the published code (HKUDS/DiffMM at fae20e6), default vs ``fait
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import bpr_loss, dense_rows, drop_edges, info_nce, normalized_adjacency, top_k_edges
+
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> predicted x0
 
 
 class GaussianDiffusion(nn.Module):
@@ -73,22 +78,22 @@ class GaussianDiffusion(nn.Module):
         noise = torch.randn_like(x0) if noise is None else noise
         return self._at(self.sqrt_cumprod, t) * x0 + self._at(self.sqrt_one_minus_cumprod, t) * noise
 
-    def training_losses(self, denoiser: "Denoiser", x0: torch.Tensor, item_table: torch.Tensor, modal_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_losses(self, predict: Denoise, x0: torch.Tensor, item_table: torch.Tensor, modal_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row SNR-weighted x0 MSE and graph-consistency MSE (<denoised, modality items> vs <x0, id items>)."""
         t = torch.randint(0, self.steps, (len(x0),), device=x0.device)
-        predicted = denoiser(self.q_sample(x0, t), t)
+        predicted = predict(self.q_sample(x0, t), t)
         weight = torch.where(t == 0, 1.0, self.snr[(t - 1).clamp(min=0)] - self.snr[t])
         diffusion = weight * (x0 - predicted).square().mean(-1)
         consistency = (predicted @ modal_items - x0 @ item_table).square().mean(-1)
         return diffusion, consistency
 
     @torch.no_grad()
-    def p_sample(self, denoiser: "Denoiser", x0: torch.Tensor, sampling_steps: int, sampling_noise: bool) -> torch.Tensor:
+    def p_sample(self, predict: Denoise, x0: torch.Tensor, sampling_steps: int, sampling_noise: bool) -> torch.Tensor:
         """The reverse chain over all ``steps`` from x0 noised to step ``sampling_steps`` (0: x0 itself)."""
         x = x0 if sampling_steps == 0 else self.q_sample(x0, torch.full((len(x0),), sampling_steps - 1, device=x0.device))
         for step in reversed(range(self.steps)):
             t = torch.full((len(x),), step, device=x.device)
-            mean = self._at(self.posterior_coef_x0, t) * denoiser(x, t, dropout=False) + self._at(self.posterior_coef_xt, t) * x
+            mean = self._at(self.posterior_coef_x0, t) * predict(x, t) + self._at(self.posterior_coef_xt, t) * x
             if sampling_noise and step > 0:
                 mean = mean + torch.exp(0.5 * self._at(self.posterior_log_variance, t)) * torch.randn_like(x)
             x = mean
@@ -300,13 +305,18 @@ class DiffMM(CollaborativeModel):
         denoisers = set(self.denoisers.parameters())
         return {"model": [p for p in self.parameters() if p not in denoisers], self.denoiser_group: list(self.denoisers.parameters())}
 
+    def denoise(self, modality: str, x: torch.Tensor, t: torch.Tensor, training: bool) -> torch.Tensor:
+        """A modality's x0 prediction (MDMNS guides the row first); dropout on the input only in training."""
+        return self.denoisers[modality](x, t, dropout=training)
+
     def denoising_losses(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each modality's diffusion + ``e_loss`` x graph-consistency loss on a batch of training rows."""
         item_table = self.item_table.detach()
         losses = {}
         for modality in self.modalities:
             modal_items = self.modal_items(modality).detach()
-            diffusion, consistency = self.diffusion.training_losses(self.denoisers[modality], rows, item_table, modal_items)
+            predict = partial(self.denoise, modality, training=True)
+            diffusion, consistency = self.diffusion.training_losses(predict, rows, item_table, modal_items)
             losses[modality] = diffusion.mean() + self.config.e_loss * consistency.mean()
         return losses
 
@@ -341,7 +351,8 @@ class DiffMM(CollaborativeModel):
             rows = dense_rows(context.train, users, context.device)
             user_ids = torch.as_tensor(users, device=context.device)
             for modality in self.modalities:
-                denoised = self.diffusion.p_sample(self.denoisers[modality], rows, config.sampling_steps, config.sampling_noise)
+                predict = partial(self.denoise, modality, training=False)
+                denoised = self.diffusion.p_sample(predict, rows, config.sampling_steps, config.sampling_noise)
                 u, i = top_k_edges(denoised, user_ids, config.rebuild_k, seen=None if config.faithful else rows.bool())
                 edges[modality][0].append(u)
                 edges[modality][1].append(i)

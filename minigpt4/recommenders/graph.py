@@ -46,10 +46,10 @@ def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tens
 def info_nce(view1: torch.Tensor, view2: torch.Tensor, nodes: torch.Tensor, temperature: float) -> torch.Tensor:
     """Contrast ``nodes`` across two views of all nodes: positives are the same node in the other view,
     the denominator runs over every node of view 2 (DiffMM's ``contrastLoss``, computed as a logsumexp)."""
-    anchors = F.normalize(view1[nodes], dim=-1)
-    others = F.normalize(view2, dim=-1)
-    positive = (anchors * others[nodes]).sum(-1) / temperature
-    return (torch.logsumexp(anchors @ others.T / temperature, dim=-1) - positive).mean()
+    # Row i's positive is column nodes[i], so this is a cross-entropy over the columns; the temperature
+    # scales the B x d anchors rather than the B x N logits.
+    anchors = F.normalize(view1[nodes], dim=-1) / temperature
+    return F.cross_entropy(anchors @ F.normalize(view2, dim=-1).T, nodes)
 
 
 def _chunk_nce(anchors: torch.Tensor, others: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
