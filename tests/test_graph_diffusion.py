@@ -17,12 +17,13 @@ import yaml
 
 from conftest import SHARED_DATA
 from minigpt4.cli import main
-from minigpt4.config import DiffMMConfig, LightGCNConfig, MFConfig
+from minigpt4.config import DiffMMConfig, LightGCNConfig, MDMNSConfig, MFConfig
 from minigpt4.data.implicit import derive_implicit, load_implicit_dataset, save_implicit_dataset
 from minigpt4.recommenders import build_recommender, load_recommender
 from minigpt4.recommenders.base import EpochContext
 from minigpt4.recommenders.diffmm import Denoiser, GaussianDiffusion
-from minigpt4.recommenders.graph import all_pairs_info_nce, dense_rows, sample_negatives
+from minigpt4.recommenders.graph import all_pairs_info_nce, dense_rows, info_nce, sample_negatives
+from minigpt4.recommenders.mdmns import guidance_scores
 from minigpt4.training.implicit import _edges
 from test_llm import build, first_rows, llm_config, one_step
 
@@ -52,6 +53,13 @@ def implicit_root(tmp_path_factory):
 
 def tiny_diffmm_config(**overrides) -> DiffMMConfig:
     return DiffMMConfig(embedding_size=8, denoiser_dims=[16], rebuild_k=2, **overrides)
+
+
+def tiny_mdmns_config(**overrides) -> MDMNSConfig:
+    return MDMNSConfig(embedding_size=8, denoiser_dims=[16], rebuild_k=2, guide_hidden_size=6, contrast="main", info_nce_chunk=7, **overrides)
+
+
+TINY_MODELS = {"diffmm": dict(embedding_size=8, denoiser_dims=[16], rebuild_k=2), "mdmns": dict(embedding_size=8, denoiser_dims=[16], rebuild_k=2, guide_hidden_size=6, contrast="main")}
 
 
 def build_model(config, root):
@@ -116,10 +124,32 @@ def test_all_pairs_info_nce_in_chunks_equals_the_full_matrix():
         torch.testing.assert_close(ours, reference)
 
 
-@pytest.mark.parametrize("faithful", [False, True])
-def test_regeneration_excludes_seen_items_unless_faithful(faithful, implicit_root):
+def test_info_nce_equals_the_published_contrast_loss():
     torch.manual_seed(0)
-    model, dataset = build_model(tiny_diffmm_config(faithful=faithful), implicit_root)
+    a, b, nodes = torch.randn(30, 6), torch.randn(30, 6), torch.randint(0, 30, (12,))
+    an, other = torch.nn.functional.normalize(a)[nodes], torch.nn.functional.normalize(b)
+    published = -torch.log(torch.exp((an * other[nodes]).sum(-1) / 0.5) / torch.exp(an @ other.T / 0.5).sum(-1)).mean()
+    torch.testing.assert_close(info_nce(a, b, nodes, 0.5), published)
+
+
+def test_guidance_blocks_equal_the_dense_normalised_adjacency():
+    torch.manual_seed(0)
+    rows, users, items = torch.rand(5, 9), torch.randn(5, 4), torch.randn(9, 4)
+    layer = torch.nn.Linear(4, 4)
+    adjacency = torch.zeros(14, 14)
+    adjacency[:5, 5:], adjacency[5:, :5] = rows, rows.T
+    adjacency = adjacency + torch.eye(14)
+    scale = adjacency.sum(1).clamp(min=1e-8).pow(-0.5)
+    output = layer((scale[:, None] * adjacency * scale[None]) @ torch.cat([users, items]))
+    dense = output[:5] @ output[5:].T  # the published GCNRecommender's computation
+    torch.testing.assert_close(guidance_scores(rows, users, items, layer, min_degree=1e-8), dense)
+
+
+@pytest.mark.parametrize("make", [tiny_diffmm_config, tiny_mdmns_config], ids=["diffmm", "mdmns"])
+@pytest.mark.parametrize("faithful", [False, True])
+def test_regeneration_excludes_seen_items_unless_faithful(make, faithful, implicit_root):
+    torch.manual_seed(0)
+    model, dataset = build_model(make(faithful=faithful), implicit_root)
     model.denoise = lambda modality, x, t, training: x  # a denoiser returning its input ranks the seen items first
     model.regenerate_graphs(context(model, dataset))
     train = dataset.matrices["train"]
@@ -135,7 +165,7 @@ def test_regeneration_excludes_seen_items_unless_faithful(faithful, implicit_roo
             assert torch.equal(torch.bincount(users[links], minlength=N_USERS), torch.full((N_USERS,), 2))  # rebuild_k per user
 
 
-@pytest.mark.parametrize("config", [MFConfig(embedding_size=8), LightGCNConfig(embedding_size=8, n_layers=2), tiny_diffmm_config()], ids=lambda c: c.arch)
+@pytest.mark.parametrize("config", [MFConfig(embedding_size=8), LightGCNConfig(embedding_size=8, n_layers=2), tiny_diffmm_config(), tiny_mdmns_config(), tiny_mdmns_config(faithful=True)], ids=lambda c: c.arch + ("-faithful" if getattr(c, "faithful", False) else ""))
 def test_bpr_loss_falls(config, implicit_root):
     torch.manual_seed(0)
     model, dataset = build_model(config, implicit_root)
@@ -153,10 +183,11 @@ def test_bpr_loss_falls(config, implicit_root):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_diffmm_denoising_loss_falls(implicit_root):
+@pytest.mark.parametrize("make", [tiny_diffmm_config, tiny_mdmns_config], ids=["diffmm", "mdmns"])
+def test_denoising_loss_falls(make, implicit_root):
     torch.manual_seed(0)
-    model, dataset = build_model(tiny_diffmm_config(denoiser_dropout=0.0), implicit_root)
-    optimizer = torch.optim.Adam(model.denoisers.parameters(), lr=0.01)
+    model, dataset = build_model(make(denoiser_dropout=0.0), implicit_root)
+    optimizer = torch.optim.Adam(model.optimizer_groups()[model.denoiser_group], lr=0.01)
     rows = dense_rows(dataset.matrices["train"], np.arange(N_USERS))
     losses = []
     for _ in range(30):
@@ -171,9 +202,9 @@ def test_diffmm_denoising_loss_falls(implicit_root):
 # --- the trainer -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["mostpop", "mf", "lightgcn", "diffmm"])
+@pytest.mark.parametrize("arch", ["mostpop", "mf", "lightgcn", "diffmm", "mdmns"])
 def test_pretrain_reports_both_protocols_and_the_checkpoint_scores_the_same(arch, implicit_root, tmp_path, capsys):
-    model = {"diffmm": {"embedding_size": 8, "denoiser_dims": [16], "rebuild_k": 2}, "mf": {"embedding_size": 8}, "lightgcn": {"embedding_size": 8}}.get(arch, {})
+    model = TINY_MODELS.get(arch, {"embedding_size": 8} if arch != "mostpop" else {})
     path = write_implicit_config(tmp_path, implicit_root, arch, model)
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -266,7 +297,7 @@ def test_derived_implicit_shape_keeps_ids_and_positives_with_minilm_text(derived
 
 
 def test_cora_runs_on_a_tiny_diffmm(derived_tiny, tiny_llm, tmp_path, capsys):
-    path = write_implicit_config(tmp_path, derived_tiny, "diffmm", {"embedding_size": 8, "denoiser_dims": [16], "rebuild_k": 2}, {"max_epochs": 1})
+    path = write_implicit_config(tmp_path, derived_tiny, "diffmm", TINY_MODELS["diffmm"], {"max_epochs": 1})
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
     checkpoint = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"]
     config, model, rows = build(llm_config(tmp_path, derived_tiny, tiny_llm, "cora", checkpoint))

@@ -301,7 +301,8 @@ class DiffMM(CollaborativeModel):
         return {"loss": bpr + reg + contrast, "bpr": bpr, "reg": reg, "contrast": contrast}
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The recommender's parameters and the denoisers' (each with its own Adam, as published)."""
+        """The recommender's parameters and the denoisers' (Adam is per parameter, so one optimizer over every
+        denoiser updates them as the published one-optimizer-per-denoiser does)."""
         denoisers = set(self.denoisers.parameters())
         return {"model": [p for p in self.parameters() if p not in denoisers], self.denoiser_group: list(self.denoisers.parameters())}
 
