@@ -119,6 +119,40 @@ class MDMNSConfig(GraphDiffusionConfig):
     info_nce_chunk: int = Field(4096, gt=0)  # rows of the all-pairs InfoNCE denominators computed at once
 
 
+class GenRecConfig(Section):
+    """GenRec-V1 ("Flip is Better than Noise", ACM MM 2025): bit-flip diffusion regenerating a user-item
+    graph, modality item-item kNN graphs, interest clusters and debiasing. Defaults are the published
+    ``Params.py`` (the TikTok run uses them unchanged)."""
+
+    arch: Literal["genrec"] = "genrec"
+    embedding_size: int = Field(64, gt=0)
+    gcn_layers: int = Field(1, ge=0)
+    keep_rate: float = Field(0.5, gt=0, le=1)  # edge dropout on the generated user-item graph
+    knn_k: int = Field(5, gt=0)  # neighbours per item in each modality's item-item graph
+    steps: int = Field(5, gt=0)
+    sampling_steps: int = Field(5, ge=0)  # the regeneration chain starts from x0 flipped to this step (0: x0)
+    flip_temperature: float = Field(1.0, gt=0)  # faithful mode's sigmoid temperature on the flip probability
+    bayesian_sampling: bool = True  # reverse steps sample the posterior through the forward flip rates
+    denoiser_width: int = Field(512, gt=0)
+    denoiser_heads: int = Field(8, gt=0)
+    denoiser_layers: int = Field(6, gt=0)
+    denoiser_dropout: float = Field(0.2, ge=0, lt=1)
+    time_embedding_size: int = Field(10, gt=0)
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, gt=0)  # faithful mode's alpha, scaled by the batch's zeros-to-ones ratio
+    gen_topk: int = Field(5, gt=0)  # generated positions kept per row before debiasing
+    rebuild_k: int = Field(1, gt=0)  # edges per user in the generated graph
+    debias: bool = True
+    interest_clusters: dict[str, int] = Field(default_factory=dict)  # k-means clusters per modality (default 20)
+    debias_sample_ratio: float = Field(0.1, gt=0, le=1)  # faithful mode judges only this share of the flips
+    ssl_generation: float = Field(1e-2, ge=0)  # per modality: generated vs original interest contrast
+    generation_temperature: float = Field(0.2, gt=0)
+    ssl_item: float = Field(0.1, ge=0)  # side vs content views
+    ssl_user: float = Field(0.1, ge=0)  # users vs content and side items
+    temperature: float = Field(0.5, gt=0)
+    faithful: bool = False
+
+
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -333,15 +367,16 @@ MODEL_CONFIGS: dict[str, type[Section]] = {
     "mostpop": PopularityConfig,
     "diffmm": DiffMMConfig,
     "mdmns": MDMNSConfig,
+    "genrec": GenRecConfig,
     "sasrec": SASRecConfig,
     "din": DINConfig,
     "llmrec": LLMRecConfig,
     "sd3": SD3Config,
     "diffrec": DiffRecConfig,
 }
-CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, PopularityConfig, DiffMMConfig, MDMNSConfig]
+CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig]
 ModelConfig = Annotated[Union[CollaborativeConfig, LLMRecConfig, SD3Config, DiffRecConfig], Field(discriminator="arch")]
-IMPLICIT_ONLY = {"mostpop", "diffmm", "mdmns"}  # archs that train only on the implicit full-ranking shape
+IMPLICIT_ONLY = {"mostpop", "diffmm", "mdmns", "genrec"}  # archs that train only on the implicit full-ranking shape
 
 
 class DatasetConfig(Section):
@@ -392,7 +427,7 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(3, gt=0)
     devices: DevicePlacement | None = None  # one process: the LLM on one device, the image models on another
     # Implicit full-ranking runs (``datasets.shape: implicit``).
-    l2_reg: float = Field(1e-4, ge=0)  # BPR's L2 (MF/LightGCN: the batch's own rows; DiffMM/MDMNS: the whole id tables)
+    l2_reg: float = Field(1e-4, ge=0)  # BPR's L2 (MF/LightGCN: the batch's own rows; DiffMM/MDMNS/GenRec: the whole id tables)
     ranking_ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
     select_metric: str = "recall@20"
     paper_parity: bool = False  # select the epoch by test select_metric (the papers' protocol), validation ignored

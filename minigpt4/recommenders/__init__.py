@@ -14,12 +14,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt4.config import MODEL_CONFIGS, DiffMMConfig, DINConfig, LightGCNConfig, MDMNSConfig, MFConfig, ModelConfig, PopularityConfig, SASRecConfig
+from minigpt4.config import MODEL_CONFIGS, DiffMMConfig, DINConfig, GenRecConfig, LightGCNConfig, MDMNSConfig, MFConfig, ModelConfig, PopularityConfig, SASRecConfig
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.recommenders.diffmm import DiffMM
 from minigpt4.recommenders.din import DIN
+from minigpt4.recommenders.genrec import GenRec
 from minigpt4.recommenders.lightgcn import LightGCN
 from minigpt4.recommenders.mdmns import MDMNS
 from minigpt4.recommenders.mf import MatrixFactorization
@@ -46,7 +47,7 @@ def build_recommender(
     pairs, 1-based, [2, E]) and multimodal ones the item ``features`` per modality ([n_items, dim])."""
     if isinstance(config, MFConfig):
         return MatrixFactorization(config, n_users, n_items)
-    if isinstance(config, (LightGCNConfig, PopularityConfig, DiffMMConfig, MDMNSConfig)) and edges is None:
+    if isinstance(config, (LightGCNConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig)) and edges is None:
         raise DiffRecError(f"{config.arch} needs the training graph (edges)")
     if isinstance(config, LightGCNConfig):
         return LightGCN(config, n_users, n_items, edges)
@@ -56,6 +57,8 @@ def build_recommender(
         return DiffMM(config, n_users, n_items, edges, features or {})
     if isinstance(config, MDMNSConfig):
         return MDMNS(config, n_users, n_items, edges, features or {})
+    if isinstance(config, GenRecConfig):
+        return GenRec(config, n_users, n_items, edges, features or {})
     if isinstance(config, SASRecConfig):
         return SASRec(config, n_users, n_items)
     if isinstance(config, DINConfig):

@@ -37,7 +37,7 @@ from minigpt4.config import GraphDiffusionConfig
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
-from minigpt4.recommenders.graph import bpr_loss, dense_rows, drop_edges, info_nce, normalized_adjacency, top_k_edges
+from minigpt4.recommenders.graph import StoredGraphs, bpr_loss, dense_rows, drop_edges, info_nce, normalized_adjacency, top_k_edges
 
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> predicted x0
@@ -100,6 +100,15 @@ class GaussianDiffusion(nn.Module):
         return x
 
 
+def step_embedding(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Sinusoidal embedding of diffusion steps (cosines then sines, zero-padded to an odd size), [B, size]."""
+    half = size // 2
+    frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t[:, None].float() * frequencies[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1) if size % 2 else embedding
+
+
 class Denoiser(nn.Module):
     """An MLP from a noisy interaction row and a sinusoidal step embedding back to the row (tanh between layers)."""
 
@@ -118,12 +127,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, dropout: bool = True) -> torch.Tensor:
         """The predicted clean row, [B, n_items]."""
-        half = self.time_size // 2
-        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
-        angles = t[:, None].float() * frequencies[None]
-        time = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-        if self.time_size % 2:
-            time = torch.cat([time, torch.zeros_like(time[:, :1])], dim=-1)
+        time = step_embedding(t, self.time_size)
         if self.normalize:
             x = F.normalize(x)
         if dropout:
@@ -154,9 +158,8 @@ class FeatureProjection(nn.Module):
         return F.leaky_relu(features @ self.weight, 0.2) if self.kind == "matrix" else self.linear(features)
 
 
-class DiffMM(CollaborativeModel):
-    """Id tables, per-modality projections and denoisers; the regenerated graphs are buffers, so a
-    checkpoint scores exactly as the model did when it was saved."""
+class DiffMM(StoredGraphs, CollaborativeModel):
+    """Id tables, per-modality projections and denoisers; the regenerated graphs are stored buffers."""
 
     denoiser_group = "denoisers"
 
@@ -187,24 +190,17 @@ class DiffMM(CollaborativeModel):
         )
         self.diffusion = GaussianDiffusion(config.noise_scale, config.noise_min, config.noise_max, config.steps)
         for modality in self.modalities:  # no regenerated edges yet: self-loops only
-            self._store_modal_graph(modality, normalized_adjacency(torch.empty(0), torch.empty(0), n_users, n_items))
+            self.store_graph(f"graph_{modality}", normalized_adjacency(torch.empty(0), torch.empty(0), n_users, n_items))
         self._training_graphs: dict[str, torch.Tensor] = {}
         self._main_graph: torch.Tensor | None = None
 
     # -- graphs ------------------------------------------------------------------------------------
 
-    def _store_modal_graph(self, modality: str, adjacency: torch.Tensor) -> None:
-        """Keep a modality's evaluation graph as two buffers (indices and values)."""
-        self.register_buffer(f"modal_indices_{modality}", adjacency.indices().contiguous())
-        self.register_buffer(f"modal_values_{modality}", adjacency.values().contiguous())
-
     def modal_graph(self, modality: str) -> torch.Tensor:
         """The regenerated graph of a modality: the thinned one while training, the evaluation one otherwise."""
         if self.training and modality in self._training_graphs:
             return self._training_graphs[modality]
-        size = self.n_users + self.n_items
-        indices, values = getattr(self, f"modal_indices_{modality}"), getattr(self, f"modal_values_{modality}")
-        return torch.sparse_coo_tensor(indices, values, (size, size), is_coalesced=True, check_invariants=False)
+        return self.stored_graph(f"graph_{modality}", self.n_users + self.n_items)
 
     def main_graph(self) -> torch.Tensor:
         """The normalised training graph with self-loops (built once per device)."""
@@ -214,12 +210,7 @@ class DiffMM(CollaborativeModel):
         return self._main_graph
 
     def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
-        """Resize the regenerated-graph buffers to the checkpoint's edge counts before loading."""
-        for modality in self.modalities:
-            for kind in ("indices", "values"):
-                key = f"modal_{kind}_{modality}"
-                if key in state_dict:
-                    self.register_buffer(key, torch.empty_like(state_dict[key], device=self.user_table.device))
+        """Load, forgetting the thinned training graphs of the current run."""
         self._training_graphs.clear()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -361,4 +352,4 @@ class DiffMM(CollaborativeModel):
             full = normalized_adjacency(torch.cat(users), torch.cat(items), self.n_users, self.n_items)
             thinned = drop_edges(full, config.keep_rate)
             self._training_graphs[modality] = thinned
-            self._store_modal_graph(modality, thinned if config.faithful else full)
+            self.store_graph(f"graph_{modality}", thinned if config.faithful else full)

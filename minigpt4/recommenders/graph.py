@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -94,11 +95,13 @@ def sample_negatives(train: sp.csr_matrix, users: np.ndarray, generator: torch.G
 
 
 def top_k_edges(scores: torch.Tensor, users: torch.Tensor, k: int, seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(user, item) edges to each row's ``k`` highest-scoring items, leaving out ``seen`` (a bool [B, items] mask)."""
+    """(user, item) edges to each row's ``k`` highest-scoring items, leaving out ``seen`` (a bool [B, items] mask)
+    and any item scored -inf (a row with fewer candidates gets fewer edges)."""
     if seen is not None:
         scores = scores.masked_fill(seen, -torch.inf)
-    items = scores.topk(k, dim=1).indices
-    return users[:, None].expand_as(items).reshape(-1), items.reshape(-1)
+    top = scores.topk(k, dim=1)
+    keep = torch.isfinite(top.values).reshape(-1)
+    return users.repeat_interleave(k)[keep], top.indices.reshape(-1)[keep]
 
 
 def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -107,3 +110,43 @@ def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device | s
     dense = torch.zeros(len(rows), matrix.shape[1], device=device)
     dense[torch.as_tensor(block.row, device=device), torch.as_tensor(block.col, device=device)] = 1.0
     return dense
+
+
+class StoredGraphs(nn.Module):
+    """A module that keeps generated sparse graphs as ``<name>_indices`` / ``<name>_values`` buffers, so a
+    checkpoint scores exactly as the model did when it was saved; loading resizes them to the saved edge counts."""
+
+    def store_graph(self, name: str, adjacency: torch.Tensor) -> None:
+        """Keep a coalesced sparse graph under ``name``."""
+        self.register_buffer(f"{name}_indices", adjacency.indices().contiguous())
+        self.register_buffer(f"{name}_values", adjacency.values().contiguous())
+
+    def stored_graph(self, name: str, size: int) -> torch.Tensor:
+        """The graph kept under ``name`` as a sparse [size, size] tensor."""
+        indices, values = getattr(self, f"{name}_indices"), getattr(self, f"{name}_values")
+        return torch.sparse_coo_tensor(indices, values, (size, size), is_coalesced=True, check_invariants=False)
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        """Resize the graph buffers to the checkpoint's edge counts, then load."""
+        for key in state_dict:
+            if (key.endswith("_indices") or key.endswith("_values")) and key in self._buffers:
+                self.register_buffer(key, torch.empty_like(state_dict[key], device=self._buffers[key].device))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def knn_graph(features: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Symmetric-normalised item-item graph of each item's ``k`` most cosine-similar items (itself included),
+    weighted by the similarity (LATTICE/FREEDOM's ``build_knn_normalized_graph``), computed in row blocks."""
+    normalized = F.normalize(features.float(), dim=-1)
+    rows, cols, values = [], [], []
+    for start in range(0, len(normalized), chunk):
+        similarity = normalized[start : start + chunk] @ normalized.T
+        top = similarity.topk(k, dim=1)
+        rows.append(torch.arange(start, start + len(similarity)).repeat_interleave(k))
+        cols.append(top.indices.reshape(-1))
+        values.append(top.values.reshape(-1))
+    rows, cols, values = torch.cat(rows), torch.cat(cols), torch.cat(values)
+    degree = torch.zeros(len(normalized)).index_add_(0, rows, values)
+    inv_sqrt = degree.pow(-0.5).nan_to_num(posinf=0.0)
+    weights = inv_sqrt[rows] * values * inv_sqrt[cols]
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), weights, (len(normalized),) * 2, check_invariants=False).coalesce()
