@@ -1,0 +1,149 @@
+"""The full-ranking models on DiffMM's TikTok: seconds per training epoch of each model, and our vectorised
+negative sampling and graph regeneration against the published per-pair Python loops, same inputs.
+
+The loops are the DiffMM family's: ``negSampling`` draws one item per training pair and retries while the
+pair is in a DOK matrix; regeneration appends one (user, item, 1.0) triple per top-k entry from Python and
+builds the normalised adjacency with SciPy. Prints one JSON line per figure.
+
+    python bench/graph_diffusion.py                       # every model, full epochs
+    python bench/graph_diffusion.py --models mdmns --bpr-steps 5   # BPR phase timed on 5 steps, extrapolated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minigpt4.config import load_config  # noqa: E402
+from minigpt4.data.implicit import import_diffmm_folder, load_implicit_dataset, save_implicit_dataset  # noqa: E402
+from minigpt4.recommenders import build_recommender  # noqa: E402
+from minigpt4.recommenders.base import EpochContext  # noqa: E402
+from minigpt4.recommenders.graph import normalized_adjacency, sample_negatives  # noqa: E402
+from minigpt4.training.implicit import _edges  # noqa: E402
+
+MODELS = ["mostpop", "mf", "lightgcn", "diffmm", "mdmns", "genrec"]
+
+
+def emit(**figure) -> None:
+    """One JSON line."""
+    print(json.dumps(figure), flush=True)
+
+
+def loop_negatives(train: sp.csr_matrix, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The published negative sampling: one retry loop per training pair against a DOK matrix."""
+    dok = train.todok()
+    negatives = np.zeros(len(users), dtype=np.int64)
+    for index, user in enumerate(users):
+        while True:
+            item = rng.integers(train.shape[1])
+            if (user, item) not in dok:
+                break
+        negatives[index] = item
+    return negatives
+
+
+def loop_regeneration(user_ids: torch.Tensor, indices: torch.Tensor, n_users: int, n_items: int) -> sp.coo_matrix:
+    """The published regeneration from top-k indices: Python appends per (user, item), then SciPy's normalised adjacency."""
+    users, items, edges = [], [], []
+    for row in range(indices.shape[0]):
+        for col in range(indices[row].shape[0]):
+            users.append(int(user_ids[row].numpy()))
+            items.append(int(indices[row][col].numpy()))
+            edges.append(1.0)
+    matrix = sp.coo_matrix((edges, (users, items)), shape=(n_users, n_items), dtype=np.float32)
+    matrix = sp.vstack([sp.hstack([sp.csr_matrix((n_users, n_users)), matrix]), sp.hstack([matrix.T, sp.csr_matrix((n_items, n_items))])])
+    matrix = ((matrix != 0) * 1.0 + sp.eye(matrix.shape[0])) * 1.0
+    degree = np.asarray(matrix.sum(axis=-1)).ravel()
+    inv_sqrt = np.power(degree, -0.5)
+    inv_sqrt[np.isinf(inv_sqrt)] = 0.0
+    return matrix.dot(sp.diags(inv_sqrt)).transpose().dot(sp.diags(inv_sqrt)).tocoo()
+
+
+def timed(function, *args, repeats: int = 1):
+    """(seconds, result): the fastest of ``repeats`` calls (the first call pays one-time warm-up costs)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def epoch_seconds(arch: str, dataset, bpr_steps: int | None) -> dict:
+    """Seconds of one training epoch (the model's own phase + BPR steps) with its TikTok config."""
+    config = load_config(ROOT / "train_configs" / f"{arch}_tiktok.yaml")
+    torch.manual_seed(config.run.seed)
+    features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
+    model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features)
+    optimizers = {name: torch.optim.Adam(params, lr=config.run.lr) for name, params in model.optimizer_groups().items() if params}
+    if not optimizers:
+        return {"model": arch, "seconds_per_epoch": 0.0, "note": "nothing to train"}
+    train = dataset.matrices["train"]
+    context = EpochContext(train, config.run.batch_size, torch.Generator().manual_seed(0), optimizers, torch.device("cpu"))
+    model.train()
+    phase, _ = timed(model.prepare_epoch, context)
+    coo = train.tocoo()
+    users, items = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    negatives = sample_negatives(train, users, context.generator)
+    steps = -(-len(users) // config.run.batch_size)
+    run_steps = min(steps, bpr_steps or steps)
+    start = time.perf_counter()
+    for step in range(run_steps):
+        rows = slice(step * config.run.batch_size, (step + 1) * config.run.batch_size)
+        loss = model.pair_loss(*(torch.as_tensor(column[rows]) for column in (users, items, negatives)), config.run.l2_reg)["loss"]
+        optimizers["model"].zero_grad()
+        loss.backward()
+        optimizers["model"].step()
+    bpr = (time.perf_counter() - start) * steps / run_steps
+    return {"model": arch, "seconds_per_epoch": round(phase + bpr, 2), "model_phase_seconds": round(phase, 2), "bpr_seconds": round(bpr, 2), "bpr_steps_timed": run_steps, "bpr_steps": steps, "estimated": run_steps < steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "dataset" / "tiktok")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--bpr-steps", type=int, default=None, help="time this many BPR steps and extrapolate to the epoch")
+    args = parser.parse_args()
+    if not (args.data / "implicit" / "meta.json").is_file():
+        save_implicit_dataset(args.data, *import_diffmm_folder(ROOT.parent / "shared" / "data" / "diffmm-tiktok"))
+    dataset = load_implicit_dataset(args.data)
+    train = dataset.matrices["train"]
+    coo = train.tocoo()
+    users = coo.row.astype(np.int64)
+
+    loop_time, _ = timed(loop_negatives, train, users, np.random.default_rng(0), repeats=3)
+    ours_time, ours = timed(sample_negatives, train, users, torch.Generator().manual_seed(0), repeats=3)
+    assert not np.asarray(train[users, ours]).any()
+    emit(figure="negative_sampling", pairs=len(users), loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1))
+
+    torch.manual_seed(0)  # the same top-5 items per user for both (the top-k itself is one torch call in both)
+    user_ids = torch.arange(dataset.n_users)
+    indices = torch.rand(dataset.n_users, dataset.n_items).topk(5, dim=1).indices
+    loop_time, reference = timed(loop_regeneration, user_ids, indices, dataset.n_users, dataset.n_items, repeats=3)
+
+    def vectorised() -> torch.Tensor:
+        u, i = user_ids.repeat_interleave(5), indices.reshape(-1)
+        return normalized_adjacency(u, i, dataset.n_users, dataset.n_items)
+
+    ours_time, adjacency = timed(vectorised, repeats=3)
+    rows, cols = adjacency.indices().numpy()
+    ours = sp.coo_matrix((adjacency.values().numpy(), (rows, cols)), shape=reference.shape)
+    same = abs(ours - reference).max() < 1e-6
+    emit(figure="graph_regeneration", users=dataset.n_users, k=5, loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1), same_graph=bool(same))
+
+    for arch in args.models.split(","):
+        emit(figure="seconds_per_epoch", data=str(args.data.name), threads=torch.get_num_threads(), **epoch_seconds(arch, dataset, args.bpr_steps))
+
+
+if __name__ == "__main__":
+    main()
