@@ -110,7 +110,7 @@ def epoch_seconds(arch: str, dataset, bpr_steps: int | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT / "dataset" / "tiktok")
+    parser.add_argument("--data", type=Path, default=ROOT / "dataset" / "diffmm-tiktok")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--bpr-steps", type=int, default=None, help="time this many BPR steps and extrapolate to the epoch")
     args = parser.parse_args()
