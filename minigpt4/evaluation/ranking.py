@@ -15,15 +15,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from minigpt4.recommenders.graph import dense_rows
+
 DEFAULT_KS = (10, 20, 50)
-
-
-def _dense_rows(matrix: sp.csr_matrix, users: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Rows of a sparse user x item matrix as a dense boolean tensor."""
-    rows = matrix[users].tocoo()
-    dense = torch.zeros(len(users), matrix.shape[1], dtype=torch.bool, device=device)
-    dense[torch.as_tensor(rows.row, device=device), torch.as_tensor(rows.col, device=device)] = True
-    return dense
 
 
 @torch.no_grad()
@@ -43,9 +37,9 @@ def full_ranking_metrics(
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
         scores = score_users(torch.as_tensor(batch, device=device)).to(device=device, dtype=torch.float32)
-        scores = scores.masked_fill(_dense_rows(train, batch, device), -torch.inf)
+        scores = scores.masked_fill(dense_rows(train, batch, device).bool(), -torch.inf)
         top = scores.topk(max_k, dim=1).indices
-        hits = _dense_rows(target, batch, device).gather(1, top).double()  # [B, max_k]
+        hits = dense_rows(target, batch, device).bool().gather(1, top).double()  # [B, max_k]
         counts = torch.as_tensor(np.diff(target.indptr)[batch], dtype=torch.float64, device=device)
         for k in ks:
             found = hits[:, :k].sum(1)
