@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     implicit.add_argument("--no-text", action="store_true", help="no text modality (skips the all-MiniLM-L6-v2 encoding)")
 
     for name, text in (
-        ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN; on the implicit shape also most-popular, DiffMM, MDMNS)"),
+        ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN; on the implicit shape also most-popular, DiffMM, MDMNS, GenRec-V1)"),
         ("evaluate", "evaluate a checkpoint (run.ckpt) on valid/test/warm/cold"),
         ("train", "train the LLM recommender (model.arch: llmrec) or the personalized image model (model.arch: sd3)"),
     ):

@@ -1,5 +1,5 @@
 """Full-ranking training on the implicit shape (``datasets.shape: implicit``): most-popular, MF and LightGCN
-with BPR, DiffMM and MDMNS, one loop for all of them.
+with BPR, DiffMM, MDMNS and GenRec-V1, one loop for all of them.
 
 Each epoch runs the model's own phase first (``prepare_epoch``: DiffMM's denoisers and graph
 regeneration), then BPR steps over every training pair with one freshly sampled negative each. After each
