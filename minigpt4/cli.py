@@ -61,12 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     diffmm = data_commands.add_parser("import-diffmm", help="import a DiffMM-family folder (trnMat/valMat/tstMat.pkl, *_feat.npy) as the implicit full-ranking shape")
     diffmm.add_argument("folder", type=Path, help="folder with trnMat.pkl, valMat.pkl, tstMat.pkl and any of image_feat.npy, text_feat.npy, audio_feat.npy")
     diffmm.add_argument("--out", type=Path, help="output folder (default dataset/<folder name>)")
+    diffurec = data_commands.add_parser("import-diffurec", help="import DiffuRec's dataset.pkl (train/val/test user -> items) as the sequence shape")
+    diffurec.add_argument("pickle", type=Path, help="DiffuRec's dataset.pkl")
+    diffurec.add_argument("--out", type=Path, help="output folder (default dataset/<the pickle's folder name>)")
+    sequences = data_commands.add_parser("sequences", help="derive the sequence shape (per-user positive items in time order, leave-one-out) inside a rating dataset folder")
+    sequences.add_argument("dataset", type=Path, help="a rating dataset folder (diffrec data prepare ...)")
+    sequences.add_argument("--min-length", type=int, default=3, help="users with fewer positive rows are left out (default 3)")
     implicit = data_commands.add_parser("implicit", help="derive the implicit full-ranking shape (positive rows, MiniLM text features) inside a rating dataset folder")
     implicit.add_argument("dataset", type=Path, help="a rating dataset folder (diffrec data prepare ...)")
     implicit.add_argument("--no-text", action="store_true", help="no text modality (skips the all-MiniLM-L6-v2 encoding)")
 
     for name, text in (
-        ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN; on the implicit shape also most-popular, DiffMM, MDMNS, GenRec-V1)"),
+        ("pretrain", "train a collaborative model (MF, LightGCN, SASRec, DIN; on the implicit shape also most-popular, DiffMM, MDMNS, GenRec-V1; on the sequence shape most-popular, SASRec, DiffuRec)"),
         ("evaluate", "evaluate a checkpoint (run.ckpt) on valid/test/warm/cold"),
         ("train", "train the LLM recommender (model.arch: llmrec) or the personalized image model (model.arch: sd3)"),
     ):
@@ -109,6 +115,16 @@ def run_data(args: argparse.Namespace) -> dict:
         splits, features, meta = import_diffmm_folder(args.folder)
         out = save_implicit_dataset(args.out or Path("dataset") / args.folder.resolve().name, splits, features, meta)
         return {"dataset": str(out), **{key: meta[key] for key in ("n_users", "n_items", "modalities", "train_pairs", "valid_pairs", "test_pairs")}}
+    if args.data_command == "import-diffurec":
+        from minigpt4.data.sequences import import_diffurec_pickle, save_sequence_dataset
+
+        frame, meta = import_diffurec_pickle(args.pickle)
+        out = save_sequence_dataset(args.out or Path("dataset") / args.pickle.resolve().parent.name, frame, meta)
+        return {"dataset": str(out), "n_users": meta["n_users"], "n_items": meta["n_items"], "users": len(frame), "train_items": int(frame["train"].map(len).sum())}
+    if args.data_command == "sequences":
+        from minigpt4.data.sequences import derive_sequences
+
+        return {"dataset": str(args.dataset), **derive_sequences(args.dataset, args.min_length)}
     if args.data_command == "implicit":
         from minigpt4.data.implicit import derive_implicit
 
@@ -175,6 +191,10 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
         from minigpt4.training.implicit import pretrain_implicit
 
         return pretrain_implicit(config)
+    if config.datasets.shape == "sequence":
+        from minigpt4.training.sequential import pretrain_sequential
+
+        return pretrain_sequential(config)
     from minigpt4.training.pretrain import pretrain
 
     return pretrain(config)

@@ -156,6 +156,32 @@ class GenRecConfig(Section):
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+class DiffuRecConfig(Section):
+    """DiffuRec (Li et al., TOIS 2023): the next item's embedding diffused and recovered by a transformer
+    approximator conditioned on the history. Defaults are the published ``main.py`` arguments."""
+
+    arch: Literal["diffurec"] = "diffurec"
+    embedding_size: int = Field(128, gt=0)
+    max_history: int = Field(50, gt=0)
+    num_blocks: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    embedding_dropout: float = Field(0.3, ge=0, lt=1)
+    diffusion_steps: int = Field(32, gt=1)
+    lambda_uncertainty: float = Field(1e-3, ge=0)  # mean and std of the per-entry scale of x_t added to the history
+    rescale_timesteps: bool = True  # the time embedding sees t x 1000 / diffusion_steps
+    reverse_steps: int = Field(32, gt=0)  # steps of the reverse chain at inference (evenly spaced, at most diffusion_steps)
+    position_embeddings: bool = False  # the published code has them commented out
+    faithful: bool = False  # reproduce the published code where it differs (see the model's docstring)
+
+    @model_validator(mode="after")
+    def _reverse_steps_fit(self) -> "DiffuRecConfig":
+        """The reverse chain subsamples the training schedule."""
+        if self.reverse_steps > self.diffusion_steps:
+            raise ValueError(f"reverse_steps {self.reverse_steps} exceeds diffusion_steps {self.diffusion_steps}")
+        return self
+
+
 class LLMConfig(Section):
     """The causal LM: a local Hugging Face folder, a GGUF file, or (no path) the bundled SmolLM2-135M-Instruct."""
 
@@ -370,13 +396,19 @@ MODEL_CONFIGS: dict[str, type[Section]] = {
     "diffmm": DiffMMConfig,
     "mdmns": MDMNSConfig,
     "genrec": GenRecConfig,
+    "diffurec": DiffuRecConfig,
     "llmrec": LLMRecConfig,
     "sd3": SD3Config,
     "diffrec": DiffRecConfig,
 }
-CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig]
+CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig, DiffuRecConfig]
 ModelConfig = Annotated[Union[CollaborativeConfig, LLMRecConfig, SD3Config, DiffRecConfig], Field(discriminator="arch")]
-IMPLICIT_ONLY = {"mostpop", "diffmm", "mdmns", "genrec"}  # archs that train only on the implicit full-ranking shape
+# The data shapes each collaborative arch trains on (ratings: CTR rows; implicit: full ranking of
+# user-item pairs; sequence: next-item leave-one-out).
+DATA_SHAPES = {
+    "mf": {"ratings", "implicit"}, "lightgcn": {"ratings", "implicit"}, "sasrec": {"ratings", "sequence"}, "din": {"ratings"},
+    "mostpop": {"implicit", "sequence"}, "diffmm": {"implicit"}, "mdmns": {"implicit"}, "genrec": {"implicit"}, "diffurec": {"sequence"},
+}  # fmt: skip
 
 
 class DatasetConfig(Section):
@@ -384,8 +416,9 @@ class DatasetConfig(Section):
 
     name: str
     path: Path
-    # ratings: the CTR splits; implicit: the full-ranking shape (implicit/ in the folder), models trained with BPR.
-    shape: Literal["ratings", "implicit"] = "ratings"
+    # ratings: the CTR splits; implicit: the full-ranking shape (implicit/ in the folder), models trained with BPR;
+    # sequence: per-user sequences with leave-one-out targets (sequences/ in the folder), next-item cross-entropy.
+    shape: Literal["ratings", "implicit", "sequence"] = "ratings"
     modalities: list[str] | None = None  # implicit: the feature files to read (None: every one the dataset has)
 
 
@@ -429,8 +462,12 @@ class RunConfig(Section):
     # Implicit full-ranking runs (``datasets.shape: implicit``).
     l2_reg: float = Field(1e-4, ge=0)  # BPR's L2 (MF/LightGCN: the batch's own rows; DiffMM/MDMNS/GenRec: the whole id tables)
     ranking_ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
-    select_metric: str = "recall@20"
-    paper_parity: bool = False  # select the epoch by test select_metric (the papers' protocol), validation ignored
+    select_metric: str = "recall@20"  # sequence runs: hr|ndcg@K
+    paper_parity: bool = False  # implicit: select the epoch by test select_metric, validation ignored; sequence: DiffuRec's evaluation
+    # Leave-one-out runs (``datasets.shape: sequence``).
+    mask_history: bool = True  # rank only items outside the user's history
+    lr_step_epochs: int | None = Field(None, gt=0)  # StepLR: multiply the learning rate by lr_step_gamma every N epochs
+    lr_step_gamma: float = Field(0.1, gt=0, le=1)
 
 
 class Config(Section):
@@ -449,15 +486,16 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _data_shape_fits_model(self) -> "Config":
-        """Full-ranking models need the implicit shape; only MF and LightGCN train on both shapes."""
+        """Each collaborative arch trains on its own data shapes; the selection metric must be one the shape reports."""
         arch, shape = self.model.arch, self.datasets.shape
-        if arch in IMPLICIT_ONLY and shape != "implicit":
-            raise ValueError(f"model.arch {arch} trains on the implicit full-ranking shape: set datasets.shape: implicit")
-        if shape == "implicit" and arch not in IMPLICIT_ONLY | {"mf", "lightgcn"}:
-            raise ValueError(f"datasets.shape implicit: model.arch {arch} has no full-ranking training (use mf, lightgcn, {', '.join(sorted(IMPLICIT_ONLY))})")
+        if arch in DATA_SHAPES and shape not in DATA_SHAPES[arch]:
+            raise ValueError(f"model.arch {arch} trains on datasets.shape {' or '.join(sorted(DATA_SHAPES[arch]))}, not {shape}")
+        if shape == "ratings":
+            return self
+        names = ("hr", "ndcg") if shape == "sequence" else ("recall", "ndcg", "precision")
         metric, _, k = self.run.select_metric.partition("@")
-        if metric not in ("recall", "ndcg", "precision") or not k.isdigit() or int(k) not in self.run.ranking_ks:
-            raise ValueError(f"run.select_metric {self.run.select_metric!r} must be recall|ndcg|precision@K with K in run.ranking_ks {self.run.ranking_ks}")
+        if metric not in names or not k.isdigit() or int(k) not in self.run.ranking_ks:
+            raise ValueError(f"run.select_metric {self.run.select_metric!r} must be {'|'.join(names)}@K with K in run.ranking_ks {self.run.ranking_ks}")
         return self
 
 

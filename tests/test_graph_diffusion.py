@@ -273,7 +273,7 @@ def test_config_errors_name_the_problem(implicit_root, tmp_path, capsys):
     data["datasets"]["shape"] = "ratings"
     wrong_shape.write_text(yaml.safe_dump(data))
     assert main(["pretrain", "--cfg-path", str(wrong_shape)]) == 2
-    assert "datasets.shape: implicit" in capsys.readouterr().err
+    assert "trains on datasets.shape implicit, not ratings" in capsys.readouterr().err
     bad_metric = write_implicit_config(tmp_path, implicit_root, "mf", run={"select_metric": "recall@20"})
     assert main(["pretrain", "--cfg-path", str(bad_metric)]) == 2
     assert "run.ranking_ks" in capsys.readouterr().err

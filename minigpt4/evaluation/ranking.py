@@ -48,3 +48,43 @@ def full_ranking_metrics(
             sums[f"precision@{k}"] += (found / k).sum().item()
             sums[f"ndcg@{k}"] += (dcg / ideal[(counts.clamp(max=k) - 1).long()]).sum().item()
     return {name: total / len(users) for name, total in sums.items()} | {"users": int(len(users))}
+
+
+@torch.no_grad()
+def leave_one_out_metrics(
+    score_histories: Callable[[torch.Tensor], torch.Tensor], histories: np.ndarray, targets: np.ndarray, seen: sp.csr_matrix | None,
+    ks: tuple[int, ...] = (5, 10, 20), batch_size: int = 512, device: torch.device | str = "cpu",
+    score_padding: bool = False, per_batch_mean: bool = False,
+) -> dict[str, float]:
+    """HR@K and NDCG@K (x100) of one target item per row, ranked over the whole catalogue.
+
+    ``score_histories(left-padded histories [B, L]) -> [B, n_items + 1]`` scores every item id, column 0
+    being the padding id. ``seen`` (rows x item ids) masks each row's history items (None: no masking),
+    ``score_padding`` lets the padding id compete, and ``per_batch_mean`` averages per-batch means as
+    DiffuRec's code does (its last, smaller batch then weighs as much as a full one). Ties rank the lower
+    item id first."""
+    device = torch.device(device)
+    max_k = max(ks)
+    sums = {f"{name}@{k}": 0.0 for k in ks for name in ("hr", "ndcg")}
+    batches = 0
+    for start in range(0, len(targets), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(targets)))
+        scores = score_histories(torch.as_tensor(histories[rows], device=device)).to(device=device, dtype=torch.float32)
+        if seen is not None:
+            scores = scores.masked_fill(dense_rows(seen, rows, device).bool(), -torch.inf)
+        if not score_padding:
+            scores = scores.masked_fill(torch.arange(scores.shape[1], device=device) == 0, -torch.inf)
+        # A stable sort breaks ties by the lower item id, so tied scores (most-popular's counts) rank reproducibly.
+        top = scores.sort(dim=1, descending=True, stable=True).indices[:, :max_k]
+        hit = top == torch.as_tensor(targets[rows], device=device)[:, None]  # [B, max_k], at most one True per row
+        position = torch.arange(max_k, device=device, dtype=torch.float64)
+        gain = hit.double() / torch.log2(position + 2)
+        weight = 1.0 / len(rows) if per_batch_mean else 1.0
+        for k in ks:
+            sums[f"hr@{k}"] += hit[:, :k].sum().item() * weight
+            sums[f"ndcg@{k}"] += gain[:, :k].sum().item() * weight
+        batches += 1
+    total = batches if per_batch_mean else len(targets)
+    if total == 0:  # nothing to rank: every figure is missing, not zero
+        return {name: float("nan") for name in sums} | {"users": 0}
+    return {name: 100.0 * value / total for name, value in sums.items()} | {"users": int(len(targets))}

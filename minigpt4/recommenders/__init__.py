@@ -14,11 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt4.config import MODEL_CONFIGS, DiffMMConfig, DINConfig, GenRecConfig, LightGCNConfig, MDMNSConfig, MFConfig, ModelConfig, PopularityConfig, SASRecConfig
+from minigpt4.config import MODEL_CONFIGS, DiffMMConfig, DiffuRecConfig, DINConfig, GenRecConfig, LightGCNConfig, MDMNSConfig, MFConfig, ModelConfig, PopularityConfig, SASRecConfig
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.recommenders.diffmm import DiffMM
+from minigpt4.recommenders.diffurec import DiffuRec
 from minigpt4.recommenders.din import DIN
 from minigpt4.recommenders.genrec import GenRec
 from minigpt4.recommenders.lightgcn import LightGCN
@@ -63,6 +64,8 @@ def build_recommender(
         return SASRec(config, n_users, n_items)
     if isinstance(config, DINConfig):
         return DIN(config, n_users, n_items)
+    if isinstance(config, DiffuRecConfig):
+        return DiffuRec(config, n_users, n_items)
     raise DiffRecError(f"no recommender for model config {type(config).__name__}")
 
 

@@ -79,6 +79,17 @@ class CollaborativeModel(nn.Module):
         modality graphs); returns mean losses to log."""
         return {}
 
+    # Next-item prediction on sequences (``datasets.shape: sequence``): histories are left-padded item ids,
+    # most recent last, and scores cover every item id with column 0 the padding id.
+
+    def next_item_scores(self, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scores of every item id as the item after each history, [B, n_items + 1]; ``generator`` drives any sampling."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict next items")
+
+    def next_item_loss(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training loss of predicting ``target`` [B] after ``history`` [B, L]."""
+        raise NotImplementedError(f"{type(self).__name__} does not train on next items")
+
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups that get their own Adam optimizer; ``model`` is the one the BPR steps update."""
         return {"model": [parameter for parameter in self.parameters() if parameter.requires_grad]}

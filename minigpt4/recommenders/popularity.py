@@ -30,3 +30,7 @@ class MostPopular(CollaborativeModel):
     def ranking_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ones for the users, counts for the items."""
         return torch.ones(self.n_users, 1, device=self.counts.device), self.counts[1:]
+
+    def next_item_scores(self, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The item counts for every history (the padding id counts 0)."""
+        return self.counts[:, 0].expand(len(history), -1)

@@ -1,6 +1,8 @@
-"""SASRec (Kang and McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018), used as a
-click-through model as in CoLLM: causal self-attention over the user's recent positive items gives the
-user representation at the last position; score = <user representation, target item embedding>."""
+"""SASRec (Kang and McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018): causal self-attention
+over the user's recent positive items gives the user representation at the last position. As a
+click-through model (CoLLM's use) the score is <user representation, target item embedding> under binary
+cross-entropy; as a next-item model (leave-one-out) the same representation scores the whole catalogue
+under cross-entropy, the padding id excluded."""
 
 from __future__ import annotations
 
@@ -58,9 +60,8 @@ class SASRec(CollaborativeModel):
         self.dropout = nn.Dropout(config.dropout)
         self.scale = math.sqrt(dim)
 
-    def user_embeddings(self, batch: RatingBatch) -> torch.Tensor:
-        """The last block's output at the most recent history position."""
-        his = batch.his
+    def encode_history(self, his: torch.Tensor) -> torch.Tensor:
+        """The last block's output at the most recent position of left-padded histories [B, L], [B, d]."""
         length = his.shape[1]
         hidden = self.dropout(self.item_embedding(his) * self.scale + self.position_embedding[-length:])
         position = torch.arange(length, device=his.device)
@@ -70,6 +71,20 @@ class SASRec(CollaborativeModel):
         for index, block in enumerate(self.blocks):
             hidden = block(hidden, mask, last_only=index == len(self.blocks) - 1)
         return self.final_norm(hidden[:, -1])
+
+    def user_embeddings(self, batch: RatingBatch) -> torch.Tensor:
+        """The encoded history of each row."""
+        return self.encode_history(batch.his)
+
+    def next_item_scores(self, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Inner products of the encoded history with every item embedding, the padding id at -inf."""
+        scores = self.encode_history(history) @ self.item_embedding.weight.T
+        scores[:, 0] = -torch.inf
+        return scores
+
+    def next_item_loss(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the target over the catalogue."""
+        return F.cross_entropy(self.next_item_scores(history), target)
 
     def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         """The item's embedding row."""

@@ -1,0 +1,180 @@
+"""Next-item training and leave-one-out evaluation on the sequence shape (``datasets.shape: sequence``):
+most-popular, SASRec and DiffuRec, one loop for all of them.
+
+Training samples are every prefix of each user's training sequence with the item after it as the target
+(DiffuRec's training set), reshuffled each epoch and cut into left-padded windows of the model's
+``max_history`` items one batch at a time. Every ``run.eval_every`` epochs the validation targets are
+ranked (history: the training sequence); the epoch with the best validation ``run.select_metric`` is
+kept, and the test targets (history: training sequence plus the validation item) are ranked once with
+those weights. Evaluation masks the user's history items and never scores the padding id;
+``run.paper_parity`` evaluates as DiffuRec's code did instead (no masking, the padding id scored, means of
+per-batch means, the epoch kept when any validation figure improves) and is labelled so in every output.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from minigpt4.config import Config
+from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
+from minigpt4.errors import DiffRecError
+from minigpt4.evaluation.ranking import leave_one_out_metrics
+from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
+from minigpt4.recommenders.base import CollaborativeModel
+from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
+
+PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
+                "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
+DEFAULT = "leave-one-out: history items masked, padding id excluded, epoch selected by valid {metric}, test ranked once at that epoch"
+
+
+def protocol_label(config: Config) -> str:
+    """The evaluation protocol in words, as every report names it."""
+    if config.run.paper_parity:
+        return PAPER_PARITY.format(batch=config.run.eval_batch_size)
+    label = DEFAULT.format(metric=config.run.select_metric)
+    return label if config.run.mask_history else label.replace("history items masked", "history items not masked")
+
+
+def _history_edges(dataset: SequenceDataset) -> torch.Tensor:
+    """Every (uid, item) occurrence in the training sequences, [2, E] (most-popular counts them)."""
+    users = np.repeat(dataset.uid, dataset.ends - dataset.starts)
+    return torch.as_tensor(np.stack([users, dataset.items]))
+
+
+@torch.no_grad()
+def evaluate_sequences(model: CollaborativeModel, dataset: SequenceDataset, split: str, config: Config, device: torch.device) -> dict[str, float]:
+    """HR/NDCG@K (x100) of ``split``'s targets under the run's protocol; sampling models draw from a generator
+    seeded by ``run.seed``, so the same weights always give the same figures."""
+    run = config.run
+    histories, targets, seen = dataset.evaluation_inputs(split, model.max_history or 1)
+    parity = run.paper_parity
+    generator = torch.Generator(device=device).manual_seed(run.seed)
+    was_training = model.training
+    model.eval()
+    metrics = leave_one_out_metrics(
+        lambda batch: model.next_item_scores(batch, generator), histories, targets, None if parity or not run.mask_history else seen,
+        tuple(run.ranking_ks), run.eval_batch_size, device, score_padding=parity, per_batch_mean=parity,
+    )  # fmt: skip
+    model.train(was_training)
+    return metrics
+
+
+def pretrain_sequential(config: Config) -> dict:
+    """Train (or, with ``run.evaluate``, only evaluate) a next-item model; returns the metrics."""
+    dataset = load_sequence_dataset(config.datasets.path)
+    model = None
+    if config.run.evaluate:
+        if config.run.ckpt is None:
+            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
+        model = load_recommender(config.run.ckpt, config.model, dataset.n_users, dataset.n_items)
+    accelerator = Accelerator(cpu=config.run.cpu)
+    if accelerator.num_processes > 1:
+        raise DiffRecError("leave-one-out training runs in one process (launch it without accelerate launch --num_processes)")
+    run_dir = open_run_folder(config, accelerator.state)
+    set_seed(config.run.seed)
+    device = accelerator.device
+    logger.info("run folder %s on %s; %d users, %d items, %d training items", run_dir, device, len(dataset.uid), dataset.n_items, len(dataset.items))
+    if model is not None:
+        model = model.to(device)
+        metrics = {"checkpoint": str(config.run.ckpt), **{split: evaluate_sequences(model, dataset, split, config, device) for split in ("valid", "test")}}
+    else:
+        metrics = _train(config, dataset, device, run_dir)
+    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics})
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _improved(valid: dict[str, float], best: dict[str, float] | None, config: Config) -> bool:
+    """Whether this evaluation beats the kept one: on ``select_metric``, or (paper parity) on any figure."""
+    if best is None:
+        return True
+    names = [name for name in valid if name != "users"] if config.run.paper_parity else [config.run.select_metric]
+    return any(valid[name] > best[name] for name in names)
+
+
+def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_dir: Path) -> dict:
+    """The epoch loop; returns the selected epoch's validation and test figures, the curve and timings."""
+    run = config.run
+    model = build_recommender(config.model, dataset.n_users, dataset.n_items, _history_edges(dataset)).to(device)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    best_dir = run_dir / "checkpoints" / "best"
+    history_starts, target_positions = dataset.training_prefixes()
+    generator = torch.Generator().manual_seed(run.seed)
+    best_valid, best_epoch, best_state, selected_valid = None, 0, None, None
+    curve, epoch_seconds, stale, epoch = [], [], 0, 0
+    if parameters:
+        optimizer = torch.optim.Adam(parameters, lr=run.lr, weight_decay=run.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, run.lr_step_epochs, run.lr_step_gamma) if run.lr_step_epochs else None
+        bar = tqdm(range(1, run.max_epochs + 1), desc=f"pretrain {config.model.arch}")
+        for epoch in bar:
+            start = time.perf_counter()
+            model.train()
+            loss = _epoch(model, optimizer, dataset, history_starts, target_positions, run.batch_size, generator, device)
+            if scheduler is not None:
+                scheduler.step()
+            epoch_seconds.append(time.perf_counter() - start)
+            if not math.isfinite(loss):
+                raise DiffRecError(f"loss became {loss} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}")
+            if epoch % run.eval_every and epoch != run.max_epochs:
+                continue
+            valid = evaluate_sequences(model, dataset, "valid", config, device)
+            curve.append({"epoch": epoch, "seconds": round(sum(epoch_seconds), 3), "loss": round(loss, 6), **{f"valid_{name}": value for name, value in valid.items() if name != "users"}})
+            logger.info("epoch %d (%.1f s): %s", epoch, epoch_seconds[-1], json_safe(curve[-1]))
+            bar.set_postfix({f"valid_{run.select_metric}": f"{valid[run.select_metric]:.3f}", "loss": f"{loss:.3f}"})
+            if _improved(valid, best_valid, config):
+                # Paper parity keeps each figure's best separately, as the published loop does.
+                best_valid = valid if best_valid is None or not run.paper_parity else {name: max(value, best_valid.get(name, -math.inf)) for name, value in valid.items()}
+                best_epoch, stale, selected_valid = epoch, 0, valid
+                best_state = copy.deepcopy(model.state_dict())
+                save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": protocol_label(config)})
+            else:
+                stale += 1
+                if stale >= run.patience:
+                    logger.info("early stop at epoch %d: validation has not improved for %d evaluations", epoch, stale)
+                    break
+        model.load_state_dict(best_state)
+    else:  # nothing to train (most-popular): evaluate once
+        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": protocol_label(config)})
+        selected_valid = evaluate_sequences(model, dataset, "valid", config, device)
+    test = evaluate_sequences(model, dataset, "test", config, device)
+    samples = len(target_positions) * len(epoch_seconds)
+    return {
+        "selected": {"epoch": best_epoch, "valid": selected_valid, "test": test},
+        "epochs_run": epoch,
+        "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None,
+        "train_samples_per_second": round(samples / sum(epoch_seconds), 1) if epoch_seconds else None,
+        "train_seconds": round(sum(epoch_seconds), 3),
+        "checkpoint": str(best_dir),
+        "curve": curve,
+    }
+
+
+def _epoch(
+    model: CollaborativeModel, optimizer: torch.optim.Optimizer, dataset: SequenceDataset, history_starts: np.ndarray,
+    target_positions: np.ndarray, batch_size: int, generator: torch.Generator, device: torch.device,
+) -> float:
+    """One shuffled pass over the training prefixes; the mean loss (or the first non-finite one)."""
+    order = torch.randperm(len(target_positions), generator=generator).numpy()
+    total, steps = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        history = torch.as_tensor(left_padded(dataset.items, history_starts[rows], target_positions[rows], model.max_history), device=device)
+        target = torch.as_tensor(dataset.items[target_positions[rows]], device=device)
+        loss = model.next_item_loss(history, target)
+        if not torch.isfinite(loss):  # the caller stops and names the checkpoint it keeps
+            return loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, steps = total + loss.item(), steps + 1
+    return total / steps
