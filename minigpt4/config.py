@@ -468,6 +468,7 @@ class RunConfig(Section):
     mask_history: bool = True  # rank only items outside the user's history
     lr_step_epochs: int | None = Field(None, gt=0)  # StepLR: multiply the learning rate by lr_step_gamma every N epochs
     lr_step_gamma: float = Field(0.1, gt=0, le=1)
+    group_by_length: bool = False  # batch training prefixes of similar length (padding-invariant models only)
 
 
 class Config(Section):

@@ -283,6 +283,19 @@ def test_cli_most_popular_and_sasrec_on_sequences(sequence_root, tmp_path, capsy
     assert trained["selected"]["test"]["hr@1"] > metrics["selected"]["test"]["hr@1"] + 20
 
 
+def test_trimmed_length_grouped_evaluation_matches_the_full_width(sequence_root):
+    from minigpt4.config import load_config
+    from minigpt4.training.sequential import evaluate_sequences
+
+    torch.manual_seed(0)
+    data = load_sequence_dataset(sequence_root)
+    config = load_config(write_sequence_config(sequence_root.parent, sequence_root, "sasrec", {"embedding_size": 16, "max_history": 12}))
+    model = build_recommender(config.model, data.n_users, data.n_items).eval()
+    grouped = evaluate_sequences(model, data, "test", config, torch.device("cpu"))
+    model.padding_invariant = False  # the plain path: full-width windows in the stored order
+    assert evaluate_sequences(model, data, "test", config, torch.device("cpu")) == pytest.approx(grouped)
+
+
 def test_config_errors_name_the_shape_and_metric(sequence_root, tmp_path, capsys):
     path = write_sequence_config(tmp_path, sequence_root, "diffurec", TINY_DIFFUREC)
     data = yaml.safe_load(path.read_text())

@@ -54,22 +54,26 @@ def full_ranking_metrics(
 def leave_one_out_metrics(
     score_histories: Callable[[torch.Tensor], torch.Tensor], histories: np.ndarray, targets: np.ndarray, seen: sp.csr_matrix | None,
     ks: tuple[int, ...] = (5, 10, 20), batch_size: int = 512, device: torch.device | str = "cpu",
-    score_padding: bool = False, per_batch_mean: bool = False,
+    score_padding: bool = False, per_batch_mean: bool = False, trim_padding: bool = False,
 ) -> dict[str, float]:
     """HR@K and NDCG@K (x100) of one target item per row, ranked over the whole catalogue.
 
     ``score_histories(left-padded histories [B, L]) -> [B, n_items + 1]`` scores every item id, column 0
     being the padding id. ``seen`` (rows x item ids) masks each row's history items (None: no masking),
     ``score_padding`` lets the padding id compete, and ``per_batch_mean`` averages per-batch means as
-    DiffuRec's code does (its last, smaller batch then weighs as much as a full one). Ties rank the lower
-    item id first."""
+    DiffuRec's code does (its last, smaller batch then weighs as much as a full one). ``trim_padding``
+    drops the columns that are padding in every row of a batch (for models whose outputs padding never
+    changes). Ties rank the lower item id first."""
     device = torch.device(device)
     max_k = max(ks)
     sums = {f"{name}@{k}": 0.0 for k in ks for name in ("hr", "ndcg")}
     batches = 0
     for start in range(0, len(targets), batch_size):
         rows = np.arange(start, min(start + batch_size, len(targets)))
-        scores = score_histories(torch.as_tensor(histories[rows], device=device)).to(device=device, dtype=torch.float32)
+        batch = histories[rows]
+        if trim_padding:
+            batch = batch[:, int(np.argmax(batch.any(0))) :]  # argmax: the first column holding an item
+        scores = score_histories(torch.as_tensor(batch, device=device)).to(device=device, dtype=torch.float32)
         if seen is not None:
             scores = scores.masked_fill(dense_rows(seen, rows, device).bool(), -torch.inf)
         if not score_padding:

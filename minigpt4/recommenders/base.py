@@ -30,6 +30,7 @@ class CollaborativeModel(nn.Module):
     """A recommender over dense user ids 1..n_users and item ids 1..n_items (0 is padding)."""
 
     max_history = 0  # how many recent history items ``user_embeddings`` reads (0: none)
+    padding_invariant = False  # True: left padding never changes an output, so batches may be trimmed to their longest history
 
     def __init__(self, n_users: int, n_items: int) -> None:
         super().__init__()

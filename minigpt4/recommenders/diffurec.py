@@ -126,6 +126,11 @@ class DiffuRec(CollaborativeModel):
         betas = truncated_linear_betas(config.diffusion_steps)
         self.register_buffer("alphas_cumprod", torch.as_tensor(np.cumprod(1 - betas)), persistent=False)  # float64, as published
 
+    @property
+    def padding_invariant(self) -> bool:
+        """Fixed mode masks padded keys (positions count from the most recent item); faithful mode leaks padding."""
+        return not self.config.faithful
+
     def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """History states [B, L, d] (embedding dropout, then LayerNorm, as published) and the attention bias [B, 1, L, L]."""
         states = self.embedding_dropout(self.item_embedding(history))

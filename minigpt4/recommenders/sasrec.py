@@ -49,6 +49,8 @@ class SelfAttentionBlock(nn.Module):
 class SASRec(CollaborativeModel):
     """Stacked causal self-attention blocks over item plus position embeddings of the history."""
 
+    padding_invariant = True  # padded keys are masked and positions count from the most recent item
+
     def __init__(self, config: SASRecConfig, n_users: int, n_items: int) -> None:
         super().__init__(n_users, n_items)
         self.max_history = config.max_history
