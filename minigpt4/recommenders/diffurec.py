@@ -187,9 +187,9 @@ class DiffuRec(CollaborativeModel):
                 x = x + betas[index].sqrt().float() * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
-    def next_item_scores(self, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Inner products of the reverse chain's x0 with every item embedding."""
-        return self._item_logits(self.reverse_chain(history, generator=generator))
+    def next_item_scores(self, history: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
+        """Inner products of the reverse chain's x0 (``steps`` reverse steps, default ``reverse_steps``) with every item embedding."""
+        return self._item_logits(self.reverse_chain(history, steps, generator))
 
     def user_embeddings(self, batch: RatingBatch) -> torch.Tensor:
         """The reverse chain's x0 for the row's history, from a fixed seed (so the same history always gives

@@ -1,0 +1,98 @@
+"""DiffuRec next to SASRec on a leave-one-out split: training samples per second (our length-grouped,
+trimmed batches against the straightforward full-width padded batches, same model, same samples), and
+inference users per second with HR@10 at 1, 4, 8 and 32 reverse steps. Prints one JSON line per figure.
+
+Checkpoints from ``diffrec pretrain`` give meaningful HR@10; without them the models are freshly
+initialised and only the timings mean something.
+
+    python bench/diffurec_speed.py --dataset dataset/diffurec-amazon_beauty \\
+        --diffurec-ckpt runs/diffurec_beauty/latest/checkpoints/best --sasrec-ckpt runs/sasrec_seq_beauty/latest/checkpoints/best
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minigpt4.config import DiffuRecConfig, RunConfig, SASRecConfig  # noqa: E402
+from minigpt4.data.sequences import left_padded, load_sequence_dataset  # noqa: E402
+from minigpt4.evaluation.ranking import leave_one_out_metrics  # noqa: E402
+from minigpt4.recommenders import build_recommender, load_recommender  # noqa: E402
+from minigpt4.training.sequential import _batches  # noqa: E402
+
+SASREC = SASRecConfig(embedding_size=128, max_history=50, num_blocks=2, num_heads=2, dropout=0.5, init_std=0.02)
+
+
+def emit(**figure) -> None:
+    """One JSON line."""
+    print(json.dumps(figure), flush=True)
+
+
+def training_speed(model, data, batches: int, batch_size: int, grouped: bool, seed: int) -> float:
+    """Samples per second over ``batches`` optimizer steps, batches built as the trainer builds them."""
+    starts, targets = data.training_prefixes()
+    lengths = np.minimum(targets - starts, model.max_history)
+    plan = _batches(lengths, batch_size, grouped, torch.Generator().manual_seed(seed))[:batches]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    begin = time.perf_counter()
+    for rows in plan:
+        width = int(lengths[rows].max()) if grouped else model.max_history
+        loss = model.next_item_loss(torch.as_tensor(left_padded(data.items, starts[rows], targets[rows], width)), torch.as_tensor(data.items[targets[rows]]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return sum(len(rows) for rows in plan) / (time.perf_counter() - begin)
+
+
+def inference(model, data, users: np.ndarray, batch_size: int, steps: int | None) -> tuple[float, float]:
+    """(users per second, HR@10 x100) on the test targets of ``users``, grouped by length and trimmed."""
+    histories, targets, seen = data.evaluation_inputs("test", model.max_history)
+    order = users[np.argsort((histories[users] != 0).sum(1), kind="stable")]
+    generator = torch.Generator().manual_seed(0)
+    score = (lambda batch: model.next_item_scores(batch, generator, steps)) if steps else (lambda batch: model.next_item_scores(batch, generator))
+    model.eval()
+    begin = time.perf_counter()
+    metrics = leave_one_out_metrics(score, histories[order], targets[order], seen[order], (10,), batch_size, trim_padding=True)
+    return len(users) / (time.perf_counter() - begin), metrics["hr@10"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=Path, default=ROOT / "dataset" / "diffurec-amazon_beauty")
+    parser.add_argument("--diffurec-ckpt", type=Path)
+    parser.add_argument("--sasrec-ckpt", type=Path)
+    parser.add_argument("--train-batches", type=int, default=20, help="optimizer steps timed per variant")
+    parser.add_argument("--users", type=int, default=2048, help="test users ranked per figure (a seeded sample)")
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = load_sequence_dataset(args.dataset)
+    users = np.sort(np.random.default_rng(0).choice(len(data.uid), size=min(args.users, len(data.uid)), replace=False))
+    common = {"dataset": data.meta["source"], "threads": torch.get_num_threads(), "batch_size": args.batch_size}
+    models = {
+        "diffurec": (args.diffurec_ckpt, DiffuRecConfig()),
+        "sasrec": (args.sasrec_ckpt, SASREC),
+    }
+    for name, (checkpoint, config) in models.items():
+        fresh = build_recommender(config, data.n_users, data.n_items)
+        straightforward = training_speed(fresh, data, args.train_batches, args.batch_size, False, RunConfig().seed)
+        grouped = training_speed(fresh, data, args.train_batches, args.batch_size, True, RunConfig().seed)
+        emit(**common, model=name, figure="train_samples_per_second", full_width=round(straightforward, 1), length_grouped=round(grouped, 1), ratio=round(grouped / straightforward, 2))
+        model = load_recommender(checkpoint) if checkpoint else fresh
+        for steps in (1, 4, 8, 32) if name == "diffurec" else (None,):
+            speed, hr = inference(model, data, users, args.batch_size, steps)
+            emit(**common, model=name, figure="inference", reverse_steps=steps, users_per_second=round(speed, 1), test_hr10=round(hr, 4), users=len(users), checkpoint=str(checkpoint) if checkpoint else None)
+
+
+if __name__ == "__main__":
+    main()
