@@ -172,6 +172,7 @@ class DiffuRecConfig(Section):
     rescale_timesteps: bool = True  # the time embedding sees t x 1000 / diffusion_steps
     reverse_steps: int = Field(32, gt=0)  # steps of the reverse chain at inference (evenly spaced, at most diffusion_steps)
     position_embeddings: bool = False  # the published code has them commented out
+    init_std: float | None = Field(None, gt=0)  # item table N(0, init_std); None: N(0, 1), nn.Embedding's default, as published
     faithful: bool = False  # reproduce the published code where it differs (see the model's docstring)
 
     @model_validator(mode="after")

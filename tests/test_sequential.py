@@ -251,6 +251,13 @@ def test_schedule_matches_the_published_truncated_linear_betas():
     assert respaced_timesteps(32, 4).tolist() == [0, 10, 21, 31] and respaced_timesteps(32, 1).tolist() == [0]
 
 
+def test_item_table_starts_as_published_unless_init_std_is_set():
+    torch.manual_seed(0)
+    published = build_recommender(DiffuRecConfig(**TINY_DIFFUREC), 8, 500).item_embedding.weight
+    small = build_recommender(DiffuRecConfig(**TINY_DIFFUREC, init_std=0.02), 8, 500).item_embedding.weight
+    assert published.std().item() == pytest.approx(1.0, rel=0.05) and small.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 # --- CLI and the LLM side ---------------------------------------------------------------------------------
 
 

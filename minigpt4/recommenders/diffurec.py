@@ -16,6 +16,9 @@ Fixed by default; ``faithful: true`` reproduces the published code:
   excluded from both, so it is never recommended.
 - Positional embeddings: the published code has them commented out; ``position_embeddings: true`` adds
   learned positions (in either mode).
+- Item table initialisation: N(0, 1) as published unless ``init_std`` is set (either mode). With N(0, 1)
+  rows the logits start with a standard deviation of sqrt(embedding_size), and the first epochs only
+  bring the loss down to the uniform level (ln of the catalogue size); N(0, 0.02) starts there.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ class DiffuRec(CollaborativeModel):
         self.max_history = config.max_history
         dim = config.embedding_size
         self.item_embedding = nn.Embedding(n_items + 1, dim)  # N(0, 1) as published; row 0 is the padding slot
+        if config.init_std is not None:  # N(0, 1) rows start with logits of std sqrt(dim): the first epochs only shrink them
+            nn.init.normal_(self.item_embedding.weight, std=config.init_std)
         self.position_embedding = nn.Embedding(config.max_history, dim) if config.position_embeddings else None
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.history_norm = nn.LayerNorm(dim, eps=1e-12)
