@@ -47,7 +47,7 @@ def test_data_root_environment_variable(tmp_path, monkeypatch):
         (BASE.replace("embedding_size", "embeding_size"), "unknown key 'model.embeding_size'; did you mean 'model.embedding_size'?"),
         (BASE.replace("  lr: 0.01", "  learning_rate: 0.01"), "unknown key 'run.learning_rate'"),
         (BASE + "extra: 1\n", "unknown key 'extra'"),
-        (BASE.replace("arch: mf", "arch: mff"), "model.arch must be one of mf, lightgcn, sasrec, din, mostpop, diffmm, mdmns, genrec, llmrec, sd3, diffrec, got 'mff'; did you mean 'mf'?"),
+        (BASE.replace("arch: mf", "arch: mff"), "model.arch must be one of mf, lightgcn, sasrec, din, mostpop, diffmm, mdmns, genrec, diffurec, llmrec, sd3, diffrec, got 'mff'; did you mean 'mf'?"),
         (BASE.replace("embedding_size: 16", "embedding_size: lots"), "key 'model.embedding_size': Input should be a valid integer"),
         (BASE.replace("  lr: 0.01", "  lr: -1"), "key 'run.lr': Input should be greater than 0"),
         ("model: [1, 2\n", "not valid YAML"),
