@@ -71,15 +71,15 @@ def load_rating_dataset(root: str | Path) -> RatingDataset:
     for key in ("n_users", "n_items"):
         if not isinstance(meta.get(key), int):
             raise DiffRecError(f"{meta_path}: key '{key}' must be an integer")
-    splits = {name: _read_table(root / f"{name}.parquet") for name in SPLITS}
+    splits = {name: read_table(root / f"{name}.parquet") for name in SPLITS}
     for name, frame in splits.items():
         validate_ratings(frame, str(root / f"{name}.parquet"), meta["n_users"], meta["n_items"])
-    items = _read_table(root / "items.parquet")
+    items = read_table(root / "items.parquet")
     validate_items(items, str(root / "items.parquet"), meta["n_items"])
     return RatingDataset(root=root, meta=meta, splits=splits, items=items)
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
     """Read one Parquet table or fail naming it."""
     if not path.is_file():
         raise DiffRecError(f"{path}: missing (a dataset folder holds train/valid/test/items .parquet and meta.json)")
@@ -89,7 +89,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise DiffRecError(f"{path}: not a readable Parquet file ({err})") from None
 
 
-def _fail_at(where: str, column: str, bad: np.ndarray, what: str) -> None:
+def fail_at(where: str, column: str, bad: np.ndarray, what: str) -> None:
     """Raise naming the first row where ``bad`` holds, if any."""
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -104,20 +104,20 @@ def validate_ratings(frame: pd.DataFrame, where: str, n_users: int, n_items: int
     if frame.empty:
         raise DiffRecError(f"{where}: no rows (an empty split cannot be trained or evaluated)")
     label = frame["label"].to_numpy(dtype=float)
-    _fail_at(where, "label", np.isnan(label), "label is NaN")
-    _fail_at(where, "label", ~np.isin(label, (0.0, 1.0)), "label must be 0 or 1")
+    fail_at(where, "label", np.isnan(label), "label is NaN")
+    fail_at(where, "label", ~np.isin(label, (0.0, 1.0)), "label must be 0 or 1")
     for column, upper in (("uid", n_users), ("iid", n_items)):
         ids = frame[column].to_numpy()
-        _fail_at(where, column, (ids < 1) | (ids > upper), f"id out of range 1..{upper}")
+        fail_at(where, column, (ids < 1) | (ids > upper), f"id out of range 1..{upper}")
     his_len = frame["his"].map(len).to_numpy()
     title_len = frame["his_title"].map(len).to_numpy()
-    _fail_at(where, "his_title", his_len != title_len, "'his' and 'his_title' have different lengths")
+    fail_at(where, "his_title", his_len != title_len, "'his' and 'his_title' have different lengths")
     if his_len.sum():
         flat = np.concatenate(frame["his"].to_numpy())
         owner = np.repeat(np.arange(len(frame)), his_len)
         bad_rows = np.zeros(len(frame), dtype=bool)
         bad_rows[owner[(flat < 1) | (flat > n_items)]] = True
-        _fail_at(where, "his", bad_rows, f"history item id out of range 1..{n_items}")
+        fail_at(where, "his", bad_rows, f"history item id out of range 1..{n_items}")
 
 
 def validate_items(frame: pd.DataFrame, where: str, n_items: int) -> None:
@@ -126,5 +126,5 @@ def validate_items(frame: pd.DataFrame, where: str, n_items: int) -> None:
     if missing:
         raise DiffRecError(f"{where}: missing column '{missing[0]}' (has: {', '.join(map(str, frame.columns))})")
     ids = frame["iid"].to_numpy()
-    _fail_at(where, "iid", (ids < 1) | (ids > n_items), f"id out of range 1..{n_items}")
-    _fail_at(where, "iid", frame["iid"].duplicated().to_numpy(), "duplicate item id")
+    fail_at(where, "iid", (ids < 1) | (ids > n_items), f"id out of range 1..{n_items}")
+    fail_at(where, "iid", frame["iid"].duplicated().to_numpy(), "duplicate item id")

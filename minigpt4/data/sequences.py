@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from minigpt4.data.contract import SPLITS, load_rating_dataset
+from minigpt4.data.contract import SPLITS, fail_at, load_rating_dataset, read_table
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
 
@@ -151,21 +151,20 @@ def load_sequence_dataset(root: str | Path) -> SequenceDataset:
     if not meta_path.is_file():
         raise DiffRecError(f"{root}: no sequences/meta.json (import DiffuRec's dataset.pkl or derive sequences first)")
     meta = json.loads(meta_path.read_text())
-    if not table_path.is_file():
-        raise DiffRecError(f"{table_path}: missing")
-    frame = pd.read_parquet(table_path)
+    frame = read_table(table_path)
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
         raise DiffRecError(f"{table_path}: missing column '{missing[0]}' (has: {', '.join(frame.columns)})")
     lengths = frame["train"].map(len).to_numpy()
-    if (lengths < 1).any():
-        raise DiffRecError(f"{table_path}: column 'train', row {int(np.flatnonzero(lengths < 1)[0])}: empty training sequence")
+    fail_at(str(table_path), "train", lengths < 1, "empty training sequence")
     items = np.concatenate(frame["train"].to_numpy()).astype(np.int64)
     n_items = int(meta["n_items"])
-    for column, values in (("train", items), ("valid", frame["valid"].to_numpy()), ("test", frame["test"].to_numpy())):
-        bad = (values < 1) | (values > n_items)
-        if bad.any():
-            row = int(np.repeat(np.arange(len(frame)), lengths)[bad][0]) if column == "train" else int(np.flatnonzero(bad)[0])
-            raise DiffRecError(f"{table_path}: column '{column}', row {row}: item id out of range 1..{n_items}")
+    owner = np.repeat(np.arange(len(frame)), lengths)
+    bad_train = np.zeros(len(frame), dtype=bool)
+    bad_train[owner[(items < 1) | (items > n_items)]] = True
+    fail_at(str(table_path), "train", bad_train, f"item id out of range 1..{n_items}")
+    for column in ("valid", "test"):
+        values = frame[column].to_numpy()
+        fail_at(str(table_path), column, (values < 1) | (values > n_items), f"item id out of range 1..{n_items}")
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return SequenceDataset(root, meta, frame["uid"].to_numpy(np.int64), items, starts, frame["valid"].to_numpy(np.int64), frame["test"].to_numpy(np.int64))

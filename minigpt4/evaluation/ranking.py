@@ -67,6 +67,7 @@ def leave_one_out_metrics(
     device = torch.device(device)
     max_k = max(ks)
     sums = {f"{name}@{k}": 0.0 for k in ks for name in ("hr", "ndcg")}
+    discount = 1.0 / torch.log2(torch.arange(max_k, device=device, dtype=torch.float64) + 2)
     batches = 0
     for start in range(0, len(targets), batch_size):
         rows = np.arange(start, min(start + batch_size, len(targets)))
@@ -81,8 +82,7 @@ def leave_one_out_metrics(
         # A stable sort breaks ties by the lower item id, so tied scores (most-popular's counts) rank reproducibly.
         top = scores.sort(dim=1, descending=True, stable=True).indices[:, :max_k]
         hit = top == torch.as_tensor(targets[rows], device=device)[:, None]  # [B, max_k], at most one True per row
-        position = torch.arange(max_k, device=device, dtype=torch.float64)
-        gain = hit.double() / torch.log2(position + 2)
+        gain = hit.double() * discount
         weight = 1.0 / len(rows) if per_batch_mean else 1.0
         for k in ks:
             sums[f"hr@{k}"] += hit[:, :k].sum().item() * weight

@@ -17,18 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from minigpt4.config import Config
 from minigpt4.data.implicit import ImplicitDataset, load_implicit_dataset
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ranking import full_ranking_metrics
-from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
+from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
-from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
+from minigpt4.training.run_folder import json_safe, logger, start_ranking_run, write_metrics
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
 VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"
@@ -58,17 +56,7 @@ def evaluate_ranking(model: CollaborativeModel, dataset: ImplicitDataset, split:
 def pretrain_implicit(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a full-ranking model; returns the metrics."""
     dataset = load_implicit_dataset(config.datasets.path, config.datasets.modalities)
-    model = None
-    if config.run.evaluate:
-        if config.run.ckpt is None:
-            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
-        model = load_recommender(config.run.ckpt, config.model, dataset.n_users, dataset.n_items)
-    accelerator = Accelerator(cpu=config.run.cpu)
-    if accelerator.num_processes > 1:
-        raise DiffRecError("full-ranking training runs in one process (launch it without accelerate launch --num_processes)")
-    run_dir = open_run_folder(config, accelerator.state)
-    set_seed(config.run.seed)
-    device = accelerator.device
+    model, run_dir, device = start_ranking_run(config, dataset.n_users, dataset.n_items, "full-ranking training")
     logger.info("run folder %s on %s; %d users, %d items, %d training pairs, modalities %s", run_dir, device, dataset.n_users, dataset.n_items, dataset.matrices["train"].nnz, list(dataset.features) or "none")
     if model is not None:
         model = model.to(device)

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
 
 from minigpt4.config import Config, dump_config
+from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder
+from minigpt4.recommenders import CollaborativeModel, load_recommender
 
 logger = logging.getLogger("diffrec")
 TRAINER_STATE = "trainer_state.json"
@@ -40,6 +42,22 @@ def open_run_folder(config: Config, state: PartialState) -> Path:
     folder = Path(broadcast_object_list([str(folder)])[0])
     _start_log(folder / "log.txt", state.is_main_process)
     return folder
+
+
+def start_ranking_run(config: Config, n_users: int, n_items: int, what: str) -> tuple[CollaborativeModel | None, Path, torch.device]:
+    """The common start of the full-ranking and leave-one-out runs: the checkpoint to evaluate (with
+    ``run.evaluate``; None otherwise), the run folder, the seeded device. They run in one process."""
+    model = None
+    if config.run.evaluate:
+        if config.run.ckpt is None:
+            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
+        model = load_recommender(config.run.ckpt, config.model, n_users, n_items)
+    accelerator = Accelerator(cpu=config.run.cpu)
+    if accelerator.num_processes > 1:
+        raise DiffRecError(f"{what} runs in one process (launch it without accelerate launch --num_processes)")
+    run_dir = open_run_folder(config, accelerator.state)
+    set_seed(config.run.seed)
+    return model, run_dir, accelerator.device
 
 
 def _point_latest(folder: Path) -> None:

@@ -22,17 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from minigpt4.config import Config, RunConfig
 from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ranking import leave_one_out_metrics
-from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
+from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
-from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
+from minigpt4.training.run_folder import json_safe, logger, start_ranking_run, write_metrics
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
@@ -77,17 +75,7 @@ def evaluate_sequences(model: CollaborativeModel, dataset: SequenceDataset, spli
 def pretrain_sequential(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a next-item model; returns the metrics."""
     dataset = load_sequence_dataset(config.datasets.path)
-    model = None
-    if config.run.evaluate:
-        if config.run.ckpt is None:
-            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
-        model = load_recommender(config.run.ckpt, config.model, dataset.n_users, dataset.n_items)
-    accelerator = Accelerator(cpu=config.run.cpu)
-    if accelerator.num_processes > 1:
-        raise DiffRecError("leave-one-out training runs in one process (launch it without accelerate launch --num_processes)")
-    run_dir = open_run_folder(config, accelerator.state)
-    set_seed(config.run.seed)
-    device = accelerator.device
+    model, run_dir, device = start_ranking_run(config, dataset.n_users, dataset.n_items, "leave-one-out training")
     logger.info("run folder %s on %s; %d users, %d items, %d training items", run_dir, device, len(dataset.uid), dataset.n_items, len(dataset.items))
     if model is not None:
         model = model.to(device)
