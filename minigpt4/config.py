@@ -494,6 +494,8 @@ class Config(Section):
             raise ValueError(f"model.arch {arch} trains on datasets.shape {' or '.join(sorted(DATA_SHAPES[arch]))}, not {shape}")
         if shape == "ratings":
             return self
+        if shape == "sequence" and self.run.mixed_precision == "fp16":
+            raise ValueError("run.mixed_precision fp16 needs a loss scaler that leave-one-out training does not have: use bf16 or no")
         names = ("hr", "ndcg") if shape == "sequence" else ("recall", "ndcg", "precision")
         metric, _, k = self.run.select_metric.partition("@")
         if metric not in names or not k.isdigit() or int(k) not in self.run.ranking_ks:

@@ -5,7 +5,9 @@ Training samples are every prefix of each user's training sequence with the item
 (DiffuRec's training set), reshuffled each epoch and cut into left-padded windows of the model's
 ``max_history`` items one batch at a time. For models whose outputs padding cannot change, each batch is
 trimmed to its longest history, and ``run.group_by_length`` batches similar lengths together so the
-trimming pays (on Beauty, where most histories are short, it removes about 80% of the transformer work). Every ``run.eval_every`` epochs the validation targets are
+trimming pays (on Beauty, where most histories are short, it removes about 80% of the transformer work).
+``run.mixed_precision: bf16`` computes the training loss under bf16 autocast (weights, optimizer and
+evaluation stay fp32, so bf16 rounding cannot create ties in the ranking). Every ``run.eval_every`` epochs the validation targets are
 ranked (history: the training sequence); the epoch with the best validation ``run.select_metric`` is
 kept, and the test targets (history: training sequence plus the validation item) are ranked once with
 those weights. Evaluation masks the user's history items and never scores the padding id;
@@ -147,6 +149,7 @@ def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_d
         "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None,
         "train_samples_per_second": round(samples / sum(epoch_seconds), 1) if epoch_seconds else None,
         "train_seconds": round(sum(epoch_seconds), 3),
+        "mixed_precision": run.mixed_precision,
         "checkpoint": str(best_dir),
         "curve": curve,
     }
@@ -170,11 +173,13 @@ def _epoch(
     """One pass over the training prefixes; the mean loss (or the first non-finite one)."""
     lengths = np.minimum(target_positions - history_starts, model.max_history)
     total, steps = 0.0, 0
-    for rows in _batches(lengths, run.batch_size, run.group_by_length and model.padding_invariant, generator):
+    batches = _batches(lengths, run.batch_size, run.group_by_length and model.padding_invariant, generator)
+    for rows in tqdm(batches, desc="batches", leave=False, mininterval=30):  # an ML-1M epoch is ~2,000 batches
         width = int(lengths[rows].max()) if model.padding_invariant else model.max_history
         history = torch.as_tensor(left_padded(dataset.items, history_starts[rows], target_positions[rows], width), device=device)
         target = torch.as_tensor(dataset.items[target_positions[rows]], device=device)
-        loss = model.next_item_loss(history, target)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.mixed_precision == "bf16"):
+            loss = model.next_item_loss(history, target)
         if not torch.isfinite(loss):  # the caller stops and names the checkpoint it keeps
             return loss.item()
         optimizer.zero_grad(set_to_none=True)
