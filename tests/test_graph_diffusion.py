@@ -332,6 +332,25 @@ def test_derived_implicit_shape_keeps_ids_and_positives_with_minilm_text(derived
     assert implicit.meta["text_encoder"].startswith("all-MiniLM-L6-v2")
 
 
+def test_users_without_training_items_are_reported_apart(derived_tiny, tmp_path, capsys):
+    root = tmp_path / "cold"
+    shutil.copytree(derived_tiny, root)
+    train = pd.read_parquet(root / "implicit" / "train.parquet")
+    tested = pd.read_parquet(root / "implicit" / "test.parquet").uid.unique()[:2]
+    train[~train.uid.isin(tested)].to_parquet(root / "implicit" / "train.parquet")  # two test users lose their history
+    data = load_implicit_dataset(root)
+    warm = np.diff(data.matrices["train"].indptr) > 0
+    cold_targets = int((~warm & (np.diff(data.matrices["test"].indptr) > 0)).sum())
+    assert cold_targets >= 2
+    path = write_implicit_config(tmp_path, root, "mostpop", run={"ranking_ks": [5], "select_metric": "recall@5"})
+    assert main(["pretrain", "--cfg-path", str(path)]) == 0
+    test = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["selected"]["test"]
+    groups = test["by_group"]
+    assert groups["cold"]["users"] == cold_targets and groups["warm"]["users"] + cold_targets == test["users"]
+    weighted = sum(group["recall@5"] * group["users"] for group in groups.values()) / test["users"]
+    assert weighted == pytest.approx(test["recall@5"])
+
+
 def test_cora_runs_on_a_tiny_diffmm(derived_tiny, tiny_llm, tmp_path, capsys):
     path = write_implicit_config(tmp_path, derived_tiny, "diffmm", TINY_MODELS["diffmm"], {"max_epochs": 1})
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
@@ -357,3 +376,4 @@ def test_most_popular_through_the_trainer_reproduces_the_tiktok_floor(tmp_path, 
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
     test = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["selected"]["test"]
     assert (round(test["recall@20"], 4), round(test["ndcg@20"], 4), round(test["precision@20"], 4)) == (0.0597, 0.0255, 0.0030)
+    assert test["by_group"]["cold"]["users"] == 5  # five of TikTok's test users have no training items

@@ -55,6 +55,21 @@ def test_vectorised_metrics_equal_the_per_user_reference():
     assert ours["users"] == sum(1 for u in range(test.shape[0]) if test[u].nnz)
 
 
+def test_group_means_split_the_overall_mean():
+    train, test, scores = random_split()
+    train = train.tolil()
+    train[:10] = 0  # ten users with no training items
+    train = train.tocsr()
+    warm = np.diff(train.indptr) > 0
+    metrics = full_ranking_metrics(lambda users: torch.as_tensor(scores)[users], train, test, ks=(10,), batch_size=7, groups={"warm": warm, "cold": ~warm})
+    cold, hot = metrics["by_group"]["cold"], metrics["by_group"]["warm"]
+    assert cold["users"] + hot["users"] == metrics["users"] and cold["users"] == sum(1 for u in range(10) if test[u].nnz)
+    for name in ("recall@10", "ndcg@10", "precision@10"):
+        assert (cold[name] * cold["users"] + hot[name] * hot["users"]) / metrics["users"] == pytest.approx(metrics[name])
+    cold_only = sp.diags((~warm).astype(float)) @ test
+    assert cold["recall@10"] == pytest.approx(reference_metrics(scores, train, sp.csr_matrix(cold_only), 10)["recall@10"])
+
+
 def test_no_target_users_gives_missing_metrics_not_zero():
     train, _, scores = random_split()
     metrics = full_ranking_metrics(lambda users: torch.as_tensor(scores)[users], train, sp.csr_matrix(train.shape), ks=(10,))

@@ -24,16 +24,19 @@ DEFAULT_KS = (10, 20, 50)
 def full_ranking_metrics(
     score_users: Callable[[torch.Tensor], torch.Tensor], train: sp.csr_matrix, target: sp.csr_matrix,
     ks: tuple[int, ...] = DEFAULT_KS, batch_size: int = 1024, device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Mean Recall/NDCG/Precision@K over the users with targets; ``score_users(user ids) -> [B, n_items]`` scores."""
+    groups: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """Mean Recall/NDCG/Precision@K over the users with targets; ``score_users(user ids) -> [B, n_items]`` scores.
+    ``groups`` (a name -> boolean mask over all users) adds the same means per group under ``by_group``."""
     device = torch.device(device)
     users = np.flatnonzero(np.diff(target.indptr) > 0)
+    names = [f"{name}@{k}" for k in ks for name in ("recall", "ndcg", "precision")]
     if len(users) == 0:  # nothing to rank against: every figure is missing, not zero
-        return {f"{name}@{k}": float("nan") for k in ks for name in ("recall", "ndcg", "precision")} | {"users": 0}
+        return {name: float("nan") for name in names} | {"users": 0}
     max_k = max(ks)
     discount = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64, device=device))
     ideal = torch.cumsum(discount, 0)  # ideal DCG with n hits at the top: ideal[n - 1]
-    sums = {f"{name}@{k}": 0.0 for k in ks for name in ("recall", "ndcg", "precision")}
+    per_user = {name: np.empty(len(users)) for name in names}
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
         scores = score_users(torch.as_tensor(batch, device=device)).to(device=device, dtype=torch.float32)
@@ -41,13 +44,21 @@ def full_ranking_metrics(
         top = scores.topk(max_k, dim=1).indices
         hits = dense_rows(target, batch, device).bool().gather(1, top).double()  # [B, max_k]
         counts = torch.as_tensor(np.diff(target.indptr)[batch], dtype=torch.float64, device=device)
+        rows = slice(start, start + len(batch))
         for k in ks:
             found = hits[:, :k].sum(1)
             dcg = (hits[:, :k] * discount[:k]).sum(1)
-            sums[f"recall@{k}"] += (found / counts).sum().item()
-            sums[f"precision@{k}"] += (found / k).sum().item()
-            sums[f"ndcg@{k}"] += (dcg / ideal[(counts.clamp(max=k) - 1).long()]).sum().item()
-    return {name: total / len(users) for name, total in sums.items()} | {"users": int(len(users))}
+            per_user[f"recall@{k}"][rows] = (found / counts).cpu().numpy()
+            per_user[f"precision@{k}"][rows] = (found / k).cpu().numpy()
+            per_user[f"ndcg@{k}"][rows] = (dcg / ideal[(counts.clamp(max=k) - 1).long()]).cpu().numpy()
+    metrics = {name: float(values.mean()) for name, values in per_user.items()} | {"users": int(len(users))}
+    if groups:
+        members = {group: mask[users] for group, mask in groups.items()}
+        metrics["by_group"] = {
+            group: {name: float(values[member].mean()) if member.any() else float("nan") for name, values in per_user.items()} | {"users": int(member.sum())}
+            for group, member in members.items()
+        }  # fmt: skip
+    return metrics
 
 
 @torch.no_grad()

@@ -45,10 +45,14 @@ def _edges(dataset: ImplicitDataset) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_ranking(model: CollaborativeModel, dataset: ImplicitDataset, split: str, ks: list[int], device: torch.device) -> dict[str, float]:
-    """Recall/NDCG/Precision@K on ``split``, the user's training items masked."""
+    """Recall/NDCG/Precision@K on ``split``, the user's training items masked; where some evaluated users have no
+    training items (a split in time), the same figures for those (``cold``) and the rest (``warm``) under ``by_group``."""
     was_training = model.training
     model.eval()
-    metrics = full_ranking_metrics(model.ranker(), dataset.matrices["train"], dataset.matrices[split], tuple(ks), device=device)
+    train, target = dataset.matrices["train"], dataset.matrices[split]
+    warm = np.diff(train.indptr) > 0
+    groups = {"warm": warm, "cold": ~warm} if (~warm & (np.diff(target.indptr) > 0)).any() else None
+    metrics = full_ranking_metrics(model.ranker(), train, target, tuple(ks), device=device, groups=groups)
     model.train(was_training)
     return metrics
 
