@@ -10,7 +10,9 @@ regenerated graphs (``minigpt4.recommenders.diffmm``) with three additions:
   the ranking score sums every tower's inner product.
 - Multi-level negatives: with ``contrast: main`` each single tower's item table is contrasted (InfoNCE
   over all pairs) with copies of itself under Gaussian noise of increasing scale, and the fused tower with
-  every single tower over all users and all items; ``contrast: modalities`` keeps DiffMM's loss.
+  every single tower over all users and all items; ``contrast: modalities`` keeps DiffMM's loss. A user
+  with no training item gets no BPR gradient, so under ``main`` this InfoNCE alone places it, apart from
+  every other user: on a split in time with many such users (ML-100K) their rankings are near random.
 
 Differences from the published code, default vs ``faithful: true``:
 - Guidance modules: the published loss builds a new randomly initialised GCN (and a random linear "guide"
