@@ -44,7 +44,7 @@ def _edges(dataset: ImplicitDataset) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_ranking(model: CollaborativeModel, dataset: ImplicitDataset, split: str, ks: list[int], device: torch.device) -> dict[str, float]:
+def evaluate_ranking(model: CollaborativeModel, dataset: ImplicitDataset, split: str, ks: list[int], device: torch.device) -> dict:
     """Recall/NDCG/Precision@K on ``split``, the user's training items masked; where some evaluated users have no
     training items (a split in time), the same figures for those (``cold``) and the rest (``warm``) under ``by_group``."""
     was_training = model.training

@@ -7,8 +7,8 @@ Training samples are every prefix of each user's training sequence with the item
 trimmed to its longest history, and ``run.group_by_length`` batches similar lengths together so the
 trimming pays (on Beauty, where most histories are short, it removes about 80% of the transformer work).
 ``run.mixed_precision: bf16`` computes the training loss under bf16 autocast (weights, optimizer and
-evaluation stay fp32, so bf16 rounding cannot create ties in the ranking). Every ``run.eval_every`` epochs the validation targets are
-ranked (history: the training sequence); the epoch with the best validation ``run.select_metric`` is
+evaluation stay fp32, so bf16 rounding cannot create ties in the ranking). Every ``run.eval_every`` epochs
+the validation targets are ranked (history: the training sequence); the epoch with the best validation ``run.select_metric`` is
 kept, and the test targets (history: training sequence plus the validation item) are ranked once with
 those weights. Evaluation masks the user's history items and never scores the padding id;
 ``run.paper_parity`` evaluates as DiffuRec's code did instead (no masking, the padding id scored, means of
