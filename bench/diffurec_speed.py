@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt4.config import DiffuRecConfig, RunConfig, SASRecConfig  # noqa: E402
-from minigpt4.data.sequences import left_padded, load_sequence_dataset  # noqa: E402
+from minigpt4.data.sequences import load_sequence_dataset  # noqa: E402
 from minigpt4.evaluation.ranking import leave_one_out_metrics  # noqa: E402
 from minigpt4.recommenders import build_recommender, load_recommender  # noqa: E402
-from minigpt4.training.sequential import _batches  # noqa: E402
+from minigpt4.training.sequential import _batches, training_step  # noqa: E402
 
 SASREC = SASRecConfig(embedding_size=128, max_history=50, num_blocks=2, num_heads=2, dropout=0.5, init_std=0.02)
 
@@ -49,11 +49,7 @@ def training_speed(model, data, batches: int, batch_size: int, grouped: bool, bf
         if step == 1:  # the first step (allocations, kernel selection) is not timed
             begin = time.perf_counter()
         width = int(lengths[rows].max()) if grouped else model.max_history
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model.next_item_loss(torch.as_tensor(left_padded(data.items, starts[rows], targets[rows], width)), torch.as_tensor(data.items[targets[rows]]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        training_step(model, optimizer, data.items, starts[rows], targets[rows], width, bf16, torch.device("cpu"))
     return sum(len(rows) for rows in plan[1:]) / (time.perf_counter() - begin)
 
 

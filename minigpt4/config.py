@@ -451,7 +451,7 @@ class RunConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     eval_every_steps: int = Field(100, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # also leave-one-out training (bf16 only); full-ranking runs stay fp32
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)

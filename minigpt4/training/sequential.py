@@ -176,14 +176,25 @@ def _epoch(
     batches = _batches(lengths, run.batch_size, run.group_by_length and model.padding_invariant, generator)
     for rows in tqdm(batches, desc="batches", leave=False, mininterval=30):  # an ML-1M epoch is ~2,000 batches
         width = int(lengths[rows].max()) if model.padding_invariant else model.max_history
-        history = torch.as_tensor(left_padded(dataset.items, history_starts[rows], target_positions[rows], width), device=device)
-        target = torch.as_tensor(dataset.items[target_positions[rows]], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.mixed_precision == "bf16"):
-            loss = model.next_item_loss(history, target)
-        if not torch.isfinite(loss):  # the caller stops and names the checkpoint it keeps
-            return loss.item()
+        loss = training_step(model, optimizer, dataset.items, history_starts[rows], target_positions[rows], width, run.mixed_precision == "bf16", device)
+        if not math.isfinite(loss):  # the caller stops and names the checkpoint it keeps
+            return loss
+        total, steps = total + loss, steps + 1
+    return total / steps
+
+
+def training_step(
+    model: CollaborativeModel, optimizer: torch.optim.Optimizer, items: np.ndarray, history_starts: np.ndarray,
+    target_positions: np.ndarray, width: int, bf16: bool, device: torch.device,
+) -> float:
+    """One optimizer step on a batch of prefixes (left-padded to ``width``), the loss under bf16 autocast if
+    asked; returns the loss, and leaves the weights untouched when it is not finite."""
+    history = torch.as_tensor(left_padded(items, history_starts, target_positions, width), device=device)
+    target = torch.as_tensor(items[target_positions], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model.next_item_loss(history, target)
+    if torch.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, steps = total + loss.item(), steps + 1
-    return total / steps
+    return loss.item()
