@@ -455,7 +455,7 @@ class RunConfig(Section):
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)
-    resume_from: Path | None = None  # a checkpoint folder of an earlier ``diffrec train`` run; ``latest``: the newest one under output_dir
+    resume_from: Path | None = None  # a checkpoint folder of an earlier run (``.../checkpoints/last`` for pretrain on sequences); ``latest``: the newest one under output_dir
     # Joint (``model.arch: diffrec``) runs: Accelerate state every N steps, the newest K kept.
     checkpoint_every_steps: int | None = Field(None, gt=0)  # None: every eval_every_steps
     keep_checkpoints: int = Field(3, gt=0)

@@ -304,6 +304,29 @@ def test_bf16_training_learns_and_keeps_fp32_weights(sequence_root, tmp_path, ca
     assert "run.mixed_precision fp16 needs a loss scaler" in capsys.readouterr().err
 
 
+def test_resumed_training_matches_one_uninterrupted_run(sequence_root, tmp_path, capsys):
+    schedule = {"max_epochs": 4, "eval_every": 2, "lr_step_epochs": 1, "lr_step_gamma": 0.5}  # the lr schedule must carry over too
+    path = write_sequence_config(tmp_path, sequence_root, "diffurec", TINY_DIFFUREC, schedule)
+    assert main(["pretrain", "--cfg-path", str(path)]) == 0
+    straight = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["pretrain", "--cfg-path", str(path), "--options", "run.max_epochs=2"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last = Path(first["run_dir"]) / "checkpoints" / "last"
+    assert json.loads((last / "trainer_state.json").read_text())["epoch"] == 2
+    assert main(["pretrain", "--cfg-path", str(path), "--options", "run.resume_from=latest"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the batch order, the dropout and diffusion noise, Adam and the lr schedule all continue: same curve, same weights
+    curves = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["curve"]] for run in (straight, resumed)]
+    assert curves[0] == curves[1] and [row["epoch"] for row in curves[1]] == [2, 4] and resumed["epochs_run"] == 4
+    assert resumed["selected"] == straight["selected"]
+    for name, value in load_recommender(Path(straight["run_dir"]) / "checkpoints" / "last").state_dict().items():
+        assert torch.equal(value, load_recommender(Path(resumed["run_dir"]) / "checkpoints" / "last").state_dict()[name]), name
+    assert main(["pretrain", "--cfg-path", str(path), "--options", f"run.resume_from={last}", "run.paper_parity=true"]) == 2
+    assert "resume under the same protocol" in capsys.readouterr().err
+    assert main(["pretrain", "--cfg-path", str(path), "--options", f"run.resume_from={last}", "run.max_epochs=2"]) == 2
+    assert "leaves nothing to train" in capsys.readouterr().err
+
+
 def test_trimmed_length_grouped_evaluation_matches_the_full_width(sequence_root):
     from minigpt4.config import load_config
     from minigpt4.training.sequential import evaluate_sequences

@@ -71,12 +71,17 @@ def build_recommender(
 
 def save_recommender(model: CollaborativeModel, config: ModelConfig, folder: Path, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``folder`` atomically (a temp folder, then a rename)."""
+    with atomic_folder(folder) as partial:
+        write_recommender(model, config, partial, extra)
+    return folder
+
+
+def write_recommender(model: CollaborativeModel, config: ModelConfig, folder: Path, extra: dict | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` into an existing folder (the caller makes it atomic)."""
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     info = {"model": config.model_dump(mode="json"), "n_users": model.n_users, "n_items": model.n_items, **(extra or {})}
-    with atomic_folder(folder) as partial:
-        save_file(state, partial / "model.safetensors")
-        (partial / "config.json").write_text(json.dumps(info, indent=2))
-    return folder
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(info, indent=2))
 
 
 def load_recommender(folder: Path, expected: ModelConfig | None = None, n_users: int | None = None, n_items: int | None = None) -> CollaborativeModel:

@@ -13,12 +13,19 @@ kept, and the test targets (history: training sequence plus the validation item)
 those weights. Evaluation masks the user's history items and never scores the padding id;
 ``run.paper_parity`` evaluates as DiffuRec's code did instead (no masking, the padding id scored, means of
 per-batch means, the epoch kept when any validation figure improves) and is labelled so in every output.
+
+After every epoch ``checkpoints/last`` holds what a later run needs to continue exactly where this one stopped
+(weights, Adam and learning-rate state, both random streams, the curve and the selection so far);
+``run.resume_from`` names such a folder (``latest``: the newest under ``run.output_dir``) and ``run.max_epochs``
+is then the total, so a schedule longer than one sitting is trained in pieces with the same result.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -28,11 +35,12 @@ from tqdm.auto import tqdm
 
 from minigpt4.config import Config, RunConfig
 from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ranking import leave_one_out_metrics
-from minigpt4.recommenders import build_recommender, save_recommender
+from minigpt4.io import atomic_folder
+from minigpt4.recommenders import build_recommender, load_recommender, save_recommender, write_recommender
 from minigpt4.recommenders.base import CollaborativeModel
-from minigpt4.training.run_folder import json_safe, logger, start_ranking_run, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, start_ranking_run, write_metrics
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
@@ -77,13 +85,15 @@ def evaluate_sequences(model: CollaborativeModel, dataset: SequenceDataset, spli
 def pretrain_sequential(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a next-item model; returns the metrics."""
     dataset = load_sequence_dataset(config.datasets.path)
+    # A bad resume folder fails before the run folder exists.
+    resume = _resume_folder(config, dataset) if config.run.resume_from is not None and not config.run.evaluate else None
     model, run_dir, device = start_ranking_run(config, dataset.n_users, dataset.n_items, "leave-one-out training")
     logger.info("run folder %s on %s; %d users, %d items, %d training items", run_dir, device, len(dataset.uid), dataset.n_items, len(dataset.items))
     if model is not None:
         model = model.to(device)
         metrics = {"checkpoint": str(config.run.ckpt), **{split: evaluate_sequences(model, dataset, split, config, device) for split in ("valid", "test")}}
     else:
-        metrics = _train(config, dataset, device, run_dir)
+        metrics = _train(config, dataset, device, run_dir, resume)
     metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics})
     write_metrics(run_dir, metrics)
     return metrics
@@ -97,61 +107,120 @@ def _improved(valid: dict[str, float], best: dict[str, float] | None, config: Co
     return any(valid[name] > best[name] for name in names)
 
 
-def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_dir: Path) -> dict:
-    """The epoch loop; returns the selected epoch's validation and test figures, the curve and timings."""
+def _resume_folder(config: Config, dataset: SequenceDataset) -> Path:
+    """The ``checkpoints/last`` folder to continue from, checked against this run (model, dataset, protocol, epochs)."""
     run = config.run
-    model = build_recommender(config.model, dataset.n_users, dataset.n_items, _history_edges(dataset)).to(device)
+    folder = run.resume_from
+    if folder.name == "latest":
+        runs = [path for path in run.output_dir.iterdir() if path.is_dir() and not path.is_symlink()] if run.output_dir.is_dir() else []
+        found = [path / "checkpoints" / "last" for path in runs if (path / "checkpoints" / "last" / TRAINER_STATE).is_file()]
+        if not found:
+            raise DiffRecError(f"run.resume_from is latest but no run under {run.output_dir} holds a complete checkpoints/last")
+        folder = max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
+    progress = json.loads(require_file(folder / TRAINER_STATE).read_text())
+    if progress["protocol"] != protocol_label(config):
+        raise DiffRecError(f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol_label(config)}' (resume under the same protocol)")
+    if progress["epoch"] >= run.max_epochs:
+        raise DiffRecError(f"{folder} is at epoch {progress['epoch']}; run.max_epochs {run.max_epochs} (the total) leaves nothing to train")
+    load_recommender(folder, config.model, dataset.n_users, dataset.n_items)  # names a model or dataset mismatch now
+    for name in ("optimizer.pt", "rng.pt"):
+        require_file(folder / name)
+    if progress["best_epoch"]:
+        require_file(folder.parent / "best" / "model.safetensors")
+    return folder
+
+
+def _save_last(folder: Path, model: CollaborativeModel, config: Config, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator, progress: dict) -> None:
+    """Everything ``run.resume_from`` needs to continue after this epoch, written atomically."""
+    rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    with atomic_folder(folder) as partial:
+        write_recommender(model, config.model, partial, {"epoch": progress["epoch"], "protocol": progress["protocol"]})
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        torch.save(rng, partial / "rng.pt")
+        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
+
+
+def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_dir: Path, resume: Path | None) -> dict:
+    """The epoch loop (from ``resume``'s state if given); returns the selected epoch's validation and test
+    figures, the curve and timings."""
+    run = config.run
+    model = load_recommender(resume) if resume is not None else build_recommender(config.model, dataset.n_users, dataset.n_items, _history_edges(dataset))
+    model = model.to(device)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     best_dir = run_dir / "checkpoints" / "best"
     history_starts, target_positions = dataset.training_prefixes()
     generator = torch.Generator().manual_seed(run.seed)
-    best_valid, best_epoch, best_state, selected_valid = None, 0, None, None
-    curve, epoch_seconds, stale, epoch = [], [], 0, 0
+    progress = {"epoch": 0, "best_epoch": 0, "best_valid": None, "selected_valid": None, "stale": 0, "curve": [], "epoch_seconds": [], "protocol": protocol_label(config)}
+    best_state = None
     if parameters:
         optimizer = torch.optim.Adam(parameters, lr=run.lr, weight_decay=run.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, run.lr_step_epochs, run.lr_step_gamma) if run.lr_step_epochs else None
-        bar = tqdm(range(1, run.max_epochs + 1), desc=f"pretrain {config.model.arch}")
+        if resume is not None:
+            progress = json.loads((resume / TRAINER_STATE).read_text())
+            optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+            if scheduler is not None:
+                scheduler.load_state_dict(torch.load(require_file(resume / "scheduler.pt"), weights_only=True))
+            if progress["best_epoch"]:
+                shutil.copytree(resume.parent / "best", best_dir)
+                best_state = load_recommender(best_dir).state_dict()
+            rng = torch.load(resume / "rng.pt", weights_only=True)  # last: building a model above draws from the global stream
+            generator.set_state(rng["batches"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            logger.info("resumed from %s after epoch %d (selected so far: epoch %d)", resume, progress["epoch"], progress["best_epoch"])
+        bar = tqdm(range(progress["epoch"] + 1, run.max_epochs + 1), desc=f"pretrain {config.model.arch}")
         for epoch in bar:
-            start = time.perf_counter()
+            start, stop = time.perf_counter(), False
             model.train()
             loss = _epoch(model, optimizer, dataset, history_starts, target_positions, run, generator, device)
             if scheduler is not None:
                 scheduler.step()
-            epoch_seconds.append(time.perf_counter() - start)
             if not math.isfinite(loss):
                 raise DiffRecError(f"loss became {loss} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}")
-            if epoch % run.eval_every and epoch != run.max_epochs:
-                continue
-            valid = evaluate_sequences(model, dataset, "valid", config, device)
-            curve.append({"epoch": epoch, "seconds": round(sum(epoch_seconds), 3), "loss": round(loss, 6), **{f"valid_{name}": value for name, value in valid.items() if name != "users"}})
-            logger.info("epoch %d (%.1f s): %s", epoch, epoch_seconds[-1], json_safe(curve[-1]))
-            bar.set_postfix({f"valid_{run.select_metric}": f"{valid[run.select_metric]:.3f}", "loss": f"{loss:.3f}"})
-            if _improved(valid, best_valid, config):
-                # Paper parity keeps each figure's best separately, as the published loop does.
-                best_valid = valid if best_valid is None or not run.paper_parity else {name: max(value, best_valid.get(name, -math.inf)) for name, value in valid.items()}
-                best_epoch, stale, selected_valid = epoch, 0, valid
-                best_state = copy.deepcopy(model.state_dict())
-                save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": protocol_label(config)})
-            else:
-                stale += 1
-                if stale >= run.patience:
-                    logger.info("early stop at epoch %d: validation has not improved for %d evaluations", epoch, stale)
-                    break
+            progress["epoch_seconds"].append(time.perf_counter() - start)
+            progress["epoch"] = epoch
+            if epoch % run.eval_every == 0 or epoch == run.max_epochs:
+                valid = evaluate_sequences(model, dataset, "valid", config, device)
+                seconds = round(sum(progress["epoch_seconds"]), 3)
+                progress["curve"].append({"epoch": epoch, "seconds": seconds, "loss": round(loss, 6), **{f"valid_{name}": value for name, value in valid.items() if name != "users"}})
+                logger.info("epoch %d (%.1f s): %s", epoch, progress["epoch_seconds"][-1], json_safe(progress["curve"][-1]))
+                bar.set_postfix({f"valid_{run.select_metric}": f"{valid[run.select_metric]:.3f}", "loss": f"{loss:.3f}"})
+                best_valid = progress["best_valid"]
+                if _improved(valid, best_valid, config):
+                    # Paper parity keeps each figure's best separately, as the published loop does.
+                    progress["best_valid"] = valid if best_valid is None or not run.paper_parity else {name: max(value, best_valid.get(name, -math.inf)) for name, value in valid.items()}
+                    progress.update(best_epoch=epoch, stale=0, selected_valid=valid)
+                    best_state = copy.deepcopy(model.state_dict())
+                    save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": progress["protocol"]})
+                else:
+                    progress["stale"] += 1
+                    stop = progress["stale"] >= run.patience
+            _save_last(run_dir / "checkpoints" / "last", model, config, optimizer, scheduler, generator, progress)
+            if stop:
+                logger.info("early stop at epoch %d: validation has not improved for %d evaluations", epoch, progress["stale"])
+                break
         model.load_state_dict(best_state)
     else:  # nothing to train (most-popular): evaluate once
-        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": protocol_label(config)})
-        selected_valid = evaluate_sequences(model, dataset, "valid", config, device)
+        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": progress["protocol"]})
+        progress["selected_valid"] = evaluate_sequences(model, dataset, "valid", config, device)
     test = evaluate_sequences(model, dataset, "test", config, device)
+    epoch_seconds = progress["epoch_seconds"]
     samples = len(target_positions) * len(epoch_seconds)
     return {
-        "selected": {"epoch": best_epoch, "valid": selected_valid, "test": test},
-        "epochs_run": epoch,
+        "selected": {"epoch": progress["best_epoch"], "valid": progress["selected_valid"], "test": test},
+        "epochs_run": progress["epoch"],
         "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None,
         "train_samples_per_second": round(samples / sum(epoch_seconds), 1) if epoch_seconds else None,
         "train_seconds": round(sum(epoch_seconds), 3),
         "mixed_precision": run.mixed_precision,
         "checkpoint": str(best_dir),
-        "curve": curve,
+        "curve": progress["curve"],
     }
 
 
