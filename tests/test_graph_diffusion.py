@@ -256,6 +256,20 @@ def test_pretrain_reports_both_protocols_and_the_checkpoint_scores_the_same(arch
         assert again[split] == pytest.approx(selected[split]), split
 
 
+@pytest.mark.parametrize("arch", ["diffmm", "mdmns", "genrec"])
+def test_resumed_training_matches_one_uninterrupted_run(arch, implicit_root, tmp_path, capsys):
+    path = write_implicit_config(tmp_path, implicit_root, arch, TINY_MODELS[arch], {"max_epochs": 4, "eval_every": 2})
+    runs = []
+    for options in ([], ["run.max_epochs=2"], ["run.resume_from=latest"]):
+        assert main(["pretrain", "--cfg-path", str(path), "--options", *options]) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    straight, _, resumed = runs
+    # each epoch's own phase (denoisers, regenerated graphs), the negatives and every optimizer continue as if never stopped
+    curves = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["curve"]] for run in (straight, resumed)]
+    assert curves[0] == curves[1] and len(curves[1]) == 2 and resumed["epochs_run"] == 4
+    assert resumed["valid_selection"] == straight["valid_selection"]
+
+
 def test_paper_parity_is_labelled_and_selects_on_test(implicit_root, tmp_path, capsys):
     path = write_implicit_config(tmp_path, implicit_root, "mf", {"embedding_size": 8}, {"paper_parity": True, "max_epochs": 4})
     assert main(["pretrain", "--cfg-path", str(path)]) == 0

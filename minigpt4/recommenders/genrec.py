@@ -315,7 +315,7 @@ class GenRec(StoredGraphs, CollaborativeModel):
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """The recommender's parameters and the denoiser's, each with its own Adam (as published)."""
         denoiser = set(self.denoiser.parameters())
-        return {"model": [p for p in self.parameters() if p not in denoiser], self.denoiser_group: list(denoiser)}
+        return {"model": [p for p in self.parameters() if p not in denoiser], self.denoiser_group: list(self.denoiser.parameters())}
 
     def denoising_losses(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The flip denoiser's weighted loss terms on a batch of training rows (their sum is trained)."""

@@ -81,7 +81,8 @@ class MDMNS(DiffMM):
         """The guidance GCNs train with the denoisers (one optimizer, one phase)."""
         guides = set(self.guides.parameters())
         groups = super().optimizer_groups()
-        return {"model": [p for p in groups["model"] if p not in guides], self.denoiser_group: groups[self.denoiser_group] + list(guides)}
+        # lists in module order, never a set's: optimizer states are matched to parameters by position when resumed
+        return {"model": [p for p in groups["model"] if p not in guides], self.denoiser_group: groups[self.denoiser_group] + list(self.guides.parameters())}
 
     def guide_features(self, modality: str) -> torch.Tensor:
         """The mean of the other modalities' projected item features (the modality's own when alone), detached."""

@@ -6,12 +6,14 @@ regeneration), then BPR steps over every training pair with one freshly sampled 
 evaluated epoch both validation and test are ranked, so one run yields both protocols: the default selects
 the epoch by validation ``run.select_metric`` and reports test there; ``run.paper_parity`` selects by the
 test metric itself (the published code's protocol) and is labelled so in every output. Early stopping
-and the kept checkpoint follow the run's protocol.
+and the kept checkpoint follow the run's protocol. ``checkpoints/last`` and ``run.resume_from`` work as for
+the leave-one-out trainer (``minigpt4.training.sequential``): a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -23,10 +25,10 @@ from minigpt4.config import Config
 from minigpt4.data.implicit import ImplicitDataset, load_implicit_dataset
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ranking import full_ranking_metrics
-from minigpt4.recommenders import build_recommender, save_recommender
+from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
-from minigpt4.training.run_folder import json_safe, logger, start_ranking_run, write_metrics
+from minigpt4.training.run_folder import find_epoch_state, json_safe, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
 VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"
@@ -60,23 +62,27 @@ def evaluate_ranking(model: CollaborativeModel, dataset: ImplicitDataset, split:
 def pretrain_implicit(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a full-ranking model; returns the metrics."""
     dataset = load_implicit_dataset(config.datasets.path, config.datasets.modalities)
+    resume = None  # a bad resume folder fails before the run folder exists
+    if config.run.resume_from is not None and not config.run.evaluate:
+        resume = find_epoch_state(config, protocol_label(config), dataset.n_users, dataset.n_items)
     model, run_dir, device = start_ranking_run(config, dataset.n_users, dataset.n_items, "full-ranking training")
     logger.info("run folder %s on %s; %d users, %d items, %d training pairs, modalities %s", run_dir, device, dataset.n_users, dataset.n_items, dataset.matrices["train"].nnz, list(dataset.features) or "none")
     if model is not None:
         model = model.to(device)
         metrics = {"checkpoint": str(config.run.ckpt), **{split: evaluate_ranking(model, dataset, split, config.run.ranking_ks, device) for split in ("valid", "test")}}
     else:
-        metrics = _train(config, dataset, device, run_dir)
+        metrics = _train(config, dataset, device, run_dir, resume)
     metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics})
     write_metrics(run_dir, metrics)
     return metrics
 
 
-def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_dir: Path) -> dict:
-    """The epoch loop; returns both protocols' selections, the curve and timings."""
+def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_dir: Path, resume: Path | None) -> dict:
+    """The epoch loop (from ``resume``'s state if given); returns both protocols' selections, the curve and timings."""
     run = config.run
     features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
-    model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features).to(device)
+    model = load_recommender(resume) if resume is not None else build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features)
+    model = model.to(device)
     groups = {name: params for name, params in model.optimizer_groups().items() if params}
     optimizers = {name: torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay) for name, params in groups.items()}
     train = dataset.matrices["train"]
@@ -85,55 +91,66 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
     generator = torch.Generator().manual_seed(run.seed)
     context = EpochContext(train, run.batch_size, generator, optimizers, device)
     metric = run.select_metric
-    best_dir = run_dir / "checkpoints" / "best"
-    by_valid = {"epoch": 0, "valid": {metric: -math.inf}}
-    by_test = {"epoch": 0, "test": {metric: -math.inf}}
-    curve, epoch_seconds, stale, epoch = [], [], 0, 0
-    epochs = range(1, run.max_epochs + 1) if optimizers else range(0)  # nothing to train: evaluate once
+    checkpoints = run_dir / "checkpoints"
+    best_dir = checkpoints / "best"
+    # by_valid / by_test: the epoch each protocol selects so far, with its figures (None before the first evaluation)
+    progress = {"epoch": 0, "by_valid": None, "by_test": None, "stale": 0, "curve": [], "epoch_seconds": [], "protocol": protocol_label(config)}
+    if resume is not None:
+        if (resume.parent / "best").is_dir():
+            shutil.copytree(resume.parent / "best", best_dir)
+        progress = restore_epoch_state(resume, optimizers, {}, generator, device)
+        logger.info("resumed from %s after epoch %d", resume, progress["epoch"])
+    epochs = range(progress["epoch"] + 1, run.max_epochs + 1) if optimizers else range(0)  # nothing to train: evaluate once
     bar = tqdm(epochs, desc=f"pretrain {config.model.arch}", disable=not optimizers)
     for epoch in bar:
-        start = time.perf_counter()
+        start, stop = time.perf_counter(), False
         model.train()
         losses = model.prepare_epoch(context)
         if "model" in optimizers:
             losses |= _bpr_epoch(model, optimizers["model"], pair_users, pair_items, context, run.l2_reg)
-        epoch_seconds.append(time.perf_counter() - start)
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         if bad:
             raise DiffRecError(f"{bad[0]} became {losses[bad[0]]} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}")
-        if epoch % run.eval_every and epoch != run.max_epochs:
-            continue
-        valid = evaluate_ranking(model, dataset, "valid", run.ranking_ks, device)
-        test = evaluate_ranking(model, dataset, "test", run.ranking_ks, device)
-        curve.append({"epoch": epoch, "seconds": round(sum(epoch_seconds), 3), **{k: round(v, 6) for k, v in losses.items()}, f"valid_{metric}": valid[metric], f"test_{metric}": test[metric]})
-        logger.info("epoch %d (%.1f s): %s", epoch, epoch_seconds[-1], json_safe(curve[-1]))
-        improved_valid, improved_test = valid[metric] > by_valid["valid"][metric], test[metric] > by_test["test"][metric]
-        if improved_valid:
-            by_valid = {"epoch": epoch, "valid": valid, "test": test}
-        if improved_test:
-            by_test = {"epoch": epoch, "test": test}
-        bar.set_postfix({f"valid_{metric}": f"{valid[metric]:.4f}", f"test_{metric}": f"{test[metric]:.4f}"})
-        if improved_test if run.paper_parity else improved_valid:
-            stale = 0
-            save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": protocol_label(config)})
-        else:
-            stale += 1
-            if stale >= run.patience:
-                logger.info("early stop at epoch %d: %s has not improved for %d evaluations", epoch, "test" if run.paper_parity else "valid", stale)
-                break
+        progress["epoch_seconds"].append(time.perf_counter() - start)
+        progress["epoch"] = epoch
+        if epoch % run.eval_every == 0 or epoch == run.max_epochs:
+            valid = evaluate_ranking(model, dataset, "valid", run.ranking_ks, device)
+            test = evaluate_ranking(model, dataset, "test", run.ranking_ks, device)
+            curve_point = {"epoch": epoch, "seconds": round(sum(progress["epoch_seconds"]), 3), **{k: round(v, 6) for k, v in losses.items()}, f"valid_{metric}": valid[metric], f"test_{metric}": test[metric]}
+            progress["curve"].append(curve_point)
+            logger.info("epoch %d (%.1f s): %s", epoch, progress["epoch_seconds"][-1], json_safe(curve_point))
+            by_valid, by_test = progress["by_valid"], progress["by_test"]
+            improved_valid = by_valid is None or valid[metric] > by_valid["valid"][metric]
+            improved_test = by_test is None or test[metric] > by_test["test"][metric]
+            if improved_valid:
+                progress["by_valid"] = {"epoch": epoch, "valid": valid, "test": test}
+            if improved_test:
+                progress["by_test"] = {"epoch": epoch, "test": test}
+            bar.set_postfix({f"valid_{metric}": f"{valid[metric]:.4f}", f"test_{metric}": f"{test[metric]:.4f}"})
+            if improved_test if run.paper_parity else improved_valid:
+                progress["stale"] = 0
+                save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": progress["protocol"]})
+            else:
+                progress["stale"] += 1
+                stop = progress["stale"] >= run.patience
+        save_epoch_state(checkpoints / "last", model, config, optimizers, {}, generator, progress)
+        if stop:
+            logger.info("early stop at epoch %d: %s has not improved for %d evaluations", epoch, "test" if run.paper_parity else "valid", progress["stale"])
+            break
     if not optimizers:
-        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": protocol_label(config)})
-        by_valid = {"epoch": 0, **{split: evaluate_ranking(model, dataset, split, run.ranking_ks, device) for split in ("valid", "test")}}
-        by_test = {"epoch": 0, "test": by_valid["test"]}
+        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": progress["protocol"]})
+        progress["by_valid"] = {"epoch": 0, **{split: evaluate_ranking(model, dataset, split, run.ranking_ks, device) for split in ("valid", "test")}}
+        progress["by_test"] = {"epoch": 0, "test": progress["by_valid"]["test"]}
+    epoch_seconds = progress["epoch_seconds"]
     return {
-        "selected": by_test if run.paper_parity else by_valid,
-        "valid_selection": by_valid,
-        "paper_parity_selection": by_test,
-        "epochs_run": epoch,
+        "selected": progress["by_test"] if run.paper_parity else progress["by_valid"],
+        "valid_selection": progress["by_valid"],
+        "paper_parity_selection": progress["by_test"],
+        "epochs_run": progress["epoch"],
         "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None,
         "train_seconds": round(sum(epoch_seconds), 3),
         "checkpoint": str(best_dir),
-        "curve": curve,
+        "curve": progress["curve"],
     }
 
 

@@ -1,6 +1,7 @@
 """Run folders: ``<output_dir>/<timestamp>/`` holding the resolved config, log, metrics.json and checkpoints;
 ``<output_dir>/latest`` links to the newest training run (an evaluation's folder never moves it, so
-``latest/checkpoints/...`` keeps naming trained weights)."""
+``latest/checkpoints/...`` keeps naming trained weights). The epoch-based ranking trainers also keep
+``checkpoints/last``: everything needed to continue after the newest epoch exactly as if never stopped."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from minigpt4.config import Config, dump_config
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, require_file
 from minigpt4.io import atomic_folder
-from minigpt4.recommenders import CollaborativeModel, load_recommender
+from minigpt4.recommenders import CollaborativeModel, load_recommender, write_recommender
 
 logger = logging.getLogger("diffrec")
 TRAINER_STATE = "trainer_state.json"
@@ -105,3 +106,61 @@ def save_checkpoint(folder: Path, model: Any, config: Config, optimizer: torch.o
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
+
+
+def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) -> Path:
+    """The ``checkpoints/last`` folder ``run.resume_from`` names (``latest``: the newest under ``run.output_dir``),
+    checked against this run's model, dataset, protocol and ``run.max_epochs`` (the total, not a further count)."""
+    run = config.run
+    folder = run.resume_from
+    if folder.name == "latest":
+        runs = [path for path in run.output_dir.iterdir() if path.is_dir() and not path.is_symlink()] if run.output_dir.is_dir() else []
+        found = [path / "checkpoints" / "last" for path in runs if (path / "checkpoints" / "last" / TRAINER_STATE).is_file()]
+        if not found:
+            raise DiffRecError(f"run.resume_from is latest but no run under {run.output_dir} holds a complete checkpoints/last")
+        folder = max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
+    progress = json.loads(require_file(folder / TRAINER_STATE).read_text())
+    if progress["protocol"] != protocol:
+        raise DiffRecError(f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol}' (resume under the same protocol)")
+    if progress["epoch"] >= run.max_epochs:
+        raise DiffRecError(f"{folder} is at epoch {progress['epoch']}; run.max_epochs {run.max_epochs} (the total) leaves nothing to train")
+    load_recommender(folder, config.model, n_users, n_items)  # names a model or dataset mismatch now
+    for name in ("optimizers.pt", "rng.pt"):
+        require_file(folder / name)
+    return folder
+
+
+def save_epoch_state(
+    folder: Path, model: CollaborativeModel, config: Config, optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+    generator: torch.Generator, progress: dict,
+) -> None:
+    """Weights, optimizer and scheduler states, both random streams and ``progress``, written atomically."""
+    rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    with atomic_folder(folder) as partial:
+        write_recommender(model, config.model, partial, {"epoch": progress["epoch"], "protocol": progress["protocol"]})
+        torch.save({name: optimizer.state_dict() for name, optimizer in optimizers.items()}, partial / "optimizers.pt")
+        torch.save({name: scheduler.state_dict() for name, scheduler in schedulers.items()}, partial / "schedulers.pt")
+        torch.save(rng, partial / "rng.pt")
+        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
+
+
+def restore_epoch_state(
+    folder: Path, optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], generator: torch.Generator, device: torch.device,
+) -> dict:
+    """Load what ``save_epoch_state`` wrote into the optimizers, schedulers and random streams; returns the progress.
+    Call it last before the epoch loop: building a model draws from the global stream."""
+    for file, targets in (("optimizers.pt", optimizers), ("schedulers.pt", schedulers)):
+        states = torch.load(require_file(folder / file), weights_only=True)
+        if set(states) != set(targets):  # e.g. run.lr_step_epochs set in one run and not the other
+            raise DiffRecError(f"{folder / file} holds {sorted(states) or 'none'}; this run has {sorted(targets) or 'none'} (resume with the same run settings)")
+        for name, state in states.items():
+            targets[name].load_state_dict(state)
+    rng = torch.load(folder / "rng.pt", weights_only=True)
+    generator.set_state(rng["batches"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return json.loads((folder / TRAINER_STATE).read_text())

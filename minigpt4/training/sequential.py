@@ -37,10 +37,11 @@ from minigpt4.config import Config, RunConfig
 from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ranking import leave_one_out_metrics
-from minigpt4.io import atomic_folder
-from minigpt4.recommenders import build_recommender, load_recommender, save_recommender, write_recommender
+from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
-from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, start_ranking_run, write_metrics
+from minigpt4.training.run_folder import (
+    TRAINER_STATE, find_epoch_state, json_safe, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics,
+)
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
@@ -86,7 +87,9 @@ def pretrain_sequential(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a next-item model; returns the metrics."""
     dataset = load_sequence_dataset(config.datasets.path)
     # A bad resume folder fails before the run folder exists.
-    resume = _resume_folder(config, dataset) if config.run.resume_from is not None and not config.run.evaluate else None
+    resume = None
+    if config.run.resume_from is not None and not config.run.evaluate:
+        resume = find_epoch_state(config, protocol_label(config), dataset.n_users, dataset.n_items)
     model, run_dir, device = start_ranking_run(config, dataset.n_users, dataset.n_items, "leave-one-out training")
     logger.info("run folder %s on %s; %d users, %d items, %d training items", run_dir, device, len(dataset.uid), dataset.n_items, len(dataset.items))
     if model is not None:
@@ -107,44 +110,6 @@ def _improved(valid: dict[str, float], best: dict[str, float] | None, config: Co
     return any(valid[name] > best[name] for name in names)
 
 
-def _resume_folder(config: Config, dataset: SequenceDataset) -> Path:
-    """The ``checkpoints/last`` folder to continue from, checked against this run (model, dataset, protocol, epochs)."""
-    run = config.run
-    folder = run.resume_from
-    if folder.name == "latest":
-        runs = [path for path in run.output_dir.iterdir() if path.is_dir() and not path.is_symlink()] if run.output_dir.is_dir() else []
-        found = [path / "checkpoints" / "last" for path in runs if (path / "checkpoints" / "last" / TRAINER_STATE).is_file()]
-        if not found:
-            raise DiffRecError(f"run.resume_from is latest but no run under {run.output_dir} holds a complete checkpoints/last")
-        folder = max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
-    progress = json.loads(require_file(folder / TRAINER_STATE).read_text())
-    if progress["protocol"] != protocol_label(config):
-        raise DiffRecError(f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol_label(config)}' (resume under the same protocol)")
-    if progress["epoch"] >= run.max_epochs:
-        raise DiffRecError(f"{folder} is at epoch {progress['epoch']}; run.max_epochs {run.max_epochs} (the total) leaves nothing to train")
-    load_recommender(folder, config.model, dataset.n_users, dataset.n_items)  # names a model or dataset mismatch now
-    for name in ("optimizer.pt", "rng.pt"):
-        require_file(folder / name)
-    if progress["best_epoch"]:
-        require_file(folder.parent / "best" / "model.safetensors")
-    return folder
-
-
-def _save_last(folder: Path, model: CollaborativeModel, config: Config, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator, progress: dict) -> None:
-    """Everything ``run.resume_from`` needs to continue after this epoch, written atomically."""
-    rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    with atomic_folder(folder) as partial:
-        write_recommender(model, config.model, partial, {"epoch": progress["epoch"], "protocol": progress["protocol"]})
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-        torch.save(rng, partial / "rng.pt")
-        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
-
-
 def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_dir: Path, resume: Path | None) -> dict:
     """The epoch loop (from ``resume``'s state if given); returns the selected epoch's validation and test
     figures, the curve and timings."""
@@ -160,19 +125,13 @@ def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_d
     if parameters:
         optimizer = torch.optim.Adam(parameters, lr=run.lr, weight_decay=run.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, run.lr_step_epochs, run.lr_step_gamma) if run.lr_step_epochs else None
+        schedulers = {"model": scheduler} if scheduler is not None else {}
         if resume is not None:
-            progress = json.loads((resume / TRAINER_STATE).read_text())
-            optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-            if scheduler is not None:
-                scheduler.load_state_dict(torch.load(require_file(resume / "scheduler.pt"), weights_only=True))
-            if progress["best_epoch"]:
-                shutil.copytree(resume.parent / "best", best_dir)
+            best_epoch = json.loads((resume / TRAINER_STATE).read_text())["best_epoch"]
+            if best_epoch:
+                shutil.copytree(require_file(resume.parent / "best" / "model.safetensors").parent, best_dir)
                 best_state = load_recommender(best_dir).state_dict()
-            rng = torch.load(resume / "rng.pt", weights_only=True)  # last: building a model above draws from the global stream
-            generator.set_state(rng["batches"])
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], device)
+            progress = restore_epoch_state(resume, {"model": optimizer}, schedulers, generator, device)
             logger.info("resumed from %s after epoch %d (selected so far: epoch %d)", resume, progress["epoch"], progress["best_epoch"])
         bar = tqdm(range(progress["epoch"] + 1, run.max_epochs + 1), desc=f"pretrain {config.model.arch}")
         for epoch in bar:
@@ -201,7 +160,7 @@ def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_d
                 else:
                     progress["stale"] += 1
                     stop = progress["stale"] >= run.patience
-            _save_last(run_dir / "checkpoints" / "last", model, config, optimizer, scheduler, generator, progress)
+            save_epoch_state(run_dir / "checkpoints" / "last", model, config, {"model": optimizer}, schedulers, generator, progress)
             if stop:
                 logger.info("early stop at epoch %d: validation has not improved for %d evaluations", epoch, progress["stale"])
                 break
