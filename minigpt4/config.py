@@ -451,7 +451,7 @@ class RunConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     eval_every_steps: int = Field(100, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # also leave-one-out training (bf16 only); full-ranking runs stay fp32
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # also leave-one-out training (bf16 only); other collaborative pre-training refuses it (fp32)
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)
@@ -492,6 +492,8 @@ class Config(Section):
         arch, shape = self.model.arch, self.datasets.shape
         if arch in DATA_SHAPES and shape not in DATA_SHAPES[arch]:
             raise ValueError(f"model.arch {arch} trains on datasets.shape {' or '.join(sorted(DATA_SHAPES[arch]))}, not {shape}")
+        if arch in DATA_SHAPES and shape != "sequence" and self.run.mixed_precision != "no":
+            raise ValueError(f"run.mixed_precision {self.run.mixed_precision}: {arch} on datasets.shape {shape} trains in fp32 (leave-one-out, LLM and image training use it)")
         if shape == "ratings":
             return self
         if shape == "sequence" and self.run.mixed_precision == "fp16":

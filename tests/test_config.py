@@ -50,6 +50,7 @@ def test_data_root_environment_variable(tmp_path, monkeypatch):
         (BASE.replace("arch: mf", "arch: mff"), "model.arch must be one of mf, lightgcn, sasrec, din, mostpop, diffmm, mdmns, genrec, diffurec, llmrec, sd3, diffrec, got 'mff'; did you mean 'mf'?"),
         (BASE.replace("embedding_size: 16", "embedding_size: lots"), "key 'model.embedding_size': Input should be a valid integer"),
         (BASE.replace("  lr: 0.01", "  lr: -1"), "key 'run.lr': Input should be greater than 0"),
+        (BASE.replace("  lr: 0.01", "  lr: 0.01\n  mixed_precision: bf16"), "run.mixed_precision bf16: mf on datasets.shape ratings trains in fp32"),
         ("model: [1, 2\n", "not valid YAML"),
         ("- a\n- b\n", "expected a mapping"),
     ],
