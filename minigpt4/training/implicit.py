@@ -13,7 +13,6 @@ the leave-one-out trainer (``minigpt4.training.sequential``): a resumed run cont
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from minigpt4.config import Config
 from minigpt4.data.implicit import ImplicitDataset, load_implicit_dataset
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ranking import full_ranking_metrics
-from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
+from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
 from minigpt4.training.run_folder import find_epoch_state, json_safe, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
@@ -77,11 +76,15 @@ def pretrain_implicit(config: Config) -> dict:
     return metrics
 
 
-def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_dir: Path, resume: Path | None) -> dict:
-    """The epoch loop (from ``resume``'s state if given); returns both protocols' selections, the curve and timings."""
+def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_dir: Path, resume: tuple[Path, CollaborativeModel] | None) -> dict:
+    """The epoch loop (from ``resume``'s folder and model if given); returns both protocols' selections, the
+    curve and timings."""
     run = config.run
-    features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
-    model = load_recommender(resume) if resume is not None else build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features)
+    if resume is not None:
+        model = resume[1]
+    else:
+        features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
+        model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features)
     model = model.to(device)
     groups = {name: params for name, params in model.optimizer_groups().items() if params}
     optimizers = {name: torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay) for name, params in groups.items()}
@@ -96,10 +99,8 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
     # by_valid / by_test: the epoch each protocol selects so far, with its figures (None before the first evaluation)
     progress = {"epoch": 0, "by_valid": None, "by_test": None, "stale": 0, "curve": [], "epoch_seconds": [], "protocol": protocol_label(config)}
     if resume is not None:
-        if (resume.parent / "best").is_dir():
-            shutil.copytree(resume.parent / "best", best_dir)
-        progress = restore_epoch_state(resume, optimizers, {}, generator, device)
-        logger.info("resumed from %s after epoch %d", resume, progress["epoch"])
+        progress = restore_epoch_state(resume[0], optimizers, {}, generator, device, best_dir)
+        logger.info("resumed from %s after epoch %d", resume[0], progress["epoch"])
     epochs = range(progress["epoch"] + 1, run.max_epochs + 1) if optimizers else range(0)  # nothing to train: evaluate once
     bar = tqdm(epochs, desc=f"pretrain {config.model.arch}", disable=not optimizers)
     for epoch in bar:

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,9 @@ def save_checkpoint(folder: Path, model: Any, config: Config, optimizer: torch.o
         (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
 
 
-def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) -> Path:
-    """The ``checkpoints/last`` folder ``run.resume_from`` names (``latest``: the newest under ``run.output_dir``),
-    checked against this run's model, dataset, protocol and ``run.max_epochs`` (the total, not a further count)."""
+def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) -> tuple[Path, CollaborativeModel]:
+    """The ``checkpoints/last`` folder ``run.resume_from`` names (``latest``: the newest under ``run.output_dir``)
+    and its model, checked against this run's model, dataset, protocol and ``run.max_epochs`` (the total)."""
     run = config.run
     folder = run.resume_from
     if folder.name == "latest":
@@ -124,10 +125,10 @@ def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) 
         raise DiffRecError(f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol}' (resume under the same protocol)")
     if progress["epoch"] >= run.max_epochs:
         raise DiffRecError(f"{folder} is at epoch {progress['epoch']}; run.max_epochs {run.max_epochs} (the total) leaves nothing to train")
-    load_recommender(folder, config.model, n_users, n_items)  # names a model or dataset mismatch now
+    model = load_recommender(folder, config.model, n_users, n_items)  # names a model or dataset mismatch now
     for name in ("optimizers.pt", "rng.pt"):
         require_file(folder / name)
-    return folder
+    return folder, model
 
 
 def save_epoch_state(
@@ -149,9 +150,13 @@ def save_epoch_state(
 
 def restore_epoch_state(
     folder: Path, optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], generator: torch.Generator, device: torch.device,
+    best_dir: Path,
 ) -> dict:
-    """Load what ``save_epoch_state`` wrote into the optimizers, schedulers and random streams; returns the progress.
-    Call it last before the epoch loop: building a model draws from the global stream."""
+    """Load what ``save_epoch_state`` wrote into the optimizers, schedulers and random streams, copy the earlier
+    run's best checkpoint (if any) to ``best_dir``; returns the progress. Build no model after it: that draws
+    from the global stream."""
+    if (folder.parent / "best").is_dir():
+        shutil.copytree(folder.parent / "best", best_dir)
     for file, targets in (("optimizers.pt", optimizers), ("schedulers.pt", schedulers)):
         states = torch.load(require_file(folder / file), weights_only=True)
         if set(states) != set(targets):  # e.g. run.lr_step_epochs set in one run and not the other

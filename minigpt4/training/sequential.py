@@ -23,25 +23,22 @@ is then the total, so a schedule longer than one sitting is trained in pieces wi
 from __future__ import annotations
 
 import copy
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from minigpt4.config import Config, RunConfig
 from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ranking import leave_one_out_metrics
-from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
+from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
-from minigpt4.training.run_folder import (
-    TRAINER_STATE, find_epoch_state, json_safe, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics,
-)
+from minigpt4.training.run_folder import find_epoch_state, json_safe, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
@@ -110,11 +107,11 @@ def _improved(valid: dict[str, float], best: dict[str, float] | None, config: Co
     return any(valid[name] > best[name] for name in names)
 
 
-def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_dir: Path, resume: Path | None) -> dict:
-    """The epoch loop (from ``resume``'s state if given); returns the selected epoch's validation and test
-    figures, the curve and timings."""
+def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_dir: Path, resume: tuple[Path, CollaborativeModel] | None) -> dict:
+    """The epoch loop (from ``resume``'s folder and model if given); returns the selected epoch's validation and
+    test figures, the curve and timings."""
     run = config.run
-    model = load_recommender(resume) if resume is not None else build_recommender(config.model, dataset.n_users, dataset.n_items, _history_edges(dataset))
+    model = resume[1] if resume is not None else build_recommender(config.model, dataset.n_users, dataset.n_items, _history_edges(dataset))
     model = model.to(device)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     best_dir = run_dir / "checkpoints" / "best"
@@ -127,12 +124,10 @@ def _train(config: Config, dataset: SequenceDataset, device: torch.device, run_d
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, run.lr_step_epochs, run.lr_step_gamma) if run.lr_step_epochs else None
         schedulers = {"model": scheduler} if scheduler is not None else {}
         if resume is not None:
-            best_epoch = json.loads((resume / TRAINER_STATE).read_text())["best_epoch"]
-            if best_epoch:
-                shutil.copytree(require_file(resume.parent / "best" / "model.safetensors").parent, best_dir)
-                best_state = load_recommender(best_dir).state_dict()
-            progress = restore_epoch_state(resume, {"model": optimizer}, schedulers, generator, device)
-            logger.info("resumed from %s after epoch %d (selected so far: epoch %d)", resume, progress["epoch"], progress["best_epoch"])
+            progress = restore_epoch_state(resume[0], {"model": optimizer}, schedulers, generator, device, best_dir)
+            if progress["best_epoch"]:  # the weights only: building a model here would draw from the restored stream
+                best_state = load_file(require_file(best_dir / "model.safetensors"))
+            logger.info("resumed from %s after epoch %d (selected so far: epoch %d)", resume[0], progress["epoch"], progress["best_epoch"])
         bar = tqdm(range(progress["epoch"] + 1, run.max_epochs + 1), desc=f"pretrain {config.model.arch}")
         for epoch in bar:
             start, stop = time.perf_counter(), False
