@@ -451,7 +451,7 @@ class RunConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     eval_every_steps: int = Field(100, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # also leave-one-out training (bf16 only); other collaborative pre-training refuses it (fp32)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # also leave-one-out and full-ranking training (bf16 only); rating-shape pre-training refuses it (fp32)
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)
@@ -492,12 +492,12 @@ class Config(Section):
         arch, shape = self.model.arch, self.datasets.shape
         if arch in DATA_SHAPES and shape not in DATA_SHAPES[arch]:
             raise ValueError(f"model.arch {arch} trains on datasets.shape {' or '.join(sorted(DATA_SHAPES[arch]))}, not {shape}")
-        if arch in DATA_SHAPES and shape != "sequence" and self.run.mixed_precision != "no":
-            raise ValueError(f"run.mixed_precision {self.run.mixed_precision}: {arch} on datasets.shape {shape} trains in fp32 (leave-one-out, LLM and image training use it)")
+        if arch in DATA_SHAPES and shape == "ratings" and self.run.mixed_precision != "no":
+            raise ValueError(f"run.mixed_precision {self.run.mixed_precision}: {arch} on datasets.shape ratings trains in fp32 (leave-one-out, full-ranking, LLM and image training use it)")
         if shape == "ratings":
             return self
-        if shape == "sequence" and self.run.mixed_precision == "fp16":
-            raise ValueError("run.mixed_precision fp16 needs a loss scaler that leave-one-out training does not have: use bf16 or no")
+        if self.run.mixed_precision == "fp16":
+            raise ValueError(f"run.mixed_precision fp16 needs a loss scaler that {shape}-shape training does not have: use bf16 or no")
         names = ("hr", "ndcg") if shape == "sequence" else ("recall", "ndcg", "precision")
         metric, _, k = self.run.select_metric.partition("@")
         if metric not in names or not k.isdigit() or int(k) not in self.run.ranking_ks:

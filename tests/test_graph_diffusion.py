@@ -202,21 +202,30 @@ def test_debiasing_keeps_flips_the_user_clusters_support(implicit_root):
 
 
 @pytest.mark.parametrize("config", [MFConfig(embedding_size=8), LightGCNConfig(embedding_size=8, n_layers=2), tiny_diffmm_config(), tiny_mdmns_config(), tiny_mdmns_config(faithful=True), tiny_genrec_config(), tiny_genrec_config(faithful=True)], ids=lambda c: c.arch + ("-faithful" if getattr(c, "faithful", False) else ""))
-def test_bpr_loss_falls(config, implicit_root):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_bpr_loss_falls(config, bf16, implicit_root):
     torch.manual_seed(0)
     model, dataset = build_model(config, implicit_root)
     coo = dataset.matrices["train"].tocoo()
     users, positives = torch.as_tensor(coo.row).long(), torch.as_tensor(coo.col).long()
     negatives = torch.as_tensor(sample_negatives(dataset.matrices["train"], coo.row, torch.Generator().manual_seed(0)))
+    first = []  # the untrained loss in fp32 and as trained, from the same random draws
+    for autocast in (False, bf16):
+        torch.manual_seed(1)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            first.append(model.pair_loss(users, positives, negatives, 1e-4)["loss"].item())
+    assert first[1] == pytest.approx(first[0], rel=0.01)
     optimizer = torch.optim.Adam(model.optimizer_groups()["model"], lr=0.01)
     losses = []
     for _ in range(15):
-        loss = model.pair_loss(users, positives, negatives, 1e-4)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the trainer's run.mixed_precision=bf16
+            loss = model.pair_loss(users, positives, negatives, 1e-4)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+    assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32) for p in model.parameters())
 
 
 @pytest.mark.parametrize("make", [tiny_diffmm_config, tiny_mdmns_config, tiny_genrec_config], ids=["diffmm", "mdmns", "genrec"])
@@ -268,6 +277,15 @@ def test_resumed_training_matches_one_uninterrupted_run(arch, implicit_root, tmp
     curves = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["curve"]] for run in (straight, resumed)]
     assert curves[0] == curves[1] and len(curves[1]) == 2 and resumed["epochs_run"] == 4
     assert resumed["valid_selection"] == straight["valid_selection"]
+
+
+def test_bf16_training_is_recorded_and_fp16_refused(implicit_root, tmp_path, capsys):
+    path = write_implicit_config(tmp_path, implicit_root, "mdmns", TINY_MODELS["mdmns"], {"mixed_precision": "bf16"})
+    assert main(["pretrain", "--cfg-path", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["mixed_precision"] == "bf16" and metrics["epochs_run"] == 3
+    assert main(["pretrain", "--cfg-path", str(path), "--options", "run.mixed_precision=fp16"]) == 2
+    assert "run.mixed_precision fp16 needs a loss scaler that implicit-shape training does not have" in capsys.readouterr().err
 
 
 def test_paper_parity_is_labelled_and_selects_on_test(implicit_root, tmp_path, capsys):

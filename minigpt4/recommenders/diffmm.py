@@ -37,7 +37,7 @@ from minigpt4.config import GraphDiffusionConfig
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
-from minigpt4.recommenders.graph import StoredGraphs, bpr_loss, dense_rows, drop_edges, info_nce, normalized_adjacency, top_k_edges
+from minigpt4.recommenders.graph import StoredGraphs, bpr_loss, dense_rows, drop_edges, info_nce, normalized_adjacency, sparse_mm, top_k_edges
 
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> predicted x0
@@ -224,7 +224,7 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         """Sum of the input and its ``gnn_layers`` propagations over ``graph``."""
         total = layer
         for _ in range(self.config.gnn_layers):
-            layer = torch.sparse.mm(graph, layer)
+            layer = sparse_mm(graph, layer)
             total = total + layer
         return total
 
@@ -232,9 +232,9 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         """One modality's node table before the shared layers: users propagated with the normalised item
         features, then again with the id items, plus the regenerated graph's propagation of the id tables."""
         ids = torch.cat([self.user_table, self.item_table])
-        view = torch.sparse.mm(graph, torch.cat([self.user_table, F.normalize(self.modal_items(modality))]))
-        view = view + torch.sparse.mm(graph, torch.cat([view[: self.n_users], self.item_table]))
-        return view + self.config.ris_adj_lambda * torch.sparse.mm(self.modal_graph(modality), ids)
+        view = sparse_mm(graph, torch.cat([self.user_table, F.normalize(self.modal_items(modality))]))
+        view = view + sparse_mm(graph, torch.cat([view[: self.n_users], self.item_table]))
+        return view + self.config.ris_adj_lambda * sparse_mm(self.modal_graph(modality), ids)
 
     def main_view(self) -> torch.Tensor:
         """The recommendation table: softmax-weighted modality views, propagated, plus a residual."""
@@ -248,7 +248,7 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         then over the training graph."""
         graph = self.main_graph()
         return [
-            self._propagate(graph, torch.sparse.mm(self.modal_graph(m), torch.cat([self.user_table, F.normalize(self.modal_items(m))])))
+            self._propagate(graph, sparse_mm(self.modal_graph(m), torch.cat([self.user_table, F.normalize(self.modal_items(m))])))
             for m in self.modalities
         ]
 

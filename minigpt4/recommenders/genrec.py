@@ -57,7 +57,7 @@ from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.diffmm import Denoise, step_embedding
-from minigpt4.recommenders.graph import StoredGraphs, all_pairs_info_nce, bpr_loss, dense_rows, drop_edges, knn_graph, normalized_adjacency, top_k_edges
+from minigpt4.recommenders.graph import StoredGraphs, all_pairs_info_nce, bpr_loss, dense_rows, drop_edges, knn_graph, normalized_adjacency, sparse_mm, top_k_edges
 
 DEFAULT_CLUSTERS = 20  # the published kmeans_cluster_num
 
@@ -261,7 +261,7 @@ class GenRec(StoredGraphs, CollaborativeModel):
         """Mean of the input and its ``gcn_layers`` propagations."""
         layers = [layer]
         for _ in range(self.config.gcn_layers):
-            layers.append(torch.sparse.mm(graph, layers[-1]))
+            layers.append(sparse_mm(graph, layers[-1]))
         return torch.stack(layers).mean(0)
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,8 +274,8 @@ class GenRec(StoredGraphs, CollaborativeModel):
         for modality in self.modalities:
             items = self.item_table * self.gates[modality](self.modal_features(modality))
             for _ in range(self.config.gcn_layers):
-                items = torch.sparse.mm(graphs[f"knn_{modality}"], items)
-            modal_views.append(torch.cat([torch.sparse.mm(graphs["user_items"], items), items]))
+                items = sparse_mm(graphs[f"knn_{modality}"], items)
+            modal_views.append(torch.cat([sparse_mm(graphs["user_items"], items), items]))
         attention = torch.softmax(torch.cat([self.common(view) for view in modal_views], dim=-1), dim=-1)
         common = sum(attention[:, index : index + 1] * view for index, view in enumerate(modal_views))
         specific = [self.gates[m](content) * (view - common) for m, view in zip(self.modalities, modal_views)]

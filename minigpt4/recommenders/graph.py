@@ -30,6 +30,13 @@ def normalized_adjacency(users: torch.Tensor, items: torch.Tensor, n_users: int,
     return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (size, size), check_invariants=False).coalesce()
 
 
+def sparse_mm(graph: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``graph @ dense`` in fp32 even under autocast: CPU autocast would run the sparse product in bf16, which
+    its backward cannot take (and propagation is cheap next to the dense losses that autocast speeds up)."""
+    with torch.autocast(dense.device.type, enabled=False):
+        return torch.sparse.mm(graph, dense.float())
+
+
 def drop_edges(adjacency: torch.Tensor, keep_rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep each stored entry with probability ``keep_rate`` and rescale the kept ones by 1 / keep_rate."""
     if keep_rate >= 1.0:

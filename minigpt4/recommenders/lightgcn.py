@@ -10,6 +10,7 @@ import torch
 from minigpt4.config import LightGCNConfig
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.recommenders.base import CollaborativeModel, embedding
+from minigpt4.recommenders.graph import sparse_mm
 
 
 class LightGCN(CollaborativeModel):
@@ -47,7 +48,7 @@ class LightGCN(CollaborativeModel):
                 self._adjacency_cache = self._adjacency()
             adjacency = self._adjacency_cache
             for _ in range(self.n_layers):
-                layer = torch.sparse.mm(adjacency, layer)
+                layer = sparse_mm(adjacency, layer)
                 total = total + layer
         final = total / (self.n_layers + 1)
         return final[: self.n_users + 1], final[self.n_users + 1 :]

@@ -43,7 +43,7 @@ from functools import partial
 
 from minigpt4.config import MDMNSConfig
 from minigpt4.recommenders.diffmm import DiffMM
-from minigpt4.recommenders.graph import all_pairs_info_nce, bpr_loss
+from minigpt4.recommenders.graph import all_pairs_info_nce, bpr_loss, sparse_mm
 
 
 def guidance_scores(rows: torch.Tensor, users: torch.Tensor, items: torch.Tensor, layer: nn.Linear, min_degree: float) -> torch.Tensor:
@@ -108,9 +108,9 @@ class MDMNS(DiffMM):
         views = [self.modality_view(m, graph) for m in self.modalities]
         weights = torch.softmax(self.modal_weight, 0)
         fused_items = F.normalize(sum(weight * view for weight, view in zip(weights, views))[self.n_users :])
-        fused = torch.sparse.mm(graph, torch.cat([self.user_table, fused_items]))
-        fused = fused + torch.sparse.mm(graph, torch.cat([fused[: self.n_users], self.item_table]))
-        fused = fused + self.config.ris_adj_lambda * torch.sparse.mm(graph, torch.cat([self.user_table, self.item_table]))
+        fused = sparse_mm(graph, torch.cat([self.user_table, fused_items]))
+        fused = fused + sparse_mm(graph, torch.cat([fused[: self.n_users], self.item_table]))
+        fused = fused + self.config.ris_adj_lambda * sparse_mm(graph, torch.cat([self.user_table, self.item_table]))
         return [self._propagate(graph, view) + self.config.ris_lambda * F.normalize(view) for view in [fused, *views]]
 
     def ranking_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
