@@ -120,16 +120,21 @@ def test_denoiser_and_reverse_chain_keep_the_row_shape():
     assert diffusion_loss.shape == consistency.shape == (4,)
 
 
-def test_all_pairs_info_nce_in_chunks_equals_the_full_matrix():
+@pytest.mark.parametrize("others_grad", [True, False], ids=["both-trained", "others-detached"])
+def test_all_pairs_info_nce_in_chunks_equals_the_full_matrix(others_grad):
     torch.manual_seed(0)
-    a, b = torch.randn(37, 6, requires_grad=True), torch.randn(37, 6, requires_grad=True)
+    a, b = torch.randn(37, 6, requires_grad=True), torch.randn(37, 6, requires_grad=others_grad)
+    scale = torch.randn(())  # a non-unit upstream gradient
     chunked = all_pairs_info_nce(a, b, 0.5, chunk=8)
     full = torch.nn.functional.cross_entropy(torch.nn.functional.normalize(a) @ torch.nn.functional.normalize(b).T / 0.5, torch.arange(37))
     torch.testing.assert_close(chunked, full)
-    grads = torch.autograd.grad(chunked, (a, b))
-    expected = torch.autograd.grad(full, (a, b))
+    inputs = (a, b) if others_grad else (a,)
+    grads = torch.autograd.grad(scale * chunked, inputs)
+    expected = torch.autograd.grad(scale * full, inputs)
     for ours, reference in zip(grads, expected):
         torch.testing.assert_close(ours, reference)
+    with torch.no_grad():
+        torch.testing.assert_close(all_pairs_info_nce(a, b, 0.5, chunk=37), full.detach())
 
 
 def test_info_nce_equals_the_published_contrast_loss():

@@ -10,7 +10,6 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def normalized_adjacency(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int, self_loops: bool = True) -> torch.Tensor:
@@ -60,24 +59,48 @@ def info_nce(view1: torch.Tensor, view2: torch.Tensor, nodes: torch.Tensor, temp
     return F.cross_entropy(anchors @ F.normalize(view2, dim=-1).T, nodes)
 
 
-def _chunk_nce(anchors: torch.Tensor, others: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of one block of anchor rows against every row of ``others``, summed."""
-    return F.cross_entropy(anchors @ others.T / temperature, labels, reduction="sum")
+class _AllPairsInfoNCE(torch.autograd.Function):
+    """Mean cross-entropy of each anchor row against every row of ``others`` (row i's positive is row i).
+
+    The gradient is formed in the forward pass, one block of anchor rows at a time: with P the softmax of a
+    block's similarities, d/d anchors = (P - I) others / t and d/d others = (P - I)^T anchors / t. That takes
+    three block products where recomputing the block in backward (activation checkpointing) takes four, and
+    two instead of three when ``others`` needs no gradient; only the N x d gradients are kept."""
+
+    @staticmethod
+    def forward(ctx, anchors: torch.Tensor, others: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+        want_anchors, want_others = ctx.needs_input_grad[:2]
+        grad_anchors = torch.zeros_like(anchors, dtype=torch.float32) if want_anchors else None
+        grad_others = torch.zeros_like(others, dtype=torch.float32) if want_others else None
+        total = anchors.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(anchors), chunk):
+            block = anchors[start : start + chunk]
+            rows = torch.arange(len(block), device=anchors.device)
+            logits = (block @ others.T).float().div_(temperature)  # under autocast the product runs in bf16
+            log_norm = torch.logsumexp(logits, dim=1)
+            total = total + (log_norm - logits[rows, rows + start]).sum()
+            if want_anchors or want_others:
+                residual = logits.sub_(log_norm[:, None]).exp_()  # P - I, formed in the logits' memory
+                residual[rows, rows + start] -= 1.0
+                if want_anchors:
+                    grad_anchors[start : start + chunk] = residual @ others.float()
+                if want_others:
+                    grad_others += residual.T @ block.float()
+        scale = 1.0 / (len(anchors) * temperature)
+        ctx.grads = tuple(None if grad is None else (grad * scale).to(view.dtype) for grad, view in ((grad_anchors, anchors), (grad_others, others)))
+        return total / len(anchors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = tuple(None if grad is None else grad * grad_output for grad in ctx.grads)
+        return (*grads, None, None)
 
 
 def all_pairs_info_nce(view1: torch.Tensor, view2: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
     """InfoNCE of every row of ``view1`` against every row of ``view2`` (row i's positive is row i), in blocks
-    of ``chunk`` rows, each recomputed in backward, so the N x N similarity never lives in memory at once."""
-    anchors, others = F.normalize(view1, dim=-1), F.normalize(view2, dim=-1)
-    total = anchors.new_zeros(())
-    for start in range(0, len(anchors), chunk):
-        block = anchors[start : start + chunk]
-        labels = torch.arange(start, start + len(block), device=anchors.device)
-        if torch.is_grad_enabled() and (block.requires_grad or others.requires_grad):
-            total = total + checkpoint(_chunk_nce, block, others, labels, temperature, use_reentrant=False)
-        else:
-            total = total + _chunk_nce(block, others, labels, temperature)
-    return total / len(anchors)
+    of ``chunk`` rows, so the N x N similarity never lives in memory at once (see ``_AllPairsInfoNCE``)."""
+    return _AllPairsInfoNCE.apply(F.normalize(view1, dim=-1), F.normalize(view2, dim=-1), temperature, chunk)
 
 
 def sample_negatives(train: sp.csr_matrix, users: np.ndarray, generator: torch.Generator) -> np.ndarray:
