@@ -234,14 +234,22 @@ def test_bpr_loss_falls(config, bf16, implicit_root):
 
 
 @pytest.mark.parametrize("make", [tiny_diffmm_config, tiny_mdmns_config, tiny_genrec_config], ids=["diffmm", "mdmns", "genrec"])
-def test_denoising_loss_falls(make, implicit_root):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_denoising_loss_falls(make, bf16, implicit_root):
     torch.manual_seed(0)
     model, dataset = build_model(make(denoiser_dropout=0.0), implicit_root)
     optimizer = torch.optim.Adam(model.optimizer_groups()[model.denoiser_group], lr=0.01)
     rows = dense_rows(dataset.matrices["train"], np.arange(N_USERS))
+    first = []  # the untrained loss in fp32 and as trained, from the same random draws
+    for autocast in (False, bf16):
+        torch.manual_seed(1)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            first.append(sum(model.denoising_losses(rows).values()).item())
+    assert first[1] == pytest.approx(first[0], rel=0.02)
     losses = []
     for _ in range(30):
-        loss = sum(model.denoising_losses(rows).values())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the trainer's run.mixed_precision=bf16
+            loss = sum(model.denoising_losses(rows).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -24,6 +24,11 @@ class EpochContext:
     generator: torch.Generator
     optimizers: dict[str, torch.optim.Optimizer]
     device: torch.device
+    bf16: bool = False  # run.mixed_precision=bf16: training losses under bf16 autocast
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context every training loss of the epoch is computed in (a no-op without bf16)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 class CollaborativeModel(nn.Module):

@@ -320,7 +320,8 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         batches = range(0, self.n_users, context.batch_size)
         for start in batches:
             rows = dense_rows(context.train, order[start : start + context.batch_size], context.device)
-            losses = self.denoising_losses(rows)
+            with context.autocast():
+                losses = self.denoising_losses(rows)
             total = sum(losses.values())
             if not torch.isfinite(total):  # the trainer stops and names the checkpoint it keeps
                 return {f"denoise_{m}": loss.item() for m, loss in losses.items()}

@@ -332,7 +332,8 @@ class GenRec(StoredGraphs, CollaborativeModel):
         sums: dict[str, float] = {}
         batches = range(0, self.n_users, context.batch_size)
         for start in batches:
-            losses = self.denoising_losses(dense_rows(context.train, order[start : start + context.batch_size], context.device))
+            with context.autocast():
+                losses = self.denoising_losses(dense_rows(context.train, order[start : start + context.batch_size], context.device))
             total = sum(losses.values())
             if not torch.isfinite(total):  # the trainer stops and names the checkpoint it keeps
                 return {"denoise": total.item()}

@@ -6,9 +6,9 @@ regeneration), then BPR steps over every training pair with one freshly sampled 
 evaluated epoch both validation and test are ranked, so one run yields both protocols: the default selects
 the epoch by validation ``run.select_metric`` and reports test there; ``run.paper_parity`` selects by the
 test metric itself (the published code's protocol) and is labelled so in every output. Early stopping
-and the kept checkpoint follow the run's protocol. ``run.mixed_precision: bf16`` computes the BPR-phase losses
-(``pair_loss``: towers and contrastive terms) under bf16 autocast, sparse propagation in fp32; the denoiser
-phase, the weights, the optimizer and evaluation stay fp32. ``checkpoints/last`` and ``run.resume_from`` work as for
+and the kept checkpoint follow the run's protocol. ``run.mixed_precision: bf16`` computes every training loss
+(the denoisers' and ``pair_loss``) under bf16 autocast, sparse propagation in fp32; graph regeneration, the
+weights, the optimizer and evaluation stay fp32. ``checkpoints/last`` and ``run.resume_from`` work as for
 the leave-one-out trainer (``minigpt4.training.sequential``): a resumed run continues exactly.
 """
 
@@ -94,7 +94,7 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
     coo = train.tocoo()
     pair_users, pair_items = coo.row.astype(np.int64), coo.col.astype(np.int64)
     generator = torch.Generator().manual_seed(run.seed)
-    context = EpochContext(train, run.batch_size, generator, optimizers, device)
+    context = EpochContext(train, run.batch_size, generator, optimizers, device, bf16=run.mixed_precision == "bf16")
     metric = run.select_metric
     checkpoints = run_dir / "checkpoints"
     best_dir = checkpoints / "best"
@@ -110,7 +110,7 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
         model.train()
         losses = model.prepare_epoch(context)
         if "model" in optimizers:
-            losses |= _bpr_epoch(model, optimizers["model"], pair_users, pair_items, context, run.l2_reg, run.mixed_precision == "bf16")
+            losses |= _bpr_epoch(model, optimizers["model"], pair_users, pair_items, context, run.l2_reg)
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         if bad:
             raise DiffRecError(f"{bad[0]} became {losses[bad[0]]} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}")
@@ -158,11 +158,9 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
     }
 
 
-def _bpr_epoch(
-    model: CollaborativeModel, optimizer: torch.optim.Optimizer, users: np.ndarray, items: np.ndarray, context: EpochContext, l2_reg: float, bf16: bool,
-) -> dict[str, float]:
-    """One pass of BPR steps over every training pair, each with a fresh negative, the losses under bf16 autocast
-    if asked; mean losses."""
+def _bpr_epoch(model: CollaborativeModel, optimizer: torch.optim.Optimizer, users: np.ndarray, items: np.ndarray, context: EpochContext, l2_reg: float) -> dict[str, float]:
+    """One pass of BPR steps over every training pair, each with a fresh negative (the losses in the context's
+    autocast); mean losses."""
     negatives = sample_negatives(context.train, users, context.generator)
     order = torch.randperm(len(users), generator=context.generator).numpy()
     sums: dict[str, float] = {}
@@ -170,7 +168,7 @@ def _bpr_epoch(
     for start in range(0, len(order), context.batch_size):
         rows = order[start : start + context.batch_size]
         batch = [torch.as_tensor(column[rows], device=context.device) for column in (users, items, negatives)]
-        with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with context.autocast():
             losses = model.pair_loss(*batch, l2_reg)
         if not torch.isfinite(losses["loss"]):  # the caller stops and names the checkpoint it keeps
             return {name: value.item() for name, value in losses.items()}
