@@ -22,6 +22,7 @@ from minigpt4.data.implicit import derive_implicit, load_implicit_dataset, save_
 from minigpt4.recommenders import build_recommender, load_recommender
 from minigpt4.recommenders.base import EpochContext
 from minigpt4.recommenders.diffmm import Denoiser, GaussianDiffusion
+from minigpt4.recommenders.genrec import FlipDiffusion
 from minigpt4.recommenders.graph import all_pairs_info_nce, dense_rows, info_nce, sample_negatives
 from minigpt4.recommenders.mdmns import guidance_scores
 from minigpt4.training.implicit import _edges
@@ -118,6 +119,25 @@ def test_denoiser_and_reverse_chain_keep_the_row_shape():
     assert diffusion.p_sample(lambda x, t: denoiser(x, t, dropout=False), rows, sampling_steps=0, sampling_noise=False).shape == (4, N_ITEMS)
     diffusion_loss, consistency = diffusion.training_losses(denoiser, rows, torch.randn(N_ITEMS, 8), torch.randn(N_ITEMS, 8))
     assert diffusion_loss.shape == consistency.shape == (4,)
+
+
+@pytest.mark.parametrize("faithful", [False, True], ids=["fixed", "faithful"])
+def test_genrec_focal_loss_when_every_item_is_predicted_a_one(faithful):
+    """The published negative class weight rewards predicting negatives as 1s: its clamp holds the faithful loss
+    at a floor without gradient; the fixed loss stays positive and pushes the negatives down."""
+    rows = torch.zeros(4, N_ITEMS)
+    rows[torch.arange(4), torch.tensor([0, 5, 10, 15])] = 1  # 19 zeros per one: the published weight 1 - 0.25 x 19 < 0
+    diffusion = FlipDiffusion(steps=5, temperature=10.0, faithful=faithful)
+    focal = {}
+    for logit in (20.0, 40.0):
+        logits = torch.full((4, N_ITEMS), logit, requires_grad=True)
+        focal[logit] = diffusion.training_losses(lambda x, t: logits, rows, [], gamma=2.0, alpha=0.25, temperature=0.2)["focal"]
+        focal[logit].backward()
+    assert torch.isfinite(focal[40.0])
+    if faithful:
+        assert focal[40.0] < 0 and focal[40.0] == focal[20.0] and logits.grad.abs().max() == 0
+    else:
+        assert focal[40.0] > focal[20.0] > 0 and (logits.grad[rows == 0] > 0).all()
 
 
 @pytest.mark.parametrize("others_grad", [True, False], ids=["both-trained", "others-detached"])

@@ -22,7 +22,9 @@ Differences from the published code, default vs ``faithful: true``:
 - Flip schedule: published, a bit flips with probability sigmoid((gamma_t - u) x temperature), u ~ U(0, 1):
   about 38% of all entries at every step whatever t. Default: gamma_t (0 -> 1) and epsilon_t (1 -> 0).
 - Focal loss: published alpha = 0.25 x zeros/ones (about 250 on TikTok), so the negatives' weight 1 - alpha
-  is negative; default alpha = zeros / (zeros + ones), both class weights in (0, 1).
+  is negative and the loss falls as the denoiser predicts every item a 1, until its clamp of the
+  probability at 1 - 1e-7 stops both the fall and the gradient (kept under ``faithful``); default
+  alpha = zeros / (zeros + ones), both class weights in (0, 1), on log-sigmoids without a clamp.
 - KL term: published compares the posterior probability of a 0 with the predicted probability of a 1 and
   detaches the prediction, so the term never trains anything; default compares the posterior probability
   of a 1 with the prediction and trains through it.
@@ -60,6 +62,7 @@ from minigpt4.recommenders.diffmm import Denoise, step_embedding
 from minigpt4.recommenders.graph import StoredGraphs, all_pairs_info_nce, bpr_loss, dense_rows, drop_edges, knn_graph, normalized_adjacency, sparse_mm, top_k_edges
 
 DEFAULT_CLUSTERS = 20  # the published kmeans_cluster_num
+FOCAL_CLAMP = 1e-7  # the published focal loss clamps the probability to [1e-7, 1 - 1e-7]
 
 
 class FlipDiffusion(nn.Module):
@@ -122,12 +125,17 @@ class FlipDiffusion(nn.Module):
         InfoNCE between original and generated interest aggregates (``generation`` is their sum)."""
         rates = self.rates(x0)
         t = torch.randint(0, self.steps, (len(x0),), device=x0.device)
-        logits = predict(self.q_sample(x0, t, rates), t)
+        logits = predict(self.q_sample(x0, t, rates), t).float()  # the losses in fp32 under bf16 autocast
         zeros_per_one = ((1 - x0).sum() / (x0.sum() + self.eps)).detach()
         positive_weight = alpha * zeros_per_one if self.faithful else zeros_per_one / (1 + zeros_per_one)
         p = torch.sigmoid(logits)
-        positive = -positive_weight * (1 - p).pow(gamma) * x0 * F.logsigmoid(logits)
-        negative = -(1 - positive_weight) * p.pow(gamma) * (1 - x0) * F.logsigmoid(-logits)
+        if self.faithful:  # the published clamp: it bounds the loss that the negative class weight drives down
+            focal_p = p.clamp(FOCAL_CLAMP, 1 - FOCAL_CLAMP)
+            log_p, log_not_p = focal_p.log(), (1 - focal_p).log()
+        else:
+            focal_p, log_p, log_not_p = p, F.logsigmoid(logits), F.logsigmoid(-logits)
+        positive = -positive_weight * (1 - focal_p).pow(gamma) * x0 * log_p
+        negative = -(1 - positive_weight) * focal_p.pow(gamma) * (1 - x0) * log_not_p
         focal = (positive + negative).sum() / x0.numel()
         zero = self.posterior(x0, t, rates)
         target = (zero if self.faithful else 1 - zero).clamp(self.eps, 1 - self.eps)  # the prediction is of a 1
