@@ -22,7 +22,7 @@ from minigpt4.data.implicit import derive_implicit, load_implicit_dataset, save_
 from minigpt4.recommenders import build_recommender, load_recommender
 from minigpt4.recommenders.base import EpochContext
 from minigpt4.recommenders.diffmm import Denoiser, GaussianDiffusion
-from minigpt4.recommenders.genrec import FlipDiffusion
+from minigpt4.recommenders.genrec import FlipDiffusion, bernoulli_kl
 from minigpt4.recommenders.graph import all_pairs_info_nce, dense_rows, info_nce, sample_negatives
 from minigpt4.recommenders.mdmns import guidance_scores
 from minigpt4.training.implicit import _edges
@@ -124,20 +124,31 @@ def test_denoiser_and_reverse_chain_keep_the_row_shape():
 @pytest.mark.parametrize("faithful", [False, True], ids=["fixed", "faithful"])
 def test_genrec_focal_loss_when_every_item_is_predicted_a_one(faithful):
     """The published negative class weight rewards predicting negatives as 1s: its clamp holds the faithful loss
-    at a floor without gradient; the fixed loss stays positive and pushes the negatives down."""
+    at a floor without gradient; the fixed loss stays positive and pushes the negatives down. Every term stays
+    finite with saturated logits (the published KL's clamp rounds to 1 in fp32)."""
     rows = torch.zeros(4, N_ITEMS)
     rows[torch.arange(4), torch.tensor([0, 5, 10, 15])] = 1  # 19 zeros per one: the published weight 1 - 0.25 x 19 < 0
     diffusion = FlipDiffusion(steps=5, temperature=10.0, faithful=faithful)
     focal = {}
     for logit in (20.0, 40.0):
         logits = torch.full((4, N_ITEMS), logit, requires_grad=True)
-        focal[logit] = diffusion.training_losses(lambda x, t: logits, rows, [], gamma=2.0, alpha=0.25, temperature=0.2)["focal"]
+        losses = diffusion.training_losses(lambda x, t: logits, rows, [], gamma=2.0, alpha=0.25, temperature=0.2)
+        assert all(torch.isfinite(torch.as_tensor(value)) for value in losses.values()), losses
+        focal[logit] = losses["focal"]
         focal[logit].backward()
-    assert torch.isfinite(focal[40.0])
     if faithful:
         assert focal[40.0] < 0 and focal[40.0] == focal[20.0] and logits.grad.abs().max() == 0
     else:
         assert focal[40.0] > focal[20.0] > 0 and (logits.grad[rows == 0] > 0).all()
+
+
+def test_bernoulli_kl_equals_the_textbook_formula_and_stays_finite():
+    target, logits = torch.rand(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64) * 4
+    probs = torch.sigmoid(logits)
+    textbook = target * (target / probs).log() + (1 - target) * ((1 - target) / (1 - probs)).log()
+    torch.testing.assert_close(bernoulli_kl(target, logits), textbook)
+    edge = bernoulli_kl(torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([-30.0, 30.0, 60.0, 60.0]))
+    assert torch.isfinite(edge).all() and edge[:3].max() < 1e-12 and torch.isclose(edge[3], torch.tensor(60.0))
 
 
 @pytest.mark.parametrize("others_grad", [True, False], ids=["both-trained", "others-detached"])

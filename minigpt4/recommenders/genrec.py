@@ -27,7 +27,9 @@ Differences from the published code, default vs ``faithful: true``:
   alpha = zeros / (zeros + ones), both class weights in (0, 1), on log-sigmoids without a clamp.
 - KL term: published compares the posterior probability of a 0 with the predicted probability of a 1 and
   detaches the prediction, so the term never trains anything; default compares the posterior probability
-  of a 1 with the prediction and trains through it.
+  of a 1 with the prediction and trains through it. Both modes compute it from log-sigmoids: the
+  published clamp of probabilities to [1e-8, 1 - 1e-8] rounds to 1 in fp32, so once the faithful
+  denoiser predicts every item a 1 the published KL is inf or NaN (logged only: it trains nothing).
 - Generation contrast: published contrasts sampled bits, so no gradient reaches a trained module; default
   contrasts the chain's last-step probabilities.
 - Reverse-chain rates: published reads row t - 1 of the [batch, items] rate tensor left by the last
@@ -45,6 +47,7 @@ Differences from the published code, default vs ``faithful: true``:
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import numpy as np
@@ -63,6 +66,13 @@ from minigpt4.recommenders.graph import StoredGraphs, all_pairs_info_nce, bpr_lo
 
 DEFAULT_CLUSTERS = 20  # the published kmeans_cluster_num
 FOCAL_CLAMP = 1e-7  # the published focal loss clamps the probability to [1e-7, 1 - 1e-7]
+
+
+def bernoulli_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(Bernoulli(target) || Bernoulli(sigmoid(logits))) per entry, finite for targets of 0 or 1 and for
+    saturated logits (probabilities clamped in fp32 round to 1 and give inf or NaN)."""
+    return (torch.xlogy(target, target) + torch.xlogy(1 - target, 1 - target)
+            - target * F.logsigmoid(logits) - (1 - target) * F.logsigmoid(-logits))
 
 
 class FlipDiffusion(nn.Module):
@@ -138,10 +148,12 @@ class FlipDiffusion(nn.Module):
         negative = -(1 - positive_weight) * focal_p.pow(gamma) * (1 - x0) * log_not_p
         focal = (positive + negative).sum() / x0.numel()
         zero = self.posterior(x0, t, rates)
-        target = (zero if self.faithful else 1 - zero).clamp(self.eps, 1 - self.eps)  # the prediction is of a 1
-        probs = (p.detach() if self.faithful else p).clamp(self.eps, 1 - self.eps)
-        kl = (target * (target.log() - probs.log()) + (1 - target) * ((1 - target).log() - (1 - probs).log())).mean(1)
-        kl = ((t.float() / self.steps).clamp(0, 0.5) * kl).mean()
+        if self.faithful:  # the published clamp of the prediction to [eps, 1 - eps], as logits
+            limit = math.log((1 - self.eps) / self.eps)
+            kl = bernoulli_kl(zero, logits.detach().clamp(-limit, limit))
+        else:  # the prediction is of a 1
+            kl = bernoulli_kl(1 - zero, logits)
+        kl = ((t.float() / self.steps).clamp(0, 0.5) * kl.mean(1)).mean()
         bits, last_probs = self.p_sample(predict, x0, self.steps, bayesian=True)
         generated = bits if self.faithful else last_probs
         generation = sum(all_pairs_info_nce(x0 @ items, generated @ items, temperature, chunk=len(x0)) for items in modal_items)
