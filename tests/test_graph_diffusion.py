@@ -245,6 +245,22 @@ def test_genrec_generated_graph_excludes_seen_items_unless_faithful(faithful, im
     assert seen.any() if faithful else not seen.any()
 
 
+def test_genrec_generates_new_items_from_a_denoiser_that_restores_the_row(implicit_root):
+    """A denoiser that ranks a user's own items first still yields each user's own new interests (fixed mode picks
+    the ``gen_topk`` candidates among unseen items; ranking all items would leave no new ones)."""
+    torch.manual_seed(0)
+    model, dataset = build_model(tiny_genrec_config(debias=False), implicit_root)
+    train = torch.as_tensor(dataset.matrices["train"].toarray(), dtype=torch.float32)
+    wanted = torch.stack([row[train[user, row] == 0][:4] for user, row in enumerate(torch.rand(N_USERS, N_ITEMS).argsort(1))])  # 4 unseen each
+    preference = torch.full((N_USERS, N_ITEMS), -15.0).scatter_(1, wanted, 15.0)
+    model.denoiser.forward = lambda x, t: 40 * train + preference  # restores the row, whatever the chain's state
+    model.regenerate_graph(context(model, dataset, batch_size=N_USERS))
+    users, items = model.generated_indices[0], model.generated_indices[1] - N_USERS
+    links = (users < N_USERS) & (items >= 0)
+    assert torch.equal(torch.bincount(users[links], minlength=N_USERS), torch.full((N_USERS,), 2))  # rebuild_k each
+    assert all(item in wanted[user] for user, item in zip(users[links].tolist(), items[links].tolist()))
+
+
 def test_debiasing_keeps_flips_the_user_clusters_support(implicit_root):
     model, _ = build_model(tiny_genrec_config(), implicit_root)
     labels = torch.tensor([0] * 7 + [1] * 7 + [2] * 6)

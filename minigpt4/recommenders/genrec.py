@@ -42,8 +42,9 @@ Differences from the published code, default vs ``faithful: true``:
   debiasing off (its ``--OpenInterestDebiase`` flag); the configs say which they use.
 - Side view: published TikTok adds (the last modality's specific part + common) / 4; default adds the mean
   of every modality's specific part and the common part.
-- Regenerated edges exclude training items by default; evaluation uses the whole generated graph
-  (faithful: the edge-dropped one), as in DiffMM.
+- Regenerated edges exclude training items by default, and so does the ``gen_topk`` choice before them (published,
+  it ranks every item, so a denoiser that restores its row fills it with the user's own items and only popular
+  items are left to be new); evaluation uses the whole generated graph (faithful: the edge-dropped one), as in DiffMM.
 - Both modes: any subset of modalities, vectorised regeneration and debiasing, no hard-coded ``.cuda()``.
 
 Measured (``bench/genrec_denoiser.py``): trained with a KL averaged over all entries (faithful, and the fixed
@@ -400,15 +401,18 @@ class GenRec(StoredGraphs, CollaborativeModel):
 
     @torch.no_grad()
     def regenerate_graph(self, context: EpochContext) -> None:
-        """Every user's row through the flip chain; the ``rebuild_k`` most probable generated items (training
-        items excluded unless ``faithful``) become the generated graph, edge-dropped for training."""
+        """Every user's row through the flip chain, its bits kept at the ``gen_topk`` most probable items (training
+        items excluded unless ``faithful``); the ``rebuild_k`` most probable generated items (again excluding
+        training items unless ``faithful``) become the generated graph, edge-dropped for training."""
         config = self.config
         users_out, items_out = [], []
         for start in range(0, self.n_users, context.batch_size):
             users = np.arange(start, min(start + context.batch_size, self.n_users))
             rows = dense_rows(context.train, users, context.device)
             bits, probs = self.diffusion.p_sample(self.denoiser, rows, config.sampling_steps, config.bayesian_sampling)
-            top = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, probs.topk(config.gen_topk, dim=1).indices, True)
+            # a denoiser that restores the row ranks the user's own items first: fixed mode takes the top among the others
+            candidates = probs if config.faithful else probs.masked_fill(rows > 0, -torch.inf)
+            top = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, candidates.topk(config.gen_topk, dim=1).indices, True)
             generated = torch.where(top, bits, rows)
             if config.debias:
                 generated = self.debias(rows, generated)
