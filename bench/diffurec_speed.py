@@ -13,7 +13,6 @@ initialised and only the timings mean something.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,13 +28,9 @@ from minigpt4.data.sequences import load_sequence_dataset  # noqa: E402
 from minigpt4.evaluation.ranking import leave_one_out_metrics  # noqa: E402
 from minigpt4.recommenders import build_recommender, load_recommender  # noqa: E402
 from minigpt4.training.sequential import _batches, training_step  # noqa: E402
+from measure import emit  # noqa: E402  (bench/measure.py)
 
 SASREC = SASRecConfig(embedding_size=128, max_history=50, num_blocks=2, num_heads=2, dropout=0.5, init_std=0.02)
-
-
-def emit(**figure) -> None:
-    """One JSON line."""
-    print(json.dumps(figure), flush=True)
 
 
 def training_speed(model, data, batches: int, batch_size: int, grouped: bool, bf16: bool, seed: int) -> float:

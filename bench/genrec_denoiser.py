@@ -16,7 +16,6 @@ the share of those users linked to the most common one.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,11 +29,7 @@ from minigpt4.data.implicit import load_implicit_dataset  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.recommenders.genrec import FlipDenoiser, GenRec  # noqa: E402
 from minigpt4.recommenders.graph import dense_rows  # noqa: E402
-
-
-def emit(**figure) -> None:
-    """One JSON line."""
-    print(json.dumps(figure), flush=True)
+from measure import emit  # noqa: E402  (bench/measure.py)
 
 
 @torch.no_grad()

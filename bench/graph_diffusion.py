@@ -14,7 +14,6 @@ builds the normalised adjacency with SciPy. Prints one JSON line per figure.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,13 +33,9 @@ from minigpt4.recommenders import build_recommender  # noqa: E402
 from minigpt4.recommenders.base import EpochContext  # noqa: E402
 from minigpt4.recommenders.graph import all_pairs_info_nce, normalized_adjacency, sample_negatives  # noqa: E402
 from minigpt4.training.implicit import _edges  # noqa: E402
+from measure import emit  # noqa: E402  (bench/measure.py)
 
 MODELS = ["mostpop", "mf", "lightgcn", "diffmm", "mdmns", "genrec"]
-
-
-def emit(**figure) -> None:
-    """One JSON line."""
-    print(json.dumps(figure), flush=True)
 
 
 def loop_negatives(train: sp.csr_matrix, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:

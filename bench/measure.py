@@ -1,4 +1,4 @@
-"""Timing and peak-memory helpers shared by the benchmarks.
+"""Timing, peak-memory and output helpers shared by the benchmarks.
 
 Peak memory is given twice: the peak during the measured work (CUDA: max_memory_allocated; CPU: the
 process's peak RSS, reset through /proc/self/clear_refs), and its growth over the usage just before.
@@ -8,6 +8,7 @@ reuses the memory it freed; the absolute peak is then the informative figure.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -60,3 +61,8 @@ def timed(device: torch.device, work) -> Timing:
     seconds = time.perf_counter() - start
     peak = peak_bytes(device)
     return Timing(seconds, peak / 2**20, (peak - baseline) / 2**20)
+
+
+def emit(**figure) -> None:
+    """One JSON line: how every benchmark reports a figure."""
+    print(json.dumps(figure), flush=True)

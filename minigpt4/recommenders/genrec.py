@@ -410,16 +410,13 @@ class GenRec(StoredGraphs, CollaborativeModel):
             users = np.arange(start, min(start + context.batch_size, self.n_users))
             rows = dense_rows(context.train, users, context.device)
             bits, probs = self.diffusion.p_sample(self.denoiser, rows, config.sampling_steps, config.bayesian_sampling)
-            # a denoiser that restores the row ranks the user's own items first: fixed mode takes the top among the others
+            # a denoiser that restores the row ranks the user's own items first: fixed mode ranks only the others
             candidates = probs if config.faithful else probs.masked_fill(rows > 0, -torch.inf)
             top = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, candidates.topk(config.gen_topk, dim=1).indices, True)
             generated = torch.where(top, bits, rows)
             if config.debias:
                 generated = self.debias(rows, generated)
-            if config.faithful:
-                scores = generated * probs
-            else:  # new generated interests only
-                scores = probs.masked_fill((generated == 0) | (rows > 0), -torch.inf)
+            scores = generated * probs if config.faithful else candidates.masked_fill(generated == 0, -torch.inf)
             u, i = top_k_edges(scores, torch.as_tensor(users, device=context.device), config.rebuild_k)
             users_out.append(u)
             items_out.append(i)
