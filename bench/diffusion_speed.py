@@ -12,7 +12,6 @@ real photos from scikit-image. Prints one JSON line per figure.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from minigpt4.diffusion.sampling import generate_images  # noqa: E402
 from minigpt4.diffusion.tiny import write_tiny_sd3  # noqa: E402
 from minigpt4.recommenders import build_recommender  # noqa: E402
 from minigpt4.training.diffusion import image_pixels  # noqa: E402
-from measure import timed  # noqa: E402  (bench/measure.py)
+from measure import emit, timed  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_diffusion_speed"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "horse", "camera", "moon", "cat")
@@ -90,8 +89,8 @@ def main() -> None:
     for name, recompute in (("cached", False), ("recomputed", True)):
         timing = timed(device, lambda recompute=recompute: train(recompute))
         steps[name] = {"seconds_per_step": timing.seconds / args.train_steps, "peak_mb": timing.peak_mb, "peak_growth_mb": timing.peak_growth_mb}
-    print(json.dumps({**base, "figure": "train_step_seconds", "batch_size": args.batch_size, **steps,
-                      "speedup_cached": steps["recomputed"]["seconds_per_step"] / steps["cached"]["seconds_per_step"]}), flush=True)  # fmt: skip
+    emit(**base, figure="train_step_seconds", batch_size=args.batch_size, **steps,
+         speedup_cached=steps["recomputed"]["seconds_per_step"] / steps["cached"]["seconds_per_step"])
 
     # Sampling: seconds per image against the number of denoising steps (one image per call).
     model.eval()
@@ -99,7 +98,7 @@ def main() -> None:
     for count in args.sample_steps:
         sampling = config.sampling.model_copy(update={"steps": count, "guidance_scale": 4.5})
         timing = timed(device, lambda sampling=sampling: generate_images(model, preference, ["a photo of a cat"], [0], sampling))
-        print(json.dumps({**base, "figure": "sample_seconds_per_image", "steps": count, "guidance_scale": 4.5, **timing._asdict()}), flush=True)
+        emit(**base, figure="sample_seconds_per_image", steps=count, guidance_scale=4.5, **timing._asdict())
 
 
 if __name__ == "__main__":

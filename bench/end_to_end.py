@@ -10,7 +10,6 @@ pass through. Delete ``models/demo/sd3-cards`` first to include the base trainin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt4.demo import STAGES, DemoState  # noqa: E402
-from measure import peak_bytes, start_peak  # noqa: E402  (bench/measure.py)
+from measure import emit, peak_bytes, start_peak  # noqa: E402  (bench/measure.py)
 
 
 def main() -> None:
@@ -42,8 +41,8 @@ def main() -> None:
         state.results[name] = result
         total += seconds
         extra = {"cached": result["cached"]} if "cached" in result else {}
-        print(json.dumps({"bench": "end_to_end", "stage": name, "seconds": round(seconds, 1), "peak_mb": round(peak / 2**20), "peak_growth_mb": round((peak - baseline) / 2**20), **extra}), flush=True)
-    print(json.dumps({"bench": "end_to_end", "stage": "total", "seconds": round(total, 1), "threads": torch.get_num_threads()}), flush=True)
+        emit(bench="end_to_end", stage=name, seconds=round(seconds, 1), peak_mb=round(peak / 2**20), peak_growth_mb=round((peak - baseline) / 2**20), **extra)
+    emit(bench="end_to_end", stage="total", seconds=round(total, 1), threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":

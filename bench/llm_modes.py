@@ -31,6 +31,7 @@ from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.training.llm import subsample, train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
 from minigpt4.training.run_folder import json_safe  # noqa: E402
+from measure import emit  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_llm_modes"
 
@@ -61,8 +62,8 @@ def main() -> None:
         if "teacher" not in results:
             test_rows = subsample(dataset.splits["test"], config.run.test_rows, config.run.seed)
             results["teacher"] = json_safe(frame_metrics(load_recommender(teacher_ckpt), test_rows))
-            print(json.dumps({"bench": "llm_modes", "model": "mf_teacher", **results["teacher"]}), flush=True)
-        print(json.dumps({"bench": "llm_modes", "model": mode, **results[mode]}), flush=True)
+            emit(bench="llm_modes", model="mf_teacher", **results["teacher"])
+        emit(bench="llm_modes", model=mode, **results[mode])
         results_path.write_text(json.dumps(results, indent=2))
     print("| model | test AUC | test UAUC | warm AUC | cold AUC | train s |\n|---|---|---|---|---|---|")
     for name in ["teacher", *(mode for mode in ("tallrec", "collm", "cora") if mode in results)]:

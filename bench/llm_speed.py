@@ -11,7 +11,6 @@ over the usage before. Prints one JSON line per figure with the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from minigpt4.data.contract import load_rating_dataset  # noqa: E402
 from minigpt4.llm.scoring import full_vocabulary_yes_no, yes_no_logits  # noqa: E402
 from minigpt4.recommenders import build_recommender, save_recommender  # noqa: E402
 from minigpt4.training.llm import build_llm_recommender, split_prompt_rows  # noqa: E402
-from measure import timed  # noqa: E402  (bench/measure.py)
+from measure import emit, timed  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_llm_speed"
 
@@ -65,8 +64,8 @@ def main() -> None:
         timing = timed(device, score_all)
         results[name] = {"rows_per_second": args.batches * args.batch_size / timing.seconds, "peak_mb": timing.peak_mb, "peak_growth_mb": timing.peak_growth_mb}
     tokens = sum(int(b.attention_mask.sum()) for b in batches) / (args.batches * args.batch_size)
-    print(json.dumps({**base, "figure": "scoring_rows_per_second", "mean_prompt_tokens": round(tokens, 1), "two_rows": results["two_rows"], "full_vocabulary": results["full_vocabulary"],
-                      "speedup": results["two_rows"]["rows_per_second"] / results["full_vocabulary"]["rows_per_second"]}), flush=True)  # fmt: skip
+    emit(**base, figure="scoring_rows_per_second", mean_prompt_tokens=round(tokens, 1), two_rows=results["two_rows"], full_vocabulary=results["full_vocabulary"],
+         speedup=results["two_rows"]["rows_per_second"] / results["full_vocabulary"]["rows_per_second"])  # fmt: skip
 
     # Training: a CoRA step against a plain LoRA step on the same batches.
     train_batches = [models["tallrec"][1]["train"].__getitems__(list(range(i * args.train_batch_size, (i + 1) * args.train_batch_size))).to(device) for i in range(args.train_steps)]
@@ -83,8 +82,8 @@ def main() -> None:
 
         timing = timed(device, train_all)
         steps[mode] = {"seconds_per_step": timing.seconds / args.train_steps, "peak_mb": timing.peak_mb, "peak_growth_mb": timing.peak_growth_mb}
-    print(json.dumps({**base, "figure": "train_step_seconds", "batch_size": args.train_batch_size, "lora": steps["tallrec"], "cora": steps["cora"],
-                      "ratio_cora_over_lora": steps["cora"]["seconds_per_step"] / steps["tallrec"]["seconds_per_step"]}), flush=True)  # fmt: skip
+    emit(**base, figure="train_step_seconds", batch_size=args.train_batch_size, lora=steps["tallrec"], cora=steps["cora"],
+         ratio_cora_over_lora=steps["cora"]["seconds_per_step"] / steps["tallrec"]["seconds_per_step"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ JSON line per figure: wall time to the best valid AUC, wall time until both reac
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ from minigpt4.data.collm import import_collm  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset  # noqa: E402
 from minigpt4.recommenders.mf import MatrixFactorization  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
+from measure import emit  # noqa: E402  (bench/measure.py)
 
 CONFIG = ROOT / "train_configs" / "mf_collm_ml1m.yaml"
 
@@ -138,7 +138,7 @@ def main():
             line["valid_auc_target"] = target
         if figure == "samples_per_second":
             line["speedup"] = ours[figure] / baseline[figure]
-        print(json.dumps(line), flush=True)
+        emit(**line)
 
 
 if __name__ == "__main__":
