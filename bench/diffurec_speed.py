@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     data = load_sequence_dataset(args.dataset)
     users = np.sort(np.random.default_rng(0).choice(len(data.uid), size=min(args.users, len(data.uid)), replace=False))
-    common = {"dataset": data.meta["source"], "threads": torch.get_num_threads(), "batch_size": args.batch_size}
+    common = {"dataset": data.meta["source"], "batch_size": args.batch_size}
     models = {
         "diffurec": (args.diffurec_ckpt, DiffuRecConfig()),
         "sasrec": (args.sasrec_ckpt, SASREC),
@@ -84,11 +84,11 @@ def main() -> None:
             for grouped in (False, True) for bf16 in (False, True)
         }  # fmt: skip
         ratios = {f"{variant}_ratio": round(speed / speeds["full_width"], 2) for variant, speed in speeds.items() if variant != "full_width"}
-        emit(**common, model=name, figure="train_samples_per_second", **{variant: round(speed, 1) for variant, speed in speeds.items()}, **ratios)
+        emit("float32; *_bf16: bf16 autocast", **common, model=name, figure="train_samples_per_second", **{variant: round(speed, 1) for variant, speed in speeds.items()}, **ratios)
         model = load_recommender(checkpoint) if checkpoint else fresh
         for steps in (1, 4, 8, 32) if name == "diffurec" else (None,):
             speed, hr = inference(model, data, users, args.batch_size, steps)
-            emit(**common, model=name, figure="inference", reverse_steps=steps, users_per_second=round(speed, 1), test_hr10=round(hr, 4), users=len(users), checkpoint=str(checkpoint) if checkpoint else None)
+            emit("float32", **common, model=name, figure="inference", reverse_steps=steps, users_per_second=round(speed, 1), test_hr10=round(hr, 4), users=len(users), checkpoint=str(checkpoint) if checkpoint else None)
 
 
 if __name__ == "__main__":

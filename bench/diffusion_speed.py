@@ -43,16 +43,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--sample-steps", type=int, nargs="+", default=[4, 8, 16, 28, 40])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="the pipeline's dtype (VAE float32); auto: bf16 where native")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline_dir = args.pipeline or OUT / "tiny-sd3"
     if not (pipeline_dir / "model_index.json").is_file():
         write_tiny_sd3(pipeline_dir)
-    config = SD3Config(pipeline={"path": pipeline_dir, "use_t5": False, "max_sequence_length": 8}, collab={"ckpt": OUT}, flow={"resolution": args.resolution})
+    config = SD3Config(pipeline={"path": pipeline_dir, "dtype": args.dtype, "use_t5": False, "max_sequence_length": 8}, collab={"ckpt": OUT}, flow={"resolution": args.resolution})
     torch.manual_seed(0)
     collab = build_recommender(MFConfig(embedding_size=64), 100, 100).to(device)
     model = PersonalizedSD3(config, load_sd3_pipeline(config.pipeline, device), collab)
-    base = {"bench": "diffusion_speed", "device": str(device), "threads": torch.get_num_threads(), "pipeline": pipeline_dir.name, "resolution": args.resolution}
+    base = {"bench": "diffusion_speed", "dtype": str(model.transformer.dtype).removeprefix("torch."), "device": device, "pipeline": pipeline_dir.name, "resolution": args.resolution}
 
     # The same batches either way: photos, captions and preferences.
     photo_dir = OUT / "photos"

@@ -41,8 +41,16 @@ def main() -> None:
         state.results[name] = result
         total += seconds
         extra = {"cached": result["cached"]} if "cached" in result else {}
-        emit(bench="end_to_end", stage=name, seconds=round(seconds, 1), peak_mb=round(peak / 2**20), peak_growth_mb=round((peak - baseline) / 2**20), **extra)
-    emit(bench="end_to_end", stage="total", seconds=round(total, 1), threads=torch.get_num_threads())
+        emit(stage_dtype(result), bench="end_to_end", stage=name, seconds=round(seconds, 1), peak_mb=round(peak / 2**20), peak_growth_mb=round((peak - baseline) / 2**20), **extra)
+    emit(stage_dtype(state.results["train_joint"]), bench="end_to_end", stage="total", seconds=round(total, 1))
+
+
+def stage_dtype(result: dict) -> str:
+    """What a stage computed in: a training stage's resolved precision, float32 for the rest."""
+    precision = result.get("hardware", {}).get("precision")
+    if not precision:
+        return "float32"
+    return ", ".join(f"{key.rsplit('.', 2)[-2] if key.endswith('.dtype') else 'mixed precision'} {value['resolved']}" for key, value in precision.items())
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ def main() -> None:
         torch.manual_seed(args.seed)
         fresh = FlipDenoiser(data.n_items, config.denoiser_width, config.denoiser_heads, config.denoiser_layers, config.denoiser_dropout, config.time_embedding_size)
         label = {"checkpoint": str(folder), "faithful": config.faithful}
-        emit(figure="genrec denoiser, freshly initialised", **label, users=len(rows), **input_dependence(fresh, rows))
-        emit(figure="genrec denoiser, trained", **label, users=len(rows), **input_dependence(model.denoiser, rows))
-        emit(figure="genrec generated graph", **label, **generated_graph_reach(model))
+        emit("float32", figure="genrec denoiser, freshly initialised", **label, users=len(rows), **input_dependence(fresh, rows))
+        emit("float32", figure="genrec denoiser, trained", **label, users=len(rows), **input_dependence(model.denoiser, rows))
+        emit("float32", figure="genrec generated graph", **label, **generated_graph_reach(model))
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def main() -> None:
     loop_time, _ = timed(loop_negatives, train, users, np.random.default_rng(0), repeats=3)
     ours_time, ours = timed(sample_negatives, train, users, torch.Generator().manual_seed(0), repeats=3)
     assert not np.asarray(train[users, ours]).any()
-    emit(figure="negative_sampling", pairs=len(users), loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1))
+    emit("int64 ids", figure="negative_sampling", pairs=len(users), loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1))
 
     torch.manual_seed(0)  # the same top-5 items per user for both (the top-k itself is one torch call in both)
     user_ids = torch.arange(dataset.n_users)
@@ -179,15 +179,15 @@ def main() -> None:
     rows, cols = adjacency.indices().numpy()
     ours = sp.coo_matrix((adjacency.values().numpy(), (rows, cols)), shape=reference.shape)
     same = abs(ours - reference).max() < 1e-6
-    emit(figure="graph_regeneration", users=dataset.n_users, k=5, loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1), same_graph=bool(same))
+    emit("float32", figure="graph_regeneration", users=dataset.n_users, k=5, loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1), same_graph=bool(same))
 
     # MDMNS on TikTok: 512-d, users (both views trained) and items against their noised, detached copies
     for rows, others_grad in ((dataset.n_users, True), (dataset.n_items, False)):
         for bf16 in (False, True):
-            emit(figure="all_pairs_info_nce", threads=torch.get_num_threads(), **info_nce_seconds(rows, 512, others_grad, bf16))
+            emit("bf16 autocast" if bf16 else "float32", figure="all_pairs_info_nce", **info_nce_seconds(rows, 512, others_grad, bf16))
 
     for arch in filter(None, args.models.split(",")):
-        emit(figure="seconds_per_epoch", data=str(args.data.name), threads=torch.get_num_threads(), **epoch_seconds(arch, dataset, args.bpr_steps, args.mixed_precision == "bf16"))
+        emit("bf16 autocast" if args.mixed_precision == "bf16" else "float32", figure="seconds_per_epoch", data=str(args.data.name), **epoch_seconds(arch, dataset, args.bpr_steps, args.mixed_precision == "bf16"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """TALLRec, CoLLM and CoRA on CoLLM's ML-1M under one fixed budget, next to their MF teacher.
 
-Every mode trains SmolLM2-135M-Instruct (bf16 weights, on the CPU) on the same seeded 1,024 training
+Every mode trains SmolLM2-135M-Instruct (on the CPU, in the dtype `auto` picks: bf16 only where native) on the same seeded 1,024 training
 rows for the same 128 optimizer steps of 8 rows, selects its checkpoint on the same 300 valid rows,
 and is scored on the same 2,000 test rows (the configs `train_configs/{mode}_collm_ml1m.yaml`). The MF
 teacher (`train_configs/mf_collm_ml1m.yaml`, trained here first on the full training split) is scored
@@ -58,12 +58,14 @@ def main() -> None:
             options.append(f"model.collab.ckpt={teacher_ckpt}")
         config = load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options)
         metrics = train_llm(config)
-        results[mode] = {key: metrics[key] for key in ("test", "test_warm", "test_cold", "valid", "best_step", "steps_run", "train_seconds", "train_samples_per_second", "curve")}
+        results[mode] = {key: metrics[key] for key in ("test", "test_warm", "test_cold", "valid", "best_step", "steps_run", "train_seconds", "train_samples_per_second", "curve", "hardware")}
+        precision = metrics["hardware"]["precision"]
         if "teacher" not in results:
             test_rows = subsample(dataset.splits["test"], config.run.test_rows, config.run.seed)
             results["teacher"] = json_safe(frame_metrics(load_recommender(teacher_ckpt), test_rows))
-            emit(bench="llm_modes", model="mf_teacher", **results["teacher"])
-        emit(bench="llm_modes", model=mode, **results[mode])
+            emit("float32", bench="llm_modes", model="mf_teacher", **results["teacher"])
+        dtype = f"{precision['model.llm.dtype']['resolved']} weights, mixed precision {precision['run.mixed_precision']['resolved']}"
+        emit(dtype, bench="llm_modes", model=mode, **{key: value for key, value in results[mode].items() if key != "hardware"})
         results_path.write_text(json.dumps(results, indent=2))
     print("| model | test AUC | test UAUC | warm AUC | cold AUC | train s |\n|---|---|---|---|---|---|")
     for name in ["teacher", *(mode for mode in ("tallrec", "collm", "cora") if mode in results)]:

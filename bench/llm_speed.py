@@ -2,7 +2,7 @@
 against a plain LoRA (TALLRec) step, each on the same batches, with peak memory.
 
 SmolLM2-135M-Instruct on CoLLM's ML-1M prompts (the configs `train_configs/{tallrec,cora}_collm_ml1m.yaml`,
-dtype as there). Peak memory as in bench/measure.py: the peak during each measurement and its growth
+dtype as there: auto, bf16 only where native). Peak memory as in bench/measure.py: the peak during each measurement and its growth
 over the usage before. Prints one JSON line per figure with the ratio.
 
     python bench/llm_speed.py [--batches 4] [--batch-size 16] [--train-steps 5]
@@ -49,7 +49,7 @@ def main() -> None:
         torch.manual_seed(config.run.seed)
         model, tokenizer, template = build_llm_recommender(config.model, dataset, device)
         models[mode] = (model, split_prompt_rows(config, dataset, model, tokenizer, template))
-    base = {"bench": "llm_speed", "device": str(device), "dtype": config.model.llm.dtype, "threads": torch.get_num_threads()}
+    base = {"bench": "llm_speed", "device": device, "dtype": str(models["cora"][0].llm.dtype).removeprefix("torch.")}
 
     # Scoring: the same model and batches, two output rows against the whole LM head.
     model, rows = models["tallrec"]

@@ -1,5 +1,9 @@
 """Timing, peak-memory and output helpers shared by the benchmarks.
 
+Every figure is one JSON line that names the hardware it was measured on (CPU model and capability,
+whether bf16 is native, torch threads) and the dtype it ran in: a bf16 figure from a CPU with AVX-512
+BF16 says nothing about a CPU without it.
+
 Peak memory is given twice: the peak during the measured work (CUDA: max_memory_allocated; CPU: the
 process's peak RSS, reset through /proc/self/clear_refs), and its growth over the usage just before.
 On the CPU the growth is often near zero after the warm-up call, because the allocator keeps and
@@ -14,6 +18,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from minigpt4.hardware import configure_threads, describe
+
+configure_threads()  # the threads the diffrec command would use (OMP_NUM_THREADS wins)
 
 
 def _status_bytes(field: str) -> int:
@@ -63,6 +71,8 @@ def timed(device: torch.device, work) -> Timing:
     return Timing(seconds, peak / 2**20, (peak - baseline) / 2**20)
 
 
-def emit(**figure) -> None:
-    """One JSON line: how every benchmark reports a figure."""
-    print(json.dumps(figure), flush=True)
+def emit(dtype: str, device: torch.device | str = "cpu", **figure) -> None:
+    """One JSON line: how every benchmark reports a figure, with the hardware and the ``dtype`` it ran in."""
+    hardware = describe(device)
+    hardware["threads"] = torch.get_num_threads()  # a benchmark may have changed them since
+    print(json.dumps({**figure, "dtype": dtype, **hardware}), flush=True)

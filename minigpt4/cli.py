@@ -214,6 +214,9 @@ def run_models(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffrec`` console script."""
     args = build_parser().parse_args(argv)
+    from minigpt4.hardware import configure_threads
+
+    configure_threads()  # this process's share of the cores, before any torch work
     try:
         if args.command == "data":
             result = run_data(args)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from minigpt4.errors import DiffRecError
+from minigpt4.hardware import resolve_dtype_name, resolve_mixed_precision
 
 DATA_ROOT_ENV = "DIFFREC_DATA_ROOT"
 
@@ -187,7 +188,7 @@ class LLMConfig(Section):
     """The causal LM: a local Hugging Face folder, a GGUF file, or (no path) the bundled SmolLM2-135M-Instruct."""
 
     path: Path | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 where it is native on the device, else float32
     load_in_8bit: bool = False  # needs bitsandbytes and a CUDA device
     gradient_checkpointing: bool = False
     max_length: int = Field(512, gt=8)  # prompt tokens; the oldest history titles go first when a prompt is longer
@@ -280,7 +281,7 @@ class PipelineConfig(Section):
     """An SD3/SD3.5 pipeline folder in diffusers' format and how to place it."""
 
     path: Path
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the VAE always stays float32
     use_t5: bool = True  # False leaves T5-XXL out (its tokens become zeros), as the pipeline allows
     max_sequence_length: int = Field(256, gt=0)  # T5 tokens after CLIP's 77
     cpu_offload: bool = False  # model CPU offload; needs an accelerator
@@ -451,7 +452,15 @@ class RunConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     eval_every_steps: int = Field(100, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # also leave-one-out and full-ranking training (bf16 only); rating-shape pre-training refuses it (fp32)
+    # auto: bf16 where it is native on the device, else no. Also leave-one-out and full-ranking training (bf16 only);
+    # rating-shape pre-training is fp32 (auto means no there).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads a bare ``no`` (``mixed_precision: no``, ``--options run.mixed_precision=no``) as false."""
+        return "no" if value is False else value
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)
@@ -492,7 +501,7 @@ class Config(Section):
         arch, shape = self.model.arch, self.datasets.shape
         if arch in DATA_SHAPES and shape not in DATA_SHAPES[arch]:
             raise ValueError(f"model.arch {arch} trains on datasets.shape {' or '.join(sorted(DATA_SHAPES[arch]))}, not {shape}")
-        if arch in DATA_SHAPES and shape == "ratings" and self.run.mixed_precision != "no":
+        if arch in DATA_SHAPES and shape == "ratings" and self.run.mixed_precision not in ("auto", "no"):
             raise ValueError(f"run.mixed_precision {self.run.mixed_precision}: {arch} on datasets.shape ratings trains in fp32 (leave-one-out, full-ranking, LLM and image training use it)")
         if shape == "ratings":
             return self
@@ -610,6 +619,31 @@ def _resolve_model_paths(model: Section, config_dir: Path) -> None:
         for section in (model.clip, model.judge):
             if section is not None:
                 section.path = _resolve(section.path, config_dir)
+
+
+def resolve_precision(config: Config, llm_device: Any, image_device: Any = None) -> dict[str, dict[str, str]]:
+    """Replace each ``auto`` dtype and ``run.mixed_precision`` by what the devices run fast (in place);
+    returns ``{key: {"requested": ..., "resolved": ...}}`` for the log and metrics.json."""
+    image_device = llm_device if image_device is None else image_device
+    model, run = config.model, config.run
+    sections: list[tuple[str, Any, Any]] = []
+    if isinstance(model, DiffRecConfig):
+        sections = [("model.rec.llm", model.rec.llm, llm_device), ("model.image.pipeline", model.image.pipeline, image_device)]
+    elif isinstance(model, LLMRecConfig):
+        sections = [("model.llm", model.llm, llm_device)]
+    elif isinstance(model, SD3Config):
+        sections = [("model.pipeline", model.pipeline, image_device)]
+    chosen = {}
+    for where, section, device in sections:
+        chosen[f"{where}.dtype"] = {"requested": section.dtype, "resolved": resolve_dtype_name(section.dtype, device)}
+        section.dtype = chosen[f"{where}.dtype"]["resolved"]
+    requested = run.mixed_precision
+    if model.arch in DATA_SHAPES and config.datasets.shape == "ratings":
+        run.mixed_precision = "no"  # rating-shape pre-training is fp32 only
+    else:
+        run.mixed_precision = resolve_mixed_precision(requested, llm_device)
+    chosen["run.mixed_precision"] = {"requested": requested, "resolved": run.mixed_precision}
+    return chosen
 
 
 def dump_config(config: Config) -> str:

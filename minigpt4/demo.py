@@ -133,11 +133,18 @@ def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
         f"images for {images['pairs']} liked test pairs ({images['backbone']}): CLIP-T {_fmt(images['fused']['clip_t'])} / CLIP-I {_fmt(images['fused']['clip_i'])} fused, "
         f"{_fmt(images['alpha0']['clip_t'])} / {_fmt(images['alpha0']['clip_i'])} with alpha 0",
         f"stage seconds: {seconds}",
+        f"hardware: {_hardware_line(joint['hardware'])}",
         f"report: {state.results['report']['report']}",
     ]
     print("\n".join(lines), file=sys.stderr)
     summary = {name: {k: v for k, v in result.items() if k != "curve"} for name, result in state.results.items()}
     return json_safe({"seconds": seconds, **summary})
+
+
+def _hardware_line(hardware: dict) -> str:
+    """The joint run's CPU, threads and the precision ``auto`` chose, on one line."""
+    precision = ", ".join(f"{key} {value['resolved']}" for key, value in hardware["precision"].items())
+    return f"{hardware['cpu']} ({hardware['cpu_capability']}, native bf16: {hardware['native_bf16']}), {hardware['threads']} threads; {precision}"
 
 
 def _fmt(value: float | None) -> str:

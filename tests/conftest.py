@@ -23,6 +23,16 @@ from minigpt4.training.pretrain import pretrain
 SHARED_DATA = Path(os.environ.get("DIFFREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bf16_not_native():
+    """Every test, and every process a test starts, sees a CPU without native bf16, so ``auto`` means
+    float32 on any machine and figures do not depend on where the suite runs; tests of ``auto`` set
+    the answer they need."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFREC_NATIVE_BF16", "0")
+        yield
+
+
 def synthetic_ratings(n_users: int = 40, n_items: int = 30, per_user: int = 15, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ratings driven by 2-d latent tastes (so models can learn something) and an items table."""
     rng = np.random.default_rng(seed)

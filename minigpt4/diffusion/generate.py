@@ -26,7 +26,7 @@ from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.diffusion import item_captions, liked_rows
 from minigpt4.training.llm import subsample
-from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
+from minigpt4.training.run_folder import choose_hardware, json_safe, logger, open_run_folder, write_metrics
 
 REFERENCE_IMAGES = 8  # most recent liked items whose images a CLIP-I score compares against
 
@@ -100,13 +100,14 @@ def evaluate_images(config: Config) -> dict:
     if config.model.clip is None:
         raise DiffRecError("evaluating images needs a CLIP scorer: set model.clip.path")
     state = PartialState(cpu=run.cpu)
+    hardware = choose_hardware(config, state.device)
     model = load_for_sampling(config, dataset, state.device)
     pairs = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
     if pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
-    run_dir = open_run_folder(config, state)
+    run_dir = open_run_folder(config, state, hardware)
     results = evaluate_test_pairs(model, lambda rows: model.preference(pairs.iloc[rows]), pairs, dataset, images, config.model, run.seed, run.eval_batch_size, run_dir / "images")
-    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results})
+    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results, "hardware": hardware})
     if state.is_main_process:
         write_metrics(run_dir, metrics)
     return metrics

@@ -8,8 +8,8 @@ import torch
 
 from minigpt4.config import PipelineConfig
 from minigpt4.errors import DiffRecError
+from minigpt4.hardware import resolve_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Components a published SD3 folder may leave out; the pipeline takes None for them.
 OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
 
@@ -30,7 +30,7 @@ def load_sd3_pipeline(config: PipelineConfig, device: torch.device | str = "cpu"
     if not config.use_t5:
         absent.update(text_encoder_3=None, tokenizer_3=None)
     # SD3's VAE decodes badly in half precision; it stays in float32 as in diffusers' trainers.
-    dtypes = {"vae": torch.float32, "default": DTYPES[config.dtype]}
+    dtypes = {"vae": torch.float32, "default": resolve_dtype(config.dtype, device)}
     pipeline = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtypes, **absent)
     if config.vae_slicing:
         pipeline.vae.enable_slicing()

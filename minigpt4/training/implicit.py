@@ -66,14 +66,14 @@ def pretrain_implicit(config: Config) -> dict:
     resume = None  # a bad resume folder fails before the run folder exists
     if config.run.resume_from is not None and not config.run.evaluate:
         resume = find_epoch_state(config, protocol_label(config), dataset.n_users, dataset.n_items)
-    model, run_dir, device = start_ranking_run(config, dataset.n_users, dataset.n_items, "full-ranking training")
+    model, run_dir, device, hardware = start_ranking_run(config, dataset.n_users, dataset.n_items, "full-ranking training")
     logger.info("run folder %s on %s; %d users, %d items, %d training pairs, modalities %s", run_dir, device, dataset.n_users, dataset.n_items, dataset.matrices["train"].nnz, list(dataset.features) or "none")
     if model is not None:
         model = model.to(device)
         metrics = {"checkpoint": str(config.run.ckpt), **{split: evaluate_ranking(model, dataset, split, config.run.ranking_ks, device) for split in ("valid", "test")}}
     else:
         metrics = _train(config, dataset, device, run_dir, resume)
-    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics})
+    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics, "hardware": hardware})
     write_metrics(run_dir, metrics)
     return metrics
 

@@ -51,7 +51,7 @@ from minigpt4.llm.reply import write_replies
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.diffusion import ImageSamples, build_samples, liked_rows, load_training_weights, micro_batch_rows, training_pairs
 from minigpt4.training.llm import build_llm_recommender, epoch_loader, eval_loader, split_prompt_rows, subsample
-from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, open_run_folder, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, json_safe, logger, open_run_folder, run_accelerator, write_metrics
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -211,6 +211,7 @@ def train_diffrec(config: Config) -> dict:
     if config.model.image.clip is None:
         raise DiffRecError("a diffrec run ends by scoring its images and needs a CLIP scorer: set model.image.clip.path")
     devices = _devices(config, state)
+    hardware = choose_hardware(config, *devices)
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
     set_seed(run.seed)
     model = build_diffrec(config.model, dataset, devices)
@@ -221,9 +222,9 @@ def train_diffrec(config: Config) -> dict:
     elif run.resume_from is not None:
         require_file(run.resume_from / TRAINER_STATE)
     data = joint_data(config, model, dataset, progress=state.is_local_main_process)
-    run_dir = open_run_folder(config, state)
+    run_dir = open_run_folder(config, state, hardware)
     unused = DistributedDataParallelKwargs(find_unused_parameters=config.model.joint.schedule == "alternate")
-    accelerator = Accelerator(
+    accelerator = run_accelerator(
         cpu=run.cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with="tensorboard", project_dir=str(run_dir), device_placement=run.devices is None, kwargs_handlers=[unused],
     )
@@ -240,7 +241,7 @@ def train_diffrec(config: Config) -> dict:
     else:
         model, metrics = _train(config, model, data, loaders, accelerator, run_dir, devices)
     metrics.update(evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, metrics.pop("valid", None)))
-    metrics = json_safe({"run_dir": str(run_dir), "model": f"diffrec/{config.model.rec.mode}", "dataset": config.datasets.name, **metrics})
+    metrics = json_safe({"run_dir": str(run_dir), "model": f"diffrec/{config.model.rec.mode}", "dataset": config.datasets.name, **metrics, "hardware": hardware})
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()

@@ -33,7 +33,7 @@ from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptRows, check_template, prompt_rows
 from minigpt4.llm.scoring import answer_token_ids
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.run_folder import TRAINER_STATE, json_safe, logger, open_run_folder, save_checkpoint, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, json_safe, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
 
 
 def build_llm_recommender(
@@ -73,6 +73,7 @@ def train_llm(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) an LLM recommender; returns the metrics."""
     run = config.run
     state = PartialState(cpu=run.cpu)
+    hardware = choose_hardware(config, state.device)
     dataset = load_rating_dataset(config.datasets.path)
     # Everything that can fail on a bad path or checkpoint fails before the run folder exists.
     model, tokenizer, template = build_llm_recommender(config.model, dataset, state.device)
@@ -84,8 +85,8 @@ def train_llm(config: Config) -> dict:
         model.load_weights(run.resume_from)
         require_file(run.resume_from / TRAINER_STATE)
     rows = split_prompt_rows(config, dataset, model, tokenizer, template)
-    run_dir = open_run_folder(config, state)
-    accelerator = Accelerator(
+    run_dir = open_run_folder(config, state, hardware)
+    accelerator = run_accelerator(
         cpu=run.cpu,
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -104,7 +105,7 @@ def train_llm(config: Config) -> dict:
         metrics = {"checkpoint": str(run.ckpt), **evaluate_all(model, dict(zip(eval_loaders, prepared)), accelerator, progress=True)}
     else:
         metrics = _train(config, model, rows["train"], eval_loaders, accelerator, run_dir)
-    metrics = json_safe({"run_dir": str(run_dir), "model": f"llmrec/{config.model.mode}", "dataset": config.datasets.name, **metrics})
+    metrics = json_safe({"run_dir": str(run_dir), "model": f"llmrec/{config.model.mode}", "dataset": config.datasets.name, **metrics, "hardware": hardware})
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()

@@ -24,7 +24,7 @@ from minigpt4.data.tensors import RatingTensors, whole_batch
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
 from minigpt4.recommenders import build_recommender, graph_edges, load_recommender, save_recommender
-from minigpt4.training.run_folder import json_safe, logger, open_run_folder, write_metrics
+from minigpt4.training.run_folder import choose_hardware, json_safe, logger, open_run_folder, run_accelerator, write_metrics
 
 
 def history_length(config: Config) -> int:
@@ -51,14 +51,16 @@ def loaders(dataset: RatingDataset, config: Config, device: torch.device) -> dic
 
 def pretrain(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a collaborative model; returns the metrics."""
+    state = PartialState(cpu=config.run.cpu)
+    hardware = choose_hardware(config, state.device)
     dataset = load_rating_dataset(config.datasets.path)
     model = None
     if config.run.evaluate:  # a bad checkpoint fails before any run folder is created
         if config.run.ckpt is None:
             raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
         model = load_recommender(config.run.ckpt, config.model, dataset.n_users, dataset.n_items)
-    run_dir = open_run_folder(config, PartialState(cpu=config.run.cpu))
-    accelerator = Accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(run_dir))
+    run_dir = open_run_folder(config, state, hardware)
+    accelerator = run_accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(run_dir))
     set_seed(config.run.seed)
     logger.info("run folder %s; %d process(es) on %s", run_dir, accelerator.num_processes, accelerator.device)
     split_loaders = loaders(dataset, config, accelerator.device)
@@ -68,7 +70,7 @@ def pretrain(config: Config) -> dict:
         metrics = {"checkpoint": str(config.run.ckpt), **evaluate_all(model, split_loaders, accelerator)}
     else:
         metrics = _train(config, dataset, split_loaders, accelerator, run_dir)
-    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, **metrics})
+    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, **metrics, "hardware": hardware})
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 
-from minigpt4.config import Config, dump_config
+from minigpt4.config import Config, dump_config, resolve_precision
 from minigpt4.errors import DiffRecError, require_file
+from minigpt4.hardware import configure_threads, describe
 from minigpt4.io import atomic_folder
 from minigpt4.recommenders import CollaborativeModel, load_recommender, write_recommender
 
@@ -27,8 +29,24 @@ logger = logging.getLogger("diffrec")
 TRAINER_STATE = "trainer_state.json"
 
 
-def open_run_folder(config: Config, state: PartialState) -> Path:
-    """Create the run folder on the main process (all processes get the same path) and start its log."""
+def choose_hardware(config: Config, llm_device: torch.device, image_device: torch.device | None = None) -> dict:
+    """Set this process's CPU threads and resolve the config's ``auto`` dtypes and mixed precision for the
+    devices (in place, before any model is built); the record that the log and metrics.json carry."""
+    threads = configure_threads()
+    return {**describe(llm_device), "threads_set_by": threads["set_by"], "precision": resolve_precision(config, llm_device, image_device)}
+
+
+def run_accelerator(**kwargs) -> Accelerator:
+    """The Accelerator of one run. Accelerate keeps one state per process and refuses a later run's other
+    mixed precision (the demo trains MF in fp32, then DiffRec under bf16 where it is native), so the
+    previous run's state is dropped first; the process group (``PartialState``) stays."""
+    AcceleratorState._reset_state()
+    return Accelerator(**kwargs)
+
+
+def open_run_folder(config: Config, state: PartialState, hardware: dict) -> Path:
+    """Create the run folder on the main process (all processes get the same path), start its log and log
+    the hardware and precision ``choose_hardware`` chose."""
     name = [time.strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(name)
     folder = config.run.output_dir / name[0]
@@ -43,23 +61,31 @@ def open_run_folder(config: Config, state: PartialState) -> Path:
             _point_latest(folder)
     folder = Path(broadcast_object_list([str(folder)])[0])
     _start_log(folder / "log.txt", state.is_main_process)
+    precision = ", ".join(f"{key} {value['resolved']} ({value['requested']})" for key, value in hardware["precision"].items())
+    logger.info(
+        "hardware: %s, %s, CPU capability %s, native bf16 %s, %d torch threads (%s); precision: %s",
+        hardware["device"], hardware.get("gpu", hardware["cpu"]), hardware["cpu_capability"], hardware["native_bf16"],
+        hardware["threads"], hardware["threads_set_by"], precision,
+    )
     return folder
 
 
-def start_ranking_run(config: Config, n_users: int, n_items: int, what: str) -> tuple[CollaborativeModel | None, Path, torch.device]:
+def start_ranking_run(config: Config, n_users: int, n_items: int, what: str) -> tuple[CollaborativeModel | None, Path, torch.device, dict]:
     """The common start of the full-ranking and leave-one-out runs: the checkpoint to evaluate (with
-    ``run.evaluate``; None otherwise), the run folder, the seeded device. They run in one process."""
+    ``run.evaluate``; None otherwise), the run folder, the seeded device and the hardware record. They run
+    in one process."""
     model = None
     if config.run.evaluate:
         if config.run.ckpt is None:
             raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
         model = load_recommender(config.run.ckpt, config.model, n_users, n_items)
-    accelerator = Accelerator(cpu=config.run.cpu)
+    accelerator = run_accelerator(cpu=config.run.cpu)
     if accelerator.num_processes > 1:
         raise DiffRecError(f"{what} runs in one process (launch it without accelerate launch --num_processes)")
-    run_dir = open_run_folder(config, accelerator.state)
+    hardware = choose_hardware(config, accelerator.device)
+    run_dir = open_run_folder(config, accelerator.state, hardware)
     set_seed(config.run.seed)
-    return model, run_dir, accelerator.device
+    return model, run_dir, accelerator.device, hardware
 
 
 def _point_latest(folder: Path) -> None:

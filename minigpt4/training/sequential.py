@@ -87,14 +87,14 @@ def pretrain_sequential(config: Config) -> dict:
     resume = None
     if config.run.resume_from is not None and not config.run.evaluate:
         resume = find_epoch_state(config, protocol_label(config), dataset.n_users, dataset.n_items)
-    model, run_dir, device = start_ranking_run(config, dataset.n_users, dataset.n_items, "leave-one-out training")
+    model, run_dir, device, hardware = start_ranking_run(config, dataset.n_users, dataset.n_items, "leave-one-out training")
     logger.info("run folder %s on %s; %d users, %d items, %d training items", run_dir, device, len(dataset.uid), dataset.n_items, len(dataset.items))
     if model is not None:
         model = model.to(device)
         metrics = {"checkpoint": str(config.run.ckpt), **{split: evaluate_sequences(model, dataset, split, config, device) for split in ("valid", "test")}}
     else:
         metrics = _train(config, dataset, device, run_dir, resume)
-    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics})
+    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics, "hardware": hardware})
     write_metrics(run_dir, metrics)
     return metrics
 
