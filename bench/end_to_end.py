@@ -47,10 +47,10 @@ def main() -> None:
 
 def stage_dtype(result: dict) -> str:
     """What a stage computed in: a training stage's resolved precision, float32 for the rest."""
-    precision = result.get("hardware", {}).get("precision")
-    if not precision:
-        return "float32"
-    return ", ".join(f"{key.rsplit('.', 2)[-2] if key.endswith('.dtype') else 'mixed precision'} {value['resolved']}" for key, value in precision.items())
+    precision = result.get("hardware", {}).get("precision", {})
+    dtypes = [f"{key.rsplit('.', 2)[-2]} {value['resolved']}" for key, value in precision.items() if key.endswith(".dtype")]
+    mixed = precision.get("run.mixed_precision", {}).get("resolved", "no")
+    return ", ".join(dtypes + ([f"{mixed} autocast"] if mixed != "no" else [])) or "float32"
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 against a plain LoRA (TALLRec) step, each on the same batches, with peak memory.
 
 SmolLM2-135M-Instruct on CoLLM's ML-1M prompts (the configs `train_configs/{tallrec,cora}_collm_ml1m.yaml`,
-dtype as there: auto, bf16 only where native). Peak memory as in bench/measure.py: the peak during each measurement and its growth
-over the usage before. Prints one JSON line per figure with the ratio.
+`--dtype`, auto by default: bf16 only where native). Peak memory as in bench/measure.py: the peak during
+each measurement and its growth over the usage before. Prints one JSON line per figure with the ratio.
 
-    python bench/llm_speed.py [--batches 4] [--batch-size 16] [--train-steps 5]
+    python bench/llm_speed.py [--batches 4] [--batch-size 16] [--train-steps 5] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--train-batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="the LLM's dtype; auto: bf16 where native")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Speed does not depend on what the collaborative model learned: a fresh MF of CoLLM's size will do.
@@ -44,7 +45,7 @@ def main() -> None:
     collab = save_recommender(build_recommender(MFConfig(embedding_size=256), dataset.n_users, dataset.n_items), MFConfig(embedding_size=256), OUT / "mf")
     models = {}
     for mode in ("tallrec", "cora"):
-        options = [f"model.collab.ckpt={collab}"] if mode == "cora" else []
+        options = [f"model.llm.dtype={args.dtype}", *([f"model.collab.ckpt={collab}"] if mode == "cora" else [])]
         config = load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options)
         torch.manual_seed(config.run.seed)
         model, tokenizer, template = build_llm_recommender(config.model, dataset, device)
