@@ -28,7 +28,7 @@ from minigpt4.diffusion.personalized import PersonalizedSD3  # noqa: E402
 from minigpt4.diffusion.sampling import generate_images  # noqa: E402
 from minigpt4.diffusion.tiny import write_tiny_sd3  # noqa: E402
 from minigpt4.recommenders import build_recommender  # noqa: E402
-from minigpt4.training.diffusion import image_pixels  # noqa: E402
+from minigpt4.data.images import image_pixels  # noqa: E402
 from measure import emit, timed  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_diffusion_speed"

@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = model_commands.add_parser("make-tiny", help="write a tiny SD3.5-architecture pipeline (DIR/sd3), open_clip model (DIR/clip) and VLM judge (DIR/vlm)")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    clip = model_commands.add_parser("train-clip", help="train an in-domain CLIP scorer (open_clip local-dir folder) on a dataset's item images and captions")
+    clip.add_argument("dataset", type=Path, help="a prepared dataset folder with item images")
+    clip.add_argument("--out", type=Path, help="output folder (default models/clip-<dataset name>)")
+    clip.add_argument("--caption", default="a {genres} movie poster: {title}", help="caption template over the items table's columns")
+    clip.add_argument("--genre-prompt", default="a {genre} movie poster", help="zero-shot prompt per genre, for the held-out genre accuracy")
+    clip.add_argument("--resolution", type=int, default=64)
+    clip.add_argument("--steps", type=int, default=600)
+    clip.add_argument("--batch-size", type=int, default=128)
+    clip.add_argument("--held-out", type=float, default=0.2, help="share of the items never trained on, scored at the end")
+    clip.add_argument("--seed", type=int, default=0)
     demo = commands.add_parser("demo", help="ML-100K end to end: MF, then CoRA with SmolLM2 and personalized images from the tiny SD3, evaluated, with runs/demo/report.html")
     demo.add_argument("--options", nargs="*", default=[], help="overrides for the MF config (train_configs/demo_mf_ml100k.yaml)")
     demo.add_argument("--joint-options", nargs="*", default=[], help="overrides for the DiffRec config (train_configs/demo_ml100k.yaml)")
@@ -201,7 +211,17 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
 
 
 def run_models(args: argparse.Namespace) -> dict:
-    """Write the tiny SD3 pipeline, open_clip model and VLM judge folders."""
+    """Write the tiny SD3 pipeline, open_clip model and VLM judge folders, or train the in-domain CLIP scorer."""
+    if args.models_command == "train-clip":
+        from minigpt4.evaluation.clip_training import train_clip
+
+        if not 0 < args.held_out < 1:
+            raise DiffRecError(f"--held-out must be between 0 and 1, got {args.held_out}")
+        for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--resolution", args.resolution)):
+            if value < 1:
+                raise DiffRecError(f"{name} must be positive, got {value}")
+        out = args.out or Path("models") / f"clip-{args.dataset.name}"
+        return train_clip(args.dataset, out, args.caption, args.genre_prompt, args.resolution, args.steps, args.batch_size, held_out=args.held_out, seed=args.seed)
     from minigpt4.diffusion.tiny import write_tiny_clip, write_tiny_sd3, write_tiny_vlm
 
     return {

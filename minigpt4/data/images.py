@@ -17,7 +17,8 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from minigpt4.errors import DiffRecError
 
@@ -178,3 +179,25 @@ def load_image_table(root: str | Path, n_items: int) -> pd.DataFrame:
     if absent:
         raise DiffRecError(f"{path}: {len(absent)} image files are missing, first {root / absent[0]}")
     return table
+
+
+def image_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """An image resized and centre-cropped to ``resolution``, as a [3, H, W] tensor in [-1, 1]."""
+    image = ImageOps.fit(open_image(path), (resolution, resolution), method=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def fill_caption(template: str, item: dict, where: str) -> str:
+    """The caption template filled from an item's columns (list columns such as genres joined by commas);
+    an unknown placeholder fails naming it."""
+    values = {key: ", ".join(map(str, value)) if isinstance(value, (list, tuple, np.ndarray)) else value for key, value in item.items()}
+    try:
+        return template.format_map(values)
+    except KeyError as err:
+        raise DiffRecError(f"{where}: placeholder {{{err.args[0]}}} is not a column of the items table (has: {', '.join(item)})") from None
+
+
+def item_captions(template: str, items: pd.DataFrame, iids: list[int]) -> list[str]:
+    """The caption of each item id, from ``model.flow.caption`` and the items table."""
+    by_id = items.set_index("iid", drop=False)
+    return [fill_caption(template, by_id.loc[int(iid)].to_dict(), "model.flow.caption") for iid in iids]

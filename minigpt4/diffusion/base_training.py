@@ -27,7 +27,7 @@ from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import flow_matching_loss, sample_latents
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder
-from minigpt4.training.diffusion import image_pixels, item_captions
+from minigpt4.data.images import image_pixels, item_captions
 
 FINGERPRINT_FILE = "base_training.json"
 CAPTION_DROPOUT = 0.1

@@ -24,7 +24,8 @@ from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.diffusion import item_captions, liked_rows
+from minigpt4.data.images import item_captions
+from minigpt4.training.diffusion import liked_rows
 from minigpt4.training.llm import subsample
 from minigpt4.training.run_folder import choose_hardware, json_safe, logger, open_run_folder, write_metrics
 

@@ -60,7 +60,9 @@ class ClipScorer:
 
     def truncated(self, text: str) -> bool:
         """Whether ``text`` is longer than the context (start and end tokens included)."""
-        return len(self.tokenizer.encode(text)) + 2 > self.context_length
+        inner = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer (its count has the special tokens)
+        length = len(inner(text).input_ids) if inner is not None else len(self.tokenizer.encode(text)) + 2
+        return length > self.context_length
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:

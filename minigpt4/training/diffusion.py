@@ -22,42 +22,19 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
-from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
-from minigpt4.data.images import load_image_table, open_image
+from minigpt4.data.images import image_pixels, item_captions, load_image_table
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.llm import subsample
 from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, json_safe, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
-
-
-def image_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """An image resized and centre-cropped to ``resolution``, as a [3, H, W] tensor in [-1, 1]."""
-    image = ImageOps.fit(open_image(path), (resolution, resolution), method=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def fill_caption(template: str, item: dict, where: str) -> str:
-    """The caption template filled from an item's columns (list columns such as genres joined by commas);
-    an unknown placeholder fails naming it."""
-    values = {key: ", ".join(map(str, value)) if isinstance(value, (list, tuple, np.ndarray)) else value for key, value in item.items()}
-    try:
-        return template.format_map(values)
-    except KeyError as err:
-        raise DiffRecError(f"{where}: placeholder {{{err.args[0]}}} is not a column of the items table (has: {', '.join(item)})") from None
-
-
-def item_captions(template: str, items: pd.DataFrame, iids: list[int]) -> list[str]:
-    """The caption of each item id, from ``model.flow.caption`` and the items table."""
-    by_id = items.set_index("iid", drop=False)
-    return [fill_caption(template, by_id.loc[int(iid)].to_dict(), "model.flow.caption") for iid in iids]
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""Personalization metrics: zero and chance when nothing is personal, full marks when each output is its
+user's own, a permutation p-value that is roughly uniform when nothing is there, and a copy guard."""
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt4.errors import DiffRecError
+from minigpt4.evaluation.personalization import draw_distractors, personalization_metrics
+
+
+def random_users(users: int, items: int, per_user: int, seed: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Gaussian item embeddings and each user's liked rows."""
+    rng = np.random.default_rng(seed)
+    embeddings = torch.as_tensor(rng.normal(size=(items, 16)), dtype=torch.float32)
+    return embeddings, [sorted(rng.choice(items, size=per_user, replace=False).tolist()) for _ in range(users)]
+
+
+def test_the_same_output_for_everyone_is_not_personal():
+    items, liked = random_users(users=200, items=500, per_user=4, seed=0)
+    same = torch.randn(1, 16, generator=torch.Generator().manual_seed(1)).expand(200, 16)
+    metrics = personalization_metrics(same, range(200), items, liked, permutations=200)
+    assert abs(metrics["margin"]) < 1e-4  # exactly 0 in exact arithmetic: every user's score counts once as own
+    assert 0.03 <= metrics["identification_acc1"] <= 0.18 and metrics["identification_chance"] == 0.1
+    assert metrics["identification_p_value"] > 0.01
+
+
+def test_each_output_being_its_users_own_items_scores_full_marks():
+    users = 20
+    items = torch.eye(users).repeat_interleave(2, dim=0)  # user u's two liked items both point along axis u
+    liked = [[2 * u, 2 * u + 1] for u in range(users)]
+    outputs = torch.eye(users) * 3.0  # scale does not matter: cosine
+    metrics = personalization_metrics(outputs, range(users), items, liked, history=liked, permutations=200)
+    assert metrics["personal_similarity"] == pytest.approx(100.0)
+    assert metrics["margin"] == pytest.approx(100.0)
+    assert metrics["identification_acc1"] == 1.0
+    assert metrics["identification_p_value"] == pytest.approx(1 / 201)
+    assert metrics["copy_guard"] == {"mean": pytest.approx(100.0), "max": pytest.approx(100.0)}  # a copy shows as one
+
+
+def test_p_value_is_roughly_uniform_when_outputs_carry_no_user():
+    p_values = []
+    for seed in range(20):
+        items, liked = random_users(users=50, items=300, per_user=3, seed=seed)
+        outputs = torch.as_tensor(np.random.default_rng(seed + 100).normal(size=(50, 16)), dtype=torch.float32)
+        p_values.append(personalization_metrics(outputs, range(50), items, liked, permutations=200, seed=seed)["identification_p_value"])
+    p_values = np.asarray(p_values)
+    assert 0.25 <= p_values.mean() <= 0.75
+    assert (p_values < 0.05).mean() <= 0.2
+
+
+def test_distractors_are_distinct_other_users():
+    owner = np.repeat(np.arange(12), 5)
+    picks = draw_distractors(owner, 12, 10, np.random.default_rng(0))
+    assert picks.shape == (60, 9)
+    assert all(owner[row] not in picks[row] and len(set(picks[row])) == 9 for row in range(60))
+
+
+def test_too_few_users_or_an_empty_user_is_an_error():
+    items, liked = random_users(users=5, items=50, per_user=2, seed=0)
+    with pytest.raises(DiffRecError, match="at least 10 users"):
+        personalization_metrics(torch.randn(5, 16), range(5), items, liked)
+    items, liked = random_users(users=10, items=50, per_user=2, seed=0)
+    liked[3] = []
+    with pytest.raises(DiffRecError, match="user 3 has no held-out liked item"):
+        personalization_metrics(torch.randn(10, 16), range(10), items, liked)
