@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--caption", default="a {genres} movie poster: {title}", help="caption template over the items table's columns")
     clip.add_argument("--genre-prompt", default="a {genre} movie poster", help="zero-shot prompt per genre, for the held-out genre accuracy")
     clip.add_argument("--resolution", type=int, default=64)
-    clip.add_argument("--steps", type=int, default=600)
+    clip.add_argument("--steps", type=int, default=300)
     clip.add_argument("--batch-size", type=int, default=128)
     clip.add_argument("--held-out", type=float, default=0.2, help="share of the items never trained on, scored at the end")
     clip.add_argument("--seed", type=int, default=0)

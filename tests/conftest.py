@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny synthetic dataset in the contract's layout, config files for it, a tiny LLM, an
-MF checkpoint and the tiny SD3 / open_clip / VLM folders of ``diffrec models make-tiny``."""
+"""Shared fixtures: a tiny synthetic dataset in the contract's layout (and a copy with a rendered card per
+item), config files for it, a tiny LLM, an MF checkpoint and the tiny SD3 / open_clip / VLM folders of
+``diffrec models make-tiny``."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from minigpt4.cli import main
 from minigpt4.config import load_config
 from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.data.contract import save_rating_dataset
+from minigpt4.data.images import render_item_cards
 from minigpt4.llm.loading import bundled_smollm2_folder
 from minigpt4.training.pretrain import pretrain
 
@@ -97,3 +100,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     assert main(["models", "make-tiny", str(folder)]) == 0
     return folder
+
+
+@pytest.fixture(scope="session")
+def card_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny rating dataset with a rendered card per item as its images table."""
+    root = tmp_path_factory.mktemp("cards") / "tiny"
+    shutil.copytree(tiny_dataset, root)
+    render_item_cards(root, size=64)
+    return root

@@ -23,7 +23,6 @@ from PIL import Image
 from minigpt4.cli import main
 from minigpt4.config import DiffRecConfig, PipelineConfig, load_config
 from minigpt4.data.contract import load_rating_dataset
-from minigpt4.data.images import render_item_cards
 from minigpt4.diffusion.base_training import train_base_pipeline
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.errors import DiffRecError
@@ -33,15 +32,6 @@ from minigpt4.training.joint import CHECKPOINT_PREFIX, DiffRecModel, step_checkp
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts"
-
-
-@pytest.fixture(scope="session")
-def card_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny rating dataset with a rendered card per item as its images table."""
-    root = tmp_path_factory.mktemp("cards") / "tiny"
-    shutil.copytree(tiny_dataset, root)
-    render_item_cards(root, size=64)
-    return root
 
 
 def joint_config(folder: Path, dataset: Path, llm: Path, models: Path, collab: Path, run: dict | None = None, joint_section: dict | None = None) -> Path:

@@ -57,7 +57,7 @@ def lit_model_config(text_folder: Path, resolution: int, embed_dim: int) -> dict
 
 def train_clip(
     dataset: str | Path, out: str | Path, caption: str = "a {genres} movie poster: {title}", genre_prompt: str = "a {genre} movie poster",
-    resolution: int = 64, steps: int = 600, batch_size: int = 128, lr: float = 1e-3, held_out: float = 0.2, seed: int = 0, progress: bool = True,
+    resolution: int = 64, steps: int = 300, batch_size: int = 128, lr: float = 1e-3, held_out: float = 0.2, seed: int = 0, progress: bool = True,
 ) -> dict:
     """Train the scorer on the items not held out, write it to ``out``, and score the held-out items with it."""
     import open_clip
