@@ -130,8 +130,8 @@ def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
     lines = [
         f"ML-100K test ({joint['test']['n']} rows) | AUC | UAUC | warm AUC | cold AUC",
         *(f"{name:<34} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}" for name, m in (("MF", mf), ("DiffRec (CoRA, SmolLM2-135M)", joint))),
-        f"images for {images['pairs']} liked test pairs ({images['backbone']}): CLIP-T {_fmt(images['fused']['clip_t'])} / CLIP-I {_fmt(images['fused']['clip_i'])} fused, "
-        f"{_fmt(images['alpha0']['clip_t'])} / {_fmt(images['alpha0']['clip_i'])} with alpha 0",
+        f"images for {images['pairs']} liked test pairs ({images['backbone']}), CLIP-T / CLIP-I / personalization margin: "
+        + ", ".join(f"{arm} {_fmt(images[arm]['clip_t'])} / {_fmt(images[arm]['clip_i'])} / {_margin(images[arm]['personalization'])}" for arm in ("fused", "alpha0", "shuffled")),
         f"stage seconds: {seconds}",
         f"hardware: {_hardware_line(joint['hardware'])}",
         f"report: {state.results['report']['report']}",
@@ -145,6 +145,13 @@ def _hardware_line(hardware: dict) -> str:
     """The joint run's CPU, threads and the precision ``auto`` chose, on one line."""
     precision = ", ".join(f"{key} {value['resolved']}" for key, value in hardware["precision"].items())
     return f"{hardware['cpu']} ({hardware['cpu_capability']}, native bf16: {hardware['native_bf16']}), {hardware['threads']} threads; {precision}"
+
+
+def _margin(personalization: dict) -> str:
+    """The personalization margin with its identification p-value, or why it is missing."""
+    if "missing" in personalization:
+        return f"missing ({personalization['missing']})"
+    return f"{_fmt(personalization['margin'])} (identification {personalization['identification_acc1']:.2f}, p {personalization['identification_p_value']:.3f})"
 
 
 def _fmt(value: float | None) -> str:

@@ -21,7 +21,7 @@ from minigpt4.config import SD3_ATTENTION, ClipConfig, load_config
 from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset
 from minigpt4.data.images import import_item_images, load_image_table, render_card
-from minigpt4.diffusion.generate import generate_for_user
+from minigpt4.diffusion.generate import HeldOut, arm_personalization, generate_for_user, shuffled_donors
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
@@ -178,14 +178,40 @@ def test_evaluate_reports_clip_scores_and_judge_verdicts_with_and_without_fusion
     assert main(["evaluate", "--cfg-path", str(config_path)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["backbone"] == "open_clip clip" and metrics["pairs"] > 0
-    for variant in ("fused", "alpha0"):
+    for variant in ("fused", "alpha0", "shuffled"):
         assert metrics[variant]["images"] == metrics["pairs"] and metrics[variant]["clip_t"] is not None
+        assert "missing" in metrics[variant]["personalization"]  # too few held-out users to tell apart
         # The untrained tiny judge answers without a JSON object: every verdict is counted as
         # unparseable and every criterion reported as missing, none as a default score.
         verdicts = metrics[variant]["judge"]
         assert verdicts["model"] == "vlm" and verdicts["judged"] == verdicts["unparseable"] == metrics["pairs"]
         assert all(verdicts[name] is None and verdicts[f"{name}_missing"] == metrics["pairs"] for name in CRITERIA)
-    assert metrics["alpha0"]["alpha"] == 0.0 and metrics["fused"]["alpha"] > 0
+    assert metrics["alpha0"]["alpha"] == 0.0 and metrics["fused"]["alpha"] > 0 and metrics["shuffled"]["alpha"] > 0
+
+
+def test_arm_personalization_maps_users_and_leaves_out_the_drawn_item():
+    users, per_user = 12, 3
+    directions = torch.eye(users)
+    features = directions.repeat_interleave(per_user, dim=0)  # each user's liked items point their own way
+    held_out = HeldOut(
+        users=[100 + u for u in range(users)], items=[1000 + i for i in range(users * per_user)], features=features,
+        liked=[[per_user * u + k for k in range(per_user)] for u in range(users)], history=[[per_user * u] for u in range(users)],
+    )
+    records = [{"user": 100 + u, "item": 1000 + per_user * u} for u in range(users)]  # drew each user's first liked item
+    own = arm_personalization(held_out, records, directions.clone(), seed=0)
+    assert own["identification_acc1"] == 1.0 and own["margin"] == pytest.approx(100.0) and own["users"] == users
+    swapped = arm_personalization(held_out, records, directions.roll(1, dims=0), seed=0)  # every image made for a neighbour
+    assert swapped["identification_acc1"] == 0.0 and swapped["margin"] < 0
+    assert arm_personalization(HeldOut(held_out.users[:9], held_out.items, features, held_out.liked[:9], held_out.history[:9]), records[:9], directions[:9], 0) == {
+        "missing": "needs 10 evaluated users with 2 or more liked test items; 9 have them"
+    }
+
+
+def test_shuffled_donors_never_give_a_pair_its_own_user():
+    users = np.array([1, 1, 1, 2, 3, 3, 4, 5, 5, 5])
+    donors = shuffled_donors(users, seed=3)
+    assert (users[donors] != users).all()
+    assert (shuffled_donors(np.array([7, 7, 7]), seed=0) >= 0).all()  # one user only: nothing to swap with
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_models, photo_dataset, monkeypatch):

@@ -74,7 +74,7 @@ def comparable(metrics: dict) -> dict:
     """Evaluation figures of a metrics dict (no paths, times or curves)."""
     return {
         "ctr": {split: metrics[split] for split in ("valid", "test", "test_warm", "test_cold")},
-        "images": {variant: {key: metrics["images"][variant][key] for key in ("clip_t", "clip_i", "alpha", "images")} for variant in ("fused", "alpha0")},
+        "images": {variant: {key: metrics["images"][variant][key] for key in ("clip_t", "clip_i", "alpha", "images")} for variant in ("fused", "alpha0", "shuffled")},
     }
 
 
@@ -104,7 +104,10 @@ def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_
     assert images["fused"]["clip_t"] is not None and images["fused"]["clip_i"] is not None
     assert [reply["user"] for reply in images["replies"]] and all(reply["reply"] for reply in images["replies"])
     stored = [json.loads(line) for line in (Path(metrics["run_dir"]) / "images" / "records.jsonl").read_text().splitlines()]
-    assert {record["variant"] for record in stored} == {"fused", "alpha0"}
+    assert {record["variant"] for record in stored} == {"fused", "alpha0", "shuffled"}
+    assert images["shuffled"]["images"] == 4
+    # 4 pairs cannot tell 10 users apart: the metric says so instead of printing a number
+    assert images["fused"]["personalization"] == {"missing": "needs 10 evaluated users with 2 or more liked test items; 3 have them"}
 
 
 def test_evaluate_only_loads_the_checkpoint_and_reproduces_its_metrics(trained_joint, capsys):

@@ -64,3 +64,17 @@ def test_too_few_users_or_an_empty_user_is_an_error():
     liked[3] = []
     with pytest.raises(DiffRecError, match="user 3 has no held-out liked item"):
         personalization_metrics(torch.randn(10, 16), range(10), items, liked)
+
+
+def test_the_item_an_output_was_asked_for_never_counts_for_its_user():
+    """An image drawn from an item's caption resembles that item; leaving it out keeps that from reading as personal."""
+    users = 60
+    rng = np.random.default_rng(0)
+    items = torch.as_tensor(rng.normal(size=(users * 4, 16)), dtype=torch.float32)
+    liked = [[4 * u, 4 * u + 1, 4 * u + 2, 4 * u + 3] for u in range(users)]
+    targets = [4 * u for u in range(users)]
+    outputs = items[targets]  # each output is exactly the item it was asked to draw
+    naive = personalization_metrics(outputs, range(users), items, liked, permutations=100)
+    fair = personalization_metrics(outputs, range(users), items, liked, exclude=targets, permutations=100)
+    assert naive["margin"] > 15 and naive["identification_acc1"] > 0.9
+    assert abs(fair["margin"]) < 3 and fair["identification_acc1"] < 0.3 and fair["scored_outputs"] == users

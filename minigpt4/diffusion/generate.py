@@ -5,6 +5,7 @@ fusion on and with alpha forced to 0)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from minigpt4.diffusion.personalized import PersonalizedSD3, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
+from minigpt4.evaluation.personalization import personalization_metrics
 from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
 from minigpt4.recommenders import load_recommender
 from minigpt4.data.images import item_captions
@@ -30,6 +32,7 @@ from minigpt4.training.llm import subsample
 from minigpt4.training.run_folder import choose_hardware, json_safe, logger, open_run_folder, write_metrics
 
 REFERENCE_IMAGES = 8  # most recent liked items whose images a CLIP-I score compares against
+ARMS = ("fused", "alpha0", "shuffled")  # the fusion; the same seeds text-only; the same seeds with another user's preference
 
 
 def load_for_sampling(config: Config, dataset: RatingDataset, device: torch.device | str = "cpu") -> PersonalizedSD3:
@@ -130,32 +133,89 @@ def evaluate_test_pairs(
     scorer = ClipScorer(config.clip, model.transformer.device)
     judge = VLMJudge(config.judge, model.transformer.device) if config.judge is not None else None
     texts = item_captions(config.flow.caption, dataset.items, list(pairs["iid"]))
+    donors = shuffled_donors(pairs["uid"].to_numpy(), seed)
     drawn = []
     with state.split_between_processes(list(range(len(pairs)))) as mine:
         for start in tqdm(range(0, len(mine), batch_size), desc="generate images", disable=not state.is_local_main_process):
             chunk = mine[start : start + batch_size]
             rows, chunk_texts, seeds = pairs.iloc[chunk], [texts[index] for index in chunk], [seed + index for index in chunk]
-            users = preference(chunk)
+            users, others = preference(chunk), preference([int(donors[index]) for index in chunk])
             references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
-            for variant, override in (("fused", config.fusion.alpha_override), ("alpha0", 0.0)):
-                generated, gate = generate_images(model, users, chunk_texts, seeds, config.sampling, override)
+            for variant, vectors, override in (("fused", users, config.fusion.alpha_override), ("alpha0", users, 0.0), ("shuffled", others, config.fusion.alpha_override)):
+                generated, gate = generate_images(model, vectors, chunk_texts, seeds, config.sampling, override)
                 scores = score_images(scorer, generated, chunk_texts, references)
-                for image, row, text, image_seed, alpha, score in zip(generated, rows.itertuples(), chunk_texts, seeds, gate.tolist(), scores):
+                features = scorer.image_features(generated)
+                for image, row, text, image_seed, alpha, score, feature in zip(generated, rows.itertuples(), chunk_texts, seeds, gate.tolist(), scores, features):
                     record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": image_seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}
-                    drawn.append((image, record, judge.judge(image, text) if judge is not None else None))
+                    drawn.append((image, record, judge.judge(image, text) if judge is not None else None, feature))
     drawn = gather_object(drawn)
     results = {"backbone": scorer.backbone, "pairs": len(pairs)}
-    for variant in ("fused", "alpha0"):
+    held_out = held_out_references(scorer, pairs, dataset, images)
+    for variant in ARMS:
         chosen = [entry for entry in drawn if entry[1]["variant"] == variant]
-        results[variant] = summarize_records([record for _, record, _ in chosen])
+        results[variant] = summarize_records([record for _, record, _, _ in chosen])
         if judge is not None:
-            results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([verdict for _, _, verdict in chosen])}
+            results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([verdict for _, _, verdict, _ in chosen])}
+        results[variant]["personalization"] = arm_personalization(held_out, [record for _, record, _, _ in chosen], torch.stack([feature for *_, feature in chosen]), seed)
         logger.info("%s: %s", variant, results[variant])
     if state.is_main_process:
         store = ImageStore(store_folder, config.sampling.keep_best, config.sampling.max_images)
-        for image, record, _ in drawn:
+        for image, record, _, _ in drawn:
             store.add(image, json_safe(record))
     return results
+
+
+def shuffled_donors(users: np.ndarray, seed: int) -> np.ndarray:
+    """For each pair, a seeded other pair whose user differs (the shuffled-user arm); itself only when every
+    pair has the same user."""
+    rng = np.random.default_rng(seed)
+    donors = rng.permutation(len(users))
+    for position in np.flatnonzero(users[donors] == users):
+        candidates = np.flatnonzero(users != users[position])
+        if len(candidates):
+            donors[position] = rng.choice(candidates)
+    return donors
+
+
+@dataclass
+class HeldOut:
+    """What the personalization metrics compare images with: each evaluated user's liked test items."""
+
+    users: list[int]  # evaluated user ids, in the metrics' user order
+    items: list[int]  # item ids whose images were embedded
+    features: torch.Tensor | None  # [I, D] scorer image features of ``items``
+    liked: list[list[int]]  # per user, rows of ``items``: liked in the test split (never in image training)
+    history: list[list[int]]  # per user, rows of ``items`` among the training history the generator saw
+
+
+def held_out_references(scorer: ClipScorer, pairs: pd.DataFrame, dataset: RatingDataset, images: pd.DataFrame) -> HeldOut:
+    """The evaluated users' liked test items (and their history items) that have images, embedded once."""
+    liked_test = liked_rows(dataset, "test", images)
+    users = sorted(set(pairs["uid"].astype(int)))
+    by_user = {user: sorted(set(liked_test.loc[liked_test["uid"] == user, "iid"].astype(int))) for user in users}
+    with_image = set(images["iid"].astype(int))
+    histories = {user: [int(iid) for iid in pairs.loc[pairs["uid"] == user, "his"].iloc[0] if int(iid) in with_image] for user in users}
+    items = sorted({iid for values in (*by_user.values(), *histories.values()) for iid in values})
+    row = {iid: index for index, iid in enumerate(items)}
+    paths = images.set_index("iid")["path"]
+    features = scorer.image_features([open_image(dataset.root / paths[iid]) for iid in items]) if items else None
+    return HeldOut(users, items, features, [[row[iid] for iid in by_user[user]] for user in users], [[row[iid] for iid in histories[user]] for user in users])
+
+
+def arm_personalization(held_out: HeldOut, records: list[dict], features: torch.Tensor, seed: int) -> dict:
+    """Personalization metrics of one arm's images against the held-out liked items; missing, with the
+    reason, when fewer than 10 users can be told apart."""
+    scorable = [index for index, user in enumerate(held_out.users) if len(held_out.liked[index]) >= 2]  # one is left out per image
+    if len(scorable) < 10:
+        return {"missing": f"needs 10 evaluated users with 2 or more liked test items; {len(scorable)} have them"}
+    position = {held_out.users[index]: rank for rank, index in enumerate(scorable)}
+    kept = [row for row, record in enumerate(records) if record["user"] in position]
+    row_of = {iid: index for index, iid in enumerate(held_out.items)}
+    return personalization_metrics(
+        features[kept], [position[records[row]["user"]] for row in kept], held_out.features,
+        [held_out.liked[index] for index in scorable], [held_out.history[index] for index in scorable],
+        exclude=[row_of[records[row]["item"]] for row in kept], seed=seed,
+    )
 
 
 def summarize_records(records: list[dict]) -> dict:

@@ -32,12 +32,21 @@ def clip_scores(outputs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     return 100 * (F.normalize(outputs.float(), dim=-1) @ F.normalize(items.float(), dim=-1).T).clamp(min=0)
 
 
-def user_similarity(scores: torch.Tensor, liked: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[N, U]: from ``clip_scores`` [N, I], each output's mean score over each user's liked items."""
-    membership = torch.zeros(len(liked), scores.shape[1])
+def user_similarity(scores: torch.Tensor, liked: Sequence[Sequence[int]], exclude: Sequence[int] | None = None) -> np.ndarray:
+    """[N, U]: from ``clip_scores`` [N, I], each output's mean score over each user's liked items, leaving
+    out item ``exclude[n]`` for output n (NaN where that leaves a user nothing)."""
+    membership = torch.zeros(len(liked), scores.shape[1], dtype=torch.float64)
     for user, rows in enumerate(liked):
-        membership[user, list(rows)] = 1.0 / len(rows)
-    return scores @ membership.T
+        membership[user, list(rows)] = 1.0
+    scores = scores.double()
+    sums, counts = scores @ membership.T, membership.sum(dim=1).expand(len(scores), -1).clone()
+    if exclude is not None:
+        rows = torch.arange(len(scores))
+        left_out = torch.as_tensor(list(exclude))
+        sums -= scores[rows, left_out][:, None] * membership[:, left_out].T
+        counts -= membership[:, left_out].T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts).numpy()
 
 
 def draw_distractors(owner: np.ndarray, users: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -48,20 +57,25 @@ def draw_distractors(owner: np.ndarray, users: int, k: int, rng: np.random.Gener
 
 
 def identification_accuracy(similarity: np.ndarray, owner: np.ndarray, distractors: np.ndarray) -> float:
-    """Share of outputs whose owner scores strictly above every one of its distractor users (ties miss)."""
+    """Share of outputs whose owner scores strictly above every one of its distractor users (ties and an
+    owner without a score miss; a distractor without one cannot win)."""
     rows = np.arange(len(owner))
-    return float((similarity[rows, owner] > similarity[rows[:, None], distractors].max(axis=1)).mean())
+    best_other = np.nan_to_num(similarity[rows[:, None], distractors], nan=-np.inf).max(axis=1)
+    return float((np.nan_to_num(similarity[rows, owner], nan=-np.inf) > best_other).mean())
 
 
 def personalization_metrics(
     outputs: torch.Tensor, owner: Sequence[int], items: torch.Tensor, liked: Sequence[Sequence[int]],
-    history: Sequence[Sequence[int]] | None = None, k: int = 10, permutations: int = 1000, seed: int = 0,
+    history: Sequence[Sequence[int]] | None = None, exclude: Sequence[int] | None = None, k: int = 10, permutations: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """Personal similarity, margin, identification Acc@1 among ``k`` users with its permutation p-value,
     and (with ``history``) the copy guard, for outputs [N, D] each made for user ``owner[n]``.
 
     ``liked[u]`` are user u's held-out liked rows of ``items`` [I, D]; ``history[u]`` the rows the
-    generator saw. Users without liked items cannot be scored: the caller leaves them out.
+    generator saw; ``exclude[n]`` an item row that never counts for output n (the item it was asked to
+    draw: resembling it says nothing about the user). Users without liked items cannot be scored: the
+    caller leaves them out.
     """
     owner = np.asarray(owner, dtype=np.int64)
     users = len(liked)
@@ -71,10 +85,14 @@ def personalization_metrics(
     if empty:
         raise DiffRecError(f"user {empty[0]} has no held-out liked item to score against")
     scores = clip_scores(outputs, items)
-    similarity = user_similarity(scores, liked).double().numpy()
+    similarity = user_similarity(scores, liked, exclude)
     rows = np.arange(len(owner))
     own = similarity[rows, owner]
-    others = (similarity.sum(axis=1) - own) / (users - 1)
+    masked = similarity.copy()
+    masked[rows, owner] = np.nan
+    with np.errstate(invalid="ignore"):
+        others = np.nanmean(masked, axis=1)
+    scored = ~np.isnan(own) & ~np.isnan(others)
     rng = np.random.default_rng(seed)
     accuracy = identification_accuracy(similarity, owner, draw_distractors(owner, users, k, rng))
     # Under the null an output says nothing about its user: reassign outputs to users at random.
@@ -85,8 +103,9 @@ def personalization_metrics(
     metrics = {
         "outputs": len(owner),
         "users": users,
-        "personal_similarity": float(own.mean()),
-        "margin": float((own - others).mean()),
+        "scored_outputs": int(scored.sum()),  # an owner left with no liked item after ``exclude`` has no similarity
+        "personal_similarity": float(own[scored].mean()) if scored.any() else None,
+        "margin": float((own - others)[scored].mean()) if scored.any() else None,
         "identification_acc1": accuracy,
         "identification_chance": 1 / k,
         "identification_p_value": (1 + sum(value >= accuracy for value in null)) / (1 + permutations),

@@ -22,6 +22,11 @@ from minigpt4.data.contract import RatingDataset  # noqa: E402
 from minigpt4.data.images import load_image_table  # noqa: E402
 
 HISTORY_THUMBNAILS = 5
+ARM_LABELS = (
+    ("fused", "instruction + preference (adaptive fusion)"),
+    ("alpha0", "instruction only (alpha forced to 0)"),
+    ("shuffled", "instruction + another user's preference"),
+)
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -74,11 +79,30 @@ def write_report(out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset
     parts.append("</table>")
     images = metrics["images"]
     parts.append(f"<h2>Personalized images</h2><p>{images['pairs']} liked test pairs; CLIP backbone <b>{html.escape(str(images['backbone']))}</b>.</p>")
-    parts.append("<table><tr><th>conditioning</th><th>CLIP-T</th><th>CLIP-I</th><th>mean alpha</th><th>images</th></tr>")
-    for variant, label in (("fused", "instruction + preference (adaptive fusion)"), ("alpha0", "instruction only (alpha forced to 0)")):
+    parts.append(
+        "<table><tr><th>conditioning</th><th>CLIP-T</th><th>CLIP-I</th><th>mean alpha</th><th>personal similarity</th><th>margin</th>"
+        "<th>identification Acc@1 (p)</th><th>copy guard</th><th>images</th></tr>"
+    )
+    reasons = set()
+    for variant, label in ARM_LABELS:
         result = images[variant]
-        parts.append(f"<tr><td>{label}</td><td>{_number(result['clip_t'], 2)}</td><td>{_number(result['clip_i'], 2)}</td><td>{_number(result['alpha'], 3)}</td><td>{result['images']}</td></tr>")
-    parts.append("</table><h2>Training curves</h2><img src='report_files/curves.png' alt='training curves'>")
+        personal = result.get("personalization") or {}
+        reasons.update([personal["missing"]] if "missing" in personal else [])
+        identification = f"{_number(personal.get('identification_acc1'), 3)} ({_number(personal.get('identification_p_value'), 3)})"
+        guard = personal.get("copy_guard") or {}
+        parts.append(
+            f"<tr><td>{label}</td><td>{_number(result['clip_t'], 2)}</td><td>{_number(result['clip_i'], 2)}</td><td>{_number(result['alpha'], 3)}</td>"
+            f"<td>{_number(personal.get('personal_similarity'), 2)}</td><td>{_number(personal.get('margin'), 2)}</td><td>{identification}</td>"
+            f"<td>{_number(guard.get('mean'), 1)}</td><td>{result['images']}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.extend(f"<p>Personalization: missing, {html.escape(reason)}.</p>" for reason in sorted(reasons))
+    parts.append(
+        "<p>Personal similarity: the image against the user's liked test items (never in image training; the item it was drawn for left out); "
+        "margin: minus the same against other users' liked items; identification: is the user the nearest among 10 (chance 0.1); "
+        "copy guard: the largest similarity to one history item.</p>"
+    )
+    parts.append("<h2>Training curves</h2><img src='report_files/curves.png' alt='training curves'>")
     parts.append("<h2>Users</h2>")
     parts.extend(_user_rows(dataset, image_folder, files, users))
     replies = images.get("replies") or []
@@ -110,7 +134,7 @@ def _user_rows(dataset: RatingDataset, image_folder: Path, files: Path, users: i
             shutil.copy(dataset.root / table[iid], files / name)
             history_html.append(f"<img src='report_files/{name}' title='{html.escape(str(titles[iid]))}' alt='item {iid}'>")
         generated_html = []
-        for record in sorted(by_pair[(user, item)], key=lambda r: r["variant"] != "fused"):
+        for record in sorted(by_pair[(user, item)], key=lambda r: [variant for variant, _ in ARM_LABELS].index(r["variant"])):
             shutil.copy(image_folder / record["file"], files / record["file"])
             caption = f"{record['variant']}: CLIP-T {_number(record['clip_t'], 1)}, CLIP-I {_number(record['clip_i'], 1)}, alpha {record['alpha']:.2f}"
             generated_html.append(f"<figure><img src='report_files/{record['file']}' alt='{html.escape(record['instruction'])}'><figcaption>{html.escape(caption)}</figcaption></figure>")
