@@ -25,12 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.collm import import_collm  # noqa: E402
-from minigpt4.data.contract import load_rating_dataset, save_rating_dataset  # noqa: E402
+from minigpt4.data.contract import load_rating_dataset, save_rating_dataset, subsample  # noqa: E402
 from minigpt4.evaluation.ctr import frame_metrics  # noqa: E402
+from minigpt4.io import json_safe  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
-from minigpt4.training.llm import subsample, train_llm  # noqa: E402
+from minigpt4.training.llm import train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
-from minigpt4.training.run_folder import json_safe  # noqa: E402
 from measure import emit  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_llm_modes"

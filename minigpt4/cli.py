@@ -183,8 +183,8 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
 
         return write_reply(config, args.user, args.item)
     if kind == "image":
-        from minigpt4.diffusion.generate import evaluate_images, generate_for_user
-        from minigpt4.training.diffusion import train_images
+        from minigpt4.diffusion.generate import generate_for_user
+        from minigpt4.training.diffusion import evaluate_images, train_images
 
         if args.command == "generate":
             return generate_for_user(config, args.user, args.item, args.instruction, args.seed, args.alpha)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt4.config import Config, load_config
-from minigpt4.training.run_folder import json_safe
+from minigpt4.io import json_safe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 MF_CONFIG = CONFIGS / "demo_mf_ml100k.yaml"
@@ -92,11 +92,10 @@ def train_joint(state: DemoState) -> dict:
 
 def write_demo_report(state: DemoState) -> dict:
     """MF on the rows CoRA was scored on, and the report page."""
-    from minigpt4.data.contract import load_rating_dataset
+    from minigpt4.data.contract import load_rating_dataset, subsample
     from minigpt4.evaluation.ctr import frame_metrics
     from minigpt4.evaluation.report import write_report
     from minigpt4.recommenders import load_recommender
-    from minigpt4.training.llm import subsample
 
     config, joint = state.joint_config, state.results["train_joint"]
     dataset = load_rating_dataset(config.datasets.path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -28,3 +30,14 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         shutil.rmtree(previous)
     else:
         partial.rename(folder)
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/inf by None recursively, so JSON says 'missing' instead of inventing a value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

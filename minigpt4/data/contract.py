@@ -128,3 +128,10 @@ def validate_items(frame: pd.DataFrame, where: str, n_items: int) -> None:
     ids = frame["iid"].to_numpy()
     fail_at(where, "iid", (ids < 1) | (ids > n_items), f"id out of range 1..{n_items}")
     fail_at(where, "iid", frame["iid"].duplicated().to_numpy(), "duplicate item id")
+
+
+def subsample(frame: pd.DataFrame, rows: int | None, seed: int) -> pd.DataFrame:
+    """A seeded random subset of ``rows`` rows (all when None or larger), in the table's order."""
+    if rows is None or rows >= len(frame):
+        return frame.reset_index(drop=True)
+    return frame.sample(n=rows, random_state=seed).sort_index().reset_index(drop=True)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from minigpt4.data.contract import RatingDataset
 from minigpt4.errors import DiffRecError
 
 IMAGE_TABLE = "images.parquet"
@@ -201,3 +202,9 @@ def item_captions(template: str, items: pd.DataFrame, iids: list[int]) -> list[s
     """The caption of each item id, from ``model.flow.caption`` and the items table."""
     by_id = items.set_index("iid", drop=False)
     return [fill_caption(template, by_id.loc[int(iid)].to_dict(), "model.flow.caption") for iid in iids]
+
+
+def liked_rows(dataset: RatingDataset, split: str, images: pd.DataFrame) -> pd.DataFrame:
+    """The split's positive rows whose item has an image."""
+    frame = dataset.splits[split]
+    return frame[(frame["label"] == 1) & frame["iid"].isin(images["iid"])].reset_index(drop=True)

@@ -1,9 +1,11 @@
-"""``diffrec generate`` (one user's image, seeded) and ``diffrec evaluate`` on an ``sd3`` config (images for
-liked test pairs, scored by CLIP-T and CLIP-I, and by the VLM judge when one is configured, with the
-fusion on and with alpha forced to 0)."""
+"""``diffrec generate`` (one user's image, seeded), and the image evaluation that ``diffrec evaluate`` on
+``sd3`` and ``diffrec`` configs runs: images for liked test pairs in three arms (the fusion, alpha forced
+to 0, another user's preference), scored by CLIP-T and CLIP-I, by the personalization metrics, and by
+the VLM judge when one is configured."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from minigpt4.config import Config, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
-from minigpt4.data.images import load_image_table, open_image
+from minigpt4.data.images import item_captions, liked_rows, load_image_table, open_image
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
@@ -25,12 +27,10 @@ from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.evaluation.personalization import personalization_metrics
 from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
+from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
-from minigpt4.data.images import item_captions
-from minigpt4.training.diffusion import liked_rows
-from minigpt4.training.llm import subsample
-from minigpt4.training.run_folder import choose_hardware, json_safe, logger, open_run_folder, write_metrics
 
+logger = logging.getLogger("diffrec")
 REFERENCE_IMAGES = 8  # most recent liked items whose images a CLIP-I score compares against
 ARMS = ("fused", "alpha0", "shuffled")  # the fusion; the same seeds text-only; the same seeds with another user's preference
 
@@ -94,27 +94,6 @@ def generate_for_user(config: Config, user: int, item: int | None, instruction: 
     record = {"user": user, "item": item, "instruction": instruction, "seed": seed, "alpha": float(gate[0]), "alpha_forced": override is not None, "checkpoint": str(config.run.ckpt), "steps": config.model.sampling.steps, "guidance_scale": config.model.sampling.guidance_scale, **scores, "score": scores["clip_t"]}
     record = store.add(generated[0], json_safe(record))
     return {**record, "folder": str(store.folder)}
-
-
-def evaluate_images(config: Config) -> dict:
-    """Generate for liked test pairs (``run.test_rows`` of them) with and without the fusion; mean CLIP scores."""
-    run = config.run
-    dataset = load_rating_dataset(config.datasets.path)
-    images = load_image_table(dataset.root, dataset.n_items)
-    if config.model.clip is None:
-        raise DiffRecError("evaluating images needs a CLIP scorer: set model.clip.path")
-    state = PartialState(cpu=run.cpu)
-    hardware = choose_hardware(config, state.device)
-    model = load_for_sampling(config, dataset, state.device)
-    pairs = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
-    if pairs.empty:
-        raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
-    run_dir = open_run_folder(config, state, hardware)
-    results = evaluate_test_pairs(model, lambda rows: model.preference(pairs.iloc[rows]), pairs, dataset, images, config.model, run.seed, run.eval_batch_size, run_dir / "images")
-    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results, "hardware": hardware})
-    if state.is_main_process:
-        write_metrics(run_dir, metrics)
-    return metrics
 
 
 @torch.no_grad()

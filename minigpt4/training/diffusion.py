@@ -1,4 +1,5 @@
-"""Personalized image training under Accelerate (``diffrec train`` on a ``model.arch: sd3`` config).
+"""Personalized image training under Accelerate (``diffrec train`` on a ``model.arch: sd3`` config) and its
+evaluation (``diffrec evaluate``: the three arms of ``diffusion/generate.py``, in a run folder).
 
 Samples are the training split's liked (user, item) pairs whose item has an image: the user's
 preference vector (frozen collaborative model), the item image's VAE latent distribution and the
@@ -27,14 +28,15 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, SD3Config
-from minigpt4.data.contract import RatingDataset, load_rating_dataset
-from minigpt4.data.images import image_pixels, item_captions, load_image_table
+from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
+from minigpt4.data.images import image_pixels, item_captions, liked_rows, load_image_table
+from minigpt4.diffusion.generate import evaluate_test_pairs, load_for_sampling
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
+from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.llm import subsample
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, json_safe, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
 
 
 @dataclass
@@ -52,10 +54,6 @@ class ImageSamples:
         return len(self.item_index)
 
 
-def liked_rows(dataset: RatingDataset, split: str, images: pd.DataFrame) -> pd.DataFrame:
-    """The split's positive rows whose item has an image."""
-    frame = dataset.splits[split]
-    return frame[(frame["label"] == 1) & frame["iid"].isin(images["iid"])].reset_index(drop=True)
 
 
 @torch.no_grad()
@@ -225,3 +223,24 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
         "checkpoint": str(checkpoint),
         "curve": progress["curve"],
     }
+
+
+def evaluate_images(config: Config) -> dict:
+    """Generate for liked test pairs (``run.test_rows`` of them) with and without the fusion; mean CLIP scores."""
+    run = config.run
+    dataset = load_rating_dataset(config.datasets.path)
+    images = load_image_table(dataset.root, dataset.n_items)
+    if config.model.clip is None:
+        raise DiffRecError("evaluating images needs a CLIP scorer: set model.clip.path")
+    state = PartialState(cpu=run.cpu)
+    hardware = choose_hardware(config, state.device)
+    model = load_for_sampling(config, dataset, state.device)
+    pairs = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
+    if pairs.empty:
+        raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
+    run_dir = open_run_folder(config, state, hardware)
+    results = evaluate_test_pairs(model, lambda rows: model.preference(pairs.iloc[rows]), pairs, dataset, images, config.model, run.seed, run.eval_batch_size, run_dir / "images")
+    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results, "hardware": hardware})
+    if state.is_main_process:
+        write_metrics(run_dir, metrics)
+    return metrics

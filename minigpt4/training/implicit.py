@@ -26,10 +26,11 @@ from minigpt4.config import Config
 from minigpt4.data.implicit import ImplicitDataset, load_implicit_dataset
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ranking import full_ranking_metrics
+from minigpt4.io import json_safe
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
-from minigpt4.training.run_folder import find_epoch_state, json_safe, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
+from minigpt4.training.run_folder import find_epoch_state, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
 VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"

@@ -38,20 +38,21 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, DiffRecConfig, dump_config
-from minigpt4.data.contract import RatingDataset, load_rating_dataset
-from minigpt4.data.images import load_image_table
+from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
+from minigpt4.data.images import liked_rows, load_image_table
 from minigpt4.diffusion.generate import evaluate_test_pairs
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
+from minigpt4.io import json_safe
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, prompt_rows
 from minigpt4.llm.reply import write_replies
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.diffusion import ImageSamples, build_samples, liked_rows, load_training_weights, micro_batch_rows, training_pairs
-from minigpt4.training.llm import build_llm_recommender, epoch_loader, eval_loader, split_prompt_rows, subsample
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, json_safe, logger, open_run_folder, run_accelerator, write_metrics
+from minigpt4.training.diffusion import ImageSamples, build_samples, load_training_weights, micro_batch_rows, training_pairs
+from minigpt4.training.llm import build_llm_recommender, epoch_loader, eval_loader, split_prompt_rows
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, write_metrics
 
 CHECKPOINT_PREFIX = "step-"
 

@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.data_loader import prepare_data_loader
@@ -24,16 +23,17 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, LLMRecConfig
-from minigpt4.data.contract import RatingDataset, load_rating_dataset
+from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
+from minigpt4.io import json_safe
 from minigpt4.llm.loading import load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptRows, check_template, prompt_rows
 from minigpt4.llm.scoring import answer_token_ids
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, json_safe, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
 
 
 def build_llm_recommender(
@@ -51,11 +51,6 @@ def build_llm_recommender(
     return model, tokenizer, template
 
 
-def subsample(frame: pd.DataFrame, rows: int | None, seed: int) -> pd.DataFrame:
-    """A seeded random subset of ``rows`` rows (all when None or larger), in the table's order."""
-    if rows is None or rows >= len(frame):
-        return frame.reset_index(drop=True)
-    return frame.sample(n=rows, random_state=seed).sort_index().reset_index(drop=True)
 
 
 def split_prompt_rows(config: Config, dataset: RatingDataset, model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> dict[str, PromptRows]:

@@ -23,8 +23,9 @@ from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.tensors import RatingTensors, whole_batch
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
+from minigpt4.io import json_safe
 from minigpt4.recommenders import build_recommender, graph_edges, load_recommender, save_recommender
-from minigpt4.training.run_folder import choose_hardware, json_safe, logger, open_run_folder, run_accelerator, write_metrics
+from minigpt4.training.run_folder import choose_hardware, logger, open_run_folder, run_accelerator, write_metrics
 
 
 def history_length(config: Config) -> int:

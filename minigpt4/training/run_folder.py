@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -22,7 +21,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from minigpt4.config import Config, dump_config, resolve_precision
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.hardware import configure_threads, describe
-from minigpt4.io import atomic_folder
+from minigpt4.io import atomic_folder, json_safe
 from minigpt4.recommenders import CollaborativeModel, load_recommender, write_recommender
 
 logger = logging.getLogger("diffrec")
@@ -114,15 +113,6 @@ def write_metrics(folder: Path, metrics: dict) -> None:
     (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
 
 
-def json_safe(value: Any) -> Any:
-    """Replace NaN/inf by None recursively, so JSON says 'missing' instead of inventing a value."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def save_checkpoint(folder: Path, model: Any, config: Config, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict) -> None:

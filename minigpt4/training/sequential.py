@@ -36,9 +36,10 @@ from minigpt4.config import Config, RunConfig
 from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ranking import leave_one_out_metrics
+from minigpt4.io import json_safe
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
-from minigpt4.training.run_folder import find_epoch_state, json_safe, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
+from minigpt4.training.run_folder import find_epoch_state, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
