@@ -2,14 +2,15 @@
 
 Stages: prepare ML-100K and its item cards; MF (``train_configs/demo_mf_ml100k.yaml``); the tiny
 SD3.5-shaped pipeline, CLIP and VLM folders; base weights for the tiny pipeline trained on the cards
-(cached under a fingerprint, so a second run skips them); the joint DiffRec run — CoRA on SmolLM2 and
-personalized images — with its evaluation (``train_configs/demo_ml100k.yaml``); and
-``runs/demo/report.html``. Each stage is a function of the shared state, so ``bench/end_to_end.py`` can
+(cached under a fingerprint, so a second run skips them); the in-domain CLIP scorer that judges the
+images (kept once trained); the joint DiffRec run — CoRA on SmolLM2 and personalized images — with its
+evaluation (``train_configs/demo_ml100k.yaml``); and ``runs/demo/report.html``. Each stage is a function of the shared state, so ``bench/end_to_end.py`` can
 time and measure them one by one.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from minigpt4.config import Config, load_config
 from minigpt4.io import json_safe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
+TINY_MODELS = CONFIGS.parent / "models" / "tiny"  # `diffrec models make-tiny models/tiny`
 MF_CONFIG = CONFIGS / "demo_mf_ml100k.yaml"
 JOINT_CONFIG = CONFIGS / "demo_ml100k.yaml"
 CARD_SIZE = 64
@@ -62,10 +64,10 @@ def train_mf(state: DemoState) -> dict:
 
 
 def tiny_models(state: DemoState) -> dict:
-    """The tiny SD3, open_clip and VLM folders the demo config names (written once)."""
+    """The tiny SD3, open_clip and VLM folders (written once); the SD3 one is where the base training starts."""
     from minigpt4.diffusion.tiny import write_tiny_clip, write_tiny_sd3, write_tiny_vlm
 
-    folder = state.joint_config.model.image.clip.path.parent
+    folder = TINY_MODELS
     written = {}
     for name, write in (("sd3", write_tiny_sd3), ("clip", write_tiny_clip), ("vlm", write_tiny_vlm)):
         if not (folder / name).is_dir():
@@ -79,8 +81,19 @@ def base_weights(state: DemoState) -> dict:
     from minigpt4.diffusion.base_training import train_base_pipeline
 
     image = state.joint_config.model.image
-    start = image.clip.path.parent / "sd3"
+    start = TINY_MODELS / "sd3"
     return train_base_pipeline(start, state.joint_config.datasets.path, image.pipeline.path, image.flow.caption, resolution=image.flow.resolution)
+
+
+def train_scorer(state: DemoState) -> dict:
+    """The in-domain CLIP scorer the images are judged by, trained on the cards' held-out split once (kept)."""
+    from minigpt4.evaluation.clip_training import train_clip
+
+    image = state.joint_config.model.image
+    kept = image.clip.path / "train_clip_metrics.json"
+    if kept.is_file():
+        return {**json.loads(kept.read_text()), "cached": True}
+    return {**train_clip(state.joint_config.datasets.path, image.clip.path, caption=image.flow.caption), "cached": False}
 
 
 def train_joint(state: DemoState) -> dict:
@@ -111,6 +124,7 @@ STAGES: list[tuple[str, Callable[[DemoState], dict]]] = [
     ("train_mf", train_mf),
     ("tiny_models", tiny_models),
     ("base_weights", base_weights),
+    ("train_scorer", train_scorer),
     ("train_joint", train_joint),
     ("report", write_demo_report),
 ]
