@@ -60,12 +60,13 @@ def reference_images(dataset: RatingDataset, images: pd.DataFrame, history: list
     return [open_image(dataset.root / paths[iid]) for iid in recent]
 
 
-def score_images(scorer: ClipScorer | None, images: list, texts: list[str], references: list[list]) -> list[dict]:
-    """CLIP-T and CLIP-I of each image (missing without a scorer or references), with the backbone."""
+def score_images(scorer: ClipScorer | None, images: list, texts: list[str], references: list[list], features: torch.Tensor | None = None) -> list[dict]:
+    """CLIP-T and CLIP-I of each image (missing without a scorer or references), with the backbone;
+    ``features``: the images' scorer features when already computed."""
     if scorer is None:
         return [{"clip_t": None, "clip_i": None, "backbone": None, "truncated": None} for _ in images]
-    clip_t, _ = scorer.clip_t(images, texts)
-    clip_i = scorer.clip_i(images, references)
+    clip_t, _ = scorer.clip_t(images, texts, features)
+    clip_i = scorer.clip_i(images, references, features)
     return [
         {"clip_t": t, "clip_i": i, "backbone": scorer.backbone, "truncated": scorer.truncated(text)}
         for t, i, text in zip(clip_t, clip_i, texts)
@@ -122,8 +123,8 @@ def evaluate_test_pairs(
             references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
             for variant, vectors, override in (("fused", users, config.fusion.alpha_override), ("alpha0", users, 0.0), ("shuffled", others, config.fusion.alpha_override)):
                 generated, gate = generate_images(model, vectors, chunk_texts, seeds, config.sampling, override)
-                scores = score_images(scorer, generated, chunk_texts, references)
                 features = scorer.image_features(generated)
+                scores = score_images(scorer, generated, chunk_texts, references, features)
                 for image, row, text, image_seed, alpha, score, feature in zip(generated, rows.itertuples(), chunk_texts, seeds, gate.tolist(), scores, features):
                     record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": image_seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}
                     drawn.append((image, record, judge.judge(image, text) if judge is not None else None, feature))

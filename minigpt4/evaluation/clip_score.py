@@ -73,18 +73,19 @@ class ClipScorer:
             features.append(self.model.encode_text(tokens.to(self.device)).float())
         return F.normalize(torch.cat(features), dim=-1)
 
-    def clip_t(self, images: list[Image.Image], texts: list[str]) -> tuple[list[float], int]:
-        """CLIP-T of each (image, text) pair, and how many texts were truncated."""
+    def clip_t(self, images: list[Image.Image], texts: list[str], features: torch.Tensor | None = None) -> tuple[list[float], int]:
+        """CLIP-T of each (image, text) pair, and how many texts were truncated (``features``: the images'
+        ``image_features`` when already computed)."""
         if len(images) != len(texts):
             raise DiffRecError(f"CLIP-T needs one text per image, got {len(images)} images and {len(texts)} texts")
-        scores = clip_similarity(self.image_features(images), self.text_features(texts))
+        scores = clip_similarity(self.image_features(images) if features is None else features, self.text_features(texts))
         return scores.tolist(), sum(self.truncated(text) for text in texts)
 
-    def clip_i(self, images: list[Image.Image], references: list[list[Image.Image]]) -> list[float | None]:
+    def clip_i(self, images: list[Image.Image], references: list[list[Image.Image]], features: torch.Tensor | None = None) -> list[float | None]:
         """CLIP-I of each image: its mean score against its own reference images (None without references)."""
         if len(images) != len(references):
             raise DiffRecError(f"CLIP-I needs references per image, got {len(images)} images and {len(references)} lists")
-        generated = self.image_features(images)
+        generated = self.image_features(images) if features is None else features
         flat = [image for group in references for image in group]
         reference = self.image_features(flat) if flat else None
         scores, start = [], 0
