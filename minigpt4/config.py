@@ -310,12 +310,24 @@ class FlowMatchingConfig(Section):
     """The rectified-flow objective of SD3 (diffusers' SD3 LoRA trainer) and what each image is captioned with."""
 
     caption: str = "{title}"  # filled from the items table; the instruction the image is paired with
+    # So that the preference has something to decide: a share of training pairs get an instruction that
+    # names no item (only the user's preference then tells what to draw), and a share an empty one.
+    generic_caption: str = "a movie poster"
+    generic_rate: float = Field(0.0, ge=0, le=1)
+    caption_dropout: float = Field(0.0, ge=0, le=1)
     weighting_scheme: Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = 1.29
     precondition_outputs: bool = True  # the loss compares the predicted clean latents, as diffusers does
     resolution: int = Field(1024, gt=0)  # training images are resized and centre-cropped to this
+
+    @model_validator(mode="after")
+    def _rates_fit(self) -> "FlowMatchingConfig":
+        """A pair gets one instruction: the shares of generic and empty ones cannot exceed all pairs."""
+        if self.generic_rate + self.caption_dropout > 1:
+            raise ValueError(f"generic_rate {self.generic_rate} + caption_dropout {self.caption_dropout} exceeds 1")
+        return self
 
 
 class SamplingConfig(Section):

@@ -335,3 +335,28 @@ def test_sd3_config_errors(tmp_path, tiny_models, photo_dataset):
     config.model.pipeline.path = tmp_path / "nowhere"
     with pytest.raises(DiffRecError, match="no model_index.json"):
         load_sd3_pipeline(config.model.pipeline)
+
+
+def test_generic_and_empty_instructions_replace_captions_at_the_configured_rates():
+    from minigpt4.config import FlowMatchingConfig
+    from minigpt4.training.diffusion import ImageSamples
+
+    items, count = 5, 20_000
+    samples = ImageSamples(
+        preference=None, item_index=torch.arange(count) % items, latent_parameters=torch.zeros(items, 1),
+        prompt_embeds=torch.arange(items, dtype=torch.float32)[:, None, None].expand(items, 3, 2).clone(), pooled=torch.arange(items, dtype=torch.float32)[:, None].expand(items, 2).clone(),
+        iids=list(range(1, items + 1)), other_prompt_embeds=torch.tensor([-1.0, -2.0])[:, None, None].expand(2, 3, 2).clone(), other_pooled=torch.tensor([[-1.0, -1.0], [-2.0, -2.0]]),
+    )  # fmt: skip
+    rows = list(range(count))
+    flow = FlowMatchingConfig(generic_rate=0.3, caption_dropout=0.2)
+    prompt_embeds, pooled = samples.captions(rows, flow, torch.Generator().manual_seed(0))
+    kind = pooled[:, 0]
+    assert abs((kind == -1).float().mean() - 0.3) < 0.015 and abs((kind == -2).float().mean() - 0.2) < 0.015
+    kept = kind >= 0
+    assert torch.equal(kind[kept], samples.item_index[kept].float())  # the rest keep their item's caption
+    assert torch.equal(prompt_embeds[:, 0, 0], kind)  # sequence and pooled embeddings replaced together
+    untouched = torch.Generator().manual_seed(0)
+    plain, _ = samples.captions(rows, FlowMatchingConfig(), untouched)
+    assert torch.equal(plain[:, 0, 0], samples.item_index.float()) and torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state())
+    with pytest.raises(ValueError, match="exceeds 1"):
+        FlowMatchingConfig(generic_rate=0.7, caption_dropout=0.4)

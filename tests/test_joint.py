@@ -248,13 +248,14 @@ def test_base_training_fits_the_cards_writes_a_pipeline_and_is_cached(card_datas
 
 def test_llm_preference_sends_the_image_loss_into_the_llm(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path):
     """With ``joint.preference: llm`` the fusion reads the LLM's answer-position hidden state, so the
-    flow-matching loss alone gives gradients to the LLM's LoRA and CoRA generator."""
-    config = load_config(joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"}))
+    flow-matching loss alone gives gradients to the LLM's LoRA and CoRA generator, generic instructions included."""
+    path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"})
+    config = load_config(path, ["model.image.flow.generic_rate=0.5"])
     dataset = load_rating_dataset(card_dataset)
     model = joint.build_diffrec(config.model, dataset, (torch.device("cpu"), torch.device("cpu")))
     assert model.image.fusion.preference[1].in_features == model.rec.hidden_size()
     data = joint.joint_data(config, model, dataset, progress=False)
-    batch = joint._image_batch(data, [0, 1])
+    batch = joint._image_batch(data, [0, 1], config.model.image.flow, torch.Generator().manual_seed(0))
     assert batch.preference is None and batch.prompts is not None
     model.train()
     model(None, batch, torch.Generator().manual_seed(0))[0].backward()

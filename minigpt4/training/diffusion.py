@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from minigpt4.config import Config, SD3Config
+from minigpt4.config import Config, FlowMatchingConfig, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.images import image_pixels, item_captions, liked_rows, load_image_table
 from minigpt4.diffusion.generate import evaluate_test_pairs, load_for_sampling
@@ -49,9 +49,28 @@ class ImageSamples:
     prompt_embeds: torch.Tensor  # [M, L, joint_dim]
     pooled: torch.Tensor  # [M, pooled_dim]
     iids: list[int]  # item id of each cache row
+    other_prompt_embeds: torch.Tensor  # [2, L, joint_dim]: the generic instruction, then the empty one
+    other_pooled: torch.Tensor  # [2, pooled_dim]
 
     def __len__(self) -> int:
         return len(self.item_index)
+
+    def captions(self, rows: list[int], flow: FlowMatchingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The caption embeddings of a micro-batch: each sample's item caption, or with probability
+        ``flow.generic_rate`` the generic instruction and ``flow.caption_dropout`` the empty one (drawn
+        from ``generator`` only when either is set, so other runs draw what they always drew)."""
+        index = self.item_index[rows]
+        prompt_embeds, pooled = self.prompt_embeds[index], self.pooled[index]
+        if flow.generic_rate + flow.caption_dropout == 0:
+            return prompt_embeds, pooled
+        draw = torch.rand(len(rows), generator=generator)
+        choice = torch.full((len(rows),), -1)
+        choice[draw < flow.generic_rate] = 0
+        choice[(draw >= flow.generic_rate) & (draw < flow.generic_rate + flow.caption_dropout)] = 1
+        replaced = choice >= 0
+        prompt_embeds, pooled = prompt_embeds.clone(), pooled.clone()
+        prompt_embeds[replaced], pooled[replaced] = self.other_prompt_embeds[choice[replaced]], self.other_pooled[choice[replaced]]
+        return prompt_embeds, pooled
 
 
 
@@ -84,10 +103,12 @@ def build_samples(config: SD3Config, rows: pd.DataFrame, model: PersonalizedSD3,
     """Training samples of liked pairs: preferences (when the model has a collaborative model) and cached item encodings."""
     iids = sorted(int(iid) for iid in rows["iid"].unique())
     caches = encode_items(model, config, dataset, images, iids, batch_size, progress)
+    with torch.no_grad():
+        other_prompt_embeds, other_pooled = model.encode_text([config.flow.generic_caption, ""])
     preference = model.preference(rows).cpu() if model.collab is not None else None
     position = {iid: index for index, iid in enumerate(iids)}
     item_index = torch.tensor([position[int(iid)] for iid in rows["iid"]])
-    return ImageSamples(preference, item_index, iids=iids, **caches)
+    return ImageSamples(preference, item_index, iids=iids, other_prompt_embeds=other_prompt_embeds.float().cpu(), other_pooled=other_pooled.float().cpu(), **caches)
 
 
 def build_personalized(config: SD3Config, dataset: RatingDataset, device: torch.device | str = "cpu") -> PersonalizedSD3:
@@ -185,9 +206,10 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
             rows = micro_batch_rows(len(samples), run.batch_size, position, run.seed)
             generator = torch.Generator().manual_seed(run.seed * 100_003 + position)
             index = samples.item_index[rows]
+            prompt_embeds, pooled = samples.captions(rows, config.model.flow, generator)
             with accelerator.accumulate(prepared):
                 latents = model.latents(samples.latent_parameters[index], generator).to(device)
-                loss = prepared(latents, samples.prompt_embeds[index].to(device), samples.pooled[index].to(device), samples.preference[rows].to(device), generator)
+                loss = prepared(latents, prompt_embeds.to(device), pooled.to(device), samples.preference[rows].to(device), generator)
                 if not torch.isfinite(loss):
                     kept = checkpoint if checkpoint.is_dir() else "(none yet)"
                     raise DiffRecError(f"loss became {loss.item()} at step {step}; training stopped, the last checkpoint is kept at {kept}")

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from minigpt4.config import Config, DiffRecConfig, dump_config
+from minigpt4.config import Config, DiffRecConfig, FlowMatchingConfig, dump_config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.images import liked_rows, load_image_table
 from minigpt4.diffusion.generate import evaluate_test_pairs
@@ -249,12 +249,13 @@ def train_diffrec(config: Config) -> dict:
     return metrics
 
 
-def _image_batch(data: JointData, rows: list[int]) -> ImageBatch:
-    """The image micro-batch of the given sample positions."""
+def _image_batch(data: JointData, rows: list[int], flow: FlowMatchingConfig, generator: torch.Generator) -> ImageBatch:
+    """The image micro-batch of the given sample positions (captions drawn as ``flow`` says)."""
     samples = data.image_samples
     index = samples.item_index[rows]
+    prompt_embeds, pooled = samples.captions(rows, flow, generator)
     return ImageBatch(
-        latent_parameters=samples.latent_parameters[index], prompt_embeds=samples.prompt_embeds[index], pooled=samples.pooled[index],
+        latent_parameters=samples.latent_parameters[index], prompt_embeds=prompt_embeds, pooled=pooled,
         preference=samples.preference[rows] if samples.preference is not None else None,
         prompts=data.image_prompts.__getitems__(rows) if data.image_prompts is not None else None,
     )
@@ -340,12 +341,12 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
             step, position = progress["step"], progress["micro"]
             train_rec = joint.schedule == "sum" or step % 2 == 0
             train_image = joint.schedule == "sum" or step % 2 == 1
+            # Noise, timesteps and captions are seeded by (seed, micro-batch, process): a resumed run draws the same.
+            generator = torch.Generator().manual_seed(run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index)
             image_batch = None
             if train_image:
                 rows = micro_batch_rows(len(data.image_samples), joint.image_batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes)
-                image_batch = _image_batch(data, rows)
-            # Noise and timesteps are seeded by (seed, micro-batch, process): a resumed run draws the same.
-            generator = torch.Generator().manual_seed(run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index)
+                image_batch = _image_batch(data, rows, config.model.image.flow, generator)
             with accelerator.accumulate(model):
                 loss, parts = model(rec_batch if train_rec else None, image_batch, generator)
                 if not torch.isfinite(loss):
