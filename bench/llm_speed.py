@@ -23,7 +23,8 @@ from minigpt4.config import MFConfig, load_config  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset  # noqa: E402
 from minigpt4.llm.scoring import full_vocabulary_yes_no, yes_no_logits  # noqa: E402
 from minigpt4.recommenders import build_recommender, save_recommender  # noqa: E402
-from minigpt4.training.llm import build_llm_recommender, split_prompt_rows  # noqa: E402
+from minigpt4.llm.recommender import build_llm_recommender  # noqa: E402
+from minigpt4.training.llm import split_prompt_rows  # noqa: E402
 from measure import emit, timed  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_llm_speed"

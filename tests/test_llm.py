@@ -24,9 +24,10 @@ from minigpt4.errors import DiffRecError
 from minigpt4.llm import scoring
 from minigpt4.llm.loading import bundled_smollm2_folder, load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate, encode_prompts
+from minigpt4.llm.recommender import build_llm_recommender
 from minigpt4.llm.scoring import answer_token_ids, full_vocabulary_yes_no, yes_no_logits
 from minigpt4.training import llm as training_llm
-from minigpt4.training.llm import build_llm_recommender, split_prompt_rows
+from minigpt4.training.llm import split_prompt_rows
 from minigpt4.training.run_folder import TRAINER_STATE, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

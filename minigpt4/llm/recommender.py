@@ -28,13 +28,15 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from minigpt4.config import LLMRecConfig
+from minigpt4.data.contract import RatingDataset
 from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.llm.collm import CoLLMProjector
 from minigpt4.llm.cora import CoRA
+from minigpt4.llm.loading import load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate, encode_prompts
-from minigpt4.llm.scoring import answer_hidden_states, yes_no_from_hidden, yes_no_logits
-from minigpt4.recommenders import CollaborativeModel
+from minigpt4.llm.scoring import answer_hidden_states, answer_token_ids, yes_no_from_hidden, yes_no_logits
+from minigpt4.recommenders import CollaborativeModel, load_recommender
 
 ADAPTER_DIR = "adapter"
 COLLAB_MODULES = "collab_modules.safetensors"
@@ -233,3 +235,18 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except SafetensorError as err:
         raise DiffRecError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def build_llm_recommender(
+    config: LLMRecConfig, dataset: RatingDataset, device: torch.device | str = "cpu"
+) -> tuple[LLMRecommender, PreTrainedTokenizerBase, PromptTemplate]:
+    """The LLM, its tokenizer, the prompt template and the frozen collaborative model, assembled for the mode."""
+    template = PromptTemplate.load(config.prompt.template)
+    check_template(config, template)
+    collab = None
+    if config.collab is not None:
+        collab = load_recommender(config.collab.ckpt, None, dataset.n_users, dataset.n_items).to(device)
+    tokenizer = load_tokenizer(config.llm)
+    answer_ids = answer_token_ids(tokenizer, template.cue)
+    model = LLMRecommender(config, load_causal_lm(config.llm, device), answer_ids, collab)
+    return model, tokenizer, template

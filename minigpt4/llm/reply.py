@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4.config import Config, LLMRecConfig, ReplyConfig
@@ -12,7 +11,7 @@ from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError
 from minigpt4.llm.prompts import PromptTemplate
-from minigpt4.llm.recommender import LLMRecommender, PromptBatch, check_template, prompt_rows
+from minigpt4.llm.recommender import LLMRecommender, PromptBatch, build_llm_recommender, check_template, prompt_rows
 
 
 def reply_row(dataset: RatingDataset, user: int, item: int) -> pd.DataFrame:
@@ -33,8 +32,6 @@ def reply_row(dataset: RatingDataset, user: int, item: int) -> pd.DataFrame:
 
 def write_reply(config: Config, user: int, item: int) -> dict:
     """Generate the reply for (user, item) from the checkpoint ``run.ckpt``, seeded by ``run.seed``."""
-    from minigpt4.training.llm import build_llm_recommender  # the trainer imports this package
-
     if config.run.ckpt is None:
         raise DiffRecError("run.ckpt is not set: a reply needs the trained adapters of a diffrec train checkpoint")
     dataset = load_rating_dataset(config.datasets.path)

@@ -47,11 +47,11 @@ from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
 from minigpt4.io import json_safe
 from minigpt4.llm.prompts import PromptTemplate
-from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, prompt_rows
+from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import write_replies
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.diffusion import ImageSamples, build_samples, load_training_weights, micro_batch_rows, training_pairs
-from minigpt4.training.llm import build_llm_recommender, epoch_loader, eval_loader, split_prompt_rows
+from minigpt4.training.llm import epoch_loader, eval_loader, split_prompt_rows
 from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, write_metrics
 
 CHECKPOINT_PREFIX = "step-"

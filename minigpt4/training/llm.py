@@ -22,35 +22,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from minigpt4.config import Config, LLMRecConfig
+from minigpt4.config import Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
 from minigpt4.io import json_safe
-from minigpt4.llm.loading import load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate
-from minigpt4.llm.recommender import LLMRecommender, PromptRows, check_template, prompt_rows
-from minigpt4.llm.scoring import answer_token_ids
-from minigpt4.recommenders import load_recommender
+from minigpt4.llm.recommender import LLMRecommender, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
-
-
-def build_llm_recommender(
-    config: LLMRecConfig, dataset: RatingDataset, device: torch.device | str = "cpu"
-) -> tuple[LLMRecommender, PreTrainedTokenizerBase, PromptTemplate]:
-    """The LLM, its tokenizer, the prompt template and the frozen collaborative model, assembled for the mode."""
-    template = PromptTemplate.load(config.prompt.template)
-    check_template(config, template)
-    collab = None
-    if config.collab is not None:
-        collab = load_recommender(config.collab.ckpt, None, dataset.n_users, dataset.n_items).to(device)
-    tokenizer = load_tokenizer(config.llm)
-    answer_ids = answer_token_ids(tokenizer, template.cue)
-    model = LLMRecommender(config, load_causal_lm(config.llm, device), answer_ids, collab)
-    return model, tokenizer, template
-
-
 
 
 def split_prompt_rows(config: Config, dataset: RatingDataset, model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> dict[str, PromptRows]:
