@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt4.config import ClipConfig  # noqa: E402
-from minigpt4.data.images import load_image_table  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset  # noqa: E402
+from minigpt4.data.images import load_image_table  # noqa: E402
 from minigpt4.evaluation.clip_score import ClipScorer  # noqa: E402
 from minigpt4.evaluation.clip_training import train_clip  # noqa: E402
 from measure import emit  # noqa: E402  (bench/measure.py)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt4.demo import STAGES, DemoState  # noqa: E402
-from measure import emit, peak_bytes, start_peak  # noqa: E402  (bench/measure.py)
+from measure import emit, peak_bytes, precision_label, start_peak  # noqa: E402  (bench/measure.py)
 
 
 def main() -> None:
@@ -47,10 +47,7 @@ def main() -> None:
 
 def stage_dtype(result: dict) -> str:
     """What a stage computed in: a training stage's resolved precision, float32 for the rest."""
-    precision = result.get("hardware", {}).get("precision", {})
-    dtypes = [f"{key.rsplit('.', 2)[-2]} {value['resolved']}" for key, value in precision.items() if key.endswith(".dtype")]
-    mixed = precision.get("run.mixed_precision", {}).get("resolved", "no")
-    return ", ".join(dtypes + ([f"{mixed} autocast"] if mixed != "no" else [])) or "float32"
+    return precision_label(result.get("hardware", {}).get("precision", {}))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from minigpt4.io import json_safe  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.training.llm import train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
+from measure import emit, precision_label  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_llm_modes"
 
@@ -59,13 +59,11 @@ def main() -> None:
         config = load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options)
         metrics = train_llm(config)
         results[mode] = {key: metrics[key] for key in ("test", "test_warm", "test_cold", "valid", "best_step", "steps_run", "train_seconds", "train_samples_per_second", "curve", "hardware")}
-        precision = metrics["hardware"]["precision"]
         if "teacher" not in results:
             test_rows = subsample(dataset.splits["test"], config.run.test_rows, config.run.seed)
             results["teacher"] = json_safe(frame_metrics(load_recommender(teacher_ckpt), test_rows))
             emit("float32", bench="llm_modes", model="mf_teacher", **results["teacher"])
-        dtype = f"{precision['model.llm.dtype']['resolved']} weights, mixed precision {precision['run.mixed_precision']['resolved']}"
-        emit(dtype, bench="llm_modes", model=mode, **{key: value for key, value in results[mode].items() if key != "hardware"})
+        emit(precision_label(metrics["hardware"]["precision"]), bench="llm_modes", model=mode, **{key: value for key, value in results[mode].items() if key != "hardware"})
         results_path.write_text(json.dumps(results, indent=2))
     print("| model | test AUC | test UAUC | warm AUC | cold AUC | train s |\n|---|---|---|---|---|---|")
     for name in ["teacher", *(mode for mode in ("tallrec", "collm", "cora") if mode in results)]:

@@ -71,6 +71,13 @@ def timed(device: torch.device, work) -> Timing:
     return Timing(seconds, peak / 2**20, (peak - baseline) / 2**20)
 
 
+def precision_label(precision: dict) -> str:
+    """A run's resolved precision (metrics.json ``hardware.precision``) on one line; float32 when it has none."""
+    dtypes = [f"{key.rsplit('.', 2)[-2]} {value['resolved']}" for key, value in precision.items() if key.endswith(".dtype")]
+    mixed = precision.get("run.mixed_precision", {}).get("resolved", "no")
+    return ", ".join(dtypes + ([f"{mixed} autocast"] if mixed != "no" else [])) or "float32"
+
+
 def emit(dtype: str, device: torch.device | str = "cpu", **figure) -> None:
     """One JSON line: how every benchmark reports a figure, with the hardware and the ``dtype`` it ran in."""
     hardware = describe(device)

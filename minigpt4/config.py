@@ -467,12 +467,6 @@ class RunConfig(Section):
     # auto: bf16 where it is native on the device, else no. Also leave-one-out and full-ranking training (bf16 only);
     # rating-shape pre-training is fp32 (auto means no there).
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        """YAML reads a bare ``no`` (``mixed_precision: no``, ``--options run.mixed_precision=no``) as false."""
-        return "no" if value is False else value
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)
@@ -491,6 +485,12 @@ class RunConfig(Section):
     lr_step_epochs: int | None = Field(None, gt=0)  # StepLR: multiply the learning rate by lr_step_gamma every N epochs
     lr_step_gamma: float = Field(0.1, gt=0, le=1)
     group_by_length: bool = False  # batch training prefixes of similar length (padding-invariant models only)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads a bare ``no`` (``mixed_precision: no``, ``--options run.mixed_precision=no``) as false."""
+        return "no" if value is False else value
 
 
 class Config(Section):

@@ -4,8 +4,8 @@ Stages: prepare ML-100K and its item cards; MF (``train_configs/demo_mf_ml100k.y
 SD3.5-shaped pipeline, CLIP and VLM folders; base weights for the tiny pipeline trained on the cards
 (cached under a fingerprint, so a second run skips them); the in-domain CLIP scorer that judges the
 images (kept once trained); the joint DiffRec run — CoRA on SmolLM2 and personalized images — with its
-evaluation (``train_configs/demo_ml100k.yaml``); and ``runs/demo/report.html``. Each stage is a function of the shared state, so ``bench/end_to_end.py`` can
-time and measure them one by one.
+evaluation (``train_configs/demo_ml100k.yaml``); and ``runs/demo/report.html``. Each stage is a function
+of the shared state, so ``bench/end_to_end.py`` can time and measure them one by one.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ STAGES: list[tuple[str, Callable[[DemoState], dict]]] = [
 
 def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
     """Run every stage in order; returns each stage's result and wall seconds, and a summary printed to stderr."""
+    from minigpt4.diffusion.generate import ARMS
+
     state = DemoState(mf_options, joint_options)
     seconds = {}
     for name, stage in STAGES:
@@ -144,7 +146,7 @@ def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
         f"ML-100K test ({joint['test']['n']} rows) | AUC | UAUC | warm AUC | cold AUC",
         *(f"{name:<34} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}" for name, m in (("MF", mf), ("DiffRec (CoRA, SmolLM2-135M)", joint))),
         f"images for {images['pairs']} liked test pairs ({images['backbone']}), CLIP-T / CLIP-I / personalization margin: "
-        + ", ".join(f"{arm} {_fmt(images[arm]['clip_t'])} / {_fmt(images[arm]['clip_i'])} / {_margin(images[arm]['personalization'])}" for arm in ("fused", "alpha0", "shuffled")),
+        + ", ".join(f"{arm} {_fmt(images[arm]['clip_t'])} / {_fmt(images[arm]['clip_i'])} / {_margin(images[arm]['personalization'])}" for arm in ARMS),
         f"stage seconds: {seconds}",
         f"hardware: {_hardware_line(joint['hardware'])}",
         f"report: {state.results['report']['report']}",

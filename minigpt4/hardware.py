@@ -28,6 +28,7 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+@lru_cache(maxsize=1)
 def cpu_name() -> str:
     """The CPU's model name, as the kernel reports it (the platform's processor string elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")

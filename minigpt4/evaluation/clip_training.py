@@ -73,16 +73,16 @@ def train_clip(
     order = rng.permutation(len(iids))
     test = np.sort(order[: max(10, int(round(held_out * len(iids))))])
     train = np.setdiff1d(np.arange(len(iids)), test)
-    out = Path(out).resolve()
+    out, minilm = Path(out).resolve(), minilm_folder()
     config = lit_model_config(out, resolution, embed_dim=256)
-    config["text_cfg"]["hf_model_name"] = str(minilm_folder())  # the pretrained tower to start from
+    config["text_cfg"]["hf_model_name"] = str(minilm)  # the pretrained tower to start from
     torch.manual_seed(seed)
     model = open_clip.CustomTextCLIP(**config)
     model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     preprocess = open_clip.image_transform(resolution, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
     paths = [data.root / path for path in images["path"]]
     pixels = torch.stack([preprocess(open_image(path).convert("RGB")) for path in paths])
-    tokenizer = open_clip.tokenizer.HFTokenizer(str(minilm_folder()), context_length=config["text_cfg"]["context_length"])
+    tokenizer = open_clip.tokenizer.HFTokenizer(str(minilm), context_length=config["text_cfg"]["context_length"])
     with torch.no_grad():  # the locked transformer's pooled caption features, once
         tokens = tokenizer(captions)
         mask = (tokens != model.text.config.pad_token_id).long()
@@ -112,7 +112,7 @@ def train_clip(
     saved = {**config, "text_cfg": {**config["text_cfg"], "hf_model_name": str(out)}}
     with atomic_folder(out) as partial:
         for name in MINILM_FILES:
-            shutil.copy(minilm_folder() / name, partial / name)
+            shutil.copy(minilm / name, partial / name)
         preprocess_cfg = {"size": resolution, "mean": OPENAI_MEAN, "std": OPENAI_STD}
         (partial / "open_clip_config.json").write_text(json.dumps({"model_cfg": saved, "preprocess_cfg": preprocess_cfg}, indent=2))
         save_file(state, partial / "open_clip_model.safetensors")

@@ -27,6 +27,7 @@ ARM_LABELS = (
     ("alpha0", "instruction only (alpha forced to 0)"),
     ("shuffled", "instruction + another user's preference"),
 )
+ARM_ORDER = {variant: rank for rank, (variant, _) in enumerate(ARM_LABELS)}
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -134,7 +135,7 @@ def _user_rows(dataset: RatingDataset, image_folder: Path, files: Path, users: i
             shutil.copy(dataset.root / table[iid], files / name)
             history_html.append(f"<img src='report_files/{name}' title='{html.escape(str(titles[iid]))}' alt='item {iid}'>")
         generated_html = []
-        for record in sorted(by_pair[(user, item)], key=lambda r: [variant for variant, _ in ARM_LABELS].index(r["variant"])):
+        for record in sorted(by_pair[(user, item)], key=lambda r: ARM_ORDER[r["variant"]]):
             shutil.copy(image_folder / record["file"], files / record["file"])
             caption = f"{record['variant']}: CLIP-T {_number(record['clip_t'], 1)}, CLIP-I {_number(record['clip_i'], 1)}, alpha {record['alpha']:.2f}"
             generated_html.append(f"<figure><img src='report_files/{record['file']}' alt='{html.escape(record['instruction'])}'><figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -248,7 +248,7 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
 
 
 def evaluate_images(config: Config) -> dict:
-    """Generate for liked test pairs (``run.test_rows`` of them) with and without the fusion; mean CLIP scores."""
+    """Generate for liked test pairs (``run.test_rows`` of them) in the three arms; CLIP and personalization scores."""
     run = config.run
     dataset = load_rating_dataset(config.datasets.path)
     images = load_image_table(dataset.root, dataset.n_items)
