@@ -238,6 +238,7 @@ class ReplyConfig(Section):
     """The personalized reply (``diffrec reply``): its template and sampling settings."""
 
     template: Path | None = None
+    chat_template: bool = True  # the filled template is the user's message in the LLM's chat template, when it has one
     max_new_tokens: int = Field(60, gt=0)
     do_sample: bool = True
     temperature: float = Field(0.7, gt=0)
@@ -342,6 +343,13 @@ class SamplingConfig(Section):
     max_images: int = Field(200, gt=0)  # images kept in the run folder in all; the lowest scores go first
 
 
+class HoldoutConfig(Section):
+    """Users whose most recent liked items the image training never sees; personalization is measured on them."""
+
+    users: int = Field(0, ge=0)  # 0: none held out, and no generic-instruction evaluation
+    items: int = Field(5, gt=0)  # the most recent liked items held out per user (users with twice as many qualify)
+
+
 class ClipConfig(Section):
     """The CLIP scorer: an open_clip ``local-dir`` folder, or a built-in model name with a checkpoint file."""
 
@@ -369,6 +377,7 @@ class SD3Config(Section):
     # may be left out: the recommender's collaborative model, or the LLM, gives it).
     collab: CollabConfig | None = None
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
     clip: ClipConfig | None = None
     judge: VLMJudgeConfig | None = None
 
@@ -383,6 +392,7 @@ class JointConfig(Section):
     image_batch_size: int = Field(4, gt=0)  # liked (user, item image) pairs per micro-batch and process
     eval_images: int = Field(32, gt=0)  # liked test pairs generated and scored at evaluation
     replies: int = Field(0, ge=0)  # personalized replies written at evaluation, for the report
+    reply_users: int = Field(0, ge=0)  # held-out users whose replies (own and shuffled prompt) are scored for personalization
 
 
 class DiffRecConfig(Section):

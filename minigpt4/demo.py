@@ -147,6 +147,8 @@ def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
         *(f"{name:<34} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}" for name, m in (("MF", mf), ("DiffRec (CoRA, SmolLM2-135M)", joint))),
         f"images for {images['pairs']} liked test pairs ({images['backbone']}), CLIP-T / CLIP-I / personalization margin: "
         + ", ".join(f"{arm} {_fmt(images[arm]['clip_t'])} / {_fmt(images[arm]['clip_i'])} / {_margin(images[arm]['personalization'])}" for arm in ARMS),
+        _generic_line(images["generic"]),
+        _reply_line(images.get("reply_personalization")),
         f"stage seconds: {seconds}",
         f"hardware: {_hardware_line(joint['hardware'])}",
         f"report: {state.results['report']['report']}",
@@ -160,6 +162,26 @@ def _hardware_line(hardware: dict) -> str:
     """The joint run's CPU, threads and the precision ``auto`` chose, on one line."""
     precision = ", ".join(f"{key} {value['resolved']}" for key, value in hardware["precision"].items())
     return f"{hardware['cpu']} ({hardware['cpu_capability']}, native bf16: {hardware['native_bf16']}), {hardware['threads']} threads; {precision}"
+
+
+def _generic_line(generic: dict) -> str:
+    """The held-out users' generic-instruction arms, or why they are missing."""
+    from minigpt4.diffusion.generate import ARMS
+
+    if "missing" in generic:
+        return f"generic instruction: missing ({generic['missing']})"
+    arms = ", ".join(f"{arm} {_margin(generic[arm]['personalization'])}" for arm in ARMS)
+    return f"'{generic['instruction']}' for {generic['users']} held-out users, personalization margin: {arms}"
+
+
+def _reply_line(replies: dict | None) -> str:
+    """The replies' personalization margin per arm, or why it is missing."""
+    if replies is None:
+        return "replies: personalization not measured (model.joint.reply_users 0)"
+    if "missing" in replies:
+        return f"replies: missing ({replies['missing']})"
+    arms = ", ".join(f"{arm} {_margin(metrics)}" for arm, metrics in replies["arms"].items())
+    return f"replies of {replies['users']} held-out users ({replies['embedding']}), margin: {arms}"
 
 
 def _margin(personalization: dict) -> str:

@@ -1,13 +1,16 @@
-"""Writing folders so that a reader never sees half of one."""
+"""Writing folders so that a reader never sees half of one; reading JSON files with one clear error."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from minigpt4.errors import DiffRecError, require_file
 
 
 @contextmanager
@@ -41,3 +44,11 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(item) for item in value]
     return value
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a missing, undecodable or invalid file is one DiffRecError naming it."""
+    try:
+        return json.loads(require_file(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiffRecError(f"{path}: not valid JSON ({str(error).splitlines()[0]})") from None

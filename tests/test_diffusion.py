@@ -21,7 +21,8 @@ from minigpt4.config import SD3_ATTENTION, ClipConfig, load_config
 from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset
 from minigpt4.data.images import import_item_images, load_image_table, render_card
-from minigpt4.diffusion.generate import HeldOut, arm_personalization, generate_for_user, shuffled_donors
+from minigpt4.diffusion.generate import HeldOut, arm_personalization, generate_for_user
+from minigpt4.evaluation.personalization import shuffled_donors
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
@@ -203,7 +204,7 @@ def test_arm_personalization_maps_users_and_leaves_out_the_drawn_item():
     swapped = arm_personalization(held_out, records, directions.roll(1, dims=0), seed=0)  # every image made for a neighbour
     assert swapped["identification_acc1"] == 0.0 and swapped["margin"] < 0
     assert arm_personalization(HeldOut(held_out.users[:9], held_out.items, features, held_out.liked[:9], held_out.history[:9]), records[:9], directions[:9], 0) == {
-        "missing": "needs 10 evaluated users with 2 or more liked test items; 9 have them"
+        "missing": "needs 10 evaluated users with 2 or more held-out liked items; 9 have them"
     }
 
 
@@ -360,3 +361,24 @@ def test_generic_and_empty_instructions_replace_captions_at_the_configured_rates
     assert torch.equal(plain[:, 0, 0], samples.item_index.float()) and torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state())
     with pytest.raises(ValueError, match="exceeds 1"):
         FlowMatchingConfig(generic_rate=0.7, caption_dropout=0.4)
+
+
+def test_two_processes_draw_their_own_rows_and_noise(tmp_path, tiny_models, photo_dataset):
+    """Under ``accelerate launch`` each process trains on its share of the pass: process 0 draws what a single
+    process draws, process 1 other rows and noise, so the first step's loss (the mean over processes) differs."""
+    import os
+    import subprocess
+    import sys
+
+    run = {"max_steps": 1, "eval_every_steps": 1, "warmup_steps": 0}
+    one = train_images(load_config(sd3_config(tmp_path / "one", tiny_models, photo_dataset, run=run)))
+    launcher = Path(sys.executable).parent / "accelerate"
+    two = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "train_collm_mf_din.py", "--cfg-path", str(sd3_config(tmp_path / "two", tiny_models, photo_dataset, run=run))],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    metrics = json.loads(two.stdout.strip().splitlines()[-1])
+    assert metrics["samples"] == one["samples"] and metrics["steps_run"] == 1
+    assert metrics["loss_first"] != pytest.approx(one["loss_first"], rel=1e-4)  # the first (and only) step

@@ -47,10 +47,11 @@ def joint_config(folder: Path, dataset: Path, llm: Path, models: Path, collab: P
             },
             "image": {
                 "pipeline": {"path": str(models / "sd3"), "max_sequence_length": 4}, "lora": {"r": 4, "alpha": 8},
-                "fusion": {"tokens": 2, "hidden": 16}, "flow": {"caption": "a poster for {title}", "resolution": 64},
+                "fusion": {"tokens": 2, "hidden": 16},
                 "sampling": {"steps": 2, "guidance_scale": 1.0}, "clip": {"path": str(models / "clip")},
+                "holdout": {"users": 10, "items": 1}, "flow": {"caption": "a poster for {title}", "resolution": 64, "generic_rate": 0.5},
             },
-            "joint": {"image_batch_size": 2, "eval_images": 4, "replies": 2, **(joint_section or {})},
+            "joint": {"image_batch_size": 2, "eval_images": 4, "replies": 2, "reply_users": 10, **(joint_section or {})},
         },
         "datasets": {"name": "tiny", "path": str(dataset)},
         "run": {
@@ -107,7 +108,21 @@ def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_
     assert {record["variant"] for record in stored} == {"fused", "alpha0", "shuffled"}
     assert images["shuffled"]["images"] == 4
     # 4 pairs cannot tell 10 users apart: the metric says so instead of printing a number
-    assert images["fused"]["personalization"] == {"missing": "needs 10 evaluated users with 2 or more liked test items; 3 have them"}
+    assert images["fused"]["personalization"] == {"missing": "needs 10 evaluated users with 2 or more held-out liked items; 3 have them"}
+    # The 10 held-out users, drawn with the generic instruction in every arm and scored against their held-out item
+    generic = images["generic"]
+    assert generic["users"] == 10 and generic["held_out_items"] == 10 and generic["instruction"] == "a movie poster"
+    assert generic["alpha0"]["alpha"] == 0.0 and generic["fused"]["alpha"] > 0
+    for arm in ("fused", "alpha0", "shuffled"):
+        assert generic[arm]["images"] == 10 and generic[arm]["personalization"]["users"] == 10
+        assert 0 <= generic[arm]["personalization"]["identification_p_value"] <= 1
+    assert {record["item"] for record in stored if record["instruction"] == "a movie poster"} == {None}
+    held = json.loads((Path(metrics["checkpoint"]) / "image" / "holdout.json").read_text())
+    assert len(held) == 10 and all(len(record["held_out"]) == 1 for record in held)
+    replies = images["reply_personalization"]
+    assert replies["users"] == 10 and set(replies["arms"]) == {"own", "shuffled"}
+    assert all(0 <= replies["arms"][arm]["identification_acc1"] <= 1 and replies["arms"][arm]["examples"] for arm in ("own", "shuffled"))
+    assert "<|im_start|>user" in images["replies"][0]["prompt"] and images["replies"][0]["prompt"].rstrip().endswith("assistant")  # the chat template
 
 
 def test_evaluate_only_loads_the_checkpoint_and_reproduces_its_metrics(trained_joint, capsys):
@@ -204,7 +219,7 @@ def test_joint_config_errors(card_dataset, tiny_llm, tiny_models, mf_checkpoint,
 @pytest.fixture(scope="session")
 def joint_report(trained_joint, card_dataset, tmp_path_factory) -> Path:
     """The report page of the trained joint run."""
-    metrics = {**trained_joint["metrics"], "images": {**trained_joint["metrics"]["images"], "replies": [{"user": 1, "item": 2, "title": "Item 2", "reply": "You may like it."}]}}
+    metrics = {**trained_joint["metrics"], "images": {**trained_joint["metrics"]["images"], "replies": [{"user": 1, "item": 2, "title": "Item 2", "prompt": "Would they like Item 2?", "reply": "You may like it."}]}}
     out = tmp_path_factory.mktemp("report")
     return write_report(out, [("DiffRec (tiny)", metrics)], metrics, load_rating_dataset(card_dataset), Path(metrics["run_dir"]) / "images", users=3)
 
@@ -215,6 +230,7 @@ def test_report_has_metrics_curves_users_and_replies_with_every_file_beside_it(j
     assert "report_files/curves.png" in sources and len(sources) > 4
     assert all((joint_report.parent / source).is_file() for source in sources)
     assert "CLIP-T" in page and "open_clip clip" in page and "You may like it." in page and "DiffRec (tiny)" in page
+    assert "Users, generic instruction" in page and "held out (never trained on)" in page and "Would they like Item 2?" in page
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")

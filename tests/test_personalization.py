@@ -1,6 +1,8 @@
 """Personalization metrics: zero and chance when nothing is personal, full marks when each output is its
 user's own, a permutation p-value that is roughly uniform when nothing is there, and a copy guard."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +80,55 @@ def test_the_item_an_output_was_asked_for_never_counts_for_its_user():
     fair = personalization_metrics(outputs, range(users), items, liked, exclude=targets, permutations=100)
     assert naive["margin"] > 15 and naive["identification_acc1"] > 0.9
     assert abs(fair["margin"]) < 3 and fair["identification_acc1"] < 0.3 and fair["scored_outputs"] == users
+
+
+def test_holdout_keeps_each_users_latest_liked_items_out_of_image_training(card_dataset, tmp_path):
+    from minigpt4.data.contract import load_rating_dataset
+    from minigpt4.data.images import liked_rows, load_holdout, load_image_table, personal_holdout
+
+    dataset = load_rating_dataset(card_dataset)
+    images = load_image_table(card_dataset, dataset.n_items)
+    holdout = personal_holdout(dataset, images, users=8, items=2, seed=3)
+    assert personal_holdout(dataset, images, users=8, items=2, seed=3).users == holdout.users and len(holdout.users) == 8  # seeded
+    liked = liked_rows(dataset, "train", images)
+    for user, held, row, kept in zip(holdout.users, holdout.held_out, holdout.rows.itertuples(), holdout.liked):
+        theirs = liked[liked["uid"] == user].sort_values("timestamp", kind="stable")
+        assert held == [int(iid) for iid in theirs["iid"].tail(2)]  # the most recent two
+        assert row.uid == user and row.iid not in held and row.timestamp <= theirs["timestamp"].tail(2).min()
+        assert set(held).isdisjoint(set(row.his)) and set(held).isdisjoint(kept)  # the preference row has not seen them
+    remaining = holdout.drop_from(liked)
+    assert len(remaining) == len(liked) - 16
+    assert not any((int(u), int(i)) in {(user, item) for user, items in zip(holdout.users, holdout.held_out) for item in items} for u, i in zip(remaining["uid"], remaining["iid"]))
+    holdout.save(tmp_path)
+    again = load_holdout(tmp_path, dataset, images)
+    assert again.users == holdout.users and again.held_out == holdout.held_out and again.rows.equals(holdout.rows)
+    assert load_holdout(tmp_path / "elsewhere", dataset, images) is None
+    with pytest.raises(DiffRecError, match="only .* users have 40 or more liked items"):
+        personal_holdout(dataset, images, users=8, items=20, seed=3)
+    (tmp_path / "holdout.json").write_text('[{"user": 1, "held_out": [')
+    with pytest.raises(DiffRecError, match="holdout.json: not valid JSON"):
+        load_holdout(tmp_path, dataset, images)
+    (tmp_path / "holdout.json").write_text('[{"user": 1}]')
+    with pytest.raises(DiffRecError, match="holdout.json: expected a list"):
+        load_holdout(tmp_path, dataset, images)
+
+
+def test_reply_prompts_use_the_chat_template_and_keep_slots(tiny_llm):
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from minigpt4.llm.prompts import PromptTemplate, encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    template = PromptTemplate.load(Path(__file__).resolve().parents[1] / "prompts" / "collm_movie.txt")  # with slots; reply_movie.txt has none
+    frame = pd.DataFrame({"his_title": [["Heat", "Alien"]], "title": ["Fargo"]})
+    plain = encode_prompts(template, frame, tokenizer, 5, 256, "t")
+    chat = encode_prompts(template, frame, tokenizer, 5, 256, "t", chat=True)
+    text = tokenizer.decode(chat.input_ids[0])
+    assert text.count("<|im_start|>user") == 1 and text.rstrip().endswith("<|im_start|>assistant")
+    assert tokenizer.decode(plain.input_ids[0]).strip() in text and len(chat.input_ids[0]) > len(plain.input_ids[0])
+    for slot, positions in chat.slot_positions.items():
+        assert chat.input_ids[0][positions[0]] == tokenizer.pad_token_id, slot  # the slots survive the wrapping
+    reply = encode_prompts(PromptTemplate.load(Path(__file__).resolve().parents[1] / "prompts" / "reply_movie.txt"), frame, tokenizer, 5, 256, "t", chat=True)
+    text = tokenizer.decode(reply.input_ids[0])
+    assert text.count("<|im_start|>user") == 1 and text.rstrip().endswith("<|im_start|>assistant") and '"Fargo"' in text

@@ -10,8 +10,10 @@ and logged with the first examples, as the caller chooses. Nothing is ever repla
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from minigpt4.data.contract import RatingDataset
 from minigpt4.errors import DiffRecError
+from minigpt4.io import read_json
 
 IMAGE_TABLE = "images.parquet"
 IMAGE_FOLDER = "images"
@@ -208,3 +211,66 @@ def liked_rows(dataset: RatingDataset, split: str, images: pd.DataFrame) -> pd.D
     """The split's positive rows whose item has an image."""
     frame = dataset.splits[split]
     return frame[(frame["label"] == 1) & frame["iid"].isin(images["iid"])].reset_index(drop=True)
+
+
+HOLDOUT_FILE = "holdout.json"
+
+
+@dataclass
+class PersonalHoldout:
+    """Users whose most recent liked items the image training never sees (personalization is measured on them)."""
+
+    users: list[int]
+    held_out: list[list[int]]  # per user, the held-out liked item ids, oldest first
+    rows: pd.DataFrame  # per user, their latest liked training row that is not held out: the preference is read from it
+    liked: list[list[int]]  # per user, the liked training items with an image that stay in training
+
+    def drop_from(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        """``pairs`` without the held-out (user, item) pairs."""
+        held = {(user, item) for user, items in zip(self.users, self.held_out) for item in items}
+        keep = [(int(u), int(i)) not in held for u, i in zip(pairs["uid"], pairs["iid"])]
+        return pairs[keep].reset_index(drop=True)
+
+    def save(self, folder: Path) -> None:
+        """``holdout.json`` in a checkpoint folder: what its image training never saw."""
+        records = [{"user": user, "held_out": items} for user, items in zip(self.users, self.held_out)]
+        (folder / HOLDOUT_FILE).write_text(json.dumps(records))
+
+
+def personal_holdout(dataset: RatingDataset, images: pd.DataFrame, users: int, items: int, seed: int) -> PersonalHoldout:
+    """A seeded choice of ``users`` users with at least ``2 * items`` liked training items with an image, each
+    holding out their ``items`` most recent ones (ML-100K's time-ordered test split has few warm users)."""
+    liked = liked_rows(dataset, "train", images).sort_values(["uid", "timestamp"], kind="stable")
+    counts = liked.groupby("uid").size()
+    eligible = counts.index[counts >= 2 * items].to_numpy()
+    if len(eligible) < users:
+        raise DiffRecError(f"{dataset.root}/train: model.holdout.users {users}, but only {len(eligible)} users have {2 * items} or more liked items with an image")
+    chosen = sorted(int(user) for user in np.random.default_rng(seed).choice(eligible, size=users, replace=False))
+    return _holdout(liked, {user: [int(i) for i in liked.loc[liked["uid"] == user, "iid"].tail(items)] for user in chosen})
+
+
+def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> PersonalHoldout | None:
+    """The holdout a checkpoint's image training recorded; None when it recorded none."""
+    path = folder / HOLDOUT_FILE
+    if not path.is_file():
+        return None
+    records = read_json(path)
+    liked = liked_rows(dataset, "train", images).sort_values(["uid", "timestamp"], kind="stable")
+    try:
+        held = {int(record["user"]): [int(item) for item in record["held_out"]] for record in records}
+    except (TypeError, KeyError, ValueError):
+        raise DiffRecError(f"{path}: expected a list of {{\"user\": id, \"held_out\": [item ids]}} records") from None
+    return _holdout(liked, held, path)
+
+
+def _holdout(liked: pd.DataFrame, held: dict[int, list[int]], source: Path | None = None) -> PersonalHoldout:
+    """The holdout of ``held`` (user -> held-out items) over the sorted liked training rows."""
+    rows, kept = [], []
+    for user, items in held.items():
+        theirs = liked[liked["uid"] == user]
+        rest = theirs[~theirs["iid"].isin(items)]
+        if rest.empty or not set(items) <= set(theirs["iid"].astype(int)):
+            raise DiffRecError(f"{source}: user {user}'s held-out items are not among their liked training items with an image")
+        rows.append(rest.tail(1))
+        kept.append(sorted(set(rest["iid"].astype(int))))
+    return PersonalHoldout(list(held), list(held.values()), pd.concat(rows).reset_index(drop=True), kept)

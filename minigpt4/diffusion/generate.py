@@ -1,7 +1,8 @@
 """``diffrec generate`` (one user's image, seeded), and the image evaluation that ``diffrec evaluate`` on
-``sd3`` and ``diffrec`` configs runs: images for liked test pairs in three arms (the fusion, alpha forced
-to 0, another user's preference), scored by CLIP-T and CLIP-I, by the personalization metrics, and by
-the VLM judge when one is configured."""
+``sd3`` and ``diffrec`` configs runs: images in three arms (the fusion, alpha forced to 0, another user's
+preference) for liked test pairs and, with the generic instruction, for the users whose latest liked items
+the image training held out; scored by CLIP-T and CLIP-I, by the personalization metrics, and by the VLM
+judge when one is configured."""
 
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from tqdm.auto import tqdm
 
 from minigpt4.config import Config, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
-from minigpt4.data.images import item_captions, liked_rows, load_image_table, open_image
+from minigpt4.data.images import PersonalHoldout, item_captions, liked_rows, load_image_table, open_image
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
-from minigpt4.evaluation.personalization import personalization_metrics
+from minigpt4.evaluation.personalization import personalization_metrics, shuffled_donors
 from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
 from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
@@ -97,104 +98,149 @@ def generate_for_user(config: Config, user: int, item: int | None, instruction: 
     return {**record, "folder": str(store.folder)}
 
 
+Preference = Callable[[pd.DataFrame], torch.Tensor]  # rating rows -> their users' preference vectors [B, d]
+
+
 @torch.no_grad()
-def evaluate_test_pairs(
-    model: PersonalizedSD3, preference: Callable[[list[int]], torch.Tensor], pairs: pd.DataFrame, dataset: RatingDataset,
+def evaluate_arms(
+    model: PersonalizedSD3, preference: Preference, pairs: pd.DataFrame, holdout: PersonalHoldout | None, dataset: RatingDataset,
     images: pd.DataFrame, config: SD3Config, seed: int, batch_size: int, store_folder: Path,
 ) -> dict:
-    """Images for liked (user, item) pairs, fused and with alpha forced to 0, scored by CLIP (and the judge).
+    """Images in the three arms for liked test pairs (each item's caption) and, with a holdout, for each held-out
+    user (the generic instruction, so only the preference can tell what to draw); scored by CLIP, by the
+    personalization metrics and by the judge when one is configured.
 
-    ``preference(pair positions)`` gives those pairs' user vectors. Each process draws its share of the
-    pairs (an image's seed is fixed by its pair, not by the process); records are gathered before any
-    mean, and the main process stores the images. Returns the backbone, the pair count and, per
-    variant, the means of ``summarize_records`` (with the judge's when one is configured).
+    Each process draws its share (an image's seed is fixed by its row, not by the process); records are
+    gathered before any mean, and the main process stores the images. Returns the backbone, the pair count,
+    per arm the means of ``summarize_records`` with ``personalization`` (and the judge's), and ``generic``:
+    the same for the held-out users, or why it is missing.
     """
     state = PartialState()
     scorer = ClipScorer(config.clip, model.transformer.device)
     judge = VLMJudge(config.judge, model.transformer.device) if config.judge is not None else None
     texts = item_captions(config.flow.caption, dataset.items, list(pairs["iid"]))
-    donors = shuffled_donors(pairs["uid"].to_numpy(), seed)
+    drawn = draw_arms(model, scorer, judge, preference, pairs, texts, dataset, images, config, seed, batch_size)
+    results = {"backbone": scorer.backbone, "pairs": len(pairs)}
+    results.update(summarize_arms(drawn, test_references(scorer, pairs, dataset, images), judge, seed, leave_out_drawn=True))
+    if holdout is None:
+        results["generic"] = {"missing": "the image training held out no users (model.holdout.users 0, or a checkpoint without holdout.json)"}
+    else:
+        generic = draw_arms(model, scorer, judge, preference, holdout.rows, [config.flow.generic_caption] * len(holdout.rows), dataset, images, config, seed, batch_size, generic=True)
+        results["generic"] = {
+            "instruction": config.flow.generic_caption, "users": len(holdout.users), "held_out_items": sum(map(len, holdout.held_out)),
+            **summarize_arms(generic, holdout_references(scorer, holdout, dataset, images), judge, seed, leave_out_drawn=False),
+        }
+        drawn += generic
+    if state.is_main_process:
+        store = ImageStore(store_folder, config.sampling.keep_best, config.sampling.max_images)
+        for image, record, _, _ in stored_rows(drawn, config.sampling.max_images // 2):
+            store.add(image, json_safe(record))
+        if holdout is not None:
+            holdout.save(store_folder)  # which liked items the report shows as never trained on
+    return results
+
+
+def draw_arms(
+    model: PersonalizedSD3, scorer: ClipScorer, judge: VLMJudge | None, preference: Preference, rows: pd.DataFrame, texts: list[str],
+    dataset: RatingDataset, images: pd.DataFrame, config: SD3Config, seed: int, batch_size: int, generic: bool = False,
+) -> list[tuple]:
+    """(image, record, verdict, scorer features) for each row's text in each arm, the same seeds in every arm;
+    the shuffled arm takes a seeded other row's user. Records name the row's item unless ``generic``."""
+    state = PartialState()
+    donors = shuffled_donors(rows["uid"].to_numpy(), seed)
     drawn = []
-    with state.split_between_processes(list(range(len(pairs)))) as mine:
-        for start in tqdm(range(0, len(mine), batch_size), desc="generate images", disable=not state.is_local_main_process):
+    with state.split_between_processes(list(range(len(rows)))) as mine:
+        for start in tqdm(range(0, len(mine), batch_size), desc=f"generate images ({'generic instruction' if generic else 'item captions'})", disable=not state.is_local_main_process):
             chunk = mine[start : start + batch_size]
-            rows, chunk_texts, seeds = pairs.iloc[chunk], [texts[index] for index in chunk], [seed + index for index in chunk]
-            users, others = preference(chunk), preference([int(donors[index]) for index in chunk])
-            references = [reference_images(dataset, images, list(his)) for his in rows["his"]]
+            frame, chunk_texts, seeds = rows.iloc[chunk], [texts[index] for index in chunk], [seed + index for index in chunk]
+            users, others = preference(frame), preference(rows.iloc[donors[chunk]])
+            references = [reference_images(dataset, images, list(his)) for his in frame["his"]]
             for variant, vectors, override in (("fused", users, config.fusion.alpha_override), ("alpha0", users, 0.0), ("shuffled", others, config.fusion.alpha_override)):
                 generated, gate = generate_images(model, vectors, chunk_texts, seeds, config.sampling, override)
                 features = scorer.image_features(generated)
                 scores = score_images(scorer, generated, chunk_texts, references, features)
-                for image, row, text, image_seed, alpha, score, feature in zip(generated, rows.itertuples(), chunk_texts, seeds, gate.tolist(), scores, features):
-                    record = {"user": int(row.uid), "item": int(row.iid), "instruction": text, "seed": image_seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}
+                for image, row, text, image_seed, alpha, score, feature in zip(generated, frame.itertuples(), chunk_texts, seeds, gate.tolist(), scores, features):
+                    record = {"user": int(row.uid), "item": None if generic else int(row.iid), "instruction": text, "seed": image_seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}
                     drawn.append((image, record, judge.judge(image, text) if judge is not None else None, feature))
-    drawn = gather_object(drawn)
-    results = {"backbone": scorer.backbone, "pairs": len(pairs)}
-    held_out = held_out_references(scorer, pairs, dataset, images)
+    return gather_object(drawn)
+
+
+def stored_rows(drawn: list[tuple], limit: int) -> list[tuple]:
+    """The entries of the first rows of each kind (item caption, generic) whose every arm fits in ``limit``
+    images per kind, so the stored images show the arms side by side."""
+    rows: dict[bool, list[tuple]] = {}
+    for entry in drawn:
+        key = (entry[1]["user"], entry[1]["item"])
+        kind = rows.setdefault(entry[1]["item"] is None, [])
+        if key not in kind and len(kind) < limit // len(ARMS):
+            kind.append(key)
+    kept = {key for keys in rows.values() for key in keys}
+    return [entry for entry in drawn if (entry[1]["user"], entry[1]["item"]) in kept]
+
+
+def summarize_arms(drawn: list[tuple], references: HeldOut, judge: VLMJudge | None, seed: int, leave_out_drawn: bool) -> dict:
+    """Per arm: the record means, the judge's verdicts and the personalization metrics against ``references``."""
+    results = {}
     for variant in ARMS:
         chosen = [entry for entry in drawn if entry[1]["variant"] == variant]
-        results[variant] = summarize_records([record for _, record, _, _ in chosen])
+        records = [record for _, record, _, _ in chosen]
+        results[variant] = summarize_records(records)
         if judge is not None:
             results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([verdict for _, _, verdict, _ in chosen])}
-        results[variant]["personalization"] = arm_personalization(held_out, [record for _, record, _, _ in chosen], torch.stack([feature for *_, feature in chosen]), seed)
-        logger.info("%s: %s", variant, results[variant])
-    if state.is_main_process:
-        store = ImageStore(store_folder, config.sampling.keep_best, config.sampling.max_images)
-        for image, record, _, _ in drawn:
-            store.add(image, json_safe(record))
+        results[variant]["personalization"] = arm_personalization(references, records, torch.stack([feature for *_, feature in chosen]), seed, leave_out_drawn)
+        logger.info("%s%s: %s", variant, "" if leave_out_drawn else " (generic instruction)", results[variant])
     return results
-
-
-def shuffled_donors(users: np.ndarray, seed: int) -> np.ndarray:
-    """For each pair, a seeded other pair whose user differs (the shuffled-user arm); itself only when every
-    pair has the same user."""
-    rng = np.random.default_rng(seed)
-    donors = rng.permutation(len(users))
-    for position in np.flatnonzero(users[donors] == users):
-        candidates = np.flatnonzero(users != users[position])
-        if len(candidates):
-            donors[position] = rng.choice(candidates)
-    return donors
 
 
 @dataclass
 class HeldOut:
-    """What the personalization metrics compare images with: each evaluated user's liked test items."""
+    """What the personalization metrics compare images with: each evaluated user's liked items that image training never saw."""
 
     users: list[int]  # evaluated user ids, in the metrics' user order
     items: list[int]  # item ids whose images were embedded
     features: torch.Tensor | None  # [I, D] scorer image features of ``items``
-    liked: list[list[int]]  # per user, rows of ``items``: liked in the test split (never in image training)
-    history: list[list[int]]  # per user, rows of ``items`` among the training history the generator saw
+    liked: list[list[int]]  # per user, rows of ``items``: liked and never in image training
+    history: list[list[int]]  # per user, rows of ``items`` among the liked items the generator saw
 
 
-def held_out_references(scorer: ClipScorer, pairs: pd.DataFrame, dataset: RatingDataset, images: pd.DataFrame) -> HeldOut:
-    """The evaluated users' liked test items (and their history items) that have images, embedded once."""
-    liked_test = liked_rows(dataset, "test", images)
-    users = sorted(set(pairs["uid"].astype(int)))
-    by_user = {user: sorted(set(liked_test.loc[liked_test["uid"] == user, "iid"].astype(int))) for user in users}
-    with_image = set(images["iid"].astype(int))
-    histories = {user: [int(iid) for iid in pairs.loc[pairs["uid"] == user, "his"].iloc[0] if int(iid) in with_image] for user in users}
-    items = sorted({iid for values in (*by_user.values(), *histories.values()) for iid in values})
+def embedded_references(scorer: ClipScorer, dataset: RatingDataset, images: pd.DataFrame, users: list[int], liked: list[list[int]], history: list[list[int]]) -> HeldOut:
+    """Users' held-out liked items and history items (item ids, with images), each item embedded once."""
+    items = sorted({iid for values in (*liked, *history) for iid in values})
     row = {iid: index for index, iid in enumerate(items)}
     paths = images.set_index("iid")["path"]
     features = scorer.image_features([open_image(dataset.root / paths[iid]) for iid in items]) if items else None
-    return HeldOut(users, items, features, [[row[iid] for iid in by_user[user]] for user in users], [[row[iid] for iid in histories[user]] for user in users])
+    return HeldOut(users, items, features, [[row[iid] for iid in values] for values in liked], [[row[iid] for iid in values] for values in history])
 
 
-def arm_personalization(held_out: HeldOut, records: list[dict], features: torch.Tensor, seed: int) -> dict:
-    """Personalization metrics of one arm's images against the held-out liked items; missing, with the
-    reason, when fewer than 10 users can be told apart."""
-    scorable = [index for index, user in enumerate(held_out.users) if len(held_out.liked[index]) >= 2]  # one is left out per image
+def test_references(scorer: ClipScorer, pairs: pd.DataFrame, dataset: RatingDataset, images: pd.DataFrame) -> HeldOut:
+    """The evaluated pairs' users: their liked test items, and the history of their first pair, that have images."""
+    liked_test = liked_rows(dataset, "test", images)
+    users = sorted(set(pairs["uid"].astype(int)))
+    with_image = set(images["iid"].astype(int))
+    liked = [sorted(set(liked_test.loc[liked_test["uid"] == user, "iid"].astype(int))) for user in users]
+    history = [[int(iid) for iid in pairs.loc[pairs["uid"] == user, "his"].iloc[0] if int(iid) in with_image] for user in users]
+    return embedded_references(scorer, dataset, images, users, liked, history)
+
+
+def holdout_references(scorer: ClipScorer, holdout: PersonalHoldout, dataset: RatingDataset, images: pd.DataFrame) -> HeldOut:
+    """The held-out users: their held-out liked items, and the liked training items the generator could see."""
+    return embedded_references(scorer, dataset, images, holdout.users, holdout.held_out, holdout.liked)
+
+
+def arm_personalization(held_out: HeldOut, records: list[dict], features: torch.Tensor, seed: int, leave_out_drawn: bool = True) -> dict:
+    """Personalization metrics of one arm's images against the held-out liked items (without the item an image
+    was drawn for, when ``leave_out_drawn``); missing, with the reason, when fewer than 10 users can be told apart."""
+    needed = 2 if leave_out_drawn else 1  # one is left out per image
+    scorable = [index for index, user in enumerate(held_out.users) if len(held_out.liked[index]) >= needed]
     if len(scorable) < 10:
-        return {"missing": f"needs 10 evaluated users with 2 or more liked test items; {len(scorable)} have them"}
+        return {"missing": f"needs 10 evaluated users with {needed} or more held-out liked items; {len(scorable)} have them"}
     position = {held_out.users[index]: rank for rank, index in enumerate(scorable)}
     kept = [row for row, record in enumerate(records) if record["user"] in position]
     row_of = {iid: index for index, iid in enumerate(held_out.items)}
     return personalization_metrics(
         features[kept], [position[records[row]["user"]] for row in kept], held_out.features,
         [held_out.liked[index] for index in scorable], [held_out.history[index] for index in scorable],
-        exclude=[row_of[records[row]["item"]] for row in kept], seed=seed,
+        exclude=[row_of[records[row]["item"]] for row in kept] if leave_out_drawn else None, seed=seed,
     )
 
 

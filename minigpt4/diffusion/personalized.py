@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minigpt4.config import FlowMatchingConfig, SD3Config
+from minigpt4.data.images import PersonalHoldout
 from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.diffusion.fusion import AdaptiveFusion, FusedConditioning
 from minigpt4.errors import DiffRecError
@@ -54,6 +55,7 @@ class PersonalizedSD3(nn.Module):
         ).to(self.transformer.device)
         # The pipeline's scheduler is re-stepped at every sampling call; training keeps its own copy.
         self.train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        self.holdout: PersonalHoldout | None = None  # set by the trainer: what its training never saw, saved with the weights
 
     def train(self, mode: bool = True) -> "PersonalizedSD3":
         """Only the transformer (its LoRA) and the fusion module ever train; the rest stays in eval mode."""
@@ -105,7 +107,7 @@ class PersonalizedSD3(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def save_weights(self, folder: Path) -> None:
-        """LoRA in diffusers' format (``load_lora_weights`` reads it) and the fusion module in safetensors."""
+        """LoRA in diffusers' format (``load_lora_weights`` reads it), the fusion module in safetensors and the holdout."""
         from diffusers import StableDiffusion3Pipeline
 
         StableDiffusion3Pipeline.save_lora_weights(
@@ -113,6 +115,8 @@ class PersonalizedSD3(nn.Module):
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
         )
         save_file({name: tensor.detach().contiguous() for name, tensor in self.fusion.state_dict().items()}, folder / FUSION_FILE)
+        if self.holdout is not None:
+            self.holdout.save(folder)
 
     def load_fusion(self, folder: Path) -> None:
         """Load the fusion module of a checkpoint, failing on a missing file or a shape mismatch."""

@@ -114,3 +114,15 @@ def personalization_metrics(
         nearest = [float(scores[row, list(history[user])].max()) for row, user in enumerate(owner) if len(history[user])]
         metrics["copy_guard"] = {"mean": float(np.mean(nearest)), "max": float(np.max(nearest))} if nearest else None
     return metrics
+
+
+def shuffled_donors(users: np.ndarray, seed: int) -> np.ndarray:
+    """For each pair, a seeded other pair whose user differs (a shuffled-user control arm); itself only when every
+    pair has the same user."""
+    rng = np.random.default_rng(seed)
+    donors = rng.permutation(len(users))
+    for position in np.flatnonzero(users[donors] == users):
+        candidates = np.flatnonzero(users != users[position])
+        if len(candidates):
+            donors[position] = rng.choice(candidates)
+    return donors

@@ -1,5 +1,6 @@
-"""The HTML report of a DiffRec run: the metrics table, training curves (PNG), a grid of users with their
-history thumbnails, their generated images and CLIP scores, and a few LLM replies.
+"""The HTML report of a DiffRec run: the metrics table, training curves (PNG), the image arms' CLIP and
+personalization figures, rows of users with their liked cards and the images each arm drew for them,
+and a few LLM replies beside their prompts.
 
 Everything the page shows sits beside it (``report_files/``), so the folder can be copied or served as is.
 A missing figure is printed as "missing", never as a number.
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from minigpt4.data.contract import RatingDataset  # noqa: E402
-from minigpt4.data.images import load_image_table  # noqa: E402
+from minigpt4.data.images import PersonalHoldout, load_holdout, load_image_table  # noqa: E402
 
 HISTORY_THUMBNAILS = 5
 ARM_LABELS = (
@@ -79,14 +80,55 @@ def write_report(out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset
         )
     parts.append("</table>")
     images = metrics["images"]
-    parts.append(f"<h2>Personalized images</h2><p>{images['pairs']} liked test pairs; CLIP backbone <b>{html.escape(str(images['backbone']))}</b>.</p>")
+    parts.append(f"<h2>Personalized images</h2><p>CLIP backbone <b>{html.escape(str(images['backbone']))}</b>. Every arm uses the same seeds.</p>")
+    generic = images.get("generic") or {}
+    if "missing" in generic:
+        parts.append(f"<p>Generic instruction: missing, {html.escape(generic['missing'])}.</p>")
+    else:
+        parts.append(
+            f"<h3>With the generic instruction <i>{html.escape(generic['instruction'])}</i></h3><p>{generic['users']} users whose "
+            f"{generic['held_out_items']} most recent liked items in all the image training never saw; only the preference can tell what to draw.</p>"
+        )
+        parts.extend(_arm_table(generic, "held-out liked items"))
+    parts.append(f"<h3>With each item's caption</h3><p>{images['pairs']} liked test pairs.</p>")
+    parts.extend(_arm_table(images, "liked test items, the drawn item left out"))
     parts.append(
+        "<p>Personal similarity: the image against the user's liked items that image training never saw; "
+        "margin: minus the same against other users' liked items (0: not personal); identification: is the user the nearest among 10 (chance 0.1), "
+        "with a permutation p-value; copy guard: the largest similarity to one liked item the generator saw.</p>"
+    )
+    parts.append("<h2>Training curves</h2><img src='report_files/curves.png' alt='training curves'>")
+    records = [json.loads(line) for line in (image_folder / "records.jsonl").read_text().splitlines()]
+    page = _Thumbnails(dataset, files)
+    holdout = load_holdout(image_folder, dataset, page.table.reset_index())
+    if holdout is not None:
+        parts.append("<h2>Users, generic instruction</h2>")
+        parts.extend(_generic_rows(page, holdout, [r for r in records if r["item"] is None], image_folder, users))
+    parts.append("<h2>Users, item captions</h2>")
+    parts.extend(_pair_rows(page, [r for r in records if r["item"] is not None], image_folder, users))
+    replies = images.get("replies") or []
+    if replies:
+        parts.append("<h2>LLM replies</h2>")
+        for reply in replies:
+            parts.append(
+                f"<p>User {reply['user']} about <b>{html.escape(str(reply['title']))}</b>:</p>"
+                f"<details><summary>prompt</summary><div class='reply'>{html.escape(reply['prompt'])}</div></details><div class='reply'>{html.escape(reply['reply'])}</div>"
+            )
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _arm_table(results: dict, against: str) -> list[str]:
+    """The arms' CLIP and personalization figures as a table, and why any personalization figure is missing."""
+    parts = [
         "<table><tr><th>conditioning</th><th>CLIP-T</th><th>CLIP-I</th><th>mean alpha</th><th>personal similarity</th><th>margin</th>"
         "<th>identification Acc@1 (p)</th><th>copy guard</th><th>images</th></tr>"
-    )
+    ]
     reasons = set()
     for variant, label in ARM_LABELS:
-        result = images[variant]
+        result = results[variant]
         personal = result.get("personalization") or {}
         reasons.update([personal["missing"]] if "missing" in personal else [])
         identification = f"{_number(personal.get('identification_acc1'), 3)} ({_number(personal.get('identification_p_value'), 3)})"
@@ -96,51 +138,60 @@ def write_report(out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset
             f"<td>{_number(personal.get('personal_similarity'), 2)}</td><td>{_number(personal.get('margin'), 2)}</td><td>{identification}</td>"
             f"<td>{_number(guard.get('mean'), 1)}</td><td>{result['images']}</td></tr>"
         )
-    parts.append("</table>")
+    parts.append(f"</table><p>Personalization against the {html.escape(against)}.</p>")
     parts.extend(f"<p>Personalization: missing, {html.escape(reason)}.</p>" for reason in sorted(reasons))
-    parts.append(
-        "<p>Personal similarity: the image against the user's liked test items (never in image training; the item it was drawn for left out); "
-        "margin: minus the same against other users' liked items; identification: is the user the nearest among 10 (chance 0.1); "
-        "copy guard: the largest similarity to one history item.</p>"
-    )
-    parts.append("<h2>Training curves</h2><img src='report_files/curves.png' alt='training curves'>")
-    parts.append("<h2>Users</h2>")
-    parts.extend(_user_rows(dataset, image_folder, files, users))
-    replies = images.get("replies") or []
-    if replies:
-        parts.append("<h2>LLM replies</h2>")
-        for reply in replies:
-            parts.append(f"<p>User {reply['user']} about <b>{html.escape(str(reply['title']))}</b>:</p><div class='reply'>{html.escape(reply['reply'])}</div>")
-    parts.append("</body></html>")
-    path = out / "report.html"
-    path.write_text("\n".join(parts))
-    return path
+    return parts
 
 
-def _user_rows(dataset: RatingDataset, image_folder: Path, files: Path, users: int) -> list[str]:
-    """One row per (user, liked test item): the user's recent liked items' cards, then the generated images with their scores."""
-    records = [json.loads(line) for line in (image_folder / "records.jsonl").read_text().splitlines()]
-    table = load_image_table(dataset.root, dataset.n_items).set_index("iid")["path"]
-    titles = dataset.items.set_index("iid")["title"]
-    histories = {int(row.uid): list(row.his) for row in dataset.splits["test"].itertuples()}
+class _Thumbnails:
+    """Item cards and generated images copied beside the page, as <img> tags."""
+
+    def __init__(self, dataset: RatingDataset, files: Path) -> None:
+        self.dataset, self.files = dataset, files
+        self.table = load_image_table(dataset.root, dataset.n_items).set_index("iid")["path"]
+        self.titles = dataset.items.set_index("iid")["title"]
+
+    def items(self, iids: list[int], last: int | None = None) -> str:
+        """The cards of the (``last``) items that have one, or a note that none has."""
+        tags = []
+        for iid in [int(iid) for iid in iids if int(iid) in self.table.index][-last if last else None :]:
+            name = f"item_{iid}{Path(self.table[iid]).suffix}"
+            shutil.copy(self.dataset.root / self.table[iid], self.files / name)
+            tags.append(f"<img src='report_files/{name}' title='{html.escape(str(self.titles[iid]))}' alt='item {iid}'>")
+        return "".join(tags) or "(none with an image)"
+
+    def generated(self, records: list[dict], image_folder: Path) -> str:
+        """The arms' images of one row, in arm order, each with its scores."""
+        figures = []
+        for record in sorted(records, key=lambda r: ARM_ORDER[r["variant"]]):
+            shutil.copy(image_folder / record["file"], self.files / record["file"])
+            caption = f"{dict(ARM_LABELS)[record['variant']].split(' (')[0]}: CLIP-T {_number(record['clip_t'], 1)}, CLIP-I {_number(record['clip_i'], 1)}, alpha {record['alpha']:.2f}"
+            figures.append(f"<figure><img src='report_files/{record['file']}' alt='{html.escape(record['instruction'])}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+        return "".join(figures)
+
+
+def _generic_rows(page: _Thumbnails, holdout: PersonalHoldout, records: list[dict], image_folder: Path, users: int) -> list[str]:
+    """Per held-out user: the liked cards the generator saw, the held-out ones, and the three arms' images."""
+    by_user: dict[int, list[dict]] = {}
+    for record in records:
+        by_user.setdefault(record["user"], []).append(record)
+    histories = {user: list(row.his) for user, row in zip(holdout.users, holdout.rows.itertuples())}
+    held = dict(zip(holdout.users, holdout.held_out))
+    return [
+        f"<div class='user'><div><b>user {user}</b><br>recently liked:<br>{page.items(histories[user], HISTORY_THUMBNAILS)}<br>held out (never trained on):<br>{page.items(held[user])}</div>"
+        f"<div class='generated'>for <i>{html.escape(by_user[user][0]['instruction'])}</i><br>{page.generated(by_user[user], image_folder)}</div></div>"
+        for user in sorted(by_user)[:users]
+    ]
+
+
+def _pair_rows(page: _Thumbnails, records: list[dict], image_folder: Path, users: int) -> list[str]:
+    """One row per (user, liked test item): the user's recent liked items' cards, then the arms' images with their scores."""
+    histories = {int(row.uid): list(row.his) for row in page.dataset.splits["test"].itertuples()}
     by_pair: dict[tuple[int, int], list[dict]] = {}
     for record in records:
         by_pair.setdefault((record["user"], record["item"]), []).append(record)
-    parts = []
-    for user, item in sorted(by_pair)[:users]:
-        liked = [int(iid) for iid in histories.get(user, []) if int(iid) in table.index][-HISTORY_THUMBNAILS:]
-        history_html = []
-        for iid in liked:
-            name = f"history_{user}_{iid}{Path(table[iid]).suffix}"
-            shutil.copy(dataset.root / table[iid], files / name)
-            history_html.append(f"<img src='report_files/{name}' title='{html.escape(str(titles[iid]))}' alt='item {iid}'>")
-        generated_html = []
-        for record in sorted(by_pair[(user, item)], key=lambda r: ARM_ORDER[r["variant"]]):
-            shutil.copy(image_folder / record["file"], files / record["file"])
-            caption = f"{record['variant']}: CLIP-T {_number(record['clip_t'], 1)}, CLIP-I {_number(record['clip_i'], 1)}, alpha {record['alpha']:.2f}"
-            generated_html.append(f"<figure><img src='report_files/{record['file']}' alt='{html.escape(record['instruction'])}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-        parts.append(
-            f"<div class='user'><div><b>user {user}</b><br>recently liked:<br>{''.join(history_html) or '(none with an image)'}</div>"
-            f"<div class='generated'>for <i>{html.escape(by_pair[(user, item)][0]['instruction'])}</i><br>{''.join(generated_html)}</div></div>"
-        )
-    return parts
+    return [
+        f"<div class='user'><div><b>user {user}</b><br>recently liked:<br>{page.items(histories.get(user, []), HISTORY_THUMBNAILS)}</div>"
+        f"<div class='generated'>for <i>{html.escape(by_pair[(user, item)][0]['instruction'])}</i><br>{page.generated(by_pair[(user, item)], image_folder)}</div></div>"
+        for user, item in sorted(by_pair)[:users]
+    ]

@@ -89,12 +89,26 @@ class EncodedPrompts:
     slot_positions: dict[str, np.ndarray]
 
 
+def chat_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The text the tokenizer's chat template puts before and after one user message, up to where the
+    assistant answers (the BOS token left out: the encoder adds it)."""
+    marker = "\x00MESSAGE\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    before, after = text.split(marker)
+    if tokenizer.bos_token and before.startswith(tokenizer.bos_token):
+        before = before[len(tokenizer.bos_token) :]
+    return before, after
+
+
 def encode_prompts(
-    template: PromptTemplate, frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_history: int, max_length: int, where: str
+    template: PromptTemplate, frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_history: int, max_length: int, where: str,
+    chat: bool = False,
 ) -> EncodedPrompts:
-    """Fill and tokenize one prompt per row; each slot becomes one placeholder token."""
+    """Fill and tokenize one prompt per row; each slot becomes one placeholder token. With ``chat`` the
+    filled text is the user's message in the tokenizer's chat template (when it has one)."""
     template.check_columns(frame, where)
     prefix = tokenizer("", add_special_tokens=True).input_ids  # BOS where the model expects one
+    before, after = chat_frame(tokenizer) if chat and tokenizer.chat_template else ("", "")
     slot_token = tokenizer.pad_token_id
     histories = frame["his_title"].tolist() if "history_titles" in template.fields else [[]] * len(frame)
     others = {name: frame[FIELDS[name]].astype(str).tolist() for name in template.fields if name != "history_titles"}
@@ -105,7 +119,10 @@ def encode_prompts(
         while True:
             values = {name: column[row] for name, column in others.items()}
             values["history_titles"] = history_text(list(history[len(history) - keep :]) if keep else [])
-            pieces = tokenizer(template.render(values), add_special_tokens=False).input_ids
+            rendered = template.render(values)
+            rendered[0] = before + rendered[0]
+            rendered[-1] = rendered[-1] + after  # the same piece when the template has no slot
+            pieces = tokenizer(rendered, add_special_tokens=False).input_ids
             ids = list(prefix)
             for index, piece in enumerate(pieces):
                 if index:

@@ -94,10 +94,11 @@ class PromptRows(torch.utils.data.Dataset):
 
 
 def prompt_rows(
-    frame: pd.DataFrame, config: LLMRecConfig, template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, collab_history: int, where: str
+    frame: pd.DataFrame, config: LLMRecConfig, template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, collab_history: int, where: str,
+    chat: bool = False,
 ) -> PromptRows:
-    """Fill, tokenize and wrap one split for the LLM recommender."""
-    encoded = encode_prompts(template, frame, tokenizer, config.prompt.max_history, config.llm.max_length, where)
+    """Fill, tokenize and wrap one split for the LLM recommender (``chat``: inside the tokenizer's chat template)."""
+    encoded = encode_prompts(template, frame, tokenizer, config.prompt.max_history, config.llm.max_length, where, chat)
     return PromptRows(frame, encoded.input_ids, encoded.slot_positions, collab_history, tokenizer.pad_token_id)
 
 

@@ -1,15 +1,21 @@
-"""A short personalized reply about an item, written by the LLM with the same adapters that score it."""
+"""A short personalized reply about an item, written by the LLM with the same adapters that score it, and
+whether replies are personal: all-MiniLM-L6-v2 embeddings of each held-out user's reply against their
+held-out liked items, beside replies written from a shuffled user's prompt."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4.config import Config, LLMRecConfig, ReplyConfig
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
+from minigpt4.data.images import PersonalHoldout
+from minigpt4.data.implicit import encode_texts, item_texts
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError
+from minigpt4.evaluation.personalization import personalization_metrics, shuffled_donors
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, build_llm_recommender, check_template, prompt_rows
 
@@ -55,7 +61,7 @@ def write_replies(model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, con
     """One seeded reply per rating row (its user's history and its item), with the prompt it answered."""
     template = reply_template(config)
     history = model.collab.max_history if model.collab is not None else 0
-    prompts = prompt_rows(rows.reset_index(drop=True), config, template, tokenizer, history, "reply")
+    prompts = prompt_rows(rows.reset_index(drop=True), config, template, tokenizer, history, "reply", chat=config.reply.chat_template)
     replies = []
     for index, row in enumerate(rows.itertuples()):
         batch = whole_batch(prompts.__getitems__([index])).to(model.llm.device)
@@ -80,3 +86,33 @@ def generate(model: LLMRecommender, batch: PromptBatch, pad_id: int, settings: R
         pad_token_id=pad_id,
     )
     return output[0]  # generating from embeddings returns only the new tokens
+
+
+REPLY_ARMS = ("own", "shuffled")  # the user's own prompt and collaborative signal; another user's, scored as this user's
+
+
+def reply_personalization(
+    model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, config: LLMRecConfig, seed: int, holdout: PersonalHoldout, dataset: RatingDataset, users: int,
+) -> dict:
+    """Replies for the first ``users`` held-out users about their latest liked training item, in two arms,
+    scored by the personalization metrics over MiniLM embeddings against their held-out liked items (title
+    and genres); the copy guard compares with the history titles the prompt showed."""
+    if users < 10:
+        return {"missing": f"needs replies for 10 or more held-out users; {users} configured (model.joint.reply_users)"}
+    rows = holdout.rows.head(users).reset_index(drop=True)
+    held_out = holdout.held_out[:users]
+    histories = [[int(iid) for iid in his] for his in rows["his"]]
+    items = sorted({iid for values in (*held_out, *histories) for iid in values})
+    position = {iid: index for index, iid in enumerate(items)}
+    by_id = dataset.items.set_index("iid", drop=False)
+    item_features = torch.from_numpy(encode_texts(item_texts(by_id.loc[items].reset_index(drop=True))))
+    liked = [[position[iid] for iid in values] for values in held_out]
+    history = [[position[iid] for iid in values] for values in histories]
+    donors = shuffled_donors(rows["uid"].to_numpy(), seed)
+    results = {"users": len(rows), "embedding": "all-MiniLM-L6-v2", "arms": {}}
+    for arm, source in (("own", rows), ("shuffled", rows.iloc[donors].reset_index(drop=True))):
+        replies = write_replies(model, tokenizer, config, seed, source)
+        features = torch.from_numpy(encode_texts([reply["reply"] or " " for reply in replies]))
+        metrics = personalization_metrics(features, np.arange(len(rows)), item_features, liked, history, seed=seed)
+        results["arms"][arm] = {**metrics, "examples": [{**reply, "for_user": int(user)} for reply, user in zip(replies[:3], rows["uid"])]}
+    return results

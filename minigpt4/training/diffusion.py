@@ -29,8 +29,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, FlowMatchingConfig, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
-from minigpt4.data.images import image_pixels, item_captions, liked_rows, load_image_table
-from minigpt4.diffusion.generate import evaluate_test_pairs, load_for_sampling
+from minigpt4.data.images import PersonalHoldout, image_pixels, item_captions, liked_rows, load_holdout, load_image_table, personal_holdout
+from minigpt4.diffusion.generate import evaluate_arms, load_for_sampling
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
@@ -73,8 +73,6 @@ class ImageSamples:
         return prompt_embeds, pooled
 
 
-
-
 @torch.no_grad()
 def encode_items(model: PersonalizedSD3, config: SD3Config, dataset: RatingDataset, images: pd.DataFrame, iids: list[int], batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
     """VAE latent distributions of the items' images and SD3 embeddings of their captions, once per item."""
@@ -91,9 +89,16 @@ def encode_items(model: PersonalizedSD3, config: SD3Config, dataset: RatingDatas
     return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
 
-def training_pairs(config: Config, dataset: RatingDataset, images: pd.DataFrame) -> pd.DataFrame:
-    """The (sub-sampled, ``run.train_rows``) liked training pairs whose item has an image."""
-    rows = subsample(liked_rows(dataset, "train", images), config.run.train_rows, config.run.seed)
+def image_holdout(config: Config, dataset: RatingDataset, images: pd.DataFrame) -> PersonalHoldout | None:
+    """The users whose latest liked items this run's image training holds out (``model.holdout``), or None."""
+    holdout = (config.model.image if config.model.arch == "diffrec" else config.model).holdout
+    return personal_holdout(dataset, images, holdout.users, holdout.items, config.run.seed) if holdout.users else None
+
+
+def training_pairs(config: Config, dataset: RatingDataset, images: pd.DataFrame, holdout: PersonalHoldout | None = None) -> pd.DataFrame:
+    """The (sub-sampled, ``run.train_rows``) liked training pairs whose item has an image, without the held-out ones."""
+    rows = liked_rows(dataset, "train", images)
+    rows = subsample(holdout.drop_from(rows) if holdout is not None else rows, config.run.train_rows, config.run.seed)
     if rows.empty:
         raise DiffRecError(f"{dataset.root}: no liked training pair has an item image (images.parquet covers {len(images)} items)")
     return rows
@@ -141,7 +146,8 @@ def train_images(config: Config) -> dict:
     if run.resume_from is not None:
         load_training_weights(model, run.resume_from)
         require_file(run.resume_from / TRAINER_STATE)
-    rows = training_pairs(config, dataset, images)
+    model.holdout = image_holdout(config, dataset, images)
+    rows = training_pairs(config, dataset, images, model.holdout)
     samples = build_samples(config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process)
     run_dir = open_run_folder(config, state, hardware)
     accelerator = run_accelerator(
@@ -177,7 +183,7 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
     """The step loop: one micro-batch per accumulation step, a checkpoint every ``eval_every_steps``."""
     run = config.run
     micro_per_step = run.gradient_accumulation_steps
-    steps_per_epoch = max(1, len(samples) // (run.batch_size * micro_per_step))
+    steps_per_epoch = max(1, len(samples) // (run.batch_size * micro_per_step * accelerator.num_processes))
     total_steps = run.max_steps or run.max_epochs * steps_per_epoch
     params = model.trainable_parameters()
     logger.info("run folder %s; %d samples over %d items; %d trainable tensors, %d parameters; %d optimizer steps",
@@ -203,8 +209,8 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
         for micro in range(micro_per_step):
             # Every micro-batch has its own seeded generator: rows, noise and timesteps repeat on resume.
             position = step * micro_per_step + micro
-            rows = micro_batch_rows(len(samples), run.batch_size, position, run.seed)
-            generator = torch.Generator().manual_seed(run.seed * 100_003 + position)
+            rows = micro_batch_rows(len(samples), run.batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes)
+            generator = torch.Generator().manual_seed(run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index)
             index = samples.item_index[rows]
             prompt_embeds, pooled = samples.captions(rows, config.model.flow, generator)
             with accelerator.accumulate(prepared):
@@ -218,7 +224,8 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
                     accelerator.clip_grad_norm_(params, run.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / micro_per_step
+            # Each process draws its own rows: the curve holds the mean over processes.
+            step_loss += accelerator.reduce(loss.detach(), "mean").item() / micro_per_step
         scheduler.step()
         progress["step"] = step + 1
         progress["curve"].append({"step": step + 1, "seconds": round(time.perf_counter() - start, 3), "loss": step_loss})
@@ -248,7 +255,8 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
 
 
 def evaluate_images(config: Config) -> dict:
-    """Generate for liked test pairs (``run.test_rows`` of them) in the three arms; CLIP and personalization scores."""
+    """Generate in the three arms for liked test pairs (``run.test_rows`` of them) and for the checkpoint's
+    held-out users; CLIP and personalization scores."""
     run = config.run
     dataset = load_rating_dataset(config.datasets.path)
     images = load_image_table(dataset.root, dataset.n_items)
@@ -261,7 +269,8 @@ def evaluate_images(config: Config) -> dict:
     if pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
     run_dir = open_run_folder(config, state, hardware)
-    results = evaluate_test_pairs(model, lambda rows: model.preference(pairs.iloc[rows]), pairs, dataset, images, config.model, run.seed, run.eval_batch_size, run_dir / "images")
+    holdout = load_holdout(run.ckpt, dataset, images)
+    results = evaluate_arms(model, model.preference, pairs, holdout, dataset, images, config.model, run.seed, run.eval_batch_size, run_dir / "images")
     metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results, "hardware": hardware})
     if state.is_main_process:
         write_metrics(run_dir, metrics)

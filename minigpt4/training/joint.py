@@ -39,8 +39,8 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 
 from minigpt4.config import Config, DiffRecConfig, FlowMatchingConfig, dump_config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
-from minigpt4.data.images import liked_rows, load_image_table
-from minigpt4.diffusion.generate import evaluate_test_pairs
+from minigpt4.data.images import liked_rows, load_holdout, load_image_table
+from minigpt4.diffusion.generate import evaluate_arms
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
@@ -48,9 +48,9 @@ from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
 from minigpt4.io import json_safe
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
-from minigpt4.llm.reply import write_replies
+from minigpt4.llm.reply import reply_personalization, write_replies
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.diffusion import ImageSamples, build_samples, load_training_weights, micro_batch_rows, training_pairs
+from minigpt4.training.diffusion import ImageSamples, build_samples, image_holdout, load_training_weights, micro_batch_rows, training_pairs
 from minigpt4.training.llm import epoch_loader, eval_loader, split_prompt_rows
 from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, write_metrics
 
@@ -88,6 +88,11 @@ class DiffRecModel(nn.Module):
     def image_device(self) -> torch.device:
         """Where the SD3 transformer lives."""
         return self.image.transformer.device
+
+    def rating_prompts(self, rows: pd.DataFrame, where: str) -> PromptRows:
+        """The recommender's prompts for rating rows (for the image side's LLM preference)."""
+        history = self.rec.collab.max_history if self.rec.collab is not None else 0
+        return prompt_rows(rows, self.config.rec, self.template, self.tokenizer, history, where)
 
     def preference(self, prompts: PromptBatch | None, collab_preference: torch.Tensor | None) -> torch.Tensor:
         """The image side's user vectors: the LLM's answer-position hidden states, or the collaborative ones."""
@@ -151,30 +156,26 @@ class JointData:
     image_samples: ImageSamples | None  # None in evaluation-only runs
     image_prompts: PromptRows | None  # the training pairs' prompts, when the LLM gives the preference
     test_pairs: pd.DataFrame
-    test_prompts: PromptRows | None
     images: pd.DataFrame  # the dataset's images table
 
 
 def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, progress: bool) -> JointData:
     """Prompts, image samples (with cached encodings) and the liked test pairs with images."""
     images = load_image_table(dataset.root, dataset.n_items)
-    rec = model.rec
-    history = rec.collab.max_history if rec.collab is not None else 0
-    prompts = split_prompt_rows(config, dataset, rec, model.tokenizer, model.template)
-    llm_preference = config.model.joint.preference == "llm"
-
-    def pair_prompts(frame: pd.DataFrame, where: str) -> PromptRows | None:
-        return prompt_rows(frame, config.model.rec, model.template, model.tokenizer, history, where) if llm_preference else None
+    prompts = split_prompt_rows(config, dataset, model.rec, model.tokenizer, model.template)
 
     samples = image_prompts = None
-    if not config.run.evaluate:
-        pairs = training_pairs(config, dataset, images)
+    if config.run.evaluate:
+        model.image.holdout = load_holdout(config.run.ckpt / "image", dataset, images)
+    else:
+        model.image.holdout = image_holdout(config, dataset, images)
+        pairs = training_pairs(config, dataset, images, model.image.holdout)
         samples = build_samples(config.model.image, pairs, model.image, dataset, images, config.run.eval_batch_size, progress)
-        image_prompts = pair_prompts(pairs, f"{dataset.root}/train (image pairs)")
+        image_prompts = model.rating_prompts(pairs, f"{dataset.root}/train (image pairs)") if config.model.joint.preference == "llm" else None
     test_pairs = subsample(liked_rows(dataset, "test", images), config.model.joint.eval_images, config.run.seed)
     if test_pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image; nothing to generate for")
-    return JointData(prompts, samples, image_prompts, test_pairs, pair_prompts(test_pairs, f"{dataset.root}/test (image pairs)"), images)
+    return JointData(prompts, samples, image_prompts, test_pairs, images)
 
 
 def _devices(config: Config, state: PartialState) -> tuple[torch.device, torch.device]:
@@ -401,13 +402,21 @@ def evaluate_diffrec(config: Config, model: nn.Module, data: JointData, loaders:
     image_config, run = config.model.image, config.run
     pairs = data.test_pairs
 
-    def preference(rows: list[int]) -> torch.Tensor:
-        prompts = data.test_prompts.__getitems__(rows) if data.test_prompts is not None else None
-        collab = unwrapped.image.preference(pairs.iloc[rows]) if unwrapped.image.collab is not None else None
+    def preference(rows: pd.DataFrame) -> torch.Tensor:
+        prompts = None
+        if config.model.joint.preference == "llm":
+            prompts = unwrapped.rating_prompts(rows.reset_index(drop=True), f"{dataset.root} (image rows)").__getitems__(list(range(len(rows))))
+        collab = unwrapped.image.preference(rows) if unwrapped.image.collab is not None else None
         return unwrapped.preference(prompts, collab)
 
-    results = evaluate_test_pairs(unwrapped.image, preference, pairs, dataset, data.images, image_config, run.seed, run.eval_batch_size, run_dir / "images")
+    results = evaluate_arms(unwrapped.image, preference, pairs, unwrapped.image.holdout, dataset, data.images, image_config, run.seed, run.eval_batch_size, run_dir / "images")
     if accelerator.is_main_process and config.model.joint.replies:
         results["replies"] = write_replies(unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, pairs.head(config.model.joint.replies))
+    if accelerator.is_main_process and config.model.joint.reply_users:
+        holdout = unwrapped.image.holdout
+        results["reply_personalization"] = (
+            reply_personalization(unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, holdout, dataset, config.model.joint.reply_users)
+            if holdout is not None else {"missing": "no held-out users (model.image.holdout.users 0, or a checkpoint without image/holdout.json)"}
+        )
     metrics["images"] = results
     return metrics
