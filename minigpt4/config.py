@@ -304,6 +304,9 @@ class FusionConfig(Section):
 
     tokens: int = Field(4, gt=0)
     hidden: int = Field(256, gt=0)
+    # Standardize each preference dimension with the training samples' mean and std (kept with the fusion
+    # weights): collaborative user vectors share a large common direction that says nothing about the user.
+    standardize: bool = False
     alpha_override: float | None = Field(None, ge=0, le=1)  # sampling only: force the gate for every sample
 
 

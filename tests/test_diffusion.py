@@ -382,3 +382,19 @@ def test_two_processes_draw_their_own_rows_and_noise(tmp_path, tiny_models, phot
     metrics = json.loads(two.stdout.strip().splitlines()[-1])
     assert metrics["samples"] == one["samples"] and metrics["steps_run"] == 1
     assert metrics["loss_first"] != pytest.approx(one["loss_first"], rel=1e-4)  # the first (and only) step
+
+
+def test_standardized_fusion_keeps_the_training_preferences_statistics(tmp_path, tiny_models, photo_dataset):
+    from safetensors.torch import load_file
+
+    config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 1, "eval_every_steps": 1}, model={"fusion": {"standardize": True}}))
+    checkpoint = Path(train_images(config)["checkpoint"])
+    dataset = load_rating_dataset(photo_dataset)
+    images = load_image_table(photo_dataset, dataset.n_items)
+    samples = build_samples(config.model, training_pairs(config, dataset, images), build_personalized(config.model, dataset), dataset, images, 8, progress=False)
+    saved = load_file(checkpoint / "fusion.safetensors")
+    assert torch.allclose(saved["preference_mean"], samples.preference.mean(0)) and torch.allclose(saved["preference_std"], samples.preference.std(0))
+    loaded = load_personalized(config.model, load_sd3_pipeline(config.model.pipeline), load_recommender(photo_dataset.parent / "mf"), checkpoint)
+    assert torch.allclose(loaded.fusion.preference_mean, samples.preference.mean(0))
+    standardized = (samples.preference - loaded.fusion.preference_mean) / loaded.fusion.preference_std
+    assert standardized.mean(0).abs().max() < 1e-5 and (standardized.std(0) - 1).abs().max() < 1e-4

@@ -327,7 +327,7 @@ def test_reply_is_seeded_and_uses_the_checkpoint(tiny_llm, tiny_dataset, mf_chec
     first = last_json_line(capsys.readouterr().out)
     assert main(command) == 0
     assert last_json_line(capsys.readouterr().out) == first
-    assert first["user"] == 3 and first["item"] == 5 and first["reply"] and first["prompt"].endswith("Reply:")
+    assert first["user"] == 3 and first["item"] == 5 and first["reply"] and first["prompt"].startswith("<|im_start|>system") and first["prompt"].rstrip().endswith("<|im_start|>assistant")  # SmolLM2's chat template
     assert main(["reply", "--cfg-path", str(path), "--user", "3", "--item", "5"]) == 2
     assert "run.ckpt is not set" in capsys.readouterr().err
     assert main([*command[:3], "--user", "999", "--item", "5", "--options", f"run.ckpt={best}"]) == 2

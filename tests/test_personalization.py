@@ -131,4 +131,4 @@ def test_reply_prompts_use_the_chat_template_and_keep_slots(tiny_llm):
         assert chat.input_ids[0][positions[0]] == tokenizer.pad_token_id, slot  # the slots survive the wrapping
     reply = encode_prompts(PromptTemplate.load(Path(__file__).resolve().parents[1] / "prompts" / "reply_movie.txt"), frame, tokenizer, 5, 256, "t", chat=True)
     text = tokenizer.decode(reply.input_ids[0])
-    assert text.count("<|im_start|>user") == 1 and text.rstrip().endswith("<|im_start|>assistant") and '"Fargo"' in text
+    assert text.startswith("<|im_start|>system") and text.count("<|im_start|>user") == 1 and text.rstrip().endswith("<|im_start|>assistant") and '"Fargo"' in text

@@ -31,6 +31,9 @@ class AdaptiveFusion(nn.Module):
         super().__init__()
         self.tokens = tokens
         self.joint_dim = joint_dim
+        # Identity until ``standardize_with`` sets them; saved with the weights.
+        self.register_buffer("preference_mean", torch.zeros(preference_dim))
+        self.register_buffer("preference_std", torch.ones(preference_dim))
         self.preference = nn.Sequential(nn.LayerNorm(preference_dim), nn.Linear(preference_dim, hidden), nn.SiLU())
         self.to_tokens = nn.Linear(hidden, tokens * joint_dim)
         self.to_pooled = nn.Linear(hidden, pooled_dim)
@@ -42,11 +45,18 @@ class AdaptiveFusion(nn.Module):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
+    @torch.no_grad()
+    def standardize_with(self, preferences: torch.Tensor) -> None:
+        """Centre and scale every preference dimension by these (training) preferences' mean and std."""
+        self.preference_mean.copy_(preferences.mean(0))
+        self.preference_std.copy_(preferences.std(0).clamp_min(1e-6))
+
     def forward(
         self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, preference: torch.Tensor, alpha_override: float | None = None
     ) -> FusedConditioning:
         """Fuse [B, L, joint_dim] and [B, pooled_dim] text embeddings with [B, preference_dim] preferences."""
         dtype = prompt_embeds.dtype
+        preference = (preference.to(self.preference_mean.dtype) - self.preference_mean) / self.preference_std
         hidden = self.preference(preference.to(self.to_tokens.weight.dtype))
         if alpha_override is None:
             text = self.gate_text_norm(pooled_prompt_embeds.to(hidden.dtype))

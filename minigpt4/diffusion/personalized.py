@@ -125,6 +125,8 @@ class PersonalizedSD3(nn.Module):
             raise DiffRecError(f"{path}: missing (a diffusion checkpoint holds {LORA_FILE} and {FUSION_FILE})")
         state = load_file(path)
         expected = self.fusion.state_dict()
+        for name in ("preference_mean", "preference_std"):  # fusion files written before standardization existed
+            state.setdefault(name, expected[name])
         for name, tensor in expected.items():
             if name not in state or state[name].shape != tensor.shape:
                 got = tuple(state[name].shape) if name in state else "nothing"

@@ -91,11 +91,12 @@ class EncodedPrompts:
 
 def chat_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     """The text the tokenizer's chat template puts before and after one user message, up to where the
-    assistant answers (the BOS token left out: the encoder adds it)."""
+    assistant answers (without a leading BOS that the tokenizer adds by itself)."""
     marker = "\x00MESSAGE\x00"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
     before, after = text.split(marker)
-    if tokenizer.bos_token and before.startswith(tokenizer.bos_token):
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [tokenizer.bos_token_id]
+    if adds_bos and before.startswith(tokenizer.bos_token):
         before = before[len(tokenizer.bos_token) :]
     return before, after
 

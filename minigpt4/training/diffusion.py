@@ -149,6 +149,8 @@ def train_images(config: Config) -> dict:
     model.holdout = image_holdout(config, dataset, images)
     rows = training_pairs(config, dataset, images, model.holdout)
     samples = build_samples(config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process)
+    if config.model.fusion.standardize and run.resume_from is None:
+        model.fusion.standardize_with(samples.preference.to(state.device))
     run_dir = open_run_folder(config, state, hardware)
     accelerator = run_accelerator(
         cpu=run.cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,

@@ -171,6 +171,10 @@ def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, prog
         model.image.holdout = image_holdout(config, dataset, images)
         pairs = training_pairs(config, dataset, images, model.image.holdout)
         samples = build_samples(config.model.image, pairs, model.image, dataset, images, config.run.eval_batch_size, progress)
+        if config.model.image.fusion.standardize and config.run.resume_from is None:
+            if samples.preference is None:
+                raise DiffRecError("model.image.fusion.standardize needs fixed preference vectors: set model.joint.preference to collab")
+            model.image.fusion.standardize_with(samples.preference.to(model.image_device))
         image_prompts = model.rating_prompts(pairs, f"{dataset.root}/train (image pairs)") if config.model.joint.preference == "llm" else None
     test_pairs = subsample(liked_rows(dataset, "test", images), config.model.joint.eval_images, config.run.seed)
     if test_pairs.empty:
