@@ -86,8 +86,8 @@ def write_report(out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset
         parts.append(f"<p>Generic instruction: missing, {html.escape(generic['missing'])}.</p>")
     else:
         parts.append(
-            f"<h3>With the generic instruction <i>{html.escape(generic['instruction'])}</i></h3><p>{generic['users']} users whose "
-            f"{generic['held_out_items']} most recent liked items in all the image training never saw; only the preference can tell what to draw.</p>"
+            f"<h3>With the generic instruction <i>{html.escape(generic['instruction'])}</i></h3><p>{generic['users']} users whose most recent liked "
+            f"items ({generic['held_out_items']} in all) the image training never saw; only the preference can tell what to draw.</p>"
         )
         parts.extend(_arm_table(generic, "held-out liked items"))
     parts.append(f"<h3>With each item's caption</h3><p>{images['pairs']} liked test pairs.</p>")
