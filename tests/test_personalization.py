@@ -111,6 +111,12 @@ def test_holdout_keeps_each_users_latest_liked_items_out_of_image_training(card_
     (tmp_path / "holdout.json").write_text('[{"user": 1}]')
     with pytest.raises(DiffRecError, match="holdout.json: expected a list"):
         load_holdout(tmp_path, dataset, images)
+    (tmp_path / "holdout.json").write_text("[]")
+    with pytest.raises(DiffRecError, match="holdout.json: holds no user"):
+        load_holdout(tmp_path, dataset, images)
+    (tmp_path / "holdout.json").write_text('[{"user": 1, "held_out": [9999]}]')
+    with pytest.raises(DiffRecError, match="user 1's held-out items are not among their liked training items"):
+        load_holdout(tmp_path, dataset, images)
 
 
 def test_reply_prompts_use_the_chat_template_and_keep_slots(tiny_llm):

@@ -246,7 +246,7 @@ def personal_holdout(dataset: RatingDataset, images: pd.DataFrame, users: int, i
     if len(eligible) < users:
         raise DiffRecError(f"{dataset.root}/train: model.holdout.users {users}, but only {len(eligible)} users have {2 * items} or more liked items with an image")
     chosen = sorted(int(user) for user in np.random.default_rng(seed).choice(eligible, size=users, replace=False))
-    return _holdout(liked, {user: [int(i) for i in liked.loc[liked["uid"] == user, "iid"].tail(items)] for user in chosen})
+    return _holdout(liked, {user: [int(i) for i in liked.loc[liked["uid"] == user, "iid"].tail(items)] for user in chosen}, f"{dataset.root}/train")
 
 
 def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> PersonalHoldout | None:
@@ -260,10 +260,12 @@ def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> 
         held = {int(record["user"]): [int(item) for item in record["held_out"]] for record in records}
     except (TypeError, KeyError, ValueError):
         raise DiffRecError(f"{path}: expected a list of {{\"user\": id, \"held_out\": [item ids]}} records") from None
-    return _holdout(liked, held, path)
+    if not held:
+        raise DiffRecError(f"{path}: holds no user")
+    return _holdout(liked, held, str(path))
 
 
-def _holdout(liked: pd.DataFrame, held: dict[int, list[int]], source: Path | None = None) -> PersonalHoldout:
+def _holdout(liked: pd.DataFrame, held: dict[int, list[int]], source: str) -> PersonalHoldout:
     """The holdout of ``held`` (user -> held-out items) over the sorted liked training rows."""
     rows, kept = [], []
     for user, items in held.items():
