@@ -277,6 +277,10 @@ def test_llm_preference_sends_the_image_loss_into_the_llm(card_dataset, tiny_llm
     model(None, batch, torch.Generator().manual_seed(0))[0].backward()
     llm_grads = [p.grad for name, p in model.rec.named_parameters() if p.requires_grad and ("lora_" in name or "generator" in name)]
     assert llm_grads and all(grad is not None for grad in llm_grads) and any(grad.abs().sum() > 0 for grad in llm_grads)
+    # The evaluation reads the held-out users' preferences from the LLM too (prompts built for those rows)
+    short = joint.train_diffrec(load_config(path, ["run.max_steps=2", "run.eval_every_steps=2", "model.joint.replies=0", "model.joint.reply_users=0"]))
+    generic = short["images"]["generic"]
+    assert generic["users"] == 10 and generic["fused"]["images"] == generic["shuffled"]["images"] == 10 and generic["fused"]["alpha"] > 0
     with_checkpointing = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"})
     with pytest.raises(DiffRecError, match="gradient_checkpointing off"):
         joint.train_diffrec(load_config(with_checkpointing, ["model.rec.llm.gradient_checkpointing=true"]))
