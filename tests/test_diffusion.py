@@ -398,3 +398,25 @@ def test_standardized_fusion_keeps_the_training_preferences_statistics(tmp_path,
     assert torch.allclose(loaded.fusion.preference_mean, samples.preference.mean(0))
     standardized = (samples.preference - loaded.fusion.preference_mean) / loaded.fusion.preference_std
     assert standardized.mean(0).abs().max() < 1e-5 and (standardized.std(0) - 1).abs().max() < 1e-4
+
+
+def test_non_finite_gradient_norm_stops_the_image_training(tmp_path, tiny_models, photo_dataset, monkeypatch):
+    from minigpt4.training import diffusion as training_diffusion
+
+    real = training_diffusion.build_personalized
+
+    def poisoned(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.fusion.to_pooled.weight.register_hook(lambda grad: grad * float("inf"))
+        return model
+
+    monkeypatch.setattr(training_diffusion, "build_personalized", poisoned)
+    config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 4, "eval_every_steps": 2}))
+    with pytest.raises(DiffRecError, match=r"gradient norm became (inf|nan) at step 0; training stopped, the last checkpoint is kept at \(none yet\)"):
+        train_images(config)
+
+
+def test_resume_from_latest_continues_the_newest_run(tmp_path, tiny_models, photo_dataset):
+    first = train_images(load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 2, "eval_every_steps": 2})))
+    resumed = train_images(load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 3, "eval_every_steps": 3, "resume_from": "latest"})))
+    assert [point["step"] for point in resumed["curve"]] == [1, 2, 3] and resumed["curve"][:2] == first["curve"]

@@ -332,3 +332,26 @@ def test_reply_is_seeded_and_uses_the_checkpoint(tiny_llm, tiny_dataset, mf_chec
     assert "run.ckpt is not set" in capsys.readouterr().err
     assert main([*command[:3], "--user", "999", "--item", "5", "--options", f"run.ckpt={best}"]) == 2
     assert "--user 999 is not a user id" in capsys.readouterr().err
+
+
+def test_non_finite_gradient_norm_stops_the_llm_training(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, monkeypatch):
+    real = training_llm.build_llm_recommender
+
+    def poisoned(*args, **kwargs):
+        model, tokenizer, template = real(*args, **kwargs)
+        next(param for param in model.parameters() if param.requires_grad).register_hook(lambda grad: grad * float("inf"))
+        return model, tokenizer, template
+
+    monkeypatch.setattr(training_llm, "build_llm_recommender", poisoned)
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
+    with pytest.raises(DiffRecError, match=r"gradient norm became (inf|nan) at step 0; training stopped, the best checkpoint so far is kept at \(none yet\)"):
+        training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
+
+
+def test_resume_from_latest_continues_the_newest_run(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
+    first = training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
+    resumed = training_llm.train_llm(load_config(path, ["run.max_steps=4", "run.resume_from=latest"]))
+    assert [point["step"] for point in resumed["curve"]] == [2, 4] and resumed["curve"][0] == first["curve"][0]
+    with pytest.raises(DiffRecError, match="run.resume_from is latest but no run under .* holds a complete checkpoints/last"):
+        training_llm.train_llm(load_config(path, ["run.resume_from=latest", f"run.output_dir={tmp_path / 'empty'}"]))

@@ -36,7 +36,7 @@ from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, resume_folder, run_accelerator, save_checkpoint, write_metrics
 
 
 @dataclass
@@ -140,6 +140,7 @@ def train_images(config: Config) -> dict:
     hardware = choose_hardware(config, state.device)
     dataset = load_rating_dataset(config.datasets.path)
     images = load_image_table(dataset.root, dataset.n_items)
+    run.resume_from = resume_folder(run.resume_from, run.output_dir, "last")
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
     set_seed(run.seed)  # the LoRA and fusion initialisation too
     model = build_personalized(config.model, dataset, state.device)
@@ -218,12 +219,14 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
             with accelerator.accumulate(prepared):
                 latents = model.latents(samples.latent_parameters[index], generator).to(device)
                 loss = prepared(latents, prompt_embeds.to(device), pooled.to(device), samples.preference[rows].to(device), generator)
+                kept = checkpoint if checkpoint.is_dir() else "(none yet)"
                 if not torch.isfinite(loss):
-                    kept = checkpoint if checkpoint.is_dir() else "(none yet)"
                     raise DiffRecError(f"loss became {loss.item()} at step {step}; training stopped, the last checkpoint is kept at {kept}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, run.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(params, run.max_grad_norm)
+                    if not torch.isfinite(norm):
+                        raise DiffRecError(f"gradient norm became {norm.item()} at step {step}; training stopped, the last checkpoint is kept at {kept}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             # Each process draws its own rows: the curve holds the mean over processes.

@@ -52,7 +52,7 @@ from minigpt4.llm.reply import reply_personalization, write_replies
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.diffusion import ImageSamples, build_samples, image_holdout, load_training_weights, micro_batch_rows, training_pairs
 from minigpt4.training.llm import epoch_loader, eval_loader, split_prompt_rows
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, resume_folder, run_accelerator, write_metrics
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -194,22 +194,12 @@ def _devices(config: Config, state: PartialState) -> tuple[torch.device, torch.d
     return torch.device(placement.llm), torch.device(placement.image)
 
 
-def find_latest_checkpoint(output_dir: Path) -> Path:
-    """The newest complete ``step-N`` checkpoint of any run under ``output_dir`` (a ``.partial`` one never counts)."""
-    runs = [folder for folder in output_dir.iterdir() if folder.is_dir() and not folder.is_symlink()] if output_dir.is_dir() else []
-    found = [path for folder in runs for path in step_checkpoints(folder / "checkpoints") if (path / TRAINER_STATE).is_file()]
-    if not found:
-        raise DiffRecError(f"run.resume_from is latest but {output_dir} holds no complete {CHECKPOINT_PREFIX}N checkpoint")
-    return max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
-
-
 def train_diffrec(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) the joint model; returns the metrics."""
     run = config.run
     state = PartialState(cpu=run.cpu)
     dataset = load_rating_dataset(config.datasets.path)
-    if run.resume_from is not None and run.resume_from == Path("latest"):
-        run.resume_from = find_latest_checkpoint(run.output_dir)
+    run.resume_from = resume_folder(run.resume_from, run.output_dir, f"{CHECKPOINT_PREFIX}*")
     if config.model.joint.preference == "llm" and config.model.rec.llm.gradient_checkpointing:
         # Both LLM passes of a step (ratings and image pairs) would share the CoRA weights that
         # checkpointing re-reads in backward, so the first pass would be recomputed with the second's.

@@ -30,7 +30,7 @@ from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
 from minigpt4.io import json_safe
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptRows, build_llm_recommender, prompt_rows
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, run_accelerator, save_checkpoint, write_metrics
+from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, resume_folder, run_accelerator, save_checkpoint, write_metrics
 
 
 def split_prompt_rows(config: Config, dataset: RatingDataset, model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> dict[str, PromptRows]:
@@ -50,6 +50,7 @@ def train_llm(config: Config) -> dict:
     state = PartialState(cpu=run.cpu)
     hardware = choose_hardware(config, state.device)
     dataset = load_rating_dataset(config.datasets.path)
+    run.resume_from = resume_folder(run.resume_from, run.output_dir, "last")
     # Everything that can fail on a bad path or checkpoint fails before the run folder exists.
     model, tokenizer, template = build_llm_recommender(config.model, dataset, state.device)
     if run.evaluate:
@@ -135,15 +136,15 @@ def _train(config: Config, model: LLMRecommender, train_rows: PromptRows, eval_l
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(batch)
+                best = checkpoints / "best"
+                kept = f"training stopped, the best checkpoint so far is kept at {best if best.is_dir() else '(none yet)'}"
                 if not torch.isfinite(loss):
-                    best = checkpoints / "best"
-                    raise DiffRecError(
-                        f"loss became {loss.item()} at step {progress['step']}; training stopped, "
-                        f"the best checkpoint so far is kept at {best if best.is_dir() else '(none yet)'}"
-                    )
+                    raise DiffRecError(f"loss became {loss.item()} at step {progress['step']}; {kept}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, run.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(params, run.max_grad_norm)
+                    if not torch.isfinite(norm):
+                        raise DiffRecError(f"gradient norm became {norm.item()} at step {progress['step']}; {kept}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             progress["batch"] += 1

@@ -125,17 +125,23 @@ def save_checkpoint(folder: Path, model: Any, config: Config, optimizer: torch.o
         (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
 
 
+def resume_folder(resume_from: Path | None, output_dir: Path, pattern: str) -> Path | None:
+    """``run.resume_from`` as a checkpoint folder: ``latest`` names the newest complete ``checkpoints/<pattern>``
+    (one that holds its trainer state, never a ``.partial``) of any run under ``output_dir``."""
+    if resume_from is None or resume_from.name != "latest":
+        return resume_from
+    runs = [path for path in output_dir.iterdir() if path.is_dir() and not path.is_symlink()] if output_dir.is_dir() else []
+    found = [path for folder in runs for path in (folder / "checkpoints").glob(pattern) if not path.name.endswith(".partial") and (path / TRAINER_STATE).is_file()]
+    if not found:
+        raise DiffRecError(f"run.resume_from is latest but no run under {output_dir} holds a complete checkpoints/{pattern}")
+    return max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
+
+
 def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) -> tuple[Path, CollaborativeModel]:
     """The ``checkpoints/last`` folder ``run.resume_from`` names (``latest``: the newest under ``run.output_dir``)
     and its model, checked against this run's model, dataset, protocol and ``run.max_epochs`` (the total)."""
     run = config.run
-    folder = run.resume_from
-    if folder.name == "latest":
-        runs = [path for path in run.output_dir.iterdir() if path.is_dir() and not path.is_symlink()] if run.output_dir.is_dir() else []
-        found = [path / "checkpoints" / "last" for path in runs if (path / "checkpoints" / "last" / TRAINER_STATE).is_file()]
-        if not found:
-            raise DiffRecError(f"run.resume_from is latest but no run under {run.output_dir} holds a complete checkpoints/last")
-        folder = max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
+    folder = resume_folder(run.resume_from, run.output_dir, "last")
     progress = json.loads(require_file(folder / TRAINER_STATE).read_text())
     if progress["protocol"] != protocol:
         raise DiffRecError(f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol}' (resume under the same protocol)")
