@@ -46,9 +46,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's content; a missing, undecodable or invalid file is one DiffRecError naming it."""
+def read_json(path: Path, kind: type = object) -> Any:
+    """A JSON file's content, of type ``kind``; a missing, undecodable or invalid file, or another type, is one
+    DiffRecError naming it."""
     try:
-        return json.loads(require_file(path).read_text(encoding="utf-8"))
+        value = json.loads(require_file(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DiffRecError(f"{path}: not valid JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(value, kind):
+        raise DiffRecError(f"{path}: expected a JSON {'object' if kind is dict else 'array' if kind is list else kind.__name__}, found {type(value).__name__}")
+    return value

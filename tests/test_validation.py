@@ -89,3 +89,27 @@ def test_corrupt_parquet(dataset_copy):
     (dataset_copy / "items.parquet").write_bytes(b"not parquet")
     with pytest.raises(DiffRecError, match=r"items.parquet: not a readable Parquet file"):
         load_rating_dataset(dataset_copy)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"n_users": 40,', r"meta.json: not valid JSON \(Expecting"),
+        (b'{"name": "\xff\xfe"}', r"meta.json: not valid JSON \('utf-8' codec can't decode"),
+        (b"[1, 2]", r"meta.json: expected a JSON object, found list"),
+    ],
+)
+def test_meta_json_that_is_not_a_json_object(dataset_copy, content, message):
+    (dataset_copy / "meta.json").write_bytes(content)
+    with pytest.raises(DiffRecError, match=message):
+        load_rating_dataset(dataset_copy)
+
+
+def test_checkpoint_config_json_that_is_not_json(mf_checkpoint, tmp_path):
+    from minigpt4.recommenders import load_recommender
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(mf_checkpoint, folder)
+    (folder / "config.json").write_text('{"model": {"arch": "mf"')
+    with pytest.raises(DiffRecError, match=r"checkpoint/config.json: not valid JSON"):
+        load_recommender(folder)

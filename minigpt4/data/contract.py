@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from minigpt4.errors import DiffRecError
+from minigpt4.io import read_json
 
 SPLITS = ("train", "valid", "test")
 RATING_COLUMNS = ("uid", "iid", "label", "timestamp", "his", "his_title", "title", "not_cold")
@@ -64,10 +65,7 @@ def load_rating_dataset(root: str | Path) -> RatingDataset:
     meta_path = root / "meta.json"
     if not meta_path.is_file():
         raise DiffRecError(f"{meta_path}: missing (a dataset folder holds train/valid/test/items .parquet and meta.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DiffRecError(f"{meta_path}: not valid JSON ({err})") from None
+    meta = read_json(meta_path, dict)
     for key in ("n_users", "n_items"):
         if not isinstance(meta.get(key), int):
             raise DiffRecError(f"{meta_path}: key '{key}' must be an integer")

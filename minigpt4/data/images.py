@@ -254,7 +254,7 @@ def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> 
     path = folder / HOLDOUT_FILE
     if not path.is_file():
         return None
-    records = read_json(path)
+    records = read_json(path, list)
     liked = liked_rows(dataset, "train", images).sort_values(["uid", "timestamp"], kind="stable")
     try:
         held = {int(record["user"]): [int(item) for item in record["held_out"]] for record in records}

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from minigpt4.data.contract import load_rating_dataset
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
+from minigpt4.io import read_json
 
 SPLITS = ("train", "valid", "test")
 DIFFMM_MATRICES = {"train": "trnMat.pkl", "valid": "valMat.pkl", "test": "tstMat.pkl"}
@@ -97,7 +98,7 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise DiffRecError(f"{root}: no implicit/meta.json (import a DiffMM folder or derive the implicit shape first)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, dict)
     n_users, n_items = meta["n_users"], meta["n_items"]
     matrices = {}
     for split in SPLITS:

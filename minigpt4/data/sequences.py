@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from minigpt4.data.contract import SPLITS, fail_at, load_rating_dataset, read_table
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
+from minigpt4.io import read_json
 
 FOLDER = "sequences"
 COLUMNS = ("uid", "train", "valid", "test")
@@ -150,7 +151,7 @@ def load_sequence_dataset(root: str | Path) -> SequenceDataset:
     meta_path, table_path = folder / "meta.json", folder / "sequences.parquet"
     if not meta_path.is_file():
         raise DiffRecError(f"{root}: no sequences/meta.json (import DiffuRec's dataset.pkl or derive sequences first)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, dict)
     frame = read_table(table_path)
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:

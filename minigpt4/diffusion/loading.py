@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 
 import torch
 
 from minigpt4.config import PipelineConfig
 from minigpt4.errors import DiffRecError
 from minigpt4.hardware import resolve_dtype
+from minigpt4.io import read_json
 
 # Components a published SD3 folder may leave out; the pipeline takes None for them.
 OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
@@ -22,7 +22,7 @@ def load_sd3_pipeline(config: PipelineConfig, device: torch.device | str = "cpu"
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise DiffRecError(f"model.pipeline.path {folder}: no model_index.json (expected a diffusers SD3 pipeline folder)")
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file, dict)
     if index.get("_class_name") != "StableDiffusion3Pipeline":
         raise DiffRecError(f"{index_file}: _class_name is {index.get('_class_name')!r}, expected StableDiffusion3Pipeline")
     # T5 is optional in SD3: leave it out when asked to, or when the folder has none.

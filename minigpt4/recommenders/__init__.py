@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt4.config import MODEL_CONFIGS, DiffMMConfig, DiffuRecConfig, DINConfig, GenRecConfig, LightGCNConfig, MDMNSConfig, MFConfig, ModelConfig, PopularityConfig, SASRecConfig
 from minigpt4.errors import DiffRecError
-from minigpt4.io import atomic_folder
+from minigpt4.io import atomic_folder, read_json
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.recommenders.diffmm import DiffMM
 from minigpt4.recommenders.diffurec import DiffuRec
@@ -91,7 +91,7 @@ def load_recommender(folder: Path, expected: ModelConfig | None = None, n_users:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise DiffRecError(f"checkpoint file missing: {path}")
-    info = json.loads(config_path.read_text())
+    info = read_json(config_path, dict)
     arch = info.get("model", {}).get("arch")
     if arch not in MODEL_CONFIGS:
         raise DiffRecError(f"{config_path}: unknown model arch {arch!r}")

@@ -12,7 +12,6 @@ resolved config and the optimizer, scheduler and loop state to resume from.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from minigpt4.diffusion.generate import evaluate_arms, load_for_sampling
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
-from minigpt4.io import json_safe
+from minigpt4.io import json_safe, read_json
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, resume_folder, run_accelerator, save_checkpoint, write_metrics
 
@@ -197,7 +196,7 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
     checkpoint = run_dir / "checkpoints" / "last"
     progress = {"step": 0, "curve": []}
     if run.resume_from is not None:
-        progress = json.loads((run.resume_from / TRAINER_STATE).read_text())
+        progress = read_json(run.resume_from / TRAINER_STATE, dict)
         optimizer.load_state_dict(torch.load(require_file(run.resume_from / "optimizer.pt"), weights_only=True))
         scheduler.load_state_dict(torch.load(require_file(run.resume_from / "scheduler.pt"), weights_only=True))
         logger.info("resumed from %s at step %d", run.resume_from, progress["step"])

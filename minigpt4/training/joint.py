@@ -45,7 +45,7 @@ from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.io import json_safe
+from minigpt4.io import json_safe, read_json
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import reply_personalization, write_replies
@@ -321,7 +321,7 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
     progress = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "sums": {}, "curve": []}
     if run.resume_from is not None:
         accelerator.load_state(str(run.resume_from))
-        progress = json.loads((run.resume_from / TRAINER_STATE).read_text())
+        progress = read_json(run.resume_from / TRAINER_STATE, dict)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", run.resume_from, progress["step"], progress["epoch"], progress["batch"])
     accelerator.init_trackers("tensorboard", config={"mode": config.model.rec.mode, "preference": joint.preference, "lr": run.lr})
     start, stop, valid = time.perf_counter(), False, None

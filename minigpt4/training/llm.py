@@ -27,7 +27,7 @@ from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.io import json_safe
+from minigpt4.io import json_safe, read_json
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, resume_folder, run_accelerator, save_checkpoint, write_metrics
@@ -119,7 +119,7 @@ def _train(config: Config, model: LLMRecommender, train_rows: PromptRows, eval_l
     checkpoints = run_dir / "checkpoints"
     progress = {"step": 0, "epoch": 0, "batch": 0, "best_auc": None, "best_step": 0, "stale": 0, "curve": []}
     if run.resume_from is not None:
-        progress = json.loads((run.resume_from / TRAINER_STATE).read_text())
+        progress = read_json(run.resume_from / TRAINER_STATE, dict)
         optimizer.load_state_dict(torch.load(require_file(run.resume_from / "optimizer.pt"), weights_only=True))
         scheduler.load_state_dict(torch.load(require_file(run.resume_from / "scheduler.pt"), weights_only=True))
         earlier_best = run.resume_from.parent / "best"

@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from minigpt4.config import Config, dump_config, resolve_precision
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.hardware import configure_threads, describe
-from minigpt4.io import atomic_folder, json_safe
+from minigpt4.io import atomic_folder, json_safe, read_json
 from minigpt4.recommenders import CollaborativeModel, load_recommender, write_recommender
 
 logger = logging.getLogger("diffrec")
@@ -142,7 +142,7 @@ def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) 
     and its model, checked against this run's model, dataset, protocol and ``run.max_epochs`` (the total)."""
     run = config.run
     folder = resume_folder(run.resume_from, run.output_dir, "last")
-    progress = json.loads(require_file(folder / TRAINER_STATE).read_text())
+    progress = read_json(folder / TRAINER_STATE, dict)
     if progress["protocol"] != protocol:
         raise DiffRecError(f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol}' (resume under the same protocol)")
     if progress["epoch"] >= run.max_epochs:
@@ -190,4 +190,4 @@ def restore_epoch_state(
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
-    return json.loads((folder / TRAINER_STATE).read_text())
+    return read_json(folder / TRAINER_STATE, dict)
