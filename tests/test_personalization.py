@@ -105,18 +105,15 @@ def test_holdout_keeps_each_users_latest_liked_items_out_of_image_training(card_
     assert load_holdout(tmp_path / "elsewhere", dataset, images) is None
     with pytest.raises(DiffRecError, match="only .* users have 40 or more liked items"):
         personal_holdout(dataset, images, users=8, items=20, seed=3)
-    (tmp_path / "holdout.json").write_text('[{"user": 1, "held_out": [')
-    with pytest.raises(DiffRecError, match="holdout.json: not valid JSON"):
-        load_holdout(tmp_path, dataset, images)
-    (tmp_path / "holdout.json").write_text('[{"user": 1}]')
-    with pytest.raises(DiffRecError, match="holdout.json: expected a list"):
-        load_holdout(tmp_path, dataset, images)
-    (tmp_path / "holdout.json").write_text("[]")
-    with pytest.raises(DiffRecError, match="holdout.json: holds no user"):
-        load_holdout(tmp_path, dataset, images)
-    (tmp_path / "holdout.json").write_text('[{"user": 1, "held_out": [9999]}]')
-    with pytest.raises(DiffRecError, match="user 1's held-out items are not among their liked training items"):
-        load_holdout(tmp_path, dataset, images)
+    for content, message in (
+        ('[{"user": 1, "held_out": [', "holdout.json: not valid JSON"),
+        ('[{"user": 1}]', "holdout.json: expected a list"),
+        ("[]", "holdout.json: holds no user"),
+        ('[{"user": 1, "held_out": [9999]}]', "user 1's held-out items are not among their liked training items"),
+    ):
+        (tmp_path / "holdout.json").write_text(content)
+        with pytest.raises(DiffRecError, match=message):
+            load_holdout(tmp_path, dataset, images)
 
 
 def test_reply_prompts_use_the_chat_template_and_keep_slots(tiny_llm):

@@ -240,13 +240,12 @@ class PersonalHoldout:
 def personal_holdout(dataset: RatingDataset, images: pd.DataFrame, users: int, items: int, seed: int) -> PersonalHoldout:
     """A seeded choice of ``users`` users with at least ``2 * items`` liked training items with an image, each
     holding out their ``items`` most recent ones (ML-100K's time-ordered test split has few warm users)."""
-    liked = liked_rows(dataset, "train", images).sort_values(["uid", "timestamp"], kind="stable")
-    counts = liked.groupby("uid").size()
-    eligible = counts.index[counts >= 2 * items].to_numpy()
+    by_user = _liked_by_user(dataset, images)
+    eligible = np.array(sorted(user for user, theirs in by_user.items() if len(theirs) >= 2 * items))
     if len(eligible) < users:
         raise DiffRecError(f"{dataset.root}/train: model.holdout.users {users}, but only {len(eligible)} users have {2 * items} or more liked items with an image")
     chosen = sorted(int(user) for user in np.random.default_rng(seed).choice(eligible, size=users, replace=False))
-    return _holdout(liked, {user: [int(i) for i in liked.loc[liked["uid"] == user, "iid"].tail(items)] for user in chosen}, f"{dataset.root}/train")
+    return _holdout(by_user, {user: [int(i) for i in by_user[user]["iid"].tail(items)] for user in chosen}, f"{dataset.root}/train")
 
 
 def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> PersonalHoldout | None:
@@ -255,21 +254,26 @@ def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> 
     if not path.is_file():
         return None
     records = read_json(path, list)
-    liked = liked_rows(dataset, "train", images).sort_values(["uid", "timestamp"], kind="stable")
     try:
         held = {int(record["user"]): [int(item) for item in record["held_out"]] for record in records}
     except (TypeError, KeyError, ValueError):
         raise DiffRecError(f"{path}: expected a list of {{\"user\": id, \"held_out\": [item ids]}} records") from None
     if not held:
         raise DiffRecError(f"{path}: holds no user")
-    return _holdout(liked, held, str(path))
+    return _holdout(_liked_by_user(dataset, images), held, str(path))
 
 
-def _holdout(liked: pd.DataFrame, held: dict[int, list[int]], source: str) -> PersonalHoldout:
-    """The holdout of ``held`` (user -> held-out items) over the sorted liked training rows."""
+def _liked_by_user(dataset: RatingDataset, images: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """Each user's liked training rows with an image, oldest first."""
+    liked = liked_rows(dataset, "train", images).sort_values(["uid", "timestamp"], kind="stable")
+    return {int(user): theirs for user, theirs in liked.groupby("uid", sort=False)}
+
+
+def _holdout(by_user: dict[int, pd.DataFrame], held: dict[int, list[int]], source: str) -> PersonalHoldout:
+    """The holdout of ``held`` (user -> held-out items) over each user's liked training rows."""
     rows, kept = [], []
     for user, items in held.items():
-        theirs = liked[liked["uid"] == user]
+        theirs = by_user.get(user, pd.DataFrame(columns=["iid"]))
         rest = theirs[~theirs["iid"].isin(items)]
         if rest.empty or not set(items) <= set(theirs["iid"].astype(int)):
             raise DiffRecError(f"{source}: user {user}'s held-out items are not among their liked training items with an image")

@@ -10,12 +10,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from PIL import Image
 from tqdm.auto import tqdm
 
 from minigpt4.config import Config, SD3Config
@@ -26,7 +28,7 @@ from minigpt4.diffusion.personalized import PersonalizedSD3, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
-from minigpt4.evaluation.personalization import personalization_metrics, shuffled_donors
+from minigpt4.evaluation.personalization import index_items, personalization_metrics, shuffled_donors
 from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
 from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
@@ -101,6 +103,15 @@ def generate_for_user(config: Config, user: int, item: int | None, instruction: 
 Preference = Callable[[pd.DataFrame], torch.Tensor]  # rating rows -> their users' preference vectors [B, d]
 
 
+class DrawnImage(NamedTuple):
+    """One generated image of an arm, its record, the judge's verdict (None without a judge) and its scorer features."""
+
+    image: Image.Image
+    record: dict
+    verdict: dict | None
+    features: torch.Tensor
+
+
 @torch.no_grad()
 def evaluate_arms(
     model: PersonalizedSD3, preference: Preference, pairs: pd.DataFrame, holdout: PersonalHoldout | None, dataset: RatingDataset,
@@ -133,8 +144,8 @@ def evaluate_arms(
         drawn += generic
     if state.is_main_process:
         store = ImageStore(store_folder, config.sampling.keep_best, config.sampling.max_images)
-        for image, record, _, _ in stored_rows(drawn, config.sampling.max_images // 2):
-            store.add(image, json_safe(record))
+        for entry in stored_rows(drawn, config.sampling.max_images // 2):
+            store.add(entry.image, json_safe(entry.record))
         if holdout is not None:
             holdout.save(store_folder)  # which liked items the report shows as never trained on
     return results
@@ -143,8 +154,8 @@ def evaluate_arms(
 def draw_arms(
     model: PersonalizedSD3, scorer: ClipScorer, judge: VLMJudge | None, preference: Preference, rows: pd.DataFrame, texts: list[str],
     dataset: RatingDataset, images: pd.DataFrame, config: SD3Config, seed: int, batch_size: int, generic: bool = False,
-) -> list[tuple]:
-    """(image, record, verdict, scorer features) for each row's text in each arm, the same seeds in every arm;
+) -> list[DrawnImage]:
+    """Each row's text drawn in each arm, the same seeds in every arm;
     the shuffled arm takes a seeded other row's user. Records name the row's item unless ``generic``."""
     state = PartialState()
     donors = shuffled_donors(rows["uid"].to_numpy(), seed)
@@ -161,33 +172,33 @@ def draw_arms(
                 scores = score_images(scorer, generated, chunk_texts, references, features)
                 for image, row, text, image_seed, alpha, score, feature in zip(generated, frame.itertuples(), chunk_texts, seeds, gate.tolist(), scores, features):
                     record = {"user": int(row.uid), "item": None if generic else int(row.iid), "instruction": text, "seed": image_seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}
-                    drawn.append((image, record, judge.judge(image, text) if judge is not None else None, feature))
+                    drawn.append(DrawnImage(image, record, judge.judge(image, text) if judge is not None else None, feature))
     return gather_object(drawn)
 
 
-def stored_rows(drawn: list[tuple], limit: int) -> list[tuple]:
-    """The entries of the first rows of each kind (item caption, generic) whose every arm fits in ``limit``
+def stored_rows(drawn: list[DrawnImage], limit: int) -> list[DrawnImage]:
+    """The images of the first rows of each kind (item caption, generic) whose every arm fits in ``limit``
     images per kind, so the stored images show the arms side by side."""
     rows: dict[bool, list[tuple]] = {}
     for entry in drawn:
-        key = (entry[1]["user"], entry[1]["item"])
-        kind = rows.setdefault(entry[1]["item"] is None, [])
+        key = (entry.record["user"], entry.record["item"])
+        kind = rows.setdefault(entry.record["item"] is None, [])
         if key not in kind and len(kind) < limit // len(ARMS):
             kind.append(key)
     kept = {key for keys in rows.values() for key in keys}
-    return [entry for entry in drawn if (entry[1]["user"], entry[1]["item"]) in kept]
+    return [entry for entry in drawn if (entry.record["user"], entry.record["item"]) in kept]
 
 
-def summarize_arms(drawn: list[tuple], references: HeldOut, judge: VLMJudge | None, seed: int, leave_out_drawn: bool) -> dict:
+def summarize_arms(drawn: list[DrawnImage], references: HeldOut, judge: VLMJudge | None, seed: int, leave_out_drawn: bool) -> dict:
     """Per arm: the record means, the judge's verdicts and the personalization metrics against ``references``."""
     results = {}
     for variant in ARMS:
-        chosen = [entry for entry in drawn if entry[1]["variant"] == variant]
-        records = [record for _, record, _, _ in chosen]
+        chosen = [entry for entry in drawn if entry.record["variant"] == variant]
+        records = [entry.record for entry in chosen]
         results[variant] = summarize_records(records)
         if judge is not None:
-            results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([verdict for _, _, verdict, _ in chosen])}
-        results[variant]["personalization"] = arm_personalization(references, records, torch.stack([feature for *_, feature in chosen]), seed, leave_out_drawn)
+            results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([entry.verdict for entry in chosen])}
+        results[variant]["personalization"] = arm_personalization(references, records, torch.stack([entry.features for entry in chosen]), seed, leave_out_drawn)
         logger.info("%s%s: %s", variant, "" if leave_out_drawn else " (generic instruction)", results[variant])
     return results
 
@@ -205,11 +216,10 @@ class HeldOut:
 
 def embedded_references(scorer: ClipScorer, dataset: RatingDataset, images: pd.DataFrame, users: list[int], liked: list[list[int]], history: list[list[int]]) -> HeldOut:
     """Users' held-out liked items and history items (item ids, with images), each item embedded once."""
-    items = sorted({iid for values in (*liked, *history) for iid in values})
-    row = {iid: index for index, iid in enumerate(items)}
+    items, liked_positions, history_positions = index_items(liked, history)
     paths = images.set_index("iid")["path"]
     features = scorer.image_features([open_image(dataset.root / paths[iid]) for iid in items]) if items else None
-    return HeldOut(users, items, features, [[row[iid] for iid in values] for values in liked], [[row[iid] for iid in values] for values in history])
+    return HeldOut(users, items, features, liked_positions, history_positions)
 
 
 def test_references(scorer: ClipScorer, pairs: pd.DataFrame, dataset: RatingDataset, images: pd.DataFrame) -> HeldOut:

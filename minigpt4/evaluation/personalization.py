@@ -116,6 +116,14 @@ def personalization_metrics(
     return metrics
 
 
+def index_items(liked: Sequence[Sequence[int]], history: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """The item ids that ``liked`` and ``history`` (per user) name, each once, and both as rows of that list:
+    what ``personalization_metrics`` takes once the items are embedded in that order."""
+    items = sorted({int(iid) for values in (*liked, *history) for iid in values})
+    row = {iid: index for index, iid in enumerate(items)}
+    return items, [[row[int(iid)] for iid in values] for values in liked], [[row[int(iid)] for iid in values] for values in history]
+
+
 def shuffled_donors(users: np.ndarray, seed: int) -> np.ndarray:
     """For each pair, a seeded other pair whose user differs (a shuffled-user control arm); itself only when every
     pair has the same user."""

@@ -99,8 +99,9 @@ def write_report(out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset
     )
     parts.append("<h2>Training curves</h2><img src='report_files/curves.png' alt='training curves'>")
     records = [json.loads(line) for line in (image_folder / "records.jsonl").read_text().splitlines()]
-    page = _Thumbnails(dataset, files)
-    holdout = load_holdout(image_folder, dataset, page.table.reset_index())
+    table = load_image_table(dataset.root, dataset.n_items)
+    page = _Thumbnails(dataset, table, files)
+    holdout = load_holdout(image_folder, dataset, table)
     if holdout is not None:
         parts.append("<h2>Users, generic instruction</h2>")
         parts.extend(_generic_rows(page, holdout, [r for r in records if r["item"] is None], image_folder, users))
@@ -146,9 +147,9 @@ def _arm_table(results: dict, against: str) -> list[str]:
 class _Thumbnails:
     """Item cards and generated images copied beside the page, as <img> tags."""
 
-    def __init__(self, dataset: RatingDataset, files: Path) -> None:
+    def __init__(self, dataset: RatingDataset, images: pd.DataFrame, files: Path) -> None:
         self.dataset, self.files = dataset, files
-        self.table = load_image_table(dataset.root, dataset.n_items).set_index("iid")["path"]
+        self.table = images.set_index("iid")["path"]
         self.titles = dataset.items.set_index("iid")["title"]
 
     def items(self, iids: list[int], last: int | None = None) -> str:

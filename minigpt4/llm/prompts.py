@@ -89,14 +89,13 @@ class EncodedPrompts:
     slot_positions: dict[str, np.ndarray]
 
 
-def chat_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+def chat_frame(tokenizer: PreTrainedTokenizerBase, prefix: list[int]) -> tuple[str, str]:
     """The text the tokenizer's chat template puts before and after one user message, up to where the
-    assistant answers (without a leading BOS that the tokenizer adds by itself)."""
+    assistant answers (without a leading BOS when ``prefix``, what the tokenizer adds by itself, is that BOS)."""
     marker = "\x00MESSAGE\x00"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
     before, after = text.split(marker)
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [tokenizer.bos_token_id]
-    if adds_bos and before.startswith(tokenizer.bos_token):
+    if tokenizer.bos_token_id is not None and prefix[:1] == [tokenizer.bos_token_id] and before.startswith(tokenizer.bos_token):
         before = before[len(tokenizer.bos_token) :]
     return before, after
 
@@ -109,7 +108,7 @@ def encode_prompts(
     filled text is the user's message in the tokenizer's chat template (when it has one)."""
     template.check_columns(frame, where)
     prefix = tokenizer("", add_special_tokens=True).input_ids  # BOS where the model expects one
-    before, after = chat_frame(tokenizer) if chat and tokenizer.chat_template else ("", "")
+    before, after = chat_frame(tokenizer, prefix) if chat and tokenizer.chat_template else ("", "")
     slot_token = tokenizer.pad_token_id
     histories = frame["his_title"].tolist() if "history_titles" in template.fields else [[]] * len(frame)
     others = {name: frame[FIELDS[name]].astype(str).tolist() for name in template.fields if name != "history_titles"}

@@ -15,7 +15,7 @@ from minigpt4.data.images import PersonalHoldout
 from minigpt4.data.implicit import encode_texts, item_texts
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError
-from minigpt4.evaluation.personalization import personalization_metrics, shuffled_donors
+from minigpt4.evaluation.personalization import index_items, personalization_metrics, shuffled_donors
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, build_llm_recommender, check_template, prompt_rows
 
@@ -101,13 +101,8 @@ def reply_personalization(
         return {"missing": f"needs replies for 10 or more held-out users; {users} configured (model.joint.reply_users)"}
     rows = holdout.rows.head(users).reset_index(drop=True)
     held_out = holdout.held_out[:users]
-    histories = [[int(iid) for iid in his] for his in rows["his"]]
-    items = sorted({iid for values in (*held_out, *histories) for iid in values})
-    position = {iid: index for index, iid in enumerate(items)}
-    by_id = dataset.items.set_index("iid", drop=False)
-    item_features = torch.from_numpy(encode_texts(item_texts(by_id.loc[items].reset_index(drop=True))))
-    liked = [[position[iid] for iid in values] for values in held_out]
-    history = [[position[iid] for iid in values] for values in histories]
+    items, liked, history = index_items(held_out, [list(his) for his in rows["his"]])
+    item_features = torch.from_numpy(encode_texts(item_texts(dataset.items.set_index("iid", drop=False).loc[items].reset_index(drop=True))))
     donors = shuffled_donors(rows["uid"].to_numpy(), seed)
     results = {"users": len(rows), "embedding": "all-MiniLM-L6-v2", "arms": {}}
     for arm, source in (("own", rows), ("shuffled", rows.iloc[donors].reset_index(drop=True))):

@@ -181,6 +181,11 @@ def micro_batch_rows(count: int, batch_size: int, position: int, seed: int, proc
     return _pass_order(count, seed, epoch)[start : start + batch_size].tolist()
 
 
+def _stopped(checkpoint: Path) -> str:
+    """The end of a stopped run's message: where its last checkpoint is."""
+    return f"training stopped, the last checkpoint is kept at {checkpoint if checkpoint.is_dir() else '(none yet)'}"
+
+
 def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accelerator: Accelerator, run_dir: Path) -> dict:
     """The step loop: one micro-batch per accumulation step, a checkpoint every ``eval_every_steps``."""
     run = config.run
@@ -218,14 +223,13 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
             with accelerator.accumulate(prepared):
                 latents = model.latents(samples.latent_parameters[index], generator).to(device)
                 loss = prepared(latents, prompt_embeds.to(device), pooled.to(device), samples.preference[rows].to(device), generator)
-                kept = checkpoint if checkpoint.is_dir() else "(none yet)"
                 if not torch.isfinite(loss):
-                    raise DiffRecError(f"loss became {loss.item()} at step {step}; training stopped, the last checkpoint is kept at {kept}")
+                    raise DiffRecError(f"loss became {loss.item()} at step {step}; {_stopped(checkpoint)}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, run.max_grad_norm)
                     if not torch.isfinite(norm):
-                        raise DiffRecError(f"gradient norm became {norm.item()} at step {step}; training stopped, the last checkpoint is kept at {kept}")
+                        raise DiffRecError(f"gradient norm became {norm.item()} at step {step}; {_stopped(checkpoint)}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             # Each process draws its own rows: the curve holds the mean over processes.

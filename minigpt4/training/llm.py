@@ -102,6 +102,11 @@ def epoch_loader(rows: PromptRows, config: Config, epoch: int, accelerator: Acce
     return prepare_data_loader(loader, device or accelerator.device, accelerator.num_processes, accelerator.process_index, put_on_device=True)
 
 
+def _stopped(best: Path) -> str:
+    """The end of a stopped run's message: where its best checkpoint so far is."""
+    return f"training stopped, the best checkpoint so far is kept at {best if best.is_dir() else '(none yet)'}"
+
+
 def _train(config: Config, model: LLMRecommender, train_rows: PromptRows, eval_loaders: dict, accelerator: Accelerator, run_dir: Path) -> dict:
     """The step loop with periodic evaluation and early stopping; returns the best checkpoint's metrics."""
     run = config.run
@@ -136,15 +141,13 @@ def _train(config: Config, model: LLMRecommender, train_rows: PromptRows, eval_l
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(batch)
-                best = checkpoints / "best"
-                kept = f"training stopped, the best checkpoint so far is kept at {best if best.is_dir() else '(none yet)'}"
                 if not torch.isfinite(loss):
-                    raise DiffRecError(f"loss became {loss.item()} at step {progress['step']}; {kept}")
+                    raise DiffRecError(f"loss became {loss.item()} at step {progress['step']}; {_stopped(checkpoints / 'best')}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, run.max_grad_norm)
                     if not torch.isfinite(norm):
-                        raise DiffRecError(f"gradient norm became {norm.item()} at step {progress['step']}; {kept}")
+                        raise DiffRecError(f"gradient norm became {norm.item()} at step {progress['step']}; {_stopped(checkpoints / 'best')}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             progress["batch"] += 1
