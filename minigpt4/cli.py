@@ -25,6 +25,20 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--options", nargs="*", default=[], help="overrides, e.g. run.lr=0.01 model.embedding_size=64")
 
 
+def _serving_args(parser: argparse.ArgumentParser) -> None:
+    """The run to serve: a config file (its run.ckpt, else its latest run), a run folder or a checkpoint folder."""
+    parser.add_argument("--cfg-path", required=True, type=Path, help="the run's config file, run folder or checkpoint folder")
+    parser.add_argument("--options", nargs="*", default=[], help="overrides, e.g. run.ckpt=runs/x/checkpoints/step-000040 run.cpu=true")
+
+
+def _item_ids(text: str) -> list[int]:
+    """``1,5,9`` as a list of ints (argparse turns the ValueError into a one-line usage error)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected item ids separated by commas, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands."""
     parser = OneLineParser(prog="diffrec", description=__doc__)
@@ -88,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--instruction", help="what to draw, e.g. 'a poster for a quiet science-fiction film'")
     generate.add_argument("--seed", type=int, help="sampling seed (default run.seed); the same seed gives the same image")
     generate.add_argument("--alpha", type=float, help="force the fusion gate (0: text only, 1: full preference)")
+    recommend = commands.add_parser("recommend", help="top-K items for a user from a trained run: collaborative candidates re-ranked by the LLM, as JSON lines")
+    _serving_args(recommend)
+    who = recommend.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, help="user id of the dataset (1..n_users)")
+    who.add_argument("--liked", type=_item_ids, help="a new user, as the item ids they liked, comma-separated (e.g. 1,50,181)")
+    recommend.add_argument("--k", type=int, default=10, help="how many items to return (default 10)")
+    recommend.add_argument("--candidates", type=int, default=50, help="how many collaborative candidates the LLM re-ranks (default 50)")
+    recommend.add_argument("--replies", action="store_true", help="add the LLM's reply about each item")
+    recommend.add_argument("--images", type=Path, help="draw each item's personalized image into this folder")
+    recommend.add_argument("--instruction", help="what to draw for every item (default: each item's caption)")
+    recommend.add_argument("--seed", type=int, help="seed of replies and images (default run.seed)")
+    app = commands.add_parser("app", help="a web page on a trained run: pick a user or like a few items, see the ranking, replies and images")
+    _serving_args(app)
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     models = commands.add_parser("models", help="model files")
     model_commands = models.add_subparsers(dest="models_command", required=True, parser_class=OneLineParser)
     tiny = model_commands.add_parser("make-tiny", help="write a tiny SD3.5-architecture pipeline (DIR/sd3), open_clip model (DIR/clip) and VLM judge (DIR/vlm)")
@@ -210,6 +239,33 @@ def run_config_command(args: argparse.Namespace) -> dict | None:
     return pretrain(config)
 
 
+def run_recommend(args: argparse.Namespace) -> None:
+    """Print one JSON line per recommended item (rank, item, title, both scores; reply and image file on request)."""
+    from minigpt4.serving import DiffRec
+
+    if args.images is not None and args.images.exists() and not args.images.is_dir():
+        raise DiffRecError(f"--images {args.images}: exists and is not a folder")
+    served = DiffRec.load(args.cfg_path, args.options)
+    user = args.user if args.user is not None else args.liked
+    recommendations = served.recommend(user, args.k, args.candidates, replies=args.replies, images=args.images is not None, instruction=args.instruction, seed=args.seed)
+    if args.images is not None:  # written only once every image exists
+        args.images.mkdir(parents=True, exist_ok=True)
+        for rank, entry in enumerate(recommendations, 1):
+            path = args.images / f"rank{rank:02d}_item{entry.item}.png"
+            entry.image.image.save(path)
+            entry.extra["image_file"] = str(path)
+    for rank, entry in enumerate(recommendations, 1):
+        print(json.dumps({"rank": rank, "user": user, **entry.record()}))
+
+
+def run_app(args: argparse.Namespace) -> None:
+    """Serve the web app until interrupted."""
+    from minigpt4.app import launch
+    from minigpt4.serving import DiffRec
+
+    launch(DiffRec.load(args.cfg_path, args.options), args.host, args.port, block=True)
+
+
 def run_models(args: argparse.Namespace) -> dict:
     """Write the tiny SD3 pipeline, open_clip model and VLM judge folders, or train the in-domain CLIP scorer."""
     if args.models_command == "train-clip":
@@ -246,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_demo(args.options, args.joint_options)
         elif args.command == "models":
             result = run_models(args)
+        elif args.command == "recommend":
+            result = run_recommend(args)
+        elif args.command == "app":
+            result = run_app(args)
         else:
             result = run_config_command(args)
     except DiffRecError as err:

@@ -39,10 +39,13 @@ def answer_hidden_states(model: PreTrainedModel, inputs_embeds: torch.Tensor, at
 def yes_no_from_hidden(model: PreTrainedModel, final: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
     """logit(" Yes") - logit(" No") from answer-position hidden states, [B], through two rows of the output matrix."""
     head = model.get_output_embeddings()
-    logits = final @ head.weight[answer_ids].T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[answer_ids]
-    return (logits[:, 0] - logits[:, 1]).float()
+    # In fp32 even under bf16 autocast: two output rows cost nothing, and bf16 logits (about 1/8 apart
+    # near 20) would tie most candidates of a ranking.
+    with torch.autocast(final.device.type, enabled=False):
+        logits = final.float() @ head.weight[answer_ids].float().T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[answer_ids].float()
+    return logits[:, 0] - logits[:, 1]
 
 
 def yes_no_logits(
