@@ -24,6 +24,12 @@ LIKED_SHOWN = 12
 RANKING_COLUMNS = ["rank", "item", "title", "LLM score", "collab score", "collab rank"]
 
 
+def default_sizes(n_items: int) -> tuple[int, int]:
+    """The page's starting K and candidate count: 10 of 50, less for small catalogues."""
+    k = min(10, max(1, n_items // 6))
+    return k, min(50, max(k, n_items // 3))
+
+
 def message(text: str) -> str:
     """A status line for the page."""
     return f"**{text}**"
@@ -70,7 +76,7 @@ class DiffRecApp:
             picture, caption = None, ""
             if self.served.image_model is not None:
                 drawn = self.served.image(profile, ranking[0].item)
-                picture, caption = drawn.image, describe(drawn)
+                picture, caption = shown(drawn.image), describe(drawn)
             who_text = f"user {profile.uid}" if profile.uid else f"a new user with {len(profile.liked)} liked items"
             status = message(f"Top {len(ranking)} of {int(candidates)} collaborative candidates for {who_text}, re-ranked by the LLM" + (" (folded in)" if profile.folded_in else ""))
             return status, self.liked_gallery(profile), table, reply_text, ranking[0].item, picture, caption
@@ -84,9 +90,17 @@ class DiffRecApp:
             if seed is None or float(seed) != int(seed):
                 raise DiffRecError("the seed must be a whole number")
             drawn = self.served.image(profile, int(item) if item else None, instruction, alpha=None if learned_gate else float(alpha), seed=int(seed))
-            return message("Drawn."), drawn.image, describe(drawn)
+            return message("Drawn."), shown(drawn.image), describe(drawn)
         except Exception as err:  # noqa: BLE001
             return failure(err), None, ""
+
+
+def shown(image):
+    """A small image scaled up (nearest neighbour) to at least 256 pixels, so a 64-pixel picture is visible."""
+    from PIL import Image
+
+    factor = -(-256 // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
 def describe(drawn) -> str:
@@ -119,8 +133,9 @@ def build_app(served: DiffRec):
             user_id = gr.Number(value=first_user, precision=0, label=f"User id (1..{dataset.n_users})", elem_id="user-id")
             liked = gr.Dropdown(handlers.item_choices, multiselect=True, filterable=True, label="Items the new user liked (type to search)", elem_id="liked")
         with gr.Row():
-            k = gr.Slider(1, 20, value=10, step=1, label="K", elem_id="k")
-            candidates = gr.Slider(1, 200, value=50, step=1, label="Collaborative candidates", elem_id="candidates")
+            start_k, start_candidates = default_sizes(dataset.n_items)
+            k = gr.Slider(1, 20, value=start_k, step=1, label="K", elem_id="k")
+            candidates = gr.Slider(1, 200, value=start_candidates, step=1, label="Collaborative candidates", elem_id="candidates")
             replies = gr.Checkbox(value=False, label="Write a reply per item", elem_id="replies")
         recommend = gr.Button("Recommend", variant="primary", elem_id="recommend")
         status = gr.Markdown(elem_id="status")

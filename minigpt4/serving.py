@@ -147,6 +147,7 @@ class DiffRec:
         its run folder, its output folder (with ``latest``) or one of its checkpoint folders."""
         config, checkpoint = resolve_run(Path(source), list(options))
         configure_threads()
+        quiet_loading()
         dataset = load_rating_dataset(config.datasets.path)
         model = config.model
         llm_device, image_device = serving_devices(config)
@@ -373,6 +374,15 @@ class DiffRec:
             finally:
                 for guest in self.guests:
                     guest.vector = None
+
+
+def quiet_loading() -> None:
+    """No per-file progress bars from transformers and diffusers: a served run's stderr carries only messages."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def _install_guests(rec: LLMRecommender | None, image: PersonalizedSD3 | None) -> list[GuestUser]:

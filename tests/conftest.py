@@ -21,8 +21,10 @@ from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.data.contract import save_rating_dataset
 from minigpt4.data.images import render_item_cards
 from minigpt4.llm.loading import bundled_smollm2_folder
+from minigpt4.training.joint import train_diffrec
 from minigpt4.training.pretrain import pretrain
 
+PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 SHARED_DATA = Path(os.environ.get("DIFFREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -109,3 +111,43 @@ def card_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
     shutil.copytree(tiny_dataset, root)
     render_item_cards(root, size=64)
     return root
+
+
+def joint_config(folder: Path, dataset: Path, llm: Path, models: Path, collab: Path, run: dict | None = None, joint_section: dict | None = None) -> Path:
+    """A diffrec config on the tiny LLM, tiny SD3 and tiny CLIP, sized for seconds."""
+    config = {
+        "model": {
+            "arch": "diffrec",
+            "rec": {
+                "mode": "cora", "llm": {"path": str(llm), "max_length": 128},
+                "prompt": {"template": str(PROMPTS / "tallrec_movie.txt"), "max_history": 5},
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "cora": {"rank": 8, "alpha": 16, "queries": 4, "width": 16, "heads": 2},
+                "collab": {"ckpt": str(collab)}, "reply": {"template": str(PROMPTS / "reply_movie.txt"), "max_new_tokens": 6},
+            },
+            "image": {
+                "pipeline": {"path": str(models / "sd3"), "max_sequence_length": 4}, "lora": {"r": 4, "alpha": 8},
+                "fusion": {"tokens": 2, "hidden": 16},
+                "sampling": {"steps": 2, "guidance_scale": 1.0}, "clip": {"path": str(models / "clip")},
+                "holdout": {"users": 10, "items": 1}, "flow": {"caption": "a poster for {title}", "resolution": 64, "generic_rate": 0.5},
+            },
+            "joint": {"image_batch_size": 2, "eval_images": 4, "replies": 2, "reply_users": 10, **(joint_section or {})},
+        },
+        "datasets": {"name": "tiny", "path": str(dataset)},
+        "run": {
+            "cpu": True, "seed": 7, "batch_size": 4, "eval_batch_size": 16, "lr": 5e-3, "max_steps": 6, "eval_every_steps": 3,
+            "checkpoint_every_steps": 2, "keep_checkpoints": 2, "train_rows": 32, "valid_rows": 32, "test_rows": 32,
+            "output_dir": str(folder / "runs"), **(run or {}),
+        },
+    }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "diffrec.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_joint(tmp_path_factory, card_dataset, tiny_llm, tiny_models, mf_checkpoint) -> dict:
+    """One uninterrupted joint run, its config file and metrics."""
+    folder = tmp_path_factory.mktemp("joint")
+    path = joint_config(folder, card_dataset, tiny_llm, tiny_models, mf_checkpoint)
+    return {"path": path, "metrics": train_diffrec(load_config(path))}

@@ -20,6 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import joint_config
 from minigpt4.cli import main
 from minigpt4.config import DiffRecConfig, PipelineConfig, load_config
 from minigpt4.data.contract import load_rating_dataset
@@ -31,39 +32,6 @@ from minigpt4.training import joint
 from minigpt4.training.joint import CHECKPOINT_PREFIX, DiffRecModel, step_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ROOT / "prompts"
-
-
-def joint_config(folder: Path, dataset: Path, llm: Path, models: Path, collab: Path, run: dict | None = None, joint_section: dict | None = None) -> Path:
-    """A diffrec config on the tiny LLM, tiny SD3 and tiny CLIP, sized for seconds."""
-    config = {
-        "model": {
-            "arch": "diffrec",
-            "rec": {
-                "mode": "cora", "llm": {"path": str(llm), "max_length": 128},
-                "prompt": {"template": str(PROMPTS / "tallrec_movie.txt"), "max_history": 5},
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "cora": {"rank": 8, "alpha": 16, "queries": 4, "width": 16, "heads": 2},
-                "collab": {"ckpt": str(collab)}, "reply": {"template": str(PROMPTS / "reply_movie.txt"), "max_new_tokens": 6},
-            },
-            "image": {
-                "pipeline": {"path": str(models / "sd3"), "max_sequence_length": 4}, "lora": {"r": 4, "alpha": 8},
-                "fusion": {"tokens": 2, "hidden": 16},
-                "sampling": {"steps": 2, "guidance_scale": 1.0}, "clip": {"path": str(models / "clip")},
-                "holdout": {"users": 10, "items": 1}, "flow": {"caption": "a poster for {title}", "resolution": 64, "generic_rate": 0.5},
-            },
-            "joint": {"image_batch_size": 2, "eval_images": 4, "replies": 2, "reply_users": 10, **(joint_section or {})},
-        },
-        "datasets": {"name": "tiny", "path": str(dataset)},
-        "run": {
-            "cpu": True, "seed": 7, "batch_size": 4, "eval_batch_size": 16, "lr": 5e-3, "max_steps": 6, "eval_every_steps": 3,
-            "checkpoint_every_steps": 2, "keep_checkpoints": 2, "train_rows": 32, "valid_rows": 32, "test_rows": 32,
-            "output_dir": str(folder / "runs"), **(run or {}),
-        },
-    }  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "diffrec.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def last_json_line(text: str) -> dict:
@@ -77,14 +45,6 @@ def comparable(metrics: dict) -> dict:
         "ctr": {split: metrics[split] for split in ("valid", "test", "test_warm", "test_cold")},
         "images": {variant: {key: metrics["images"][variant][key] for key in ("clip_t", "clip_i", "alpha", "images")} for variant in ("fused", "alpha0", "shuffled")},
     }
-
-
-@pytest.fixture(scope="session")
-def trained_joint(tmp_path_factory, card_dataset, tiny_llm, tiny_models, mf_checkpoint) -> dict:
-    """One uninterrupted joint run, its config file and metrics."""
-    folder = tmp_path_factory.mktemp("joint")
-    path = joint_config(folder, card_dataset, tiny_llm, tiny_models, mf_checkpoint)
-    return {"path": path, "metrics": joint.train_diffrec(load_config(path))}
 
 
 def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_joint):
