@@ -167,6 +167,16 @@ class DiffRec:
             return cls(config, checkpoint, dataset, None, None, None, load_for_sampling(config, dataset, image_device))
         raise DiffRecError(f"{source}: model.arch {model.arch} is a collaborative model; serve a diffrec, llmrec or sd3 run")
 
+    def precision(self) -> str:
+        """The dtypes the run is served in, on one line (what benchmarks record)."""
+        parts = []
+        if self.rec is not None:
+            parts.append(f"llm {self.rec_config.llm.dtype}")
+        if self.image_model is not None:
+            parts.append(f"pipeline {self.image_model.config.pipeline.dtype}")
+        mixed = self.config.run.mixed_precision
+        return ", ".join(parts + ([f"{mixed} autocast"] if mixed != "no" else []))
+
     # Users.
 
     def user(self, uid: int, splits: Sequence[str] = ("train", "valid", "test")) -> UserProfile:
