@@ -152,10 +152,21 @@ def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
         f"stage seconds: {seconds}",
         f"hardware: {_hardware_line(joint['hardware'])}",
         f"report: {state.results['report']['report']}",
+        *_serving_lines(state.joint_options),
     ]
     print("\n".join(lines), file=sys.stderr)
     summary = {name: {k: v for k, v in result.items() if k != "curve"} for name, result in state.results.items()}
     return json_safe({"seconds": seconds, **summary})
+
+
+def _serving_lines(joint_options: list[str]) -> list[str]:
+    """How to use the demo run: the app and the command line."""
+    config = JOINT_CONFIG.relative_to(Path.cwd()) if JOINT_CONFIG.is_relative_to(Path.cwd()) else JOINT_CONFIG
+    options = f" --options {' '.join(joint_options)}" if joint_options else ""
+    return [
+        f"use the run: .venv/bin/diffrec app --cfg-path {config}{options}   (then open http://127.0.0.1:7860)",
+        f"         or: .venv/bin/diffrec recommend --cfg-path {config}{options} --user 5 --replies",
+    ]
 
 
 def _hardware_line(hardware: dict) -> str:

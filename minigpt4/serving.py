@@ -20,6 +20,7 @@ loaded model.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -251,17 +252,22 @@ class DiffRec:
             return self.collab.score(batch).float().cpu()
 
     @torch.no_grad()
-    def llm_scores(self, user: User, items: Sequence[int]) -> torch.Tensor:
-        """The LLM's Yes-score (log P(Yes) - log P(No)) for each item, [len(items)]."""
+    def llm_scores(self, user: User, items: Sequence[int], shared_prefix: bool | None = None) -> torch.Tensor:
+        """The LLM's Yes-score (log P(Yes) - log P(No)) for each item, [len(items)], ``run.eval_batch_size``
+        prompts per forward pass. The prompts' common beginning (the user's part) runs once per batch where
+        the mode allows it (TALLRec, CoLLM; ``shared_prefix`` None: whenever it does)."""
         profile, rec = self.profile(user), self._require_rec("scoring items")
         items = self.check_items(items, "items")
-        prompts = prompt_rows(self._rows(profile, items), self.rec_config, self.template, self.tokenizer, _history(rec), "recommend")
+        prompts = prompt_rows(self.rating_rows(profile, items), self.rec_config, self.template, self.tokenizer, _history(rec), "recommend")
+        if shared_prefix is None:
+            shared_prefix = rec.shares_prefixes
+        prefix = min(len(os.path.commonprefix(prompts.input_ids)), min(map(len, prompts.input_ids)) - 1) if shared_prefix and len(items) > 1 else 0
         size = self.config.run.eval_batch_size
         scores = []
         with self._serving(profile):
             for start in range(0, len(items), size):
-                batch = prompts.__getitems__(list(range(start, min(start + size, len(items)))))
-                scores.append(rec.score(batch.to(rec.llm.device)).float().cpu())
+                batch = prompts.__getitems__(list(range(start, min(start + size, len(items))))).to(rec.llm.device)
+                scores.append((rec.score_shared_prefix(batch, prefix) if prefix > 0 else rec.score(batch)).float().cpu())
         return torch.cat(scores)
 
     # What a user sees.
@@ -303,7 +309,7 @@ class DiffRec:
     def reply(self, user: User, item: int, seed: int | None = None) -> str:
         """The LLM's short personalized reply about ``item`` (seeded: the same seed, the same reply)."""
         profile, rec = self.profile(user), self._require_rec("reply")
-        row = self._rows(profile, self.check_items([item], "item"))
+        row = self.rating_rows(profile, self.check_items([item], "item"))
         seed = self.config.run.seed if seed is None else check_seed(seed)
         with self._serving(profile):
             return write_replies(rec, self.tokenizer, self.rec_config, seed, row)[0]["reply"]
@@ -325,7 +331,7 @@ class DiffRec:
         seed = self.config.run.seed if seed is None else check_seed(seed)
         # The preference row's target: the item, or without one the user's latest liked item (what the LLM's preference reads).
         target = items or profile.liked[-1:] or [1]
-        row = self._rows(profile, target)
+        row = self.rating_rows(profile, target)
         override = alpha if alpha is not None else image_config.fusion.alpha_override
         with self._serving(profile):
             preference = self._image_preference(profile, row, model)
@@ -340,7 +346,7 @@ class DiffRec:
             return None
         return fold_in_user(self.collab.model, liked)
 
-    def _rows(self, profile: UserProfile, items: list[int]) -> pd.DataFrame:
+    def rating_rows(self, profile: UserProfile, items: list[int]) -> pd.DataFrame:
         """Rating-table rows of the profile's user and history for ``items`` (what prompts and models read)."""
         history = np.asarray(profile.liked, dtype=np.int64)
         titles = [str(title) for title in self.items.loc[profile.liked, "title"]] if profile.liked else []

@@ -355,3 +355,36 @@ def test_resume_from_latest_continues_the_newest_run(tiny_llm, tiny_dataset, mf_
     assert [point["step"] for point in resumed["curve"]] == [2, 4] and resumed["curve"][0] == first["curve"][0]
     with pytest.raises(DiffRecError, match="run.resume_from is latest but no run under .* holds a complete checkpoints/last"):
         training_llm.train_llm(load_config(path, ["run.resume_from=latest", f"run.output_dir={tmp_path / 'empty'}"]))
+
+
+@pytest.mark.parametrize("mode", ["tallrec", "collm"])
+def test_shared_prefix_scoring_equals_whole_prompts(mode, tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    """One user's prompts for several items: running their common beginning once gives the same scores."""
+    import os
+
+    from minigpt4.llm.recommender import prompt_rows
+
+    collab = mf_checkpoint if mode == "collm" else None
+    config, model, rows = build(llm_config(tmp_path, tiny_dataset, tiny_llm, mode, collab))
+    one_step(model, first_rows(rows["train"]))  # a trained LoRA (and projector) is part of both computations
+    model.eval()
+    dataset = load_rating_dataset(tiny_dataset)
+    row = dataset.splits["test"].iloc[[0]]
+    frame = row.loc[row.index.repeat(6)].reset_index(drop=True)
+    titles = dataset.items.set_index("iid")["title"]
+    frame["iid"] = range(1, 7)
+    frame["title"] = [titles[i] + " (longer)" * (i % 3) for i in range(1, 7)]  # suffixes of different lengths
+    template = PromptTemplate.load(config.model.prompt.template)
+    prompts = prompt_rows(frame, config.model, template, load_tokenizer(config.model.llm), model.collab.max_history if model.collab else 0, "test")
+    batch = prompts.__getitems__(list(range(6)))
+    prefix = min(len(os.path.commonprefix(prompts.input_ids)), min(map(len, prompts.input_ids)) - 1)
+    assert prefix > 10 and batch.attention_mask.sum(1).unique().numel() > 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_shared_prefix(batch, prefix), model.score(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_cora_refuses_a_shared_prefix(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    config, model, rows = build(llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint))
+    assert not model.shares_prefixes
+    with pytest.raises(DiffRecError, match="CoRA's per-sample weights"):
+        model.score_shared_prefix(first_rows(rows["test"]), 4)

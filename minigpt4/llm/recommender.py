@@ -35,7 +35,7 @@ from minigpt4.llm.collm import CoLLMProjector
 from minigpt4.llm.cora import CoRA
 from minigpt4.llm.loading import load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate, encode_prompts
-from minigpt4.llm.scoring import answer_hidden_states, answer_token_ids, yes_no_from_hidden, yes_no_logits
+from minigpt4.llm.scoring import answer_hidden_states, answer_token_ids, yes_no_from_hidden, yes_no_logits, yes_no_with_shared_prefix
 from minigpt4.recommenders import CollaborativeModel, load_recommender
 
 ADAPTER_DIR = "adapter"
@@ -165,6 +165,22 @@ class LLMRecommender(nn.Module):
     def score(self, batch: PromptBatch) -> torch.Tensor:
         """log P(" Yes") - log P(" No") at the answer position, [B]."""
         return yes_no_logits(self.llm, self.prepare_inputs(batch), batch.attention_mask, self.answer_ids)
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether prompts with a common beginning can run it once: not under CoRA, whose per-sample
+        weights (from the user *and* the item) change every position's output."""
+        return self.cora is None
+
+    def score_shared_prefix(self, batch: PromptBatch, prefix: int) -> torch.Tensor:
+        """``score`` of rows whose first ``prefix`` tokens (and collaborative slots there) are the same, that
+        part run once."""
+        if not self.shares_prefixes:
+            raise DiffRecError("CoRA's per-sample weights change every position, the prefix's too: score each prompt whole")
+        if not 0 < prefix < int(batch.attention_mask.sum(1).min()):
+            raise DiffRecError(f"the shared prefix must be shorter than every prompt, got {prefix} tokens")
+        embeds = self.prepare_inputs(batch)
+        return yes_no_with_shared_prefix(self.llm, embeds[:1, :prefix], embeds[:, prefix:], batch.attention_mask[:, prefix:], self.answer_ids)
 
     def score_and_hidden(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The Yes/No score [B] and the answer position's hidden state [B, hidden] of one forward pass."""

@@ -3,6 +3,8 @@ from the final hidden state and the two output rows they need (never full-vocabu
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,6 +55,28 @@ def yes_no_logits(
 ) -> torch.Tensor:
     """logit(" Yes") - logit(" No") at each row's last token, [B], from two rows of the output matrix."""
     return yes_no_from_hidden(model, answer_hidden_states(model, inputs_embeds, attention_mask), answer_ids)
+
+
+def yes_no_with_shared_prefix(
+    model: PreTrainedModel, prefix_embeds: torch.Tensor, suffix_embeds: torch.Tensor, suffix_mask: torch.Tensor, answer_ids: torch.Tensor
+) -> torch.Tensor:
+    """``yes_no_logits`` of prompts that all begin with the same tokens: the prefix [1, P, D] runs once and its
+    key/value cache serves every right-padded suffix [B, S, D] (``suffix_mask`` [B, S])."""
+    decoder = model.get_decoder()
+    # transformers renamed ``past_key_values`` to ``cache`` (argument and output) in the 5.x series.
+    cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    length = prefix_embeds.shape[1]
+    prefix_mask = torch.ones(1, length, dtype=suffix_mask.dtype, device=suffix_mask.device)
+    cache = getattr(decoder(inputs_embeds=prefix_embeds, attention_mask=prefix_mask, use_cache=True), cache_name)
+    rows = len(suffix_embeds)
+    cache.batch_repeat_interleave(rows)
+    positions = torch.arange(length, length + suffix_embeds.shape[1], device=suffix_embeds.device).expand(rows, -1)
+    hidden = decoder(
+        inputs_embeds=suffix_embeds, attention_mask=torch.cat([prefix_mask.expand(rows, -1), suffix_mask], dim=1),
+        position_ids=positions, use_cache=True, **{cache_name: cache},
+    ).last_hidden_state
+    final = hidden[torch.arange(rows, device=hidden.device), last_positions(suffix_mask)]
+    return yes_no_from_hidden(model, final, answer_ids)
 
 
 def full_vocabulary_yes_no(
