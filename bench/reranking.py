@@ -56,24 +56,18 @@ def main() -> None:
     n_items = served.dataset.n_items
     scores = {order: np.full((len(users), n_items), -np.inf, dtype=np.float32) for order in ORDERS}
     seen_rows, target_rows, warm = [], [], np.zeros(len(users), dtype=bool)
+    trained = set(served.dataset.splits["train"]["uid"].tolist())  # warm: users the collaborative model trained on
     start = time.perf_counter()
     for row, uid in enumerate(tqdm(users, desc=f"serve {args.name} users")):
         profile = served.user(uid, splits=("train", "valid"))
-        warm[row] = not profile.folded_in
-        collab = served.collab_scores(profile)
-        if profile.seen:
-            collab[torch.as_tensor(sorted(profile.seen)) - 1] = -torch.inf
-        top = torch.topk(collab, args.candidates)
-        pool = (top.indices + 1).tolist()
+        warm[row] = uid in trained
+        pool, collab = served.candidates(profile, args.candidates)
         llm = served.llm_scores(profile, pool).numpy()
-        columns = top.indices.numpy()
-        # Candidates sit above every other item in each order; outside them the collaborative order stays.
-        base = collab.numpy()
-        for order in ORDERS:
-            scores[order][row] = base
-        scores["collaborative"][row, columns] = 1e6 + top.values.numpy()
-        scores["llm_reranked"][row, columns] = 1e6 + llm
-        scores["shuffled"][row, columns] = 1e6 + rng.permutation(args.candidates)
+        # The candidates are the only items ranked (K <= --candidates), each order sorting them its own way.
+        columns = np.asarray(pool) - 1
+        scores["collaborative"][row, columns] = collab.numpy()
+        scores["llm_reranked"][row, columns] = llm
+        scores["shuffled"][row, columns] = rng.permutation(args.candidates)
         seen_rows.append(sorted(i - 1 for i in profile.seen))
         target_rows.append(sorted({i - 1 for i in liked_test[uid]} - {i - 1 for i in profile.seen}))
     seconds = time.perf_counter() - start

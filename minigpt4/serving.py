@@ -34,7 +34,7 @@ from PIL import Image
 
 from minigpt4.config import Config, DiffRecConfig, LLMRecConfig, SD3Config, load_config, resolve_precision
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
-from minigpt4.data.images import item_captions, load_image_table, open_image
+from minigpt4.data.images import IMAGE_TABLE, item_captions, load_image_table, open_image
 from minigpt4.data.tensors import RatingBatch, padded_history
 from minigpt4.diffusion.generate import load_for_sampling
 from minigpt4.diffusion.personalized import PersonalizedSD3
@@ -124,7 +124,7 @@ class DiffRec:
         self.image_model = image
         self.llm_preference = llm_preference  # the image side reads the LLM's answer-position hidden state
         self.items = dataset.items.set_index("iid", drop=False).sort_index()
-        self.image_table = load_image_table(dataset.root, dataset.n_items) if image is not None else None
+        self.image_table = load_image_table(dataset.root, dataset.n_items) if (dataset.root / IMAGE_TABLE).is_file() else None
         self.lock = threading.Lock()
         self.guests = _install_guests(rec, image)
         collab = rec.collab if rec is not None else image.collab if image is not None else None
@@ -228,10 +228,7 @@ class DiffRec:
     def item_image(self, item: int) -> Image.Image | None:
         """The item's own picture from the dataset's images table, when it has one."""
         if self.image_table is None:
-            images = load_image_table(self.dataset.root, self.dataset.n_items) if (self.dataset.root / "images.parquet").is_file() else None
-            if images is None:
-                return None
-            self.image_table = images
+            return None
         paths = self.image_table.set_index("iid")["path"]
         return open_image(self.dataset.root / paths[item]) if item in paths.index else None
 
@@ -250,6 +247,15 @@ class DiffRec:
         batch = RatingBatch(rows=iid - 1, uid=torch.full_like(iid, profile.uid), iid=iid, label=torch.zeros(n, device=device), his=history)
         with self._serving(profile, autocast=False):  # fp32: cheap, and no ties from bf16 rounding
             return self.collab.score(batch).float().cpu()
+
+    def candidates(self, user: User, count: int) -> tuple[list[int], torch.Tensor]:
+        """The collaborative model's top ``count`` unseen items, best first, and their scores."""
+        profile = self.profile(user)
+        scores = self.collab_scores(profile)
+        if profile.seen:
+            scores[torch.as_tensor(sorted(profile.seen)) - 1] = -torch.inf
+        top = torch.topk(scores, count)
+        return (top.indices + 1).tolist(), top.values
 
     @torch.no_grad()
     def llm_scores(self, user: User, items: Sequence[int], shared_prefix: bool | None = None) -> torch.Tensor:
@@ -288,17 +294,10 @@ class DiffRec:
             raise DiffRecError(f"candidates ({candidates}) must be at least k ({k})")
         if instruction is not None:
             instruction = check_instruction(instruction)
-        scores = self.collab_scores(profile)
-        if profile.seen:
-            scores[torch.as_tensor(sorted(profile.seen)) - 1] = -torch.inf
-        collab_top = torch.topk(scores, candidates)
-        pool = (collab_top.indices + 1).tolist()
+        pool, collab = self.candidates(profile, candidates)
         llm = self.llm_scores(profile, pool)
         order = torch.argsort(llm, descending=True, stable=True)[:k].tolist()
-        out = [
-            Recommendation(pool[i], str(self.items.at[pool[i], "title"]), float(collab_top.values[i]), float(llm[i]), i + 1)
-            for i in order
-        ]
+        out = [Recommendation(pool[i], str(self.items.at[pool[i], "title"]), float(collab[i]), float(llm[i]), i + 1) for i in order]
         for entry in out:
             if replies:
                 entry.reply = self.reply(profile, entry.item, seed)
