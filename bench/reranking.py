@@ -4,8 +4,8 @@ For a seeded sample of the test split's users with a liked test item, each user 
 the validation period (``DiffRec.user(uid, splits=("train", "valid"))``: their earlier likes, every item they
 rated then masked; users the collaborative model never trained on are folded in). The collaborative model
 scores the catalogue and its top ``--candidates`` unseen items are ordered three ways: by the collaborative
-score (the model alone), by the LLM's Yes-score (the re-ranking), and by a seeded shuffle (a re-ranking
-that knows nothing: the floor). Recall@10 / NDCG@10 (``evaluation/ranking.py``) against the user's liked
+score (the model alone), by the LLM's Yes-score (the re-ranking), by the mean of the two ranks
+(``recommend(rerank="blend")``), and by a seeded shuffle (a re-ranking that knows nothing: the floor). Recall@10 / NDCG@10 (``evaluation/ranking.py``) against the user's liked
 test items, over all users and warm (trained) / cold (folded-in) users apart; Recall@candidates is the
 same for every order (the candidates' reach). Prints one JSON line per order and a Markdown table.
 
@@ -30,15 +30,15 @@ sys.path.insert(0, str(ROOT))
 
 from minigpt4.evaluation.ranking import full_ranking_metrics  # noqa: E402
 from minigpt4.io import json_safe  # noqa: E402
-from minigpt4.serving import DiffRec  # noqa: E402
+from minigpt4.serving import DiffRec, rerank_order  # noqa: E402
 from measure import emit  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_reranking"
-ORDERS = ("collaborative", "llm_reranked", "shuffled")
+ORDERS = ("collaborative", "llm_reranked", "blend", "shuffled")
 
 
 def main() -> None:
-    """Serve every sampled user, then score the three orders."""
+    """Serve every sampled user, then score each order."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a run's config file, run folder or checkpoint folder")
     parser.add_argument("--options", nargs="*", default=[])
@@ -67,6 +67,8 @@ def main() -> None:
         columns = np.asarray(pool) - 1
         scores["collaborative"][row, columns] = collab.numpy()
         scores["llm_reranked"][row, columns] = llm
+        # Candidate positions in serving order, turned into descending scores.
+        scores["blend"][row, columns[rerank_order(torch.from_numpy(llm), "blend").numpy()]] = np.arange(args.candidates, 0, -1)
         scores["shuffled"][row, columns] = rng.permutation(args.candidates)
         seen_rows.append(sorted(i - 1 for i in profile.seen))
         target_rows.append(sorted({i - 1 for i in liked_test[uid]} - {i - 1 for i in profile.seen}))

@@ -19,10 +19,12 @@ import argparse
 import os
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,6 +67,7 @@ def main() -> None:
 
     timings: dict[str, list[float]] = {"one_by_one": [], "batched": [], "batched_shared_prefix": []}
     prefix_shares = []
+    differences, agreement = defaultdict(list), defaultdict(list)
     config, history = served.rec_config, served.rec.collab.max_history if served.rec.collab is not None else 0
     ways = {"one_by_one": None, "batched": False, "batched_shared_prefix": True}
     if not served.rec.shares_prefixes:
@@ -80,16 +83,19 @@ def main() -> None:
             else:
                 scores[way] = served.llm_scores(profile, pool, shared_prefix=shared)
             timings[way].append(time.perf_counter() - start)
-        for way, values in scores.items():  # every way gives the same scores (up to bf16 kernels and padding)
-            assert torch.allclose(values, scores["one_by_one"], atol=0.15), (way, float((values - scores["one_by_one"]).abs().max()))
+        for way, values in scores.items():  # the same scores up to rounding (exact in fp32: tests/test_llm.py)
+            differences[way].append(float((values - scores["one_by_one"]).abs().max()))
+            agreement[way].append(float(spearmanr(values, scores["one_by_one"])[0]))
         ids = prompt_rows(served.rating_rows(profile, pool), config, served.template, served.tokenizer, history, "bench").input_ids
         prefix = len(os.path.commonprefix(ids))
         prefix_shares.append(prefix * (len(ids) - 1) / sum(map(len, ids)))
     medians = {f"{way}_s": round(float(np.median(values)), 3) for way, values in timings.items()}
+    rounding = {f"{way}_max_abs_difference": round(max(differences[way]), 4) for way in timings if way != "one_by_one"}
+    rounding |= {f"{way}_spearman_with_one_by_one": round(float(np.mean(agreement[way])), 4) for way in timings if way != "one_by_one"}
     speedups = {f"{way}_speedup_over_one_by_one": round(float(np.median(timings["one_by_one"]) / np.median(values)), 2) for way, values in timings.items() if way != "one_by_one"}
     emit(
         dtype, device, figure="serving/llm_candidate_scoring", run=str(served.checkpoint), mode=config.mode, candidates=50,
-        batch_size=served.config.run.eval_batch_size, requests=len(users), **medians, **speedups,
+        batch_size=served.config.run.eval_batch_size, requests=len(users), **medians, **speedups, **rounding,
         shareable_token_share=round(float(np.mean(prefix_shares)), 3), shared_prefix_applies=served.rec.shares_prefixes,
     )  # fmt: skip
 

@@ -30,6 +30,11 @@ def default_sizes(n_items: int) -> tuple[int, int]:
     return k, min(50, max(k, n_items // 3))
 
 
+def significant(value: float) -> float:
+    """A score to four significant digits (a folded-in user's collaborative logits can be small)."""
+    return float(f"{value:.4g}")
+
+
 def message(text: str) -> str:
     """A status line for the page."""
     return f"**{text}**"
@@ -63,13 +68,13 @@ class DiffRecApp:
             gallery.append((picture, self.served.title(item)))
         return gallery
 
-    def recommend(self, who: str, user_id: float | None, liked: Sequence[int] | None, k: float, candidates: float, replies: bool) -> tuple:
+    def recommend(self, who: str, user_id: float | None, liked: Sequence[int] | None, k: float, candidates: float, replies: bool, rerank: str = "llm") -> tuple:
         """Status, liked gallery, ranking table, replies, the item to draw, and the top item's picture."""
         try:
             profile = self.profile(who, user_id, liked)
-            ranking = self.served.recommend(profile, int(k), int(candidates), replies=replies)
+            ranking = self.served.recommend(profile, int(k), int(candidates), replies=replies, rerank=rerank)
             table = pd.DataFrame(
-                [(rank, r.item, r.title, round(r.llm_score, 3), round(r.collab_score, 3), r.collab_rank) for rank, r in enumerate(ranking, 1)],
+                [(rank, r.item, r.title, significant(r.llm_score), significant(r.collab_score), r.collab_rank) for rank, r in enumerate(ranking, 1)],
                 columns=RANKING_COLUMNS,
             )
             reply_text = "\n\n".join(f"**{r.title}**: {r.reply}" for r in ranking) if replies else ""
@@ -78,7 +83,8 @@ class DiffRecApp:
                 drawn = self.served.image(profile, ranking[0].item)
                 picture, caption = shown(drawn.image), describe(drawn)
             who_text = f"user {profile.uid}" if profile.uid else f"a new user with {len(profile.liked)} liked items"
-            status = message(f"Top {len(ranking)} of {int(candidates)} collaborative candidates for {who_text}, re-ranked by the LLM" + (" (folded in)" if profile.folded_in else ""))
+            how = "re-ranked by the LLM" if rerank == "llm" else "by the mean of the LLM and collaborative ranks"
+            status = message(f"Top {len(ranking)} of {int(candidates)} collaborative candidates for {who_text}, {how}" + (" (folded in)" if profile.folded_in else ""))
             return status, self.liked_gallery(profile), table, reply_text, ranking[0].item, picture, caption
         except Exception as err:  # noqa: BLE001 - every failure becomes a line on the page
             return failure(err), None, None, "", None, None, ""
@@ -136,6 +142,7 @@ def build_app(served: DiffRec):
             start_k, start_candidates = default_sizes(dataset.n_items)
             k = gr.Slider(1, 20, value=start_k, step=1, label="K", elem_id="k")
             candidates = gr.Slider(1, 200, value=start_candidates, step=1, label="Collaborative candidates", elem_id="candidates")
+            rerank = gr.Radio([("LLM score", "llm"), ("blend of both ranks", "blend")], value="llm", label="Order", elem_id="rerank")
             replies = gr.Checkbox(value=False, label="Write a reply per item", elem_id="replies")
         recommend = gr.Button("Recommend", variant="primary", elem_id="recommend")
         status = gr.Markdown(elem_id="status")
@@ -154,7 +161,7 @@ def build_app(served: DiffRec):
                 picture = gr.Image(label="Personalized picture", type="pil", height=320, elem_id="picture")
                 picture_caption = gr.Markdown(elem_id="picture-caption")
         user_inputs = [who, user_id, liked]
-        recommend.click(handlers.recommend, [*user_inputs, k, candidates, replies], [status, gallery, ranking, reply_text, item, picture, picture_caption])
+        recommend.click(handlers.recommend, [*user_inputs, k, candidates, replies, rerank], [status, gallery, ranking, reply_text, item, picture, picture_caption])
         draw.click(handlers.draw, [*user_inputs, item, instruction, alpha, learned, seed], [status, picture, picture_caption])
     return page.queue(default_concurrency_limit=1)
 

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--liked", type=_item_ids, help="a new user, as the item ids they liked, comma-separated (e.g. 1,50,181)")
     recommend.add_argument("--k", type=int, default=10, help="how many items to return (default 10)")
     recommend.add_argument("--candidates", type=int, default=50, help="how many collaborative candidates the LLM re-ranks (default 50)")
+    recommend.add_argument("--rerank", choices=["llm", "blend"], default="llm", help="order the candidates by the LLM's score, or by the mean of its rank and the collaborative rank (default llm)")
     recommend.add_argument("--replies", action="store_true", help="add the LLM's reply about each item")
     recommend.add_argument("--images", type=Path, help="draw each item's personalized image into this folder")
     recommend.add_argument("--instruction", help="what to draw for every item (default: each item's caption)")
@@ -247,7 +248,7 @@ def run_recommend(args: argparse.Namespace) -> None:
         raise DiffRecError(f"--images {args.images}: exists and is not a folder")
     served = DiffRec.load(args.cfg_path, args.options)
     user = args.user if args.user is not None else args.liked
-    recommendations = served.recommend(user, args.k, args.candidates, replies=args.replies, images=args.images is not None, instruction=args.instruction, seed=args.seed)
+    recommendations = served.recommend(user, args.k, args.candidates, replies=args.replies, images=args.images is not None, instruction=args.instruction, seed=args.seed, rerank=args.rerank)
     if args.images is not None:  # written only once every image exists
         args.images.mkdir(parents=True, exist_ok=True)
         for rank, entry in enumerate(recommendations, 1):

@@ -66,6 +66,11 @@ class UserProfile:
         """True when the collaborative side reads a folded-in vector."""
         return self.vector is not None
 
+    @property
+    def model_uid(self) -> int:
+        """The user id the models read: the guest id when folded in (a cold user's own row is untrained)."""
+        return GUEST_UID if self.folded_in else self.uid
+
 
 @dataclass
 class GeneratedImage:
@@ -244,7 +249,7 @@ class DiffRec:
         device = _device_of(self.collab)
         history = torch.as_tensor(padded_history(pd.Series([profile.liked]), self.collab.max_history), device=device).expand(n, -1)
         iid = torch.arange(1, n + 1, device=device)
-        batch = RatingBatch(rows=iid - 1, uid=torch.full_like(iid, profile.uid), iid=iid, label=torch.zeros(n, device=device), his=history)
+        batch = RatingBatch(rows=iid - 1, uid=torch.full_like(iid, profile.model_uid), iid=iid, label=torch.zeros(n, device=device), his=history)
         with self._serving(profile, autocast=False):  # fp32: cheap, and no ties from bf16 rounding
             return self.collab.score(batch).float().cpu()
 
@@ -279,11 +284,12 @@ class DiffRec:
     # What a user sees.
 
     def recommend(
-        self, user: User, k: int = 10, candidates: int = 50, replies: bool = False, images: bool = False, instruction: str | None = None, seed: int | None = None,
+        self, user: User, k: int = 10, candidates: int = 50, replies: bool = False, images: bool = False, instruction: str | None = None,
+        seed: int | None = None, rerank: str = "llm",
     ) -> list[Recommendation]:
         """The top ``k`` of the collaborative model's top ``candidates`` unseen items re-ranked by the LLM's
-        Yes-score; with ``replies`` / ``images`` each carries its reply and its image (drawn for ``instruction``,
-        default each item's caption)."""
+        Yes-score (``rerank="blend"``: by the mean of the two ranks); with ``replies`` / ``images`` each
+        carries its reply and its image (drawn for ``instruction``, default each item's caption)."""
         profile = self.profile(user)
         self._require_rec("recommend")
         unseen = self.dataset.n_items - len(profile.seen)
@@ -292,11 +298,13 @@ class DiffRec:
                 raise DiffRecError(f"{name} must be an integer in 1..{upper} for this user, got {value!r}")
         if candidates < k:
             raise DiffRecError(f"candidates ({candidates}) must be at least k ({k})")
+        if rerank not in RERANK_ORDERS:
+            raise DiffRecError(f"rerank must be one of {', '.join(RERANK_ORDERS)}, got {rerank!r}")
         if instruction is not None:
             instruction = check_instruction(instruction)
         pool, collab = self.candidates(profile, candidates)
         llm = self.llm_scores(profile, pool)
-        order = torch.argsort(llm, descending=True, stable=True)[:k].tolist()
+        order = rerank_order(llm, rerank)[:k].tolist()
         out = [Recommendation(pool[i], str(self.items.at[pool[i], "title"]), float(collab[i]), float(llm[i]), i + 1) for i in order]
         for entry in out:
             if replies:
@@ -350,7 +358,7 @@ class DiffRec:
         history = np.asarray(profile.liked, dtype=np.int64)
         titles = [str(title) for title in self.items.loc[profile.liked, "title"]] if profile.liked else []
         frame = pd.DataFrame({
-            "uid": profile.uid, "iid": items, "label": 0, "his": [history] * len(items), "his_title": [titles] * len(items),
+            "uid": profile.model_uid, "iid": items, "label": 0, "his": [history] * len(items), "his_title": [titles] * len(items),
             "title": [str(title) for title in self.items.loc[items, "title"]], "not_cold": int(not profile.folded_in),
         })  # fmt: skip
         if self._instruction is not None:
@@ -389,6 +397,21 @@ class DiffRec:
             finally:
                 for guest in self.guests:
                     guest.vector = None
+
+
+RERANK_ORDERS = ("llm", "blend")
+
+
+def rerank_order(llm: torch.Tensor, rerank: str) -> torch.Tensor:
+    """Positions of candidates (given best-first by the collaborative model) in the served order: by the
+    LLM's score, or (``blend``) by the mean of the collaborative and the LLM rank; ties keep the
+    collaborative order."""
+    by_llm = torch.argsort(llm, descending=True, stable=True)
+    if rerank == "llm":
+        return by_llm
+    llm_rank = torch.empty_like(by_llm)
+    llm_rank[by_llm] = torch.arange(len(llm))
+    return torch.argsort(llm_rank + torch.arange(len(llm)), stable=True)
 
 
 def quiet_loading() -> None:

@@ -22,7 +22,7 @@ from minigpt4.config import load_config
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders import load_recommender
 from minigpt4.recommenders.fold_in import GuestUser, fold_in_user
-from minigpt4.serving import MAX_INSTRUCTION_CHARS, DiffRec
+from minigpt4.serving import MAX_INSTRUCTION_CHARS, DiffRec, UserProfile
 from minigpt4.training.pretrain import pretrain
 
 
@@ -57,6 +57,14 @@ def test_recommend_ranks_unseen_collaborative_candidates_by_the_llm_score(served
     assert torch.allclose(scores[torch.as_tensor(items) - 1], torch.tensor([entry.collab_score for entry in ranking]))
 
 
+def test_blend_orders_by_the_mean_of_both_ranks(served):
+    blended = served.recommend(3, k=8, candidates=8, rerank="blend")
+    by_llm = sorted(blended, key=lambda entry: -entry.llm_score)
+    llm_rank = {entry.item: rank for rank, entry in enumerate(by_llm)}
+    mean_ranks = [llm_rank[entry.item] + entry.collab_rank for entry in blended]
+    assert mean_ranks == sorted(mean_ranks) and {entry.item for entry in blended} == {entry.item for entry in served.recommend(3, k=8, candidates=8)}
+
+
 def test_replies_and_images_are_deterministic_per_seed(served):
     assert served.reply(3, 2, seed=5) == served.reply(3, 2, seed=5)
     first, again, other = served.image(3, 2, seed=11), served.image(3, 2, seed=11), served.image(3, 2, seed=12)
@@ -80,6 +88,18 @@ def test_a_new_user_is_folded_in_and_served(served):
     other = served.new_user([item for item in range(1, 31) if item not in liked][:3])
     items = [entry.item for entry in ranking]
     assert not torch.allclose(served.llm_scores(profile, items), served.llm_scores(other, items))
+
+
+def test_a_cold_dataset_user_is_served_from_the_folded_in_vector(served):
+    """A dataset user the collaborative model has no trained row for reads the folded-in vector everywhere,
+    exactly as a new user with the same likes does."""
+    profile = served.user(3)
+    cold = UserProfile(3, profile.liked, profile.seen, served.new_user(profile.liked).vector)
+    newcomer = UserProfile(0, profile.liked, profile.seen, cold.vector)
+    assert torch.equal(served.collab_scores(cold), served.collab_scores(newcomer))
+    assert not torch.equal(served.collab_scores(cold), served.collab_scores(profile))
+    items = list(range(1, 9))
+    assert torch.equal(served.llm_scores(cold, items), served.llm_scores(newcomer, items))
 
 
 def test_mf_fold_in_of_a_users_likes_ranks_like_that_user(tiny_dataset, tmp_path):
@@ -127,6 +147,7 @@ def test_guest_user_reads_the_vector_only_for_user_zero(mf_checkpoint):
         (lambda s: s.recommend(3, k=0), "k must be an integer in 1.."),
         (lambda s: s.recommend(3, k=500), "k must be an integer in 1.."),
         (lambda s: s.recommend(3, k=5, candidates=3), r"candidates \(3\) must be at least k \(5\)"),
+        (lambda s: s.recommend(3, k=2, candidates=4, rerank="random"), "rerank must be one of llm, blend"),
         (lambda s: s.reply(3, 0), "0 is not an item id"),
         (lambda s: s.image(3, instruction="   "), "the instruction is empty"),
         (lambda s: s.image(3, instruction="x" * (MAX_INSTRUCTION_CHARS + 1)), "characters; at most"),
