@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -16,12 +16,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit  # noqa: E402  (bench/measure.py)
+
 from minigpt4.config import ClipConfig  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset  # noqa: E402
 from minigpt4.data.images import load_image_table  # noqa: E402
 from minigpt4.evaluation.clip_score import ClipScorer  # noqa: E402
 from minigpt4.evaluation.clip_training import train_clip  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
 
 
 def main() -> None:
@@ -40,7 +41,10 @@ def main() -> None:
     scorer = ClipScorer(ClipConfig(path=out))
     scorer.image_features(images[:8])  # warm-up
     seconds = {}
-    for name, work in (("batched", lambda: scorer.image_features(images)), ("one_at_a_time", lambda: [scorer.image_features([image]) for image in images])):
+    for name, work in (
+        ("batched", lambda: scorer.image_features(images)),
+        ("one_at_a_time", lambda: [scorer.image_features([image]) for image in images]),
+    ):
         start = time.perf_counter()
         work()
         seconds[name] = time.perf_counter() - start

@@ -23,12 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit  # noqa: E402  (bench/measure.py)
+
 from minigpt4.config import DiffuRecConfig, RunConfig, SASRecConfig  # noqa: E402
 from minigpt4.data.sequences import load_sequence_dataset  # noqa: E402
 from minigpt4.evaluation.ranking import leave_one_out_metrics  # noqa: E402
 from minigpt4.recommenders import build_recommender, load_recommender  # noqa: E402
 from minigpt4.training.sequential import _batches, training_step  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
 
 SASREC = SASRecConfig(embedding_size=128, max_history=50, num_blocks=2, num_heads=2, dropout=0.5, init_std=0.02)
 
@@ -53,10 +54,16 @@ def inference(model, data, users: np.ndarray, batch_size: int, steps: int | None
     histories, targets, seen = data.evaluation_inputs("test", model.max_history)
     order = users[np.argsort((histories[users] != 0).sum(1), kind="stable")]
     generator = torch.Generator().manual_seed(0)
-    score = (lambda batch: model.next_item_scores(batch, generator, steps)) if steps else (lambda batch: model.next_item_scores(batch, generator))
+    score = (
+        (lambda batch: model.next_item_scores(batch, generator, steps))
+        if steps
+        else (lambda batch: model.next_item_scores(batch, generator))
+    )
     model.eval()
     begin = time.perf_counter()
-    metrics = leave_one_out_metrics(score, histories[order], targets[order], seen[order], (10,), batch_size, trim_padding=True)
+    metrics = leave_one_out_metrics(
+        score, histories[order], targets[order], seen[order], (10,), batch_size, trim_padding=True
+    )
     return len(users) / (time.perf_counter() - begin), metrics["hr@10"]
 
 
@@ -83,12 +90,33 @@ def main() -> None:
             f"{'length_grouped' if grouped else 'full_width'}{'_bf16' if bf16 else ''}": training_speed(fresh, data, args.train_batches, args.batch_size, grouped, bf16, RunConfig().seed)
             for grouped in (False, True) for bf16 in (False, True)
         }  # fmt: skip
-        ratios = {f"{variant}_ratio": round(speed / speeds["full_width"], 2) for variant, speed in speeds.items() if variant != "full_width"}
-        emit("float32; *_bf16: bf16 autocast", **common, model=name, figure="train_samples_per_second", **{variant: round(speed, 1) for variant, speed in speeds.items()}, **ratios)
+        ratios = {
+            f"{variant}_ratio": round(speed / speeds["full_width"], 2)
+            for variant, speed in speeds.items()
+            if variant != "full_width"
+        }
+        emit(
+            "float32; *_bf16: bf16 autocast",
+            **common,
+            model=name,
+            figure="train_samples_per_second",
+            **{variant: round(speed, 1) for variant, speed in speeds.items()},
+            **ratios,
+        )
         model = load_recommender(checkpoint) if checkpoint else fresh
         for steps in (1, 4, 8, 32) if name == "diffurec" else (None,):
             speed, hr = inference(model, data, users, args.batch_size, steps)
-            emit("float32", **common, model=name, figure="inference", reverse_steps=steps, users_per_second=round(speed, 1), test_hr10=round(hr, 4), users=len(users), checkpoint=str(checkpoint) if checkpoint else None)
+            emit(
+                "float32",
+                **common,
+                model=name,
+                figure="inference",
+                reverse_steps=steps,
+                users_per_second=round(speed, 1),
+                test_hr10=round(hr, 4),
+                users=len(users),
+                checkpoint=str(checkpoint) if checkpoint else None,
+            )
 
 
 if __name__ == "__main__":

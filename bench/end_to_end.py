@@ -19,8 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt4.demo import STAGES, DemoState  # noqa: E402
 from measure import emit, peak_bytes, precision_label, start_peak  # noqa: E402  (bench/measure.py)
+
+from minigpt4.demo import STAGES, DemoState  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,15 @@ def main() -> None:
         state.results[name] = result
         total += seconds
         extra = {"cached": result["cached"]} if "cached" in result else {}
-        emit(stage_dtype(result), bench="end_to_end", stage=name, seconds=round(seconds, 1), peak_mb=round(peak / 2**20), peak_growth_mb=round((peak - baseline) / 2**20), **extra)
+        emit(
+            stage_dtype(result),
+            bench="end_to_end",
+            stage=name,
+            seconds=round(seconds, 1),
+            peak_mb=round(peak / 2**20),
+            peak_growth_mb=round((peak - baseline) / 2**20),
+            **extra,
+        )
     emit(stage_dtype(state.results["train_joint"]), bench="end_to_end", stage="total", seconds=round(total, 1))
 
 

@@ -25,11 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit  # noqa: E402  (bench/measure.py)
+
 from minigpt4.data.implicit import load_implicit_dataset  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.recommenders.genrec import FlipDenoiser, GenRec  # noqa: E402
 from minigpt4.recommenders.graph import dense_rows  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
 
 
 @torch.no_grad()
@@ -53,12 +54,19 @@ def generated_graph_reach(model: GenRec) -> dict[str, float]:
     items = user_to_item[1] - model.n_users
     counts = torch.bincount(items, minlength=model.n_items)
     users = user_to_item[0].unique().numel()
-    return {"users_with_edges": users, "generated_edges": items.numel(), "distinct_items": int((counts > 0).sum()), "top_item_user_share": counts.max().item() / max(users, 1)}
+    return {
+        "users_with_edges": users,
+        "generated_edges": items.numel(),
+        "distinct_items": int((counts > 0).sum()),
+        "top_item_user_share": counts.max().item() / max(users, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="GenRec checkpoint folders (model.safetensors + config.json)")
+    parser.add_argument(
+        "checkpoints", nargs="+", type=Path, help="GenRec checkpoint folders (model.safetensors + config.json)"
+    )
     parser.add_argument("--data", type=Path, required=True, help="the dataset root the checkpoints were trained on")
     parser.add_argument("--users", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -71,10 +79,29 @@ def main() -> None:
             raise SystemExit(f"{folder}: not a genrec checkpoint")
         config = model.config
         torch.manual_seed(args.seed)
-        fresh = FlipDenoiser(data.n_items, config.denoiser_width, config.denoiser_heads, config.denoiser_layers, config.denoiser_dropout, config.time_embedding_size)
+        fresh = FlipDenoiser(
+            data.n_items,
+            config.denoiser_width,
+            config.denoiser_heads,
+            config.denoiser_layers,
+            config.denoiser_dropout,
+            config.time_embedding_size,
+        )
         label = {"checkpoint": str(folder), "faithful": config.faithful}
-        emit("float32", figure="genrec denoiser, freshly initialised", **label, users=len(rows), **input_dependence(fresh, rows))
-        emit("float32", figure="genrec denoiser, trained", **label, users=len(rows), **input_dependence(model.denoiser, rows))
+        emit(
+            "float32",
+            figure="genrec denoiser, freshly initialised",
+            **label,
+            users=len(rows),
+            **input_dependence(fresh, rows),
+        )
+        emit(
+            "float32",
+            figure="genrec denoiser, trained",
+            **label,
+            users=len(rows),
+            **input_dependence(model.denoiser, rows),
+        )
         emit("float32", figure="genrec generated graph", **label, **generated_graph_reach(model))
 
 

@@ -27,13 +27,14 @@ from torch.utils.checkpoint import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit  # noqa: E402  (bench/measure.py)
+
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.implicit import import_diffmm_folder, load_implicit_dataset, save_implicit_dataset  # noqa: E402
 from minigpt4.recommenders import build_recommender  # noqa: E402
 from minigpt4.recommenders.base import EpochContext  # noqa: E402
 from minigpt4.recommenders.graph import all_pairs_info_nce, normalized_adjacency, sample_negatives  # noqa: E402
 from minigpt4.training.implicit import _edges  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
 
 MODELS = ["mostpop", "mf", "lightgcn", "diffmm", "mdmns", "genrec"]
 
@@ -60,7 +61,12 @@ def loop_regeneration(user_ids: torch.Tensor, indices: torch.Tensor, n_users: in
             items.append(int(indices[row][col].numpy()))
             edges.append(1.0)
     matrix = sp.coo_matrix((edges, (users, items)), shape=(n_users, n_items), dtype=np.float32)
-    matrix = sp.vstack([sp.hstack([sp.csr_matrix((n_users, n_users)), matrix]), sp.hstack([matrix.T, sp.csr_matrix((n_items, n_items))])])
+    matrix = sp.vstack(
+        [
+            sp.hstack([sp.csr_matrix((n_users, n_users)), matrix]),
+            sp.hstack([matrix.T, sp.csr_matrix((n_items, n_items))]),
+        ]
+    )
     matrix = ((matrix != 0) * 1.0 + sp.eye(matrix.shape[0])) * 1.0
     degree = np.asarray(matrix.sum(axis=-1)).ravel()
     inv_sqrt = np.power(degree, -0.5)
@@ -78,7 +84,9 @@ def timed(function, *args, repeats: int = 1):
     return best, result
 
 
-def block_cross_entropy(block: torch.Tensor, others: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def block_cross_entropy(
+    block: torch.Tensor, others: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Cross-entropy of a block of anchor rows against every row of ``others``, summed."""
     return F.cross_entropy(block @ others.T / temperature, labels, reduction="sum")
 
@@ -111,9 +119,16 @@ def info_nce_seconds(rows: int, dim: int, others_grad: bool, bf16: bool) -> dict
         figures[name], grads[name] = timed(step, function, repeats=2)
     scale = grads["recomputed"].abs().max().item()
     return {
-        "rows": rows, "dim": dim, "others_trained": others_grad, "bf16": bf16, "recomputed_seconds": round(figures["recomputed"], 3),
-        "ours_seconds": round(figures["ours"], 3), "speedup": round(figures["recomputed"] / figures["ours"], 2),
-        "max_grad_difference_relative": float(f"{(grads['ours'] - grads['recomputed']).abs().max().item() / scale:.2g}"),
+        "rows": rows,
+        "dim": dim,
+        "others_trained": others_grad,
+        "bf16": bf16,
+        "recomputed_seconds": round(figures["recomputed"], 3),
+        "ours_seconds": round(figures["ours"], 3),
+        "speedup": round(figures["recomputed"] / figures["ours"], 2),
+        "max_grad_difference_relative": float(
+            f"{(grads['ours'] - grads['recomputed']).abs().max().item() / scale:.2g}"
+        ),
     }
 
 
@@ -123,11 +138,20 @@ def epoch_seconds(arch: str, dataset, bpr_steps: int | None, bf16: bool) -> dict
     torch.manual_seed(config.run.seed)
     features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
     model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features)
-    optimizers = {name: torch.optim.Adam(params, lr=config.run.lr) for name, params in model.optimizer_groups().items() if params}
+    optimizers = {
+        name: torch.optim.Adam(params, lr=config.run.lr) for name, params in model.optimizer_groups().items() if params
+    }
     if not optimizers:
-        return {"model": arch, "mixed_precision": "bf16" if bf16 else "no", "seconds_per_epoch": 0.0, "note": "nothing to train"}
+        return {
+            "model": arch,
+            "mixed_precision": "bf16" if bf16 else "no",
+            "seconds_per_epoch": 0.0,
+            "note": "nothing to train",
+        }
     train = dataset.matrices["train"]
-    context = EpochContext(train, config.run.batch_size, torch.Generator().manual_seed(0), optimizers, torch.device("cpu"))
+    context = EpochContext(
+        train, config.run.batch_size, torch.Generator().manual_seed(0), optimizers, torch.device("cpu")
+    )
     model.train()
     phase, _ = timed(model.prepare_epoch, context)
     coo = train.tocoo()
@@ -138,21 +162,41 @@ def epoch_seconds(arch: str, dataset, bpr_steps: int | None, bf16: bool) -> dict
     start = time.perf_counter()
     for step in range(run_steps):
         rows = slice(step * config.run.batch_size, (step + 1) * config.run.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as the trainer does under run.mixed_precision=bf16
-            loss = model.pair_loss(*(torch.as_tensor(column[rows]) for column in (users, items, negatives)), config.run.l2_reg)["loss"]
+        with torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=bf16
+        ):  # as the trainer does under run.mixed_precision=bf16
+            loss = model.pair_loss(
+                *(torch.as_tensor(column[rows]) for column in (users, items, negatives)), config.run.l2_reg
+            )["loss"]
         optimizers["model"].zero_grad()
         loss.backward()
         optimizers["model"].step()
     bpr = (time.perf_counter() - start) * steps / run_steps
-    return {"model": arch, "mixed_precision": "bf16" if bf16 else "no", "seconds_per_epoch": round(phase + bpr, 2), "model_phase_seconds": round(phase, 2), "bpr_seconds": round(bpr, 2), "bpr_steps_timed": run_steps, "bpr_steps": steps, "estimated": run_steps < steps}
+    return {
+        "model": arch,
+        "mixed_precision": "bf16" if bf16 else "no",
+        "seconds_per_epoch": round(phase + bpr, 2),
+        "model_phase_seconds": round(phase, 2),
+        "bpr_seconds": round(bpr, 2),
+        "bpr_steps_timed": run_steps,
+        "bpr_steps": steps,
+        "estimated": run_steps < steps,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "dataset" / "diffmm-tiktok")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--bpr-steps", type=int, default=None, help="time this many BPR steps and extrapolate to the epoch")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="the BPR-phase losses under bf16 autocast, as run.mixed_precision")
+    parser.add_argument(
+        "--bpr-steps", type=int, default=None, help="time this many BPR steps and extrapolate to the epoch"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16"],
+        default="no",
+        help="the BPR-phase losses under bf16 autocast, as run.mixed_precision",
+    )
     args = parser.parse_args()
     if not (args.data / "implicit" / "meta.json").is_file():
         save_implicit_dataset(args.data, *import_diffmm_folder(ROOT.parent / "shared" / "data" / "diffmm-tiktok"))
@@ -164,7 +208,14 @@ def main() -> None:
     loop_time, _ = timed(loop_negatives, train, users, np.random.default_rng(0), repeats=3)
     ours_time, ours = timed(sample_negatives, train, users, torch.Generator().manual_seed(0), repeats=3)
     assert not np.asarray(train[users, ours]).any()
-    emit("int64 ids", figure="negative_sampling", pairs=len(users), loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1))
+    emit(
+        "int64 ids",
+        figure="negative_sampling",
+        pairs=len(users),
+        loop_seconds=round(loop_time, 3),
+        vectorised_seconds=round(ours_time, 4),
+        speedup=round(loop_time / ours_time, 1),
+    )
 
     torch.manual_seed(0)  # the same top-5 items per user for both (the top-k itself is one torch call in both)
     user_ids = torch.arange(dataset.n_users)
@@ -179,15 +230,33 @@ def main() -> None:
     rows, cols = adjacency.indices().numpy()
     ours = sp.coo_matrix((adjacency.values().numpy(), (rows, cols)), shape=reference.shape)
     same = abs(ours - reference).max() < 1e-6
-    emit("float32", figure="graph_regeneration", users=dataset.n_users, k=5, loop_seconds=round(loop_time, 3), vectorised_seconds=round(ours_time, 4), speedup=round(loop_time / ours_time, 1), same_graph=bool(same))
+    emit(
+        "float32",
+        figure="graph_regeneration",
+        users=dataset.n_users,
+        k=5,
+        loop_seconds=round(loop_time, 3),
+        vectorised_seconds=round(ours_time, 4),
+        speedup=round(loop_time / ours_time, 1),
+        same_graph=bool(same),
+    )
 
     # MDMNS on TikTok: 512-d, users (both views trained) and items against their noised, detached copies
     for rows, others_grad in ((dataset.n_users, True), (dataset.n_items, False)):
         for bf16 in (False, True):
-            emit("bf16 autocast" if bf16 else "float32", figure="all_pairs_info_nce", **info_nce_seconds(rows, 512, others_grad, bf16))
+            emit(
+                "bf16 autocast" if bf16 else "float32",
+                figure="all_pairs_info_nce",
+                **info_nce_seconds(rows, 512, others_grad, bf16),
+            )
 
     for arch in filter(None, args.models.split(",")):
-        emit("bf16 autocast" if args.mixed_precision == "bf16" else "float32", figure="seconds_per_epoch", data=str(args.data.name), **epoch_seconds(arch, dataset, args.bpr_steps, args.mixed_precision == "bf16"))
+        emit(
+            "bf16 autocast" if args.mixed_precision == "bf16" else "float32",
+            figure="seconds_per_epoch",
+            data=str(args.data.name),
+            **epoch_seconds(arch, dataset, args.bpr_steps, args.mixed_precision == "bf16"),
+        )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from measure import emit, precision_label  # noqa: E402  (bench/measure.py)
 
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.collm import import_collm  # noqa: E402
@@ -31,7 +32,6 @@ from minigpt4.io import json_safe  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.training.llm import train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
-from measure import emit, precision_label  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_llm_modes"
 
@@ -43,7 +43,9 @@ def main() -> None:
     parser.add_argument("--options", nargs="*", default=[], help="overrides applied to every mode's config")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    mf_config = load_config(ROOT / "train_configs" / "mf_collm_ml1m.yaml", ["run.cpu=true", f"run.output_dir={OUT / 'mf'}"])
+    mf_config = load_config(
+        ROOT / "train_configs" / "mf_collm_ml1m.yaml", ["run.cpu=true", f"run.output_dir={OUT / 'mf'}"]
+    )
     if not (mf_config.datasets.path / "meta.json").is_file():
         shared = Path(os.environ.get("DIFFREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "collm-ml-1m"
         save_rating_dataset(mf_config.datasets.path, *import_collm(shared))
@@ -58,19 +60,42 @@ def main() -> None:
             options.append(f"model.collab.ckpt={teacher_ckpt}")
         config = load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options)
         metrics = train_llm(config)
-        results[mode] = {key: metrics[key] for key in ("test", "test_warm", "test_cold", "valid", "best_step", "steps_run", "train_seconds", "train_samples_per_second", "curve", "hardware")}
+        results[mode] = {
+            key: metrics[key]
+            for key in (
+                "test",
+                "test_warm",
+                "test_cold",
+                "valid",
+                "best_step",
+                "steps_run",
+                "train_seconds",
+                "train_samples_per_second",
+                "curve",
+                "hardware",
+            )
+        }
         if "teacher" not in results:
             test_rows = subsample(dataset.splits["test"], config.run.test_rows, config.run.seed)
             results["teacher"] = json_safe(frame_metrics(load_recommender(teacher_ckpt), test_rows))
             emit("float32", bench="llm_modes", model="mf_teacher", **results["teacher"])
-        emit(precision_label(metrics["hardware"]["precision"]), bench="llm_modes", model=mode, **{key: value for key, value in results[mode].items() if key != "hardware"})
+        emit(
+            precision_label(metrics["hardware"]["precision"]),
+            bench="llm_modes",
+            model=mode,
+            **{key: value for key, value in results[mode].items() if key != "hardware"},
+        )
         results_path.write_text(json.dumps(results, indent=2))
     print("| model | test AUC | test UAUC | warm AUC | cold AUC | train s |\n|---|---|---|---|---|---|")
     for name in ["teacher", *(mode for mode in ("tallrec", "collm", "cora") if mode in results)]:
         result = results[name]
         cells = [result["test"]["auc"], result["test"]["uauc"], result["test_warm"]["auc"], result["test_cold"]["auc"]]
         seconds = result.get("train_seconds")
-        print(f"| {name} | " + " | ".join("missing" if v is None else f"{v:.4f}" for v in cells) + f" | {'' if seconds is None else f'{seconds:.0f}'} |")
+        print(
+            f"| {name} | "
+            + " | ".join("missing" if v is None else f"{v:.4f}" for v in cells)
+            + f" | {'' if seconds is None else f'{seconds:.0f}'} |"
+        )
 
 
 if __name__ == "__main__":

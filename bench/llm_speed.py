@@ -19,13 +19,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit, timed  # noqa: E402  (bench/measure.py)
+
 from minigpt4.config import MFConfig, load_config  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset  # noqa: E402
+from minigpt4.llm.recommender import build_llm_recommender  # noqa: E402
 from minigpt4.llm.scoring import full_vocabulary_yes_no, yes_no_logits  # noqa: E402
 from minigpt4.recommenders import build_recommender, save_recommender  # noqa: E402
-from minigpt4.llm.recommender import build_llm_recommender  # noqa: E402
 from minigpt4.training.llm import split_prompt_rows  # noqa: E402
-from measure import emit, timed  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_llm_speed"
 
@@ -37,13 +38,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--train-batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="the LLM's dtype; auto: bf16 where native")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the LLM's dtype; auto: bf16 where native",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Speed does not depend on what the collaborative model learned: a fresh MF of CoLLM's size will do.
     config = load_config(ROOT / "train_configs" / "cora_collm_ml1m.yaml")
     dataset = load_rating_dataset(config.datasets.path)
-    collab = save_recommender(build_recommender(MFConfig(embedding_size=256), dataset.n_users, dataset.n_items), MFConfig(embedding_size=256), OUT / "mf")
+    collab = save_recommender(
+        build_recommender(MFConfig(embedding_size=256), dataset.n_users, dataset.n_items),
+        MFConfig(embedding_size=256),
+        OUT / "mf",
+    )
     models = {}
     for mode in ("tallrec", "cora"):
         options = [f"model.llm.dtype={args.dtype}", *([f"model.collab.ckpt={collab}"] if mode == "cora" else [])]
@@ -56,21 +66,35 @@ def main() -> None:
     # Scoring: the same model and batches, two output rows against the whole LM head.
     model, rows = models["tallrec"]
     model.eval()
-    batches = [rows["test"].__getitems__(list(range(i * args.batch_size, (i + 1) * args.batch_size))).to(device) for i in range(args.batches)]
+    batches = [
+        rows["test"].__getitems__(list(range(i * args.batch_size, (i + 1) * args.batch_size))).to(device)
+        for i in range(args.batches)
+    ]
     results = {}
     for name, head in (("two_rows", yes_no_logits), ("full_vocabulary", full_vocabulary_yes_no)):
+
         def score_all(head=head):
             with torch.no_grad():
                 for batch in batches:
                     head(model.llm, model.prepare_inputs(batch), batch.attention_mask, model.answer_ids)
+
         timing = timed(device, score_all)
-        results[name] = {"rows_per_second": args.batches * args.batch_size / timing.seconds, "peak_mb": timing.peak_mb, "peak_growth_mb": timing.peak_growth_mb}
+        results[name] = {
+            "rows_per_second": args.batches * args.batch_size / timing.seconds,
+            "peak_mb": timing.peak_mb,
+            "peak_growth_mb": timing.peak_growth_mb,
+        }
     tokens = sum(int(b.attention_mask.sum()) for b in batches) / (args.batches * args.batch_size)
     emit(**base, figure="scoring_rows_per_second", mean_prompt_tokens=round(tokens, 1), two_rows=results["two_rows"], full_vocabulary=results["full_vocabulary"],
          speedup=results["two_rows"]["rows_per_second"] / results["full_vocabulary"]["rows_per_second"])  # fmt: skip
 
     # Training: a CoRA step against a plain LoRA step on the same batches.
-    train_batches = [models["tallrec"][1]["train"].__getitems__(list(range(i * args.train_batch_size, (i + 1) * args.train_batch_size))).to(device) for i in range(args.train_steps)]
+    train_batches = [
+        models["tallrec"][1]["train"]
+        .__getitems__(list(range(i * args.train_batch_size, (i + 1) * args.train_batch_size)))
+        .to(device)
+        for i in range(args.train_steps)
+    ]
     steps = {}
     for mode, (model, _) in models.items():
         model.train()
@@ -83,7 +107,11 @@ def main() -> None:
                 optimizer.zero_grad(set_to_none=True)
 
         timing = timed(device, train_all)
-        steps[mode] = {"seconds_per_step": timing.seconds / args.train_steps, "peak_mb": timing.peak_mb, "peak_growth_mb": timing.peak_growth_mb}
+        steps[mode] = {
+            "seconds_per_step": timing.seconds / args.train_steps,
+            "peak_mb": timing.peak_mb,
+            "peak_growth_mb": timing.peak_growth_mb,
+        }
     emit(**base, figure="train_step_seconds", batch_size=args.train_batch_size, lora=steps["tallrec"], cora=steps["cora"],
          ratio_cora_over_lora=steps["cora"]["seconds_per_step"] / steps["tallrec"]["seconds_per_step"])  # fmt: skip
 

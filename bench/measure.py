@@ -73,7 +73,9 @@ def timed(device: torch.device, work) -> Timing:
 
 def precision_label(precision: dict) -> str:
     """A run's resolved precision (metrics.json ``hardware.precision``) on one line; float32 when it has none."""
-    dtypes = [f"{key.rsplit('.', 2)[-2]} {value['resolved']}" for key, value in precision.items() if key.endswith(".dtype")]
+    dtypes = [
+        f"{key.rsplit('.', 2)[-2]} {value['resolved']}" for key, value in precision.items() if key.endswith(".dtype")
+    ]
     mixed = precision.get("run.mixed_precision", {}).get("resolved", "no")
     return ", ".join(dtypes + ([f"{mixed} autocast"] if mixed != "no" else [])) or "float32"
 

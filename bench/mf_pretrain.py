@@ -24,12 +24,13 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit  # noqa: E402  (bench/measure.py)
+
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.collm import import_collm  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset  # noqa: E402
 from minigpt4.recommenders.mf import MatrixFactorization  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
 
 CONFIG = ROOT / "train_configs" / "mf_collm_ml1m.yaml"
 
@@ -127,9 +128,24 @@ def main():
             "curve": ours["curve"]}  # fmt: skip
     baseline = straightforward(config, dataset)
     target = min(ours["valid_auc"], baseline["valid_auc"])
-    ours["seconds_to_same_auc"], baseline["seconds_to_same_auc"] = (seconds_to_reach(r["curve"], target) for r in (ours, baseline))
-    for figure, unit in (("seconds_to_best", "s"), ("seconds_to_same_auc", "s"), ("samples_per_second", "samples/s"), ("valid_auc", ""), ("test_auc", ""), ("test_uauc", "")):
-        line = {"bench": "mf_pretrain", "figure": figure, "unit": unit, "ours": ours[figure], "straightforward": baseline[figure]}
+    ours["seconds_to_same_auc"], baseline["seconds_to_same_auc"] = (
+        seconds_to_reach(r["curve"], target) for r in (ours, baseline)
+    )
+    for figure, unit in (
+        ("seconds_to_best", "s"),
+        ("seconds_to_same_auc", "s"),
+        ("samples_per_second", "samples/s"),
+        ("valid_auc", ""),
+        ("test_auc", ""),
+        ("test_uauc", ""),
+    ):
+        line = {
+            "bench": "mf_pretrain",
+            "figure": figure,
+            "unit": unit,
+            "ours": ours[figure],
+            "straightforward": baseline[figure],
+        }
         if figure.startswith("seconds_to"):
             line["speedup"] = baseline[figure] / ours[figure]
         if figure == "seconds_to_best":

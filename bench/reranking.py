@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit  # noqa: E402  (bench/measure.py)
+
 from minigpt4.evaluation.ranking import full_ranking_metrics  # noqa: E402
 from minigpt4.io import json_safe  # noqa: E402
 from minigpt4.serving import DiffRec, rerank_order  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
 
 OUT = ROOT / "runs" / "bench_reranking"
 ORDERS = ("collaborative", "llm_reranked", "blend", "shuffled")
@@ -52,7 +53,9 @@ def main() -> None:
     test = served.dataset.splits["test"]
     liked_test = test[test["label"] == 1].groupby("uid")["iid"].apply(list)
     rng = np.random.default_rng(args.seed)
-    users = sorted(rng.choice(liked_test.index.to_numpy(), size=min(args.users, len(liked_test)), replace=False).tolist())
+    users = sorted(
+        rng.choice(liked_test.index.to_numpy(), size=min(args.users, len(liked_test)), replace=False).tolist()
+    )
     n_items = served.dataset.n_items
     scores = {order: np.full((len(users), n_items), -np.inf, dtype=np.float32) for order in ORDERS}
     seen_rows, target_rows, warm = [], [], np.zeros(len(users), dtype=bool)
@@ -68,7 +71,9 @@ def main() -> None:
         scores["collaborative"][row, columns] = collab.numpy()
         scores["llm_reranked"][row, columns] = llm
         # Candidate positions in serving order, turned into descending scores.
-        scores["blend"][row, columns[rerank_order(torch.from_numpy(llm), "blend").numpy()]] = np.arange(args.candidates, 0, -1)
+        scores["blend"][row, columns[rerank_order(torch.from_numpy(llm), "blend").numpy()]] = np.arange(
+            args.candidates, 0, -1
+        )
         scores["shuffled"][row, columns] = rng.permutation(args.candidates)
         seen_rows.append(sorted(i - 1 for i in profile.seen))
         target_rows.append(sorted({i - 1 for i in liked_test[uid]} - {i - 1 for i in profile.seen}))
@@ -78,7 +83,9 @@ def main() -> None:
     results = {}
     for order in ORDERS:
         table = torch.from_numpy(scores[order])
-        metrics = full_ranking_metrics(lambda batch: table[batch], seen, target, ks=(args.k, args.candidates), groups=groups)
+        metrics = full_ranking_metrics(
+            lambda batch, table=table: table[batch], seen, target, ks=(args.k, args.candidates), groups=groups
+        )
         results[order] = metrics
         emit(served.precision(), served.rec.llm.device, **{
             "figure": f"reranking/{args.name}/{order}", "run": str(served.checkpoint), "users": metrics["users"],
@@ -90,13 +97,23 @@ def main() -> None:
             "serve_seconds": round(seconds, 1),
         })  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.name}.json").write_text(json.dumps(json_safe({"run": str(served.checkpoint), "args": vars(args), "results": results}), indent=2, default=str))
+    (OUT / f"{args.name}.json").write_text(
+        json.dumps(
+            json_safe({"run": str(served.checkpoint), "args": vars(args), "results": results}), indent=2, default=str
+        )
+    )
     k = args.k
-    print(f"\n| {args.name} ({results['collaborative']['users']} users) | Recall@{k} | NDCG@{k} | warm Recall@{k} | warm NDCG@{k} | cold Recall@{k} | cold NDCG@{k} |")
+    print(
+        f"\n| {args.name} ({results['collaborative']['users']} users) | Recall@{k} | NDCG@{k} | warm Recall@{k} | warm NDCG@{k} | cold Recall@{k} | cold NDCG@{k} |"
+    )
     print("|---|---|---|---|---|---|---|")
     for order in ORDERS:
         m, groups_m = results[order], results[order]["by_group"]
-        cells = [m[f"recall@{k}"], m[f"ndcg@{k}"], *(groups_m[g][name] for g in ("warm", "cold") for name in (f"recall@{k}", f"ndcg@{k}"))]
+        cells = [
+            m[f"recall@{k}"],
+            m[f"ndcg@{k}"],
+            *(groups_m[g][name] for g in ("warm", "cold") for name in (f"recall@{k}", f"ndcg@{k}")),
+        ]
         print(f"| {order} | " + " | ".join(f"{value:.4f}" for value in cells) + " |")
 
 

@@ -29,14 +29,20 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import emit  # noqa: E402  (bench/measure.py)
+
 from minigpt4.llm.recommender import prompt_rows  # noqa: E402
 from minigpt4.serving import DiffRec  # noqa: E402
-from measure import emit  # noqa: E402  (bench/measure.py)
 
 
 def percentiles(seconds: list[float]) -> dict:
     """p50 / p95 / mean of request times."""
-    return {"p50_s": round(float(np.percentile(seconds, 50)), 3), "p95_s": round(float(np.percentile(seconds, 95)), 3), "mean_s": round(float(np.mean(seconds)), 3), "requests": len(seconds)}
+    return {
+        "p50_s": round(float(np.percentile(seconds, 50)), 3),
+        "p95_s": round(float(np.percentile(seconds, 95)), 3),
+        "mean_s": round(float(np.mean(seconds)), 3),
+        "requests": len(seconds),
+    }
 
 
 def main() -> None:
@@ -50,7 +56,11 @@ def main() -> None:
     args = parser.parse_args()
     served = DiffRec.load(args.run, args.options)
     dtype, device = served.precision(), served.rec.llm.device
-    users = np.random.default_rng(args.seed).choice(sorted(served.dataset.splits["train"]["uid"].unique()), size=args.requests, replace=False).tolist()
+    users = (
+        np.random.default_rng(args.seed)
+        .choice(sorted(served.dataset.splits["train"]["uid"].unique()), size=args.requests, replace=False)
+        .tolist()
+    )
     served.recommend(users[0])  # warm-up: first-call allocations and kernel choices are not a request's cost
     arms = {"plain": ({}, users), "replies": ({"replies": True}, users[: args.extras])}
     if served.image_model is not None:
@@ -63,7 +73,15 @@ def main() -> None:
             start = time.perf_counter()
             served.recommend(int(uid), k=10, candidates=50, **extra)
             seconds.append(time.perf_counter() - start)
-        emit(dtype, device, figure=f"serving/recommend/{arm}", run=str(served.checkpoint), k=10, candidates=50, **percentiles(seconds))
+        emit(
+            dtype,
+            device,
+            figure=f"serving/recommend/{arm}",
+            run=str(served.checkpoint),
+            k=10,
+            candidates=50,
+            **percentiles(seconds),
+        )
 
     timings: dict[str, list[float]] = {"one_by_one": [], "batched": [], "batched_shared_prefix": []}
     prefix_shares = []
@@ -86,18 +104,29 @@ def main() -> None:
         for way, values in scores.items():  # the same scores up to rounding (exact in fp32: tests/test_llm.py)
             differences[way].append(float((values - scores["one_by_one"]).abs().max()))
             agreement[way].append(float(spearmanr(values, scores["one_by_one"])[0]))
-        ids = prompt_rows(served.rating_rows(profile, pool), config, served.template, served.tokenizer, history, "bench").input_ids
+        ids = prompt_rows(
+            served.rating_rows(profile, pool), config, served.template, served.tokenizer, history, "bench"
+        ).input_ids
         prefix = len(os.path.commonprefix(ids))
         prefix_shares.append(prefix * (len(ids) - 1) / sum(map(len, ids)))
     medians = {f"{way}_s": round(float(np.median(values)), 3) for way, values in timings.items()}
     rounding = {f"{way}_max_abs_difference": round(max(differences[way]), 4) for way in timings if way != "one_by_one"}
-    rounding |= {f"{way}_spearman_with_one_by_one": round(float(np.mean(agreement[way])), 4) for way in timings if way != "one_by_one"}
-    speedups = {f"{way}_speedup_over_one_by_one": round(float(np.median(timings["one_by_one"]) / np.median(values)), 2) for way, values in timings.items() if way != "one_by_one"}
+    rounding |= {
+        f"{way}_spearman_with_one_by_one": round(float(np.mean(agreement[way])), 4)
+        for way in timings
+        if way != "one_by_one"
+    }
+    speedups = {
+        f"{way}_speedup_over_one_by_one": round(float(np.median(timings["one_by_one"]) / np.median(values)), 2)
+        for way, values in timings.items()
+        if way != "one_by_one"
+    }
     emit(
         dtype, device, figure="serving/llm_candidate_scoring", run=str(served.checkpoint), mode=config.mode, candidates=50,
         batch_size=served.config.run.eval_batch_size, requests=len(users), **medians, **speedups, **rounding,
         shareable_token_share=round(float(np.mean(prefix_shares)), 3), shared_prefix_applies=served.rec.shares_prefixes,
     )  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

@@ -68,13 +68,25 @@ class DiffRecApp:
             gallery.append((picture, self.served.title(item)))
         return gallery
 
-    def recommend(self, who: str, user_id: float | None, liked: Sequence[int] | None, k: float, candidates: float, replies: bool, rerank: str = "llm") -> tuple:
+    def recommend(
+        self,
+        who: str,
+        user_id: float | None,
+        liked: Sequence[int] | None,
+        k: float,
+        candidates: float,
+        replies: bool,
+        rerank: str = "llm",
+    ) -> tuple:
         """Status, liked gallery, ranking table, replies, the item to draw, and the top item's picture."""
         try:
             profile = self.profile(who, user_id, liked)
             ranking = self.served.recommend(profile, int(k), int(candidates), replies=replies, rerank=rerank)
             table = pd.DataFrame(
-                [(rank, r.item, r.title, significant(r.llm_score), significant(r.collab_score), r.collab_rank) for rank, r in enumerate(ranking, 1)],
+                [
+                    (rank, r.item, r.title, significant(r.llm_score), significant(r.collab_score), r.collab_rank)
+                    for rank, r in enumerate(ranking, 1)
+                ],
                 columns=RANKING_COLUMNS,
             )
             reply_text = "\n\n".join(f"**{r.title}**: {r.reply}" for r in ranking) if replies else ""
@@ -84,18 +96,37 @@ class DiffRecApp:
                 picture, caption = shown(drawn.image), describe(drawn)
             who_text = f"user {profile.uid}" if profile.uid else f"a new user with {len(profile.liked)} liked items"
             how = "re-ranked by the LLM" if rerank == "llm" else "by the mean of the LLM and collaborative ranks"
-            status = message(f"Top {len(ranking)} of {int(candidates)} collaborative candidates for {who_text}, {how}" + (" (folded in)" if profile.folded_in else ""))
+            status = message(
+                f"Top {len(ranking)} of {int(candidates)} collaborative candidates for {who_text}, {how}"
+                + (" (folded in)" if profile.folded_in else "")
+            )
             return status, self.liked_gallery(profile), table, reply_text, ranking[0].item, picture, caption
         except Exception as err:  # noqa: BLE001 - every failure becomes a line on the page
             return failure(err), None, None, "", None, None, ""
 
-    def draw(self, who: str, user_id: float | None, liked: Sequence[int] | None, item: int | None, instruction: str, alpha: float, learned_gate: bool, seed: float | None) -> tuple:
+    def draw(
+        self,
+        who: str,
+        user_id: float | None,
+        liked: Sequence[int] | None,
+        item: int | None,
+        instruction: str,
+        alpha: float,
+        learned_gate: bool,
+        seed: float | None,
+    ) -> tuple:
         """Status, the picture and how it was drawn."""
         try:
             profile = self.profile(who, user_id, liked)
             if seed is None or float(seed) != int(seed):
                 raise DiffRecError("the seed must be a whole number")
-            drawn = self.served.image(profile, int(item) if item else None, instruction, alpha=None if learned_gate else float(alpha), seed=int(seed))
+            drawn = self.served.image(
+                profile,
+                int(item) if item else None,
+                instruction,
+                alpha=None if learned_gate else float(alpha),
+                seed=int(seed),
+            )
             return message("Drawn."), shown(drawn.image), describe(drawn)
         except Exception as err:  # noqa: BLE001
             return failure(err), None, ""
@@ -133,16 +164,30 @@ def build_app(served: DiffRec):
     first_user = int(dataset.splits["train"]["uid"].iloc[0])
     generic = served.image_model.config.flow.generic_caption if served.image_model is not None else ""
     with gr.Blocks(title="DiffRec") as page:
-        gr.Markdown(f"# DiffRec\n{config.model.arch} run on **{dataset.meta.get('name', dataset.root.name)}** ({dataset.n_users} users, {dataset.n_items} items) · checkpoint `{served.checkpoint}`")
+        gr.Markdown(
+            f"# DiffRec\n{config.model.arch} run on **{dataset.meta.get('name', dataset.root.name)}** ({dataset.n_users} users, {dataset.n_items} items) · checkpoint `{served.checkpoint}`"
+        )
         with gr.Row():
             who = gr.Radio([DATASET_USER, NEW_USER], value=DATASET_USER, label="Who", elem_id="who")
-            user_id = gr.Number(value=first_user, precision=0, label=f"User id (1..{dataset.n_users})", elem_id="user-id")
-            liked = gr.Dropdown(handlers.item_choices, multiselect=True, filterable=True, label="Items the new user liked (type to search)", elem_id="liked")
+            user_id = gr.Number(
+                value=first_user, precision=0, label=f"User id (1..{dataset.n_users})", elem_id="user-id"
+            )
+            liked = gr.Dropdown(
+                handlers.item_choices,
+                multiselect=True,
+                filterable=True,
+                label="Items the new user liked (type to search)",
+                elem_id="liked",
+            )
         with gr.Row():
             start_k, start_candidates = default_sizes(dataset.n_items)
             k = gr.Slider(1, 20, value=start_k, step=1, label="K", elem_id="k")
-            candidates = gr.Slider(1, 200, value=start_candidates, step=1, label="Collaborative candidates", elem_id="candidates")
-            rerank = gr.Radio([("LLM score", "llm"), ("blend of both ranks", "blend")], value="llm", label="Order", elem_id="rerank")
+            candidates = gr.Slider(
+                1, 200, value=start_candidates, step=1, label="Collaborative candidates", elem_id="candidates"
+            )
+            rerank = gr.Radio(
+                [("LLM score", "llm"), ("blend of both ranks", "blend")], value="llm", label="Order", elem_id="rerank"
+            )
             replies = gr.Checkbox(value=False, label="Write a reply per item", elem_id="replies")
         recommend = gr.Button("Recommend", variant="primary", elem_id="recommend")
         status = gr.Markdown(elem_id="status")
@@ -151,18 +196,28 @@ def build_app(served: DiffRec):
         reply_text = gr.Markdown(elem_id="replies-text")
         with gr.Row():
             with gr.Column():
-                item = gr.Dropdown(handlers.item_choices, label="Item to picture (optional)", filterable=True, elem_id="draw-item")
+                item = gr.Dropdown(
+                    handlers.item_choices, label="Item to picture (optional)", filterable=True, elem_id="draw-item"
+                )
                 instruction = gr.Textbox(value=generic, label="Instruction", max_lines=2, elem_id="instruction")
                 alpha = gr.Slider(0, 1, value=1, step=0.05, label="alpha (0 = the instruction alone)", elem_id="alpha")
-                learned = gr.Checkbox(value=True, label="Use the learned gate instead of the slider", elem_id="learned-gate")
+                learned = gr.Checkbox(
+                    value=True, label="Use the learned gate instead of the slider", elem_id="learned-gate"
+                )
                 seed = gr.Number(value=config.run.seed, precision=0, label="Seed", elem_id="seed")
                 draw = gr.Button("Draw", elem_id="draw")
             with gr.Column():
                 picture = gr.Image(label="Personalized picture", type="pil", height=320, elem_id="picture")
                 picture_caption = gr.Markdown(elem_id="picture-caption")
         user_inputs = [who, user_id, liked]
-        recommend.click(handlers.recommend, [*user_inputs, k, candidates, replies, rerank], [status, gallery, ranking, reply_text, item, picture, picture_caption])
-        draw.click(handlers.draw, [*user_inputs, item, instruction, alpha, learned, seed], [status, picture, picture_caption])
+        recommend.click(
+            handlers.recommend,
+            [*user_inputs, k, candidates, replies, rerank],
+            [status, gallery, ranking, reply_text, item, picture, picture_caption],
+        )
+        draw.click(
+            handlers.draw, [*user_inputs, item, instruction, alpha, learned, seed], [status, picture, picture_caption]
+        )
     return page.queue(default_concurrency_limit=1)
 
 

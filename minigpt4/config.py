@@ -10,7 +10,7 @@ import difflib
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,7 +101,9 @@ class GraphDiffusionConfig(Section):
     ris_adj_lambda: float = Field(0.2, ge=0)
     ssl_reg: float = Field(1e-2, ge=0)
     temperature: float = Field(0.5, gt=0)
-    contrast: Literal["modalities", "main"] = "modalities"  # cl_method 0: modality vs modality; 1: modality vs main view
+    contrast: Literal["modalities", "main"] = (
+        "modalities"  # cl_method 0: modality vs modality; 1: modality vs main view
+    )
     faithful: bool = False  # reproduce the published code where it differs (see the model's docstring)
 
 
@@ -116,7 +118,9 @@ class MDMNSConfig(GraphDiffusionConfig):
 
     arch: Literal["mdmns"] = "mdmns"
     guide_hidden_size: int = Field(64, gt=0)  # the guidance GCN's width
-    negative_levels: list[float] = Field(default_factory=lambda: [0.1, 0.125, 0.25, 0.5])  # noise scales, as fractions of ``steps``
+    negative_levels: list[float] = Field(
+        default_factory=lambda: [0.1, 0.125, 0.25, 0.5]
+    )  # noise scales, as fractions of ``steps``
     info_nce_chunk: int = Field(4096, gt=0)  # rows of the all-pairs InfoNCE denominators computed at once
 
 
@@ -171,13 +175,17 @@ class DiffuRecConfig(Section):
     diffusion_steps: int = Field(32, gt=1)
     lambda_uncertainty: float = Field(1e-3, ge=0)  # mean and std of the per-entry scale of x_t added to the history
     rescale_timesteps: bool = True  # the time embedding sees t x 1000 / diffusion_steps
-    reverse_steps: int = Field(32, gt=0)  # steps of the reverse chain at inference (evenly spaced, at most diffusion_steps)
+    reverse_steps: int = Field(
+        32, gt=0
+    )  # steps of the reverse chain at inference (evenly spaced, at most diffusion_steps)
     position_embeddings: bool = False  # the published code has them commented out
-    init_std: float | None = Field(None, gt=0)  # item table N(0, init_std); None: N(0, 1), nn.Embedding's default, as published
+    init_std: float | None = Field(
+        None, gt=0
+    )  # item table N(0, init_std); None: N(0, 1), nn.Embedding's default, as published
     faithful: bool = False  # reproduce the published code where it differs (see the model's docstring)
 
     @model_validator(mode="after")
-    def _reverse_steps_fit(self) -> "DiffuRecConfig":
+    def _reverse_steps_fit(self) -> DiffuRecConfig:
         """The reverse chain subsamples the training schedule."""
         if self.reverse_steps > self.diffusion_steps:
             raise ValueError(f"reverse_steps {self.reverse_steps} exceeds diffusion_steps {self.diffusion_steps}")
@@ -188,7 +196,9 @@ class LLMConfig(Section):
     """The causal LM: a local Hugging Face folder, a GGUF file, or (no path) the bundled SmolLM2-135M-Instruct."""
 
     path: Path | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 where it is native on the device, else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # auto: bfloat16 where it is native on the device, else float32
+    )
     load_in_8bit: bool = False  # needs bitsandbytes and a CUDA device
     gradient_checkpointing: bool = False
     max_length: int = Field(512, gt=8)  # prompt tokens; the oldest history titles go first when a prompt is longer
@@ -259,22 +269,33 @@ class LLMRecConfig(Section):
     reply: ReplyConfig = Field(default_factory=ReplyConfig)
 
     @model_validator(mode="after")
-    def _collab_matches_mode(self) -> "LLMRecConfig":
+    def _collab_matches_mode(self) -> LLMRecConfig:
         """collm and cora need a collaborative checkpoint; tallrec must not name one it would ignore."""
         if self.mode != "tallrec" and self.collab is None:
             raise ValueError(f"mode {self.mode} needs model.collab.ckpt (a collaborative checkpoint folder)")
         if self.mode == "tallrec" and self.collab is not None:
             raise ValueError("mode tallrec is text only; remove model.collab or choose mode collm or cora")
         if self.cora.rank % self.cora.queries:
-            raise ValueError(f"model.cora.rank ({self.cora.rank}) must be a multiple of model.cora.queries ({self.cora.queries})")
+            raise ValueError(
+                f"model.cora.rank ({self.cora.rank}) must be a multiple of model.cora.queries ({self.cora.queries})"
+            )
         return self
 
 
 # The attention projections of SD3's joint blocks, and of SD3.5's second (image-only) attention.
 SD3_ATTENTION = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
 ]
 
 
@@ -327,7 +348,7 @@ class FlowMatchingConfig(Section):
     resolution: int = Field(1024, gt=0)  # training images are resized and centre-cropped to this
 
     @model_validator(mode="after")
-    def _rates_fit(self) -> "FlowMatchingConfig":
+    def _rates_fit(self) -> FlowMatchingConfig:
         """A pair gets one instruction: the shares of generic and empty ones cannot exceed all pairs."""
         if self.generic_rate + self.caption_dropout > 1:
             raise ValueError(f"generic_rate {self.generic_rate} + caption_dropout {self.caption_dropout} exceeds 1")
@@ -388,14 +409,18 @@ class SD3Config(Section):
 class JointConfig(Section):
     """How the recommender and the image generator train together in one ``diffrec`` run."""
 
-    preference: Literal["collab", "llm"] = "collab"  # the image side's user vector: collaborative embedding or the LLM's answer-position hidden state
+    preference: Literal["collab", "llm"] = (
+        "collab"  # the image side's user vector: collaborative embedding or the LLM's answer-position hidden state
+    )
     rec_weight: float = Field(1.0, ge=0)  # loss = rec_weight * BCE + image_weight * flow matching
     image_weight: float = Field(1.0, ge=0)
     schedule: Literal["sum", "alternate"] = "sum"  # alternate: even steps train the recommender, odd steps the images
     image_batch_size: int = Field(4, gt=0)  # liked (user, item image) pairs per micro-batch and process
     eval_images: int = Field(32, gt=0)  # liked test pairs generated and scored at evaluation
     replies: int = Field(0, ge=0)  # personalized replies written at evaluation, for the report
-    reply_users: int = Field(0, ge=0)  # held-out users whose replies (own and shuffled prompt) are scored for personalization
+    reply_users: int = Field(
+        0, ge=0
+    )  # held-out users whose replies (own and shuffled prompt) are scored for personalization
 
 
 class DiffRecConfig(Section):
@@ -407,7 +432,7 @@ class DiffRecConfig(Section):
     joint: JointConfig = Field(default_factory=JointConfig)
 
     @model_validator(mode="after")
-    def _preference_source(self) -> "DiffRecConfig":
+    def _preference_source(self) -> DiffRecConfig:
         """The collaborative preference needs a collaborative model on one side or the other."""
         if self.joint.preference == "collab" and self.image.collab is None and self.rec.collab is None:
             raise ValueError("joint.preference collab needs model.rec.collab or model.image.collab")
@@ -428,8 +453,18 @@ MODEL_CONFIGS: dict[str, type[Section]] = {
     "sd3": SD3Config,
     "diffrec": DiffRecConfig,
 }
-CollaborativeConfig = Union[MFConfig, LightGCNConfig, SASRecConfig, DINConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig, DiffuRecConfig]
-ModelConfig = Annotated[Union[CollaborativeConfig, LLMRecConfig, SD3Config, DiffRecConfig], Field(discriminator="arch")]
+CollaborativeConfig = (
+    MFConfig
+    | LightGCNConfig
+    | SASRecConfig
+    | DINConfig
+    | PopularityConfig
+    | DiffMMConfig
+    | MDMNSConfig
+    | GenRecConfig
+    | DiffuRecConfig
+)
+ModelConfig = Annotated[CollaborativeConfig | LLMRecConfig | SD3Config | DiffRecConfig, Field(discriminator="arch")]
 # The data shapes each collaborative arch trains on (ratings: CTR rows; implicit: full ranking of
 # user-item pairs; sequence: next-item leave-one-out).
 DATA_SHAPES = {
@@ -483,16 +518,22 @@ class RunConfig(Section):
     train_rows: int | None = Field(None, gt=0)  # a seeded random subsample of each split, for budgets
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)
-    resume_from: Path | None = None  # a checkpoint folder of an earlier run (``.../checkpoints/last`` for pretrain on sequences); ``latest``: the newest one under output_dir
+    resume_from: Path | None = (
+        None  # a checkpoint folder of an earlier run (``.../checkpoints/last`` for pretrain on sequences); ``latest``: the newest one under output_dir
+    )
     # Joint (``model.arch: diffrec``) runs: Accelerate state every N steps, the newest K kept.
     checkpoint_every_steps: int | None = Field(None, gt=0)  # None: every eval_every_steps
     keep_checkpoints: int = Field(3, gt=0)
     devices: DevicePlacement | None = None  # one process: the LLM on one device, the image models on another
     # Implicit full-ranking runs (``datasets.shape: implicit``).
-    l2_reg: float = Field(1e-4, ge=0)  # BPR's L2 (MF/LightGCN: the batch's own rows; DiffMM/MDMNS/GenRec: the whole id tables)
+    l2_reg: float = Field(
+        1e-4, ge=0
+    )  # BPR's L2 (MF/LightGCN: the batch's own rows; DiffMM/MDMNS/GenRec: the whole id tables)
     ranking_ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
     select_metric: str = "recall@20"  # sequence runs: hr|ndcg@K
-    paper_parity: bool = False  # implicit: select the epoch by test select_metric, validation ignored; sequence: DiffuRec's evaluation
+    paper_parity: bool = (
+        False  # implicit: select the epoch by test select_metric, validation ignored; sequence: DiffuRec's evaluation
+    )
     # Leave-one-out runs (``datasets.shape: sequence``).
     mask_history: bool = True  # rank only items outside the user's history
     lr_step_epochs: int | None = Field(None, gt=0)  # StepLR: multiply the learning rate by lr_step_gamma every N epochs
@@ -514,28 +555,38 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
-    def _standalone_image_model_needs_collab(self) -> "Config":
+    def _standalone_image_model_needs_collab(self) -> Config:
         """An sd3 model on its own reads the preference from its collaborative checkpoint."""
         if isinstance(self.model, SD3Config) and self.model.collab is None:
-            raise ValueError("model.collab.ckpt is required: the collaborative checkpoint whose user embedding is the preference")
+            raise ValueError(
+                "model.collab.ckpt is required: the collaborative checkpoint whose user embedding is the preference"
+            )
         return self
 
     @model_validator(mode="after")
-    def _data_shape_fits_model(self) -> "Config":
+    def _data_shape_fits_model(self) -> Config:
         """Each collaborative arch trains on its own data shapes; the selection metric must be one the shape reports."""
         arch, shape = self.model.arch, self.datasets.shape
         if arch in DATA_SHAPES and shape not in DATA_SHAPES[arch]:
-            raise ValueError(f"model.arch {arch} trains on datasets.shape {' or '.join(sorted(DATA_SHAPES[arch]))}, not {shape}")
+            raise ValueError(
+                f"model.arch {arch} trains on datasets.shape {' or '.join(sorted(DATA_SHAPES[arch]))}, not {shape}"
+            )
         if arch in DATA_SHAPES and shape == "ratings" and self.run.mixed_precision not in ("auto", "no"):
-            raise ValueError(f"run.mixed_precision {self.run.mixed_precision}: {arch} on datasets.shape ratings trains in fp32 (leave-one-out, full-ranking, LLM and image training use it)")
+            raise ValueError(
+                f"run.mixed_precision {self.run.mixed_precision}: {arch} on datasets.shape ratings trains in fp32 (leave-one-out, full-ranking, LLM and image training use it)"
+            )
         if shape == "ratings":
             return self
         if self.run.mixed_precision == "fp16":
-            raise ValueError(f"run.mixed_precision fp16 needs a loss scaler that {shape}-shape training does not have: use bf16 or no")
+            raise ValueError(
+                f"run.mixed_precision fp16 needs a loss scaler that {shape}-shape training does not have: use bf16 or no"
+            )
         names = ("hr", "ndcg") if shape == "sequence" else ("recall", "ndcg", "precision")
         metric, _, k = self.run.select_metric.partition("@")
         if metric not in names or not k.isdigit() or int(k) not in self.run.ranking_ks:
-            raise ValueError(f"run.select_metric {self.run.select_metric!r} must be {'|'.join(names)}@K with K in run.ranking_ks {self.run.ranking_ks}")
+            raise ValueError(
+                f"run.select_metric {self.run.select_metric!r} must be {'|'.join(names)}@K with K in run.ranking_ks {self.run.ranking_ks}"
+            )
         return self
 
 
@@ -653,7 +704,10 @@ def resolve_precision(config: Config, llm_device: Any, image_device: Any = None)
     model, run = config.model, config.run
     sections: list[tuple[str, Any, Any]] = []
     if isinstance(model, DiffRecConfig):
-        sections = [("model.rec.llm", model.rec.llm, llm_device), ("model.image.pipeline", model.image.pipeline, image_device)]
+        sections = [
+            ("model.rec.llm", model.rec.llm, llm_device),
+            ("model.image.pipeline", model.image.pipeline, image_device),
+        ]
     elif isinstance(model, LLMRecConfig):
         sections = [("model.llm", model.llm, llm_device)]
     elif isinstance(model, SD3Config):

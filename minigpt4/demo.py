@@ -59,7 +59,14 @@ def train_mf(state: DemoState) -> dict:
     from minigpt4.training.pretrain import pretrain
 
     mf = pretrain(state.mf_config)
-    state.joint_config = load_config(JOINT_CONFIG, [f"model.rec.collab.ckpt={mf['checkpoint']}", f"datasets.path={state.mf_config.datasets.path}", *state.joint_options])
+    state.joint_config = load_config(
+        JOINT_CONFIG,
+        [
+            f"model.rec.collab.ckpt={mf['checkpoint']}",
+            f"datasets.path={state.mf_config.datasets.path}",
+            *state.joint_options,
+        ],
+    )
     return {key: value for key, value in mf.items() if key != "curve"}
 
 
@@ -82,7 +89,13 @@ def base_weights(state: DemoState) -> dict:
 
     image = state.joint_config.model.image
     start = TINY_MODELS / "sd3"
-    return train_base_pipeline(start, state.joint_config.datasets.path, image.pipeline.path, image.flow.caption, resolution=image.flow.resolution)
+    return train_base_pipeline(
+        start,
+        state.joint_config.datasets.path,
+        image.pipeline.path,
+        image.flow.caption,
+        resolution=image.flow.resolution,
+    )
 
 
 def train_scorer(state: DemoState) -> dict:
@@ -93,7 +106,10 @@ def train_scorer(state: DemoState) -> dict:
     kept = image.clip.path / "train_clip_metrics.json"
     if kept.is_file():
         return {**json.loads(kept.read_text()), "cached": True}
-    return {**train_clip(state.joint_config.datasets.path, image.clip.path, caption=image.flow.caption), "cached": False}
+    return {
+        **train_clip(state.joint_config.datasets.path, image.clip.path, caption=image.flow.caption),
+        "cached": False,
+    }
 
 
 def train_joint(state: DemoState) -> dict:
@@ -144,9 +160,15 @@ def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
     images = joint["images"]
     lines = [
         f"ML-100K test ({joint['test']['n']} rows) | AUC | UAUC | warm AUC | cold AUC",
-        *(f"{name:<34} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}" for name, m in (("MF", mf), ("DiffRec (CoRA, SmolLM2-135M)", joint))),
+        *(
+            f"{name:<34} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}"
+            for name, m in (("MF", mf), ("DiffRec (CoRA, SmolLM2-135M)", joint))
+        ),
         f"images for {images['pairs']} liked test pairs ({images['backbone']}), CLIP-T / CLIP-I / personalization margin: "
-        + ", ".join(f"{arm} {_fmt(images[arm]['clip_t'])} / {_fmt(images[arm]['clip_i'])} / {_margin(images[arm]['personalization'])}" for arm in ARMS),
+        + ", ".join(
+            f"{arm} {_fmt(images[arm]['clip_t'])} / {_fmt(images[arm]['clip_i'])} / {_margin(images[arm]['personalization'])}"
+            for arm in ARMS
+        ),
         _generic_line(images["generic"]),
         _reply_line(images.get("reply_personalization")),
         f"stage seconds: {seconds}",

@@ -110,7 +110,12 @@ def configure_threads() -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if os.environ.get("OMP_NUM_THREADS"):
-        return {"threads": torch.get_num_threads(), "cores": cores, "local_processes": local_processes, "set_by": "OMP_NUM_THREADS"}
+        return {
+            "threads": torch.get_num_threads(),
+            "cores": cores,
+            "local_processes": local_processes,
+            "set_by": "OMP_NUM_THREADS",
+        }
     threads = max(1, cores // local_processes)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -54,5 +54,7 @@ def read_json(path: Path, kind: type = object) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DiffRecError(f"{path}: not valid JSON ({str(error).splitlines()[0]})") from None
     if not isinstance(value, kind):
-        raise DiffRecError(f"{path}: expected a JSON {'object' if kind is dict else 'array' if kind is list else kind.__name__}, found {type(value).__name__}")
+        raise DiffRecError(
+            f"{path}: expected a JSON {'object' if kind is dict else 'array' if kind is list else kind.__name__}, found {type(value).__name__}"
+        )
     return value

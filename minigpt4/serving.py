@@ -84,7 +84,12 @@ class GeneratedImage:
 
     def record(self) -> dict:
         """Everything but the pixels, for JSON."""
-        return {"instruction": self.instruction, "seed": self.seed, "alpha": self.alpha, "alpha_forced": self.alpha_forced}
+        return {
+            "instruction": self.instruction,
+            "seed": self.seed,
+            "alpha": self.alpha,
+            "alpha_forced": self.alpha_forced,
+        }
 
 
 @dataclass
@@ -102,7 +107,13 @@ class Recommendation:
 
     def record(self) -> dict:
         """The JSON form (an image as its record, plus ``extra``)."""
-        out = {"item": self.item, "title": self.title, "collab_score": self.collab_score, "llm_score": self.llm_score, "collab_rank": self.collab_rank}
+        out = {
+            "item": self.item,
+            "title": self.title,
+            "collab_score": self.collab_score,
+            "llm_score": self.llm_score,
+            "collab_rank": self.collab_rank,
+        }
         if self.reply is not None:
             out["reply"] = self.reply
         if self.image is not None:
@@ -117,8 +128,15 @@ class DiffRec:
     """A trained run, loaded once, serving recommendations, replies and images."""
 
     def __init__(
-        self, config: Config, checkpoint: Path, dataset: RatingDataset, rec: LLMRecommender | None, tokenizer, template: PromptTemplate | None,
-        image: PersonalizedSD3 | None, llm_preference: bool = False,
+        self,
+        config: Config,
+        checkpoint: Path,
+        dataset: RatingDataset,
+        rec: LLMRecommender | None,
+        tokenizer,
+        template: PromptTemplate | None,
+        image: PersonalizedSD3 | None,
+        llm_preference: bool = False,
     ) -> None:
         self.config = config
         self.checkpoint = checkpoint
@@ -129,13 +147,17 @@ class DiffRec:
         self.image_model = image
         self.llm_preference = llm_preference  # the image side reads the LLM's answer-position hidden state
         self.items = dataset.items.set_index("iid", drop=False).sort_index()
-        self.image_table = load_image_table(dataset.root, dataset.n_items) if (dataset.root / IMAGE_TABLE).is_file() else None
+        self.image_table = (
+            load_image_table(dataset.root, dataset.n_items) if (dataset.root / IMAGE_TABLE).is_file() else None
+        )
         self.lock = threading.Lock()
         self.guests = _install_guests(rec, image)
         collab = rec.collab if rec is not None else image.collab if image is not None else None
         self.collab: GuestUser | None = collab
         all_rows = pd.concat([frame.assign(split=name) for name, frame in dataset.splits.items()], ignore_index=True)
-        self._rows_by_user = {int(uid): rows.sort_values("timestamp", kind="stable") for uid, rows in all_rows.groupby("uid")}
+        self._rows_by_user = {
+            int(uid): rows.sort_values("timestamp", kind="stable") for uid, rows in all_rows.groupby("uid")
+        }
         self._trained_users = set(dataset.splits["train"]["uid"].unique().tolist())
         self._instruction = all_rows["instruction"].mode().iloc[0] if "instruction" in all_rows.columns else None
 
@@ -163,7 +185,16 @@ class DiffRec:
 
             joint = build_diffrec(model, dataset, (llm_device, image_device))
             joint.load_weights(checkpoint)
-            return cls(config, checkpoint, dataset, joint.rec, joint.tokenizer, joint.template, joint.image, model.joint.preference == "llm")
+            return cls(
+                config,
+                checkpoint,
+                dataset,
+                joint.rec,
+                joint.tokenizer,
+                joint.template,
+                joint.image,
+                model.joint.preference == "llm",
+            )
         if isinstance(model, LLMRecConfig):
             rec, tokenizer, template = build_llm_recommender(model, dataset, llm_device)
             rec.load_weights(checkpoint)
@@ -171,7 +202,9 @@ class DiffRec:
         if isinstance(model, SD3Config):
             config.run.ckpt = checkpoint
             return cls(config, checkpoint, dataset, None, None, None, load_for_sampling(config, dataset, image_device))
-        raise DiffRecError(f"{source}: model.arch {model.arch} is a collaborative model; serve a diffrec, llmrec or sd3 run")
+        raise DiffRecError(
+            f"{source}: model.arch {model.arch} is a collaborative model; serve a diffrec, llmrec or sd3 run"
+        )
 
     def precision(self) -> str:
         """The dtypes the run is served in, on one line (what benchmarks record)."""
@@ -221,8 +254,14 @@ class DiffRec:
         """``items`` as catalogue item ids, in order, without repeats; anything else is an error naming it."""
         out = []
         for item in items:
-            if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not 1 <= item <= self.dataset.n_items:
-                raise DiffRecError(f"{what}: {item!r} is not an item id of {self.dataset.root} (1..{self.dataset.n_items})")
+            if (
+                isinstance(item, bool)
+                or not isinstance(item, (int, np.integer))
+                or not 1 <= item <= self.dataset.n_items
+            ):
+                raise DiffRecError(
+                    f"{what}: {item!r} is not an item id of {self.dataset.root} (1..{self.dataset.n_items})"
+                )
             out.append(int(item))
         return list(dict.fromkeys(out))
 
@@ -247,9 +286,17 @@ class DiffRec:
             raise DiffRecError("this run has no collaborative model (model.rec.collab): it cannot rank the catalogue")
         n = self.dataset.n_items
         device = _device_of(self.collab)
-        history = torch.as_tensor(padded_history(pd.Series([profile.liked]), self.collab.max_history), device=device).expand(n, -1)
+        history = torch.as_tensor(
+            padded_history(pd.Series([profile.liked]), self.collab.max_history), device=device
+        ).expand(n, -1)
         iid = torch.arange(1, n + 1, device=device)
-        batch = RatingBatch(rows=iid - 1, uid=torch.full_like(iid, profile.model_uid), iid=iid, label=torch.zeros(n, device=device), his=history)
+        batch = RatingBatch(
+            rows=iid - 1,
+            uid=torch.full_like(iid, profile.model_uid),
+            iid=iid,
+            label=torch.zeros(n, device=device),
+            his=history,
+        )
         with self._serving(profile, autocast=False):  # fp32: cheap, and no ties from bf16 rounding
             return self.collab.score(batch).float().cpu()
 
@@ -269,23 +316,38 @@ class DiffRec:
         the mode allows it (TALLRec, CoLLM; ``shared_prefix`` None: whenever it does)."""
         profile, rec = self.profile(user), self._require_rec("scoring items")
         items = self.check_items(items, "items")
-        prompts = prompt_rows(self.rating_rows(profile, items), self.rec_config, self.template, self.tokenizer, _history(rec), "recommend")
+        prompts = prompt_rows(
+            self.rating_rows(profile, items), self.rec_config, self.template, self.tokenizer, _history(rec), "recommend"
+        )
         if shared_prefix is None:
             shared_prefix = rec.shares_prefixes
-        prefix = min(len(os.path.commonprefix(prompts.input_ids)), min(map(len, prompts.input_ids)) - 1) if shared_prefix and len(items) > 1 else 0
+        prefix = (
+            min(len(os.path.commonprefix(prompts.input_ids)), min(map(len, prompts.input_ids)) - 1)
+            if shared_prefix and len(items) > 1
+            else 0
+        )
         size = self.config.run.eval_batch_size
         scores = []
         with self._serving(profile):
             for start in range(0, len(items), size):
                 batch = prompts.__getitems__(list(range(start, min(start + size, len(items))))).to(rec.llm.device)
-                scores.append((rec.score_shared_prefix(batch, prefix) if prefix > 0 else rec.score(batch)).float().cpu())
+                scores.append(
+                    (rec.score_shared_prefix(batch, prefix) if prefix > 0 else rec.score(batch)).float().cpu()
+                )
         return torch.cat(scores)
 
     # What a user sees.
 
     def recommend(
-        self, user: User, k: int = 10, candidates: int = 50, replies: bool = False, images: bool = False, instruction: str | None = None,
-        seed: int | None = None, rerank: str = "llm",
+        self,
+        user: User,
+        k: int = 10,
+        candidates: int = 50,
+        replies: bool = False,
+        images: bool = False,
+        instruction: str | None = None,
+        seed: int | None = None,
+        rerank: str = "llm",
     ) -> list[Recommendation]:
         """The top ``k`` of the collaborative model's top ``candidates`` unseen items re-ranked by the LLM's
         Yes-score (``rerank="blend"``: by the mean of the two ranks); with ``replies`` / ``images`` each
@@ -293,7 +355,10 @@ class DiffRec:
         profile = self.profile(user)
         self._require_rec("recommend")
         unseen = self.dataset.n_items - len(profile.seen)
-        for name, value, upper in (("k", k, min(MAX_K, unseen)), ("candidates", candidates, min(MAX_CANDIDATES, unseen))):
+        for name, value, upper in (
+            ("k", k, min(MAX_K, unseen)),
+            ("candidates", candidates, min(MAX_CANDIDATES, unseen)),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
                 raise DiffRecError(f"{name} must be an integer in 1..{upper} for this user, got {value!r}")
         if candidates < k:
@@ -305,7 +370,10 @@ class DiffRec:
         pool, collab = self.candidates(profile, candidates)
         llm = self.llm_scores(profile, pool)
         order = rerank_order(llm, rerank)[:k].tolist()
-        out = [Recommendation(pool[i], str(self.items.at[pool[i], "title"]), float(collab[i]), float(llm[i]), i + 1) for i in order]
+        out = [
+            Recommendation(pool[i], str(self.items.at[pool[i], "title"]), float(collab[i]), float(llm[i]), i + 1)
+            for i in order
+        ]
         for entry in out:
             if replies:
                 entry.reply = self.reply(profile, entry.item, seed)
@@ -321,19 +389,34 @@ class DiffRec:
         with self._serving(profile):
             return write_replies(rec, self.tokenizer, self.rec_config, seed, row)[0]["reply"]
 
-    def image(self, user: User, item: int | None = None, instruction: str | None = None, alpha: float | None = None, seed: int | None = None) -> GeneratedImage:
+    def image(
+        self,
+        user: User,
+        item: int | None = None,
+        instruction: str | None = None,
+        alpha: float | None = None,
+        seed: int | None = None,
+    ) -> GeneratedImage:
         """The personalized image for ``instruction`` (default: the item's caption, or the generic one without
         an item); ``alpha`` forces the fusion gate (0: the instruction alone, 1: the full preference)."""
         profile = self.profile(user)
         model = self.image_model
         if model is None:
-            raise DiffRecError(f"this run ({self.config.model.arch}) has no image model: images need a diffrec or sd3 run")
+            raise DiffRecError(
+                f"this run ({self.config.model.arch}) has no image model: images need a diffrec or sd3 run"
+            )
         image_config = model.config
         items = self.check_items([item], "item") if item is not None else []
         if instruction is None:
-            instruction = item_captions(image_config.flow.caption, self.dataset.items, items)[0] if items else image_config.flow.generic_caption
+            instruction = (
+                item_captions(image_config.flow.caption, self.dataset.items, items)[0]
+                if items
+                else image_config.flow.generic_caption
+            )
         instruction = check_instruction(instruction)
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+        if alpha is not None and (
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1
+        ):
             raise DiffRecError(f"alpha must be a number in 0..1, got {alpha!r}")
         seed = self.config.run.seed if seed is None else check_seed(seed)
         # The preference row's target: the item, or without one the user's latest liked item (what the LLM's preference reads).
@@ -370,14 +453,18 @@ class DiffRec:
         """The image side's user vector: the collaborative one, or the LLM's answer-position hidden state."""
         if not self.llm_preference:
             return model.preference(row)
-        prompts = prompt_rows(row, self.rec_config, self.template, self.tokenizer, _history(self.rec), "image preference")
+        prompts = prompt_rows(
+            row, self.rec_config, self.template, self.tokenizer, _history(self.rec), "image preference"
+        )
         _, hidden = self.rec.score_and_hidden(prompts.__getitems__([0]).to(self.rec.llm.device))
         return hidden.float()
 
     def _require_rec(self, what: str) -> LLMRecommender:
         """The LLM recommender, or an error saying this run has none."""
         if self.rec is None:
-            raise DiffRecError(f"this run ({self.config.model.arch}) has no LLM recommender: {what} needs a diffrec or llmrec run")
+            raise DiffRecError(
+                f"this run ({self.config.model.arch}) has no LLM recommender: {what} needs a diffrec or llmrec run"
+            )
         return self.rec
 
     @contextlib.contextmanager
@@ -392,7 +479,9 @@ class DiffRec:
                     if module is not None:
                         module.eval()
                 device = self.rec.llm.device if self.rec is not None else self.image_model.transformer.device
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and self.config.run.mixed_precision == "bf16"):
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=autocast and self.config.run.mixed_precision == "bf16"
+                ):
                     yield
             finally:
                 for guest in self.guests:
@@ -457,7 +546,9 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 def check_instruction(text: object) -> str:
     """A drawing instruction: non-empty text of at most ``MAX_INSTRUCTION_CHARS`` characters."""
     if not isinstance(text, str) or not text.strip():
-        raise DiffRecError("the instruction is empty: say what to draw, e.g. 'a poster for a quiet science-fiction film'")
+        raise DiffRecError(
+            "the instruction is empty: say what to draw, e.g. 'a poster for a quiet science-fiction film'"
+        )
     if len(text) > MAX_INSTRUCTION_CHARS:
         raise DiffRecError(f"the instruction is {len(text)} characters; at most {MAX_INSTRUCTION_CHARS}")
     return text.strip()
@@ -494,14 +585,18 @@ def resolve_run(source: Path, options: list[str]) -> tuple[Config, Path]:
         return load_config(source / "config.yaml", options), run_checkpoint(source)
     if source.parent.name == "checkpoints":
         return load_config(source.parent.parent / "config.yaml", options), _checked_checkpoint(source)
-    raise DiffRecError(f"{source}: neither a run folder (config.yaml, checkpoints/) nor one of its checkpoints/ folders")
+    raise DiffRecError(
+        f"{source}: neither a run folder (config.yaml, checkpoints/) nor one of its checkpoints/ folders"
+    )
 
 
 def run_checkpoint(run_dir: Path) -> Path:
     """The checkpoint a finished run reported in its ``metrics.json``."""
     path = run_dir / "metrics.json"
     if not path.is_file():
-        raise DiffRecError(f"{path}: missing; the run has not finished (serve one of its checkpoints with run.ckpt=...)")
+        raise DiffRecError(
+            f"{path}: missing; the run has not finished (serve one of its checkpoints with run.ckpt=...)"
+        )
     checkpoint = read_json(path, dict).get("checkpoint")
     if not isinstance(checkpoint, str):
         raise DiffRecError(f"{path}: has no 'checkpoint' entry (serve one of its checkpoints with run.ckpt=...)")

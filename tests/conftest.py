@@ -38,7 +38,9 @@ def bf16_not_native():
         yield
 
 
-def synthetic_ratings(n_users: int = 40, n_items: int = 30, per_user: int = 15, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthetic_ratings(
+    n_users: int = 40, n_items: int = 30, per_user: int = 15, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ratings driven by 2-d latent tastes (so models can learn something) and an items table."""
     rng = np.random.default_rng(seed)
     users, items = rng.normal(size=(n_users, 2)), rng.normal(size=(n_items, 2))
@@ -56,16 +58,28 @@ def synthetic_ratings(n_users: int = 40, n_items: int = 30, per_user: int = 15, 
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small dataset folder (40 users, 30 items, 600 rows) in the contract's layout."""
     ratings, items = synthetic_ratings()
-    splits, items, meta = assemble_dataset(ratings, items, 4, lambda ts: ratio_split(ts, (0.7, 0.15, 0.15)), {"name": "tiny", "source": "synthetic"})
+    splits, items, meta = assemble_dataset(
+        ratings, items, 4, lambda ts: ratio_split(ts, (0.7, 0.15, 0.15)), {"name": "tiny", "source": "synthetic"}
+    )
     return save_rating_dataset(tmp_path_factory.mktemp("data") / "tiny", splits, items, meta)
 
 
-def write_config(folder: Path, dataset: Path, arch: str = "mf", model: dict | None = None, run: dict | None = None) -> Path:
+def write_config(
+    folder: Path, dataset: Path, arch: str = "mf", model: dict | None = None, run: dict | None = None
+) -> Path:
     """A config file for ``dataset`` with small, fast settings."""
     config = {
         "model": {"arch": arch, "embedding_size": 8, **(model or {})},
         "datasets": {"name": "tiny", "path": str(dataset)},
-        "run": {"cpu": True, "batch_size": 64, "lr": 0.01, "max_epochs": 3, "patience": 5, "output_dir": str(folder / "runs"), **(run or {})},
+        "run": {
+            "cpu": True,
+            "batch_size": 64,
+            "lr": 0.01,
+            "max_epochs": 3,
+            "patience": 5,
+            "output_dir": str(folder / "runs"),
+            **(run or {}),
+        },
     }
     path = folder / f"{arch}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -113,7 +127,15 @@ def card_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
     return root
 
 
-def joint_config(folder: Path, dataset: Path, llm: Path, models: Path, collab: Path, run: dict | None = None, joint_section: dict | None = None) -> Path:
+def joint_config(
+    folder: Path,
+    dataset: Path,
+    llm: Path,
+    models: Path,
+    collab: Path,
+    run: dict | None = None,
+    joint_section: dict | None = None,
+) -> Path:
     """A diffrec config on the tiny LLM, tiny SD3 and tiny CLIP, sized for seconds."""
     config = {
         "model": {

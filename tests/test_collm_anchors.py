@@ -6,8 +6,8 @@ Trains each model for real on the published split (minutes on 2 CPU cores); skip
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from minigpt4.config import load_config
 from minigpt4.data.collm import import_collm
 from minigpt4.data.contract import save_rating_dataset
@@ -26,7 +26,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def collm_ml1m(tmp_path_factory):
-    return save_rating_dataset(tmp_path_factory.mktemp("collm") / "collm-ml-1m", *import_collm(SHARED_DATA / "collm-ml-1m"))
+    return save_rating_dataset(
+        tmp_path_factory.mktemp("collm") / "collm-ml-1m", *import_collm(SHARED_DATA / "collm-ml-1m")
+    )
 
 
 @pytest.mark.parametrize("arch", sorted(PAPER))

@@ -44,13 +44,25 @@ def test_data_root_environment_variable(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "text, message",
     [
-        (BASE.replace("embedding_size", "embeding_size"), "unknown key 'model.embeding_size'; did you mean 'model.embedding_size'?"),
+        (
+            BASE.replace("embedding_size", "embeding_size"),
+            "unknown key 'model.embeding_size'; did you mean 'model.embedding_size'?",
+        ),
         (BASE.replace("  lr: 0.01", "  learning_rate: 0.01"), "unknown key 'run.learning_rate'"),
         (BASE + "extra: 1\n", "unknown key 'extra'"),
-        (BASE.replace("arch: mf", "arch: mff"), "model.arch must be one of mf, lightgcn, sasrec, din, mostpop, diffmm, mdmns, genrec, diffurec, llmrec, sd3, diffrec, got 'mff'; did you mean 'mf'?"),
-        (BASE.replace("embedding_size: 16", "embedding_size: lots"), "key 'model.embedding_size': Input should be a valid integer"),
+        (
+            BASE.replace("arch: mf", "arch: mff"),
+            "model.arch must be one of mf, lightgcn, sasrec, din, mostpop, diffmm, mdmns, genrec, diffurec, llmrec, sd3, diffrec, got 'mff'; did you mean 'mf'?",
+        ),
+        (
+            BASE.replace("embedding_size: 16", "embedding_size: lots"),
+            "key 'model.embedding_size': Input should be a valid integer",
+        ),
         (BASE.replace("  lr: 0.01", "  lr: -1"), "key 'run.lr': Input should be greater than 0"),
-        (BASE.replace("  lr: 0.01", "  lr: 0.01\n  mixed_precision: bf16"), "run.mixed_precision bf16: mf on datasets.shape ratings trains in fp32"),
+        (
+            BASE.replace("  lr: 0.01", "  lr: 0.01\n  mixed_precision: bf16"),
+            "run.mixed_precision bf16: mf on datasets.shape ratings trains in fp32",
+        ),
         ("model: [1, 2\n", "not valid YAML"),
         ("- a\n- b\n", "expected a mapping"),
     ],
@@ -69,7 +81,8 @@ def test_sasrec_key_not_valid_for_mf(tmp_path):
 
 def test_options_override_any_key(tmp_path):
     config = load_config(
-        write(tmp_path, BASE), ["run.lr=0.5", "model.arch=sasrec", "model.max_history=7", "run.ckpt=ck/best", "run.evaluate=true"]
+        write(tmp_path, BASE),
+        ["run.lr=0.5", "model.arch=sasrec", "model.max_history=7", "run.ckpt=ck/best", "run.evaluate=true"],
     )
     assert config.run.lr == 0.5 and config.run.evaluate is True
     assert isinstance(config.model, SASRecConfig) and config.model.max_history == 7

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
-from conftest import SHARED_DATA
 from minigpt4.data.amazon import INSTRUCTION, prepare_amazon
 from minigpt4.data.collm import import_collm
 from minigpt4.data.contract import SPLITS, load_rating_dataset, save_rating_dataset
-from minigpt4.data.movielens import prepare_ml100k, prepare_ml1m
+from minigpt4.data.movielens import prepare_ml1m, prepare_ml100k
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
 
@@ -61,7 +61,8 @@ def test_ml100k_from_grouplens_folder(tmp_path):
     (raw / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ratings))
     genres = "|".join(["0"] * 19)
     (raw / "u.item").write_text(
-        "".join(f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|{genres[:-1]}1\n" for i in (10, 20, 30, 40)), encoding="latin-1"
+        "".join(f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|{genres[:-1]}1\n" for i in (10, 20, 30, 40)),
+        encoding="latin-1",
     )
     splits, items, meta = prepare_ml100k(raw)
     check_collm_rules(splits)
@@ -84,7 +85,9 @@ def test_ml1m_window_and_month_split(tmp_path):
             t = int(month.timestamp()) + int(rng.integers(0, 20 * 86400))
             lines.append(f"{rng.integers(1, 6)}::{rng.integers(1, 8)}::{rng.integers(1, 6)}::{t}")
     (raw / "ratings.dat").write_text("\n".join(lines) + "\n")
-    (raw / "movies.dat").write_text("".join(f"{i}::Film {i} (2000)::Drama|War\n" for i in range(1, 8)), encoding="latin-1")
+    (raw / "movies.dat").write_text(
+        "".join(f"{i}::Film {i} (2000)::Drama|War\n" for i in range(1, 8)), encoding="latin-1"
+    )
     splits, items, meta = prepare_ml1m(raw)
     check_collm_rules(splits)
     month_of = {name: pd.to_datetime(f["timestamp"], unit="s").dt.to_period("M") for name, f in splits.items()}
@@ -125,8 +128,14 @@ def amazon_fixtures(tmp_path: Path) -> tuple[list[Path], list[Path], Path]:
     Image.new("RGB", (80, 64), (30, 30, 200)).save(images / "C1.png")
     (images / "C2.png").write_bytes(b"not a png")  # corrupt: left out and counted
     (images / "notes.txt").write_text("not an image")
-    reviews = [write_lines(tmp_path / "Video_Games.json.gz", reviews_2018), write_lines(tmp_path / "All_Beauty.jsonl", reviews_2023)]
-    metas = [write_lines(tmp_path / "meta_Video_Games.json.gz", meta_2018), write_lines(tmp_path / "meta_All_Beauty.jsonl", meta_2023)]
+    reviews = [
+        write_lines(tmp_path / "Video_Games.json.gz", reviews_2018),
+        write_lines(tmp_path / "All_Beauty.jsonl", reviews_2023),
+    ]
+    metas = [
+        write_lines(tmp_path / "meta_Video_Games.json.gz", meta_2018),
+        write_lines(tmp_path / "meta_All_Beauty.jsonl", meta_2023),
+    ]
     return reviews, metas, images
 
 

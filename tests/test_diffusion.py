@@ -12,22 +12,22 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import synthetic_ratings
 from PIL import Image
 from skimage import data as skimage_data
 
-from conftest import synthetic_ratings
 from minigpt4.cli import main
 from minigpt4.config import SD3_ATTENTION, ClipConfig, load_config
 from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset
 from minigpt4.data.images import import_item_images, load_image_table, render_card
 from minigpt4.diffusion.generate import HeldOut, arm_personalization, generate_for_user
-from minigpt4.evaluation.personalization import shuffled_donors
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, load_personalized
 from minigpt4.diffusion.sampling import ImageStore, generate_images
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
+from minigpt4.evaluation.personalization import shuffled_donors
 from minigpt4.evaluation.vlm_judge import CRITERIA, parse_verdict, summarize_verdicts
 from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
 from minigpt4.training.diffusion import build_personalized, build_samples, train_images, training_pairs
@@ -41,7 +41,9 @@ def photo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("photos")
     ratings, titles = synthetic_ratings(n_users=6, n_items=4, per_user=4, seed=1)
     ratings["rating"] = 5  # every pair liked: every training row is a sample
-    splits, items, meta = assemble_dataset(ratings, titles, 4, lambda ts: ratio_split(ts, (0.6, 0.2, 0.2)), {"name": "photos", "source": "synthetic"})
+    splits, items, meta = assemble_dataset(
+        ratings, titles, 4, lambda ts: ratio_split(ts, (0.6, 0.2, 0.2)), {"name": "photos", "source": "synthetic"}
+    )
     dataset = save_rating_dataset(root / "photos", splits, items, meta)
     pictures = root / "pictures"
     pictures.mkdir()
@@ -49,7 +51,9 @@ def photo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Image.fromarray(getattr(skimage_data, photo)()).convert("RGB").save(pictures / f"{raw_id}.png")
     import_item_images(dataset, pictures, key="raw_id")
     torch.manual_seed(0)
-    mf = build_recommender(load_config_model({"arch": "mf", "embedding_size": 8, "init_std": 1.0}), meta["n_users"], meta["n_items"])
+    mf = build_recommender(
+        load_config_model({"arch": "mf", "embedding_size": 8, "init_std": 1.0}), meta["n_users"], meta["n_items"]
+    )
     save_recommender(mf, load_config_model({"arch": "mf", "embedding_size": 8, "init_std": 1.0}), root / "mf")
     return dataset
 
@@ -74,7 +78,16 @@ def sd3_config(tmp_path: Path, models: Path, dataset: Path, run: dict | None = N
             **(model or {}),
         },
         "datasets": {"name": "photos", "path": str(dataset)},
-        "run": {"cpu": True, "batch_size": 4, "eval_batch_size": 8, "lr": 3e-3, "max_steps": 10, "eval_every_steps": 5, "output_dir": str(tmp_path / "runs"), **(run or {})},
+        "run": {
+            "cpu": True,
+            "batch_size": 4,
+            "eval_batch_size": 8,
+            "lr": 3e-3,
+            "max_steps": 10,
+            "eval_every_steps": 5,
+            "output_dir": str(tmp_path / "runs"),
+            **(run or {}),
+        },
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "sd3.yaml"
@@ -89,7 +102,13 @@ def fixed_loss(model, samples, seed: int = 0, draws: int = 8) -> float:
     generator = torch.Generator().manual_seed(seed)
     index = samples.item_index
     losses = [
-        model(model.latents(samples.latent_parameters[index], generator), samples.prompt_embeds[index], samples.pooled[index], samples.preference, generator).item()
+        model(
+            model.latents(samples.latent_parameters[index], generator),
+            samples.prompt_embeds[index],
+            samples.pooled[index],
+            samples.preference,
+            generator,
+        ).item()
         for _ in range(draws)
     ]
     return float(np.mean(losses))
@@ -101,18 +120,49 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path, photo_d
     tmp_path = tmp_path_factory.mktemp("trained")
     # A random tiny transformer's frozen feed-forward layers and output projection cannot be steered by
     # attention LoRA alone (pretrained ones can), so the LoRA here also covers them: targets are configurable.
-    lora = {"r": 32, "alpha": 32, "target_modules": [*SD3_ATTENTION, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_out"]}
+    lora = {
+        "r": 32,
+        "alpha": 32,
+        "target_modules": [
+            *SD3_ATTENTION,
+            "ff.net.0.proj",
+            "ff.net.2",
+            "ff_context.net.0.proj",
+            "ff_context.net.2",
+            "proj_out",
+        ],
+    }
     run = {"max_steps": 300, "eval_every_steps": 150, "warmup_steps": 10, "lr": 1e-2}
     config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run=run, model={"lora": lora}))
     dataset = load_rating_dataset(photo_dataset)
     model = build_personalized(config.model, dataset)
     images = load_image_table(photo_dataset, dataset.n_items)
-    samples = build_samples(config.model, training_pairs(config, dataset, images), model, dataset, images, config.run.eval_batch_size, progress=False)
+    samples = build_samples(
+        config.model,
+        training_pairs(config, dataset, images),
+        model,
+        dataset,
+        images,
+        config.run.eval_batch_size,
+        progress=False,
+    )
     before = fixed_loss(model, samples)
     metrics = train_images(config)
-    after_model = load_personalized(config.model, load_sd3_pipeline(config.model.pipeline), load_recommender(photo_dataset.parent / "mf"), Path(metrics["checkpoint"]))
+    after_model = load_personalized(
+        config.model,
+        load_sd3_pipeline(config.model.pipeline),
+        load_recommender(photo_dataset.parent / "mf"),
+        Path(metrics["checkpoint"]),
+    )
     after = fixed_loss(after_model, samples)
-    return {"config": config, "metrics": metrics, "before": before, "after": after, "model": after_model, "samples": samples}
+    return {
+        "config": config,
+        "metrics": metrics,
+        "before": before,
+        "after": after,
+        "model": after_model,
+        "samples": samples,
+    }
 
 
 def test_overfitting_four_images_halves_the_flow_matching_loss(trained):
@@ -122,15 +172,29 @@ def test_overfitting_four_images_halves_the_flow_matching_loss(trained):
 
 def test_saved_lora_is_diffusers_format_and_reproduces_the_trained_image(trained, tiny_models):
     checkpoint = Path(trained["metrics"]["checkpoint"])
-    assert {LORA_FILE, "fusion.safetensors", "config.yaml", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert {LORA_FILE, "fusion.safetensors", "config.yaml", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
     config = trained["config"]
     # A stock pipeline loads the LoRA through diffusers and changes its output.
     from diffusers import StableDiffusion3Pipeline
 
     stock = StableDiffusion3Pipeline.from_pretrained(tiny_models / "sd3", text_encoder_3=None, tokenizer_3=None)
-    plain = stock("a photo of Item 0", num_inference_steps=2, generator=torch.Generator().manual_seed(0), max_sequence_length=4, output_type="np").images
+    plain = stock(
+        "a photo of Item 0",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        max_sequence_length=4,
+        output_type="np",
+    ).images
     stock.load_lora_weights(checkpoint, weight_name=LORA_FILE)
-    with_lora = stock("a photo of Item 0", num_inference_steps=2, generator=torch.Generator().manual_seed(0), max_sequence_length=4, output_type="np").images
+    with_lora = stock(
+        "a photo of Item 0",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        max_sequence_length=4,
+        output_type="np",
+    ).images
     assert not np.allclose(plain, with_lora)
     # The model that trained and a fresh load of its checkpoint give the same image for the same seed.
     from minigpt4.training.diffusion import build_personalized, load_training_weights
@@ -164,7 +228,12 @@ def test_generate_command_writes_image_and_record(trained, tmp_path, tiny_models
     config_path = sd3_config(tmp_path, tiny_models, photo_dataset, run={"ckpt": trained["metrics"]["checkpoint"]})
     assert main(["generate", "--cfg-path", str(config_path), "--user", "2", "--item", "3", "--seed", "5"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert record["user"] == 2 and record["seed"] == 5 and record["instruction"].startswith("a photo of") and record["kept"]
+    assert (
+        record["user"] == 2
+        and record["seed"] == 5
+        and record["instruction"].startswith("a photo of")
+        and record["kept"]
+    )
     assert record["backbone"] == "open_clip clip" and 0 <= record["clip_t"] <= 100 and 0 <= record["clip_i"] <= 100
     folder = Path(record["folder"])
     assert (folder / record["file"]).is_file()
@@ -173,9 +242,13 @@ def test_generate_command_writes_image_and_record(trained, tmp_path, tiny_models
         generate_for_user(load_config(config_path), 99, None, "a red chair", None, None)
 
 
-def test_evaluate_reports_clip_scores_and_judge_verdicts_with_and_without_fusion(trained, tmp_path, tiny_models, photo_dataset, capsys):
+def test_evaluate_reports_clip_scores_and_judge_verdicts_with_and_without_fusion(
+    trained, tmp_path, tiny_models, photo_dataset, capsys
+):
     judge = {"path": str(tiny_models / "vlm"), "max_new_tokens": 12}
-    config_path = sd3_config(tmp_path, tiny_models, photo_dataset, run={"ckpt": trained["metrics"]["checkpoint"]}, model={"judge": judge})
+    config_path = sd3_config(
+        tmp_path, tiny_models, photo_dataset, run={"ckpt": trained["metrics"]["checkpoint"]}, model={"judge": judge}
+    )
     assert main(["evaluate", "--cfg-path", str(config_path)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["backbone"] == "open_clip clip" and metrics["pairs"] > 0
@@ -195,17 +268,27 @@ def test_arm_personalization_maps_users_and_leaves_out_the_drawn_item():
     directions = torch.eye(users)
     features = directions.repeat_interleave(per_user, dim=0)  # each user's liked items point their own way
     held_out = HeldOut(
-        users=[100 + u for u in range(users)], items=[1000 + i for i in range(users * per_user)], features=features,
-        liked=[[per_user * u + k for k in range(per_user)] for u in range(users)], history=[[per_user * u] for u in range(users)],
+        users=[100 + u for u in range(users)],
+        items=[1000 + i for i in range(users * per_user)],
+        features=features,
+        liked=[[per_user * u + k for k in range(per_user)] for u in range(users)],
+        history=[[per_user * u] for u in range(users)],
     )
-    records = [{"user": 100 + u, "item": 1000 + per_user * u} for u in range(users)]  # drew each user's first liked item
+    records = [
+        {"user": 100 + u, "item": 1000 + per_user * u} for u in range(users)
+    ]  # drew each user's first liked item
     own = arm_personalization(held_out, records, directions.clone(), seed=0)
     assert own["identification_acc1"] == 1.0 and own["margin"] == pytest.approx(100.0) and own["users"] == users
-    swapped = arm_personalization(held_out, records, directions.roll(1, dims=0), seed=0)  # every image made for a neighbour
+    swapped = arm_personalization(
+        held_out, records, directions.roll(1, dims=0), seed=0
+    )  # every image made for a neighbour
     assert swapped["identification_acc1"] == 0.0 and swapped["margin"] < 0
-    assert arm_personalization(HeldOut(held_out.users[:9], held_out.items, features, held_out.liked[:9], held_out.history[:9]), records[:9], directions[:9], 0) == {
-        "missing": "needs 10 evaluated users with 2 or more held-out liked items; 9 have them"
-    }
+    assert arm_personalization(
+        HeldOut(held_out.users[:9], held_out.items, features, held_out.liked[:9], held_out.history[:9]),
+        records[:9],
+        directions[:9],
+        0,
+    ) == {"missing": "needs 10 evaluated users with 2 or more held-out liked items; 9 have them"}
 
 
 def test_shuffled_donors_never_give_a_pair_its_own_user():
@@ -229,7 +312,11 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_mo
     monkeypatch.setattr(training_diffusion, "save_checkpoint", keep_step_three)
     straight = train_images(load_config(sd3_config(tmp_path / "a", tiny_models, photo_dataset, run=run)))
     monkeypatch.setattr(training_diffusion, "save_checkpoint", original)
-    resumed = train_images(load_config(sd3_config(tmp_path / "b", tiny_models, photo_dataset, run={**run, "resume_from": str(tmp_path / "step3")})))
+    resumed = train_images(
+        load_config(
+            sd3_config(tmp_path / "b", tiny_models, photo_dataset, run={**run, "resume_from": str(tmp_path / "step3")})
+        )
+    )
     assert [p["step"] for p in resumed["curve"]] == [1, 2, 3, 4, 5, 6]
     assert [p["loss"] for p in resumed["curve"]] == pytest.approx([p["loss"] for p in straight["curve"]], rel=1e-5)
     from safetensors.torch import load_file
@@ -259,7 +346,12 @@ def test_vlm_answer_parser():
     valid = parse_verdict('Sure. {"consistency": 4, "accuracy": 3.5, "integrity": 5, "quality": 2} Done.')
     assert valid.parsed and valid.scores == {"consistency": 4.0, "accuracy": 3.5, "integrity": 5.0, "quality": 2.0}
     partial = parse_verdict('{"consistency": 4, "accuracy": "good", "integrity": 9}')
-    assert partial.parsed and partial.scores == {"consistency": 4.0, "accuracy": None, "integrity": None, "quality": None}
+    assert partial.parsed and partial.scores == {
+        "consistency": 4.0,
+        "accuracy": None,
+        "integrity": None,
+        "quality": None,
+    }
     garbage = parse_verdict("I think it is a nice picture {not json")
     assert not garbage.parsed and set(garbage.scores.values()) == {None}
     summary = summarize_verdicts([valid, partial, garbage])
@@ -309,7 +401,10 @@ def test_training_fails_clearly_on_a_corrupt_image_file(tmp_path, tiny_models, p
 
 
 def test_rendered_cards_are_deterministic(tmp_path):
-    first, second = render_card("Toy Story (1995)", ["Animation", "Comedy"], 96), render_card("Toy Story (1995)", ["Animation", "Comedy"], 96)
+    first, second = (
+        render_card("Toy Story (1995)", ["Animation", "Comedy"], 96),
+        render_card("Toy Story (1995)", ["Animation", "Comedy"], 96),
+    )
     assert np.array_equal(np.asarray(first), np.asarray(second)) and first.size == (96, 96)
     assert not np.array_equal(np.asarray(first), np.asarray(render_card("Heat (1995)", ["Crime"], 96)))
 
@@ -317,7 +412,10 @@ def test_rendered_cards_are_deterministic(tmp_path):
 def test_image_store_keeps_the_best(tmp_path):
     store = ImageStore(tmp_path / "images", keep_best=2, max_images=3)
     image = Image.new("RGB", (8, 8))
-    kept = [store.add(image, {"user": 1, "item": 1, "instruction": "x", "seed": seed, "score": score})["kept"] for seed, score in enumerate([10, 30, 20, 5])]
+    kept = [
+        store.add(image, {"user": 1, "item": 1, "instruction": "x", "seed": seed, "score": score})["kept"]
+        for seed, score in enumerate([10, 30, 20, 5])
+    ]
     assert kept == [True, True, True, False]
     assert sorted(r["score"] for r in store.records) == [20, 30]
     for seed, score in enumerate([50, 40]):
@@ -358,7 +456,9 @@ def test_generic_and_empty_instructions_replace_captions_at_the_configured_rates
     assert torch.equal(prompt_embeds[:, 0, 0], kind)  # sequence and pooled embeddings replaced together
     untouched = torch.Generator().manual_seed(0)
     plain, _ = samples.captions(rows, FlowMatchingConfig(), untouched)
-    assert torch.equal(plain[:, 0, 0], samples.item_index.float()) and torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert torch.equal(plain[:, 0, 0], samples.item_index.float()) and torch.equal(
+        untouched.get_state(), torch.Generator().manual_seed(0).get_state()
+    )
     with pytest.raises(ValueError, match="exceeds 1"):
         FlowMatchingConfig(generic_rate=0.7, caption_dropout=0.4)
 
@@ -387,14 +487,37 @@ def test_two_processes_draw_their_own_rows_and_noise(tmp_path, tiny_models, phot
 def test_standardized_fusion_keeps_the_training_preferences_statistics(tmp_path, tiny_models, photo_dataset):
     from safetensors.torch import load_file
 
-    config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 1, "eval_every_steps": 1}, model={"fusion": {"standardize": True}}))
+    config = load_config(
+        sd3_config(
+            tmp_path,
+            tiny_models,
+            photo_dataset,
+            run={"max_steps": 1, "eval_every_steps": 1},
+            model={"fusion": {"standardize": True}},
+        )
+    )
     checkpoint = Path(train_images(config)["checkpoint"])
     dataset = load_rating_dataset(photo_dataset)
     images = load_image_table(photo_dataset, dataset.n_items)
-    samples = build_samples(config.model, training_pairs(config, dataset, images), build_personalized(config.model, dataset), dataset, images, 8, progress=False)
+    samples = build_samples(
+        config.model,
+        training_pairs(config, dataset, images),
+        build_personalized(config.model, dataset),
+        dataset,
+        images,
+        8,
+        progress=False,
+    )
     saved = load_file(checkpoint / "fusion.safetensors")
-    assert torch.allclose(saved["preference_mean"], samples.preference.mean(0)) and torch.allclose(saved["preference_std"], samples.preference.std(0))
-    loaded = load_personalized(config.model, load_sd3_pipeline(config.model.pipeline), load_recommender(photo_dataset.parent / "mf"), checkpoint)
+    assert torch.allclose(saved["preference_mean"], samples.preference.mean(0)) and torch.allclose(
+        saved["preference_std"], samples.preference.std(0)
+    )
+    loaded = load_personalized(
+        config.model,
+        load_sd3_pipeline(config.model.pipeline),
+        load_recommender(photo_dataset.parent / "mf"),
+        checkpoint,
+    )
     assert torch.allclose(loaded.fusion.preference_mean, samples.preference.mean(0))
     standardized = (samples.preference - loaded.fusion.preference_mean) / loaded.fusion.preference_std
     assert standardized.mean(0).abs().max() < 1e-5 and (standardized.std(0) - 1).abs().max() < 1e-4
@@ -412,11 +535,25 @@ def test_non_finite_gradient_norm_stops_the_image_training(tmp_path, tiny_models
 
     monkeypatch.setattr(training_diffusion, "build_personalized", poisoned)
     config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 4, "eval_every_steps": 2}))
-    with pytest.raises(DiffRecError, match=r"gradient norm became (inf|nan) at step 0; training stopped, the last checkpoint is kept at \(none yet\)"):
+    with pytest.raises(
+        DiffRecError,
+        match=r"gradient norm became (inf|nan) at step 0; training stopped, the last checkpoint is kept at \(none yet\)",
+    ):
         train_images(config)
 
 
 def test_resume_from_latest_continues_the_newest_run(tmp_path, tiny_models, photo_dataset):
-    first = train_images(load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 2, "eval_every_steps": 2})))
-    resumed = train_images(load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 3, "eval_every_steps": 3, "resume_from": "latest"})))
+    first = train_images(
+        load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 2, "eval_every_steps": 2}))
+    )
+    resumed = train_images(
+        load_config(
+            sd3_config(
+                tmp_path,
+                tiny_models,
+                photo_dataset,
+                run={"max_steps": 3, "eval_every_steps": 3, "resume_from": "latest"},
+            )
+        )
+    )
     assert [point["step"] for point in resumed["curve"]] == [1, 2, 3] and resumed["curve"][:2] == first["curve"]

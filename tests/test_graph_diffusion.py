@@ -14,8 +14,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 import yaml
-
 from conftest import SHARED_DATA
+from test_llm import build, first_rows, llm_config, one_step
+
 from minigpt4.cli import main
 from minigpt4.config import DiffMMConfig, GenRecConfig, LightGCNConfig, MDMNSConfig, MFConfig
 from minigpt4.data.implicit import derive_implicit, load_implicit_dataset, save_implicit_dataset
@@ -26,7 +27,6 @@ from minigpt4.recommenders.genrec import FlipDenoiser, FlipDiffusion, bernoulli_
 from minigpt4.recommenders.graph import all_pairs_info_nce, dense_rows, info_nce, sample_negatives
 from minigpt4.recommenders.mdmns import guidance_scores
 from minigpt4.training.implicit import _edges
-from test_llm import build, first_rows, llm_config, one_step
 
 N_USERS, N_ITEMS = 24, 20
 
@@ -42,8 +42,17 @@ def synthetic_implicit(seed: int = 0) -> tuple[dict, dict, dict]:
             splits[split] += [(user + 1, item + 1) for item in chosen]
     frames = {name: pd.DataFrame(rows, columns=["uid", "iid"]) for name, rows in splits.items()}
     cluster = (np.arange(N_ITEMS) >= 10).astype(np.float32)[:, None]
-    features = {"image": np.hstack([cluster, rng.normal(size=(N_ITEMS, 7))]).astype(np.float32), "audio": rng.normal(size=(N_ITEMS, 5)).astype(np.float32)}
-    meta = {"source": "synthetic", "n_users": N_USERS, "n_items": N_ITEMS, "modalities": ["audio", "image"], **{f"{k}_pairs": len(v) for k, v in frames.items()}}
+    features = {
+        "image": np.hstack([cluster, rng.normal(size=(N_ITEMS, 7))]).astype(np.float32),
+        "audio": rng.normal(size=(N_ITEMS, 5)).astype(np.float32),
+    }
+    meta = {
+        "source": "synthetic",
+        "n_users": N_USERS,
+        "n_items": N_ITEMS,
+        "modalities": ["audio", "image"],
+        **{f"{k}_pairs": len(v) for k, v in frames.items()},
+    }
     return frames, features, meta
 
 
@@ -57,7 +66,15 @@ def tiny_diffmm_config(**overrides) -> DiffMMConfig:
 
 
 def tiny_mdmns_config(**overrides) -> MDMNSConfig:
-    return MDMNSConfig(embedding_size=8, denoiser_dims=[16], rebuild_k=2, guide_hidden_size=6, contrast="main", info_nce_chunk=7, **overrides)
+    return MDMNSConfig(
+        embedding_size=8,
+        denoiser_dims=[16],
+        rebuild_k=2,
+        guide_hidden_size=6,
+        contrast="main",
+        info_nce_chunk=7,
+        **overrides,
+    )
 
 
 def tiny_genrec_config(**overrides) -> GenRecConfig:
@@ -67,7 +84,16 @@ def tiny_genrec_config(**overrides) -> GenRecConfig:
 TINY_MODELS = {
     "diffmm": dict(embedding_size=8, denoiser_dims=[16], rebuild_k=2),
     "mdmns": dict(embedding_size=8, denoiser_dims=[16], rebuild_k=2, guide_hidden_size=6, contrast="main"),
-    "genrec": dict(embedding_size=8, denoiser_width=16, denoiser_heads=2, denoiser_layers=1, knn_k=3, gen_topk=4, rebuild_k=2, interest_clusters={"image": 2, "audio": 3}),
+    "genrec": dict(
+        embedding_size=8,
+        denoiser_width=16,
+        denoiser_heads=2,
+        denoiser_layers=1,
+        knn_k=3,
+        gen_topk=4,
+        rebuild_k=2,
+        interest_clusters={"image": 2, "audio": 3},
+    ),
 }
 
 
@@ -78,15 +104,29 @@ def build_model(config, root):
 
 
 def context(model, dataset, batch_size: int = 8) -> EpochContext:
-    optimizers = {name: torch.optim.Adam(params, lr=0.01) for name, params in model.optimizer_groups().items() if params}
-    return EpochContext(dataset.matrices["train"], batch_size, torch.Generator().manual_seed(0), optimizers, torch.device("cpu"))
+    optimizers = {
+        name: torch.optim.Adam(params, lr=0.01) for name, params in model.optimizer_groups().items() if params
+    }
+    return EpochContext(
+        dataset.matrices["train"], batch_size, torch.Generator().manual_seed(0), optimizers, torch.device("cpu")
+    )
 
 
 def write_implicit_config(folder, root, arch: str, model: dict | None = None, run: dict | None = None):
     config = {
         "model": {"arch": arch, **(model or {})},
         "datasets": {"name": "synthetic", "path": str(root), "shape": "implicit"},
-        "run": {"cpu": True, "batch_size": 32, "lr": 0.01, "max_epochs": 3, "patience": 5, "ranking_ks": [5, 10], "select_metric": "recall@10", "output_dir": str(folder / "runs"), **(run or {})},
+        "run": {
+            "cpu": True,
+            "batch_size": 32,
+            "lr": 0.01,
+            "max_epochs": 3,
+            "patience": 5,
+            "ranking_ks": [5, 10],
+            "select_metric": "recall@10",
+            "output_dir": str(folder / "runs"),
+            **(run or {}),
+        },
     }
     path = folder / f"{arch}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -116,8 +156,12 @@ def test_denoiser_and_reverse_chain_keep_the_row_shape():
     diffusion = GaussianDiffusion(0.1, 1e-4, 0.02, steps=5)
     rows = (torch.rand(4, N_ITEMS) < 0.3).float()
     assert denoiser(rows, torch.tensor([0, 1, 2, 4])).shape == (4, N_ITEMS)
-    assert diffusion.p_sample(lambda x, t: denoiser(x, t, dropout=False), rows, sampling_steps=0, sampling_noise=False).shape == (4, N_ITEMS)
-    diffusion_loss, consistency = diffusion.training_losses(denoiser, rows, torch.randn(N_ITEMS, 8), torch.randn(N_ITEMS, 8))
+    assert diffusion.p_sample(
+        lambda x, t: denoiser(x, t, dropout=False), rows, sampling_steps=0, sampling_noise=False
+    ).shape == (4, N_ITEMS)
+    diffusion_loss, consistency = diffusion.training_losses(
+        denoiser, rows, torch.randn(N_ITEMS, 8), torch.randn(N_ITEMS, 8)
+    )
     assert diffusion_loss.shape == consistency.shape == (4,)
 
 
@@ -132,7 +176,9 @@ def test_genrec_focal_loss_when_every_item_is_predicted_a_one(faithful):
     focal = {}
     for logit in (20.0, 40.0):
         logits = torch.full((4, N_ITEMS), logit, requires_grad=True)
-        losses = diffusion.training_losses(lambda x, t: logits, rows, [], gamma=2.0, alpha=0.25, temperature=0.2)
+        losses = diffusion.training_losses(
+            lambda x, t, logits=logits: logits, rows, [], gamma=2.0, alpha=0.25, temperature=0.2
+        )
         assert all(torch.isfinite(torch.as_tensor(value)) for value in losses.values()), losses
         focal[logit] = losses["focal"]
         focal[logit].backward()
@@ -179,7 +225,9 @@ def test_all_pairs_info_nce_in_chunks_equals_the_full_matrix(others_grad):
     a, b = torch.randn(37, 6, requires_grad=True), torch.randn(37, 6, requires_grad=others_grad)
     scale = torch.randn(())  # a non-unit upstream gradient
     chunked = all_pairs_info_nce(a, b, 0.5, chunk=8)
-    full = torch.nn.functional.cross_entropy(torch.nn.functional.normalize(a) @ torch.nn.functional.normalize(b).T / 0.5, torch.arange(37))
+    full = torch.nn.functional.cross_entropy(
+        torch.nn.functional.normalize(a) @ torch.nn.functional.normalize(b).T / 0.5, torch.arange(37)
+    )
     torch.testing.assert_close(chunked, full)
     inputs = (a, b) if others_grad else (a,)
     grads = torch.autograd.grad(scale * chunked, inputs)
@@ -228,7 +276,9 @@ def test_regeneration_excludes_seen_items_unless_faithful(make, faithful, implic
             assert seen.all()  # the published code re-adds the training edges
         else:
             assert links.sum() > 0 and not seen.any()
-            assert torch.equal(torch.bincount(users[links], minlength=N_USERS), torch.full((N_USERS,), 2))  # rebuild_k per user
+            assert torch.equal(
+                torch.bincount(users[links], minlength=N_USERS), torch.full((N_USERS,), 2)
+            )  # rebuild_k per user
 
 
 @pytest.mark.parametrize("faithful", [False, True])
@@ -251,7 +301,9 @@ def test_genrec_generates_new_items_from_a_denoiser_that_restores_the_row(implic
     torch.manual_seed(0)
     model, dataset = build_model(tiny_genrec_config(debias=False), implicit_root)
     train = torch.as_tensor(dataset.matrices["train"].toarray(), dtype=torch.float32)
-    wanted = torch.stack([row[train[user, row] == 0][:4] for user, row in enumerate(torch.rand(N_USERS, N_ITEMS).argsort(1))])  # 4 unseen each
+    wanted = torch.stack(
+        [row[train[user, row] == 0][:4] for user, row in enumerate(torch.rand(N_USERS, N_ITEMS).argsort(1))]
+    )  # 4 unseen each
     preference = torch.full((N_USERS, N_ITEMS), -15.0).scatter_(1, wanted, 15.0)
     model.denoiser.forward = lambda x, t: 40 * train + preference  # restores the row, whatever the chain's state
     model.regenerate_graph(context(model, dataset, batch_size=N_USERS))
@@ -275,7 +327,19 @@ def test_debiasing_keeps_flips_the_user_clusters_support(implicit_root):
     assert torch.equal(out[[0, 2]], rows[0, [0, 2]])
 
 
-@pytest.mark.parametrize("config", [MFConfig(embedding_size=8), LightGCNConfig(embedding_size=8, n_layers=2), tiny_diffmm_config(), tiny_mdmns_config(), tiny_mdmns_config(faithful=True), tiny_genrec_config(), tiny_genrec_config(faithful=True)], ids=lambda c: c.arch + ("-faithful" if getattr(c, "faithful", False) else ""))
+@pytest.mark.parametrize(
+    "config",
+    [
+        MFConfig(embedding_size=8),
+        LightGCNConfig(embedding_size=8, n_layers=2),
+        tiny_diffmm_config(),
+        tiny_mdmns_config(),
+        tiny_mdmns_config(faithful=True),
+        tiny_genrec_config(),
+        tiny_genrec_config(faithful=True),
+    ],
+    ids=lambda c: c.arch + ("-faithful" if getattr(c, "faithful", False) else ""),
+)
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_bpr_loss_falls(config, bf16, implicit_root):
     torch.manual_seed(0)
@@ -299,10 +363,14 @@ def test_bpr_loss_falls(config, bf16, implicit_root):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
-    assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32) for p in model.parameters())
+    assert all(
+        p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32) for p in model.parameters()
+    )
 
 
-@pytest.mark.parametrize("make", [tiny_diffmm_config, tiny_mdmns_config, tiny_genrec_config], ids=["diffmm", "mdmns", "genrec"])
+@pytest.mark.parametrize(
+    "make", [tiny_diffmm_config, tiny_mdmns_config, tiny_genrec_config], ids=["diffmm", "mdmns", "genrec"]
+)
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_denoising_loss_falls(make, bf16, implicit_root):
     torch.manual_seed(0)
@@ -356,7 +424,13 @@ def test_resumed_training_matches_one_uninterrupted_run(arch, implicit_root, tmp
         runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     straight, _, resumed = runs
     # each epoch's own phase (denoisers, regenerated graphs), the negatives and every optimizer continue as if never stopped
-    curves = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["curve"]] for run in (straight, resumed)]
+    curves = [
+        [
+            {k: v for k, v in row.items() if k != "seconds"}
+            for row in json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["curve"]
+        ]
+        for run in (straight, resumed)
+    ]
     assert curves[0] == curves[1] and len(curves[1]) == 2 and resumed["epochs_run"] == 4
     assert resumed["valid_selection"] == straight["valid_selection"]
 
@@ -367,11 +441,16 @@ def test_bf16_training_is_recorded_and_fp16_refused(implicit_root, tmp_path, cap
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["mixed_precision"] == "bf16" and metrics["epochs_run"] == 3
     assert main(["pretrain", "--cfg-path", str(path), "--options", "run.mixed_precision=fp16"]) == 2
-    assert "run.mixed_precision fp16 needs a loss scaler that implicit-shape training does not have" in capsys.readouterr().err
+    assert (
+        "run.mixed_precision fp16 needs a loss scaler that implicit-shape training does not have"
+        in capsys.readouterr().err
+    )
 
 
 def test_paper_parity_is_labelled_and_selects_on_test(implicit_root, tmp_path, capsys):
-    path = write_implicit_config(tmp_path, implicit_root, "mf", {"embedding_size": 8}, {"paper_parity": True, "max_epochs": 4})
+    path = write_implicit_config(
+        tmp_path, implicit_root, "mf", {"embedding_size": 8}, {"paper_parity": True, "max_epochs": 4}
+    )
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["protocol"].startswith("paper_parity")
@@ -486,8 +565,14 @@ TIKTOK = SHARED_DATA / "diffmm-tiktok"
 def test_most_popular_through_the_trainer_reproduces_the_tiktok_floor(tmp_path, capsys):
     assert main(["data", "import-diffmm", str(TIKTOK), "--out", str(tmp_path / "tiktok")]) == 0
     capsys.readouterr()
-    path = write_implicit_config(tmp_path, tmp_path / "tiktok", "mostpop", run={"ranking_ks": [20], "select_metric": "recall@20"})
+    path = write_implicit_config(
+        tmp_path, tmp_path / "tiktok", "mostpop", run={"ranking_ks": [20], "select_metric": "recall@20"}
+    )
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
     test = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["selected"]["test"]
-    assert (round(test["recall@20"], 4), round(test["ndcg@20"], 4), round(test["precision@20"], 4)) == (0.0597, 0.0255, 0.0030)
+    assert (round(test["recall@20"], 4), round(test["ndcg@20"], 4), round(test["precision@20"], 4)) == (
+        0.0597,
+        0.0255,
+        0.0030,
+    )
     assert test["by_group"]["cold"]["users"] == 5  # five of TikTok's test users have no training items

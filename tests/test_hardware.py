@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_llm import llm_config
 
 from minigpt4 import hardware
 from minigpt4.config import LLMConfig, PipelineConfig, load_config, resolve_precision
@@ -14,8 +15,6 @@ from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.errors import DiffRecError
 from minigpt4.llm.loading import load_causal_lm
 from minigpt4.training.llm import train_llm
-from test_llm import llm_config
-
 
 
 @pytest.fixture
@@ -29,7 +28,9 @@ def native(monkeypatch):
 
 
 @pytest.mark.parametrize("is_native, dtype, mixed", [(True, torch.bfloat16, "bf16"), (False, torch.float32, "no")])
-def test_auto_follows_native_bf16_for_llm_pipeline_and_mixed_precision(is_native, dtype, mixed, native, tiny_llm, tiny_models, tiny_dataset, tmp_path):
+def test_auto_follows_native_bf16_for_llm_pipeline_and_mixed_precision(
+    is_native, dtype, mixed, native, tiny_llm, tiny_models, tiny_dataset, tmp_path
+):
     native(is_native)
     assert load_causal_lm(LLMConfig(path=tiny_llm)).dtype == dtype
     pipeline = load_sd3_pipeline(PipelineConfig(path=tiny_models / "sd3", use_t5=False))
@@ -59,7 +60,10 @@ def test_rating_pretraining_stays_fp32_under_auto(native, tiny_dataset, tmp_path
 
     native(True)
     config = load_config(write_config(tmp_path, tiny_dataset, "mf"))
-    assert resolve_precision(config, torch.device("cpu"))["run.mixed_precision"] == {"requested": "auto", "resolved": "no"}
+    assert resolve_precision(config, torch.device("cpu"))["run.mixed_precision"] == {
+        "requested": "auto",
+        "resolved": "no",
+    }
     with pytest.raises(DiffRecError, match="trains in fp32"):
         load_config(write_config(tmp_path, tiny_dataset, "mf", run={"mixed_precision": "bf16"}))
 
@@ -106,7 +110,9 @@ def test_mixed_precision_no_survives_yaml(tiny_llm, tiny_dataset, tmp_path):
 
 def test_metrics_json_and_run_folder_record_the_resolved_precision(native, tiny_llm, tiny_dataset, tmp_path):
     native(True)
-    config = load_config(llm_config(tmp_path, tiny_dataset, tiny_llm, mode="tallrec", run={"max_steps": 2, "eval_every_steps": 2}))
+    config = load_config(
+        llm_config(tmp_path, tiny_dataset, tiny_llm, mode="tallrec", run={"max_steps": 2, "eval_every_steps": 2})
+    )
     metrics = train_llm(config)
     run_dir = Path(metrics["run_dir"])
     saved = json.loads((run_dir / "metrics.json").read_text())["hardware"]
@@ -126,7 +132,12 @@ def test_threads_are_shared_among_local_processes(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
-        assert hardware.configure_threads() == {"threads": 2, "cores": 8, "local_processes": 3, "set_by": "cores / local processes"}
+        assert hardware.configure_threads() == {
+            "threads": 2,
+            "cores": 8,
+            "local_processes": 3,
+            "set_by": "cores / local processes",
+        }
         assert torch.get_num_threads() == 2
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
         assert hardware.configure_threads()["threads"] == 1

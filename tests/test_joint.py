@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import joint_config
 from PIL import Image
 
-from conftest import joint_config
 from minigpt4.cli import main
 from minigpt4.config import DiffRecConfig, PipelineConfig, load_config
 from minigpt4.data.contract import load_rating_dataset
@@ -43,7 +43,10 @@ def comparable(metrics: dict) -> dict:
     """Evaluation figures of a metrics dict (no paths, times or curves)."""
     return {
         "ctr": {split: metrics[split] for split in ("valid", "test", "test_warm", "test_cold")},
-        "images": {variant: {key: metrics["images"][variant][key] for key in ("clip_t", "clip_i", "alpha", "images")} for variant in ("fused", "alpha0", "shuffled")},
+        "images": {
+            variant: {key: metrics["images"][variant][key] for key in ("clip_t", "clip_i", "alpha", "images")}
+            for variant in ("fused", "alpha0", "shuffled")
+        },
     }
 
 
@@ -52,10 +55,20 @@ def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_
     assert metrics["steps_run"] == 6 and [point["step"] for point in metrics["curve"]] == [3, 6]
     assert all({"rec_loss", "image_loss", "valid_auc"} <= set(point) for point in metrics["curve"])
     checkpoints = Path(metrics["run_dir"]) / "checkpoints"
-    assert [path.name for path in step_checkpoints(checkpoints)] == [f"{CHECKPOINT_PREFIX}000004", f"{CHECKPOINT_PREFIX}000006"]
+    assert [path.name for path in step_checkpoints(checkpoints)] == [
+        f"{CHECKPOINT_PREFIX}000004",
+        f"{CHECKPOINT_PREFIX}000006",
+    ]
     assert not list(checkpoints.glob("*.partial"))
     last = checkpoints / f"{CHECKPOINT_PREFIX}000006"
-    for name in ("rec/adapter/adapter_model.safetensors", "rec/collab_modules.safetensors", "image/pytorch_lora_weights.safetensors", "image/fusion.safetensors", "optimizer.bin", "trainer_state.json"):
+    for name in (
+        "rec/adapter/adapter_model.safetensors",
+        "rec/collab_modules.safetensors",
+        "image/pytorch_lora_weights.safetensors",
+        "image/fusion.safetensors",
+        "optimizer.bin",
+        "trainer_state.json",
+    ):
         assert (last / name).is_file(), name
     assert not list(last.glob("model*.safetensors"))  # the frozen base models are never copied into a checkpoint
     assert metrics["test"]["n"] == 32 == metrics["test_warm"]["n"] + metrics["test_cold"]["n"]
@@ -64,11 +77,15 @@ def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_
     assert images["fused"]["images"] == images["alpha0"]["images"] == 4 and images["alpha0"]["alpha"] == 0.0
     assert images["fused"]["clip_t"] is not None and images["fused"]["clip_i"] is not None
     assert [reply["user"] for reply in images["replies"]] and all(reply["reply"] for reply in images["replies"])
-    stored = [json.loads(line) for line in (Path(metrics["run_dir"]) / "images" / "records.jsonl").read_text().splitlines()]
+    stored = [
+        json.loads(line) for line in (Path(metrics["run_dir"]) / "images" / "records.jsonl").read_text().splitlines()
+    ]
     assert {record["variant"] for record in stored} == {"fused", "alpha0", "shuffled"}
     assert images["shuffled"]["images"] == 4
     # 4 pairs cannot tell 10 users apart: the metric says so instead of printing a number
-    assert images["fused"]["personalization"] == {"missing": "needs 10 evaluated users with 2 or more held-out liked items; 3 have them"}
+    assert images["fused"]["personalization"] == {
+        "missing": "needs 10 evaluated users with 2 or more held-out liked items; 3 have them"
+    }
     # The 10 held-out users, drawn with the generic instruction in every arm and scored against their held-out item
     generic = images["generic"]
     assert generic["users"] == 10 and generic["held_out_items"] == 10 and generic["instruction"] == "a movie poster"
@@ -81,13 +98,21 @@ def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_
     assert len(held) == 10 and all(len(record["held_out"]) == 1 for record in held)
     replies = images["reply_personalization"]
     assert replies["users"] == 10 and set(replies["arms"]) == {"own", "shuffled"}
-    assert all(0 <= replies["arms"][arm]["identification_acc1"] <= 1 and replies["arms"][arm]["examples"] for arm in ("own", "shuffled"))
-    assert "<|im_start|>user" in images["replies"][0]["prompt"] and images["replies"][0]["prompt"].rstrip().endswith("assistant")  # the chat template
+    assert all(
+        0 <= replies["arms"][arm]["identification_acc1"] <= 1 and replies["arms"][arm]["examples"]
+        for arm in ("own", "shuffled")
+    )
+    assert "<|im_start|>user" in images["replies"][0]["prompt"] and images["replies"][0]["prompt"].rstrip().endswith(
+        "assistant"
+    )  # the chat template
 
 
 def test_evaluate_only_loads_the_checkpoint_and_reproduces_its_metrics(trained_joint, capsys):
     metrics = trained_joint["metrics"]
-    assert main(["evaluate", "--cfg-path", str(trained_joint["path"]), "--options", f"run.ckpt={metrics['checkpoint']}"]) == 0
+    assert (
+        main(["evaluate", "--cfg-path", str(trained_joint["path"]), "--options", f"run.ckpt={metrics['checkpoint']}"])
+        == 0
+    )
     evaluated = last_json_line(capsys.readouterr().out)
     assert evaluated["checkpoint"] == metrics["checkpoint"]
     assert comparable(evaluated) == comparable(metrics)
@@ -98,7 +123,13 @@ def test_two_processes_report_the_same_metrics_as_one(trained_joint):
     checkpoint = trained_joint["metrics"]["checkpoint"]
     options = ["--options", "run.evaluate=true", f"run.ckpt={checkpoint}"]  # CoLLM's way: evaluate: True with ckpt
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "train_collm_mf_din.py", "--cfg-path", str(trained_joint["path"]), *options], cwd=ROOT, capture_output=True, text=True, env=env)
+    single = subprocess.run(
+        [sys.executable, "train_collm_mf_din.py", "--cfg-path", str(trained_joint["path"]), *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert single.returncode == 0, single.stderr
     launcher = Path(sys.executable).parent / "accelerate"
     double = subprocess.run(
@@ -124,7 +155,12 @@ def test_kill_then_resume_latest_finishes_like_the_uninterrupted_run(trained_joi
     config["run"]["output_dir"] = str(tmp_path / "runs")
     path = tmp_path / "diffrec.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "-m", "minigpt4.cli", "train", "--cfg-path", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minigpt4.cli", "train", "--cfg-path", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not list((tmp_path / "runs").glob(f"*/checkpoints/{CHECKPOINT_PREFIX}000002/trainer_state.json")):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
@@ -139,7 +175,9 @@ def test_kill_then_resume_latest_finishes_like_the_uninterrupted_run(trained_joi
     assert untimed(resumed["curve"]) == untimed(trained_joint["metrics"]["curve"])
 
 
-def test_nan_loss_stops_and_leaves_a_loadable_last_good_checkpoint(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_leaves_a_loadable_last_good_checkpoint(
+    card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path, monkeypatch
+):
     path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint)
     calls = {"count": 0}
     real_loss = DiffRecModel.image_loss
@@ -168,8 +206,12 @@ def test_every_shipped_config_validates():
 
 
 def test_joint_config_errors(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path):
-    path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preferance": "llm"})
-    with pytest.raises(DiffRecError, match="unknown key 'model.joint.preferance'; did you mean 'model.joint.preference'"):
+    path = joint_config(
+        tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preferance": "llm"}
+    )
+    with pytest.raises(
+        DiffRecError, match="unknown key 'model.joint.preferance'; did you mean 'model.joint.preference'"
+    ):
         load_config(path)
     path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, run={"resume_from": "latest"})
     with pytest.raises(DiffRecError, match=r"no run under .* holds a complete checkpoints/step-\*"):
@@ -179,9 +221,30 @@ def test_joint_config_errors(card_dataset, tiny_llm, tiny_models, mf_checkpoint,
 @pytest.fixture(scope="session")
 def joint_report(trained_joint, card_dataset, tmp_path_factory) -> Path:
     """The report page of the trained joint run."""
-    metrics = {**trained_joint["metrics"], "images": {**trained_joint["metrics"]["images"], "replies": [{"user": 1, "item": 2, "title": "Item 2", "prompt": "Would they like Item 2?", "reply": "You may like it."}]}}
+    metrics = {
+        **trained_joint["metrics"],
+        "images": {
+            **trained_joint["metrics"]["images"],
+            "replies": [
+                {
+                    "user": 1,
+                    "item": 2,
+                    "title": "Item 2",
+                    "prompt": "Would they like Item 2?",
+                    "reply": "You may like it.",
+                }
+            ],
+        },
+    }
     out = tmp_path_factory.mktemp("report")
-    return write_report(out, [("DiffRec (tiny)", metrics)], metrics, load_rating_dataset(card_dataset), Path(metrics["run_dir"]) / "images", users=3)
+    return write_report(
+        out,
+        [("DiffRec (tiny)", metrics)],
+        metrics,
+        load_rating_dataset(card_dataset),
+        Path(metrics["run_dir"]) / "images",
+        users=3,
+    )
 
 
 def test_report_has_metrics_curves_users_and_replies_with_every_file_beside_it(joint_report):
@@ -190,7 +253,11 @@ def test_report_has_metrics_curves_users_and_replies_with_every_file_beside_it(j
     assert "report_files/curves.png" in sources and len(sources) > 4
     assert all((joint_report.parent / source).is_file() for source in sources)
     assert "CLIP-T" in page and "open_clip clip" in page and "You may like it." in page and "DiffRec (tiny)" in page
-    assert "Users, generic instruction" in page and "held out (never trained on)" in page and "Would they like Item 2?" in page
+    assert (
+        "Users, generic instruction" in page
+        and "held out (never trained on)" in page
+        and "Would they like Item 2?" in page
+    )
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
@@ -209,11 +276,29 @@ def test_report_renders_in_headless_chromium(joint_report, tmp_path):
 
 def test_base_training_fits_the_cards_writes_a_pipeline_and_is_cached(card_dataset, tiny_models, tmp_path):
     out = tmp_path / "sd3-cards"
-    first = train_base_pipeline(tiny_models / "sd3", card_dataset, out, "a poster for {title}", vae_steps=30, transformer_steps=60, batch_size=8, progress=False)
+    first = train_base_pipeline(
+        tiny_models / "sd3",
+        card_dataset,
+        out,
+        "a poster for {title}",
+        vae_steps=30,
+        transformer_steps=60,
+        batch_size=8,
+        progress=False,
+    )
     assert not first["cached"] and first["images"] == 30
     assert first["vae_loss"]["last"] < 0.5 * first["vae_loss"]["first"]
     assert first["transformer_loss"]["last"] < first["transformer_loss"]["first"]
-    again = train_base_pipeline(tiny_models / "sd3", card_dataset, out, "a poster for {title}", vae_steps=30, transformer_steps=60, batch_size=8, progress=False)
+    again = train_base_pipeline(
+        tiny_models / "sd3",
+        card_dataset,
+        out,
+        "a poster for {title}",
+        vae_steps=30,
+        transformer_steps=60,
+        batch_size=8,
+        progress=False,
+    )
     assert again["cached"] and again["fingerprint"] == first["fingerprint"]
     pipeline = load_sd3_pipeline(PipelineConfig(path=out, use_t5=False))
     # The posterior stays nearly deterministic (its log-variance is never trained).
@@ -225,7 +310,9 @@ def test_base_training_fits_the_cards_writes_a_pipeline_and_is_cached(card_datas
 def test_llm_preference_sends_the_image_loss_into_the_llm(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path):
     """With ``joint.preference: llm`` the fusion reads the LLM's answer-position hidden state, so the
     flow-matching loss alone gives gradients to the LLM's LoRA and CoRA generator, generic instructions included."""
-    path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"})
+    path = joint_config(
+        tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"}
+    )
     config = load_config(path, ["model.image.flow.generic_rate=0.5"])
     dataset = load_rating_dataset(card_dataset)
     model = joint.build_diffrec(config.model, dataset, (torch.device("cpu"), torch.device("cpu")))
@@ -235,12 +322,26 @@ def test_llm_preference_sends_the_image_loss_into_the_llm(card_dataset, tiny_llm
     assert batch.preference is None and batch.prompts is not None
     model.train()
     model(None, batch, torch.Generator().manual_seed(0))[0].backward()
-    llm_grads = [p.grad for name, p in model.rec.named_parameters() if p.requires_grad and ("lora_" in name or "generator" in name)]
+    llm_grads = [
+        p.grad
+        for name, p in model.rec.named_parameters()
+        if p.requires_grad and ("lora_" in name or "generator" in name)
+    ]
     assert llm_grads and all(grad is not None for grad in llm_grads) and any(grad.abs().sum() > 0 for grad in llm_grads)
     # The evaluation reads the held-out users' preferences from the LLM too (prompts built for those rows)
-    short = joint.train_diffrec(load_config(path, ["run.max_steps=2", "run.eval_every_steps=2", "model.joint.replies=0", "model.joint.reply_users=0"]))
+    short = joint.train_diffrec(
+        load_config(
+            path, ["run.max_steps=2", "run.eval_every_steps=2", "model.joint.replies=0", "model.joint.reply_users=0"]
+        )
+    )
     generic = short["images"]["generic"]
-    assert generic["users"] == 10 and generic["fused"]["images"] == generic["shuffled"]["images"] == 10 and generic["fused"]["alpha"] > 0
-    with_checkpointing = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"})
+    assert (
+        generic["users"] == 10
+        and generic["fused"]["images"] == generic["shuffled"]["images"] == 10
+        and generic["fused"]["alpha"] > 0
+    )
+    with_checkpointing = joint_config(
+        tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, joint_section={"preference": "llm"}
+    )
     with pytest.raises(DiffRecError, match="gradient_checkpointing off"):
         joint.train_diffrec(load_config(with_checkpointing, ["model.rec.llm.gradient_checkpointing=true"]))

@@ -33,7 +33,13 @@ def imported_units(path: Path) -> set[str]:
     """The package units a file imports, at module level or inside functions."""
     units = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        names = (
+            [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module
+            else [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
         units.update(name.split(".")[1] for name in names if name.startswith("minigpt4."))
     return units
 

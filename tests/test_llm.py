@@ -34,7 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts"
 
 
-def llm_config(folder: Path, dataset: Path, llm: Path, mode: str = "cora", collab: Path | None = None, model: dict | None = None, run: dict | None = None) -> Path:
+def llm_config(
+    folder: Path,
+    dataset: Path,
+    llm: Path,
+    mode: str = "cora",
+    collab: Path | None = None,
+    model: dict | None = None,
+    run: dict | None = None,
+) -> Path:
     """An llmrec config with fast settings; collm reads the slot template."""
     template = "collm_movie.txt" if mode == "collm" else "tallrec_movie.txt"
     config = {
@@ -155,14 +163,25 @@ def test_cora_with_zero_b_scores_as_the_base_model(tiny_llm, tiny_dataset, mf_ch
     model.eval()
     with torch.no_grad():
         ours = model.score(batch)
-        reference = yes_no_logits(base, base.get_input_embeddings()(batch.input_ids), batch.attention_mask, model.answer_ids)
+        reference = yes_no_logits(
+            base, base.get_input_embeddings()(batch.input_ids), batch.attention_mask, model.answer_ids
+        )
     assert all(not b.any() for b in model.cora.lora_b.values())
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_cora_reads_the_user_embedding_and_trains_its_generator(checkpointing, tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
-    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, model={"llm": {"path": str(tiny_llm), "gradient_checkpointing": checkpointing}})
+def test_cora_reads_the_user_embedding_and_trains_its_generator(
+    checkpointing, tiny_llm, tiny_dataset, mf_checkpoint, tmp_path
+):
+    path = llm_config(
+        tmp_path,
+        tiny_dataset,
+        tiny_llm,
+        "cora",
+        mf_checkpoint,
+        model={"llm": {"path": str(tiny_llm), "gradient_checkpointing": checkpointing}},
+    )
     config, model, rows = build(path)
     assert model.llm.is_gradient_checkpointing == checkpointing
     batch = first_rows(rows["train"])
@@ -209,7 +228,14 @@ def test_save_then_load_reproduces_scores(tiny_llm, tiny_dataset, mf_checkpoint,
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     save_checkpoint(tmp_path / "ckpt", model, config, optimizer, scheduler, {"step": 1})
-    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"adapter", "collab_modules.safetensors", "config.yaml", "optimizer.pt", "scheduler.pt", TRAINER_STATE}
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {
+        "adapter",
+        "collab_modules.safetensors",
+        "config.yaml",
+        "optimizer.pt",
+        "scheduler.pt",
+        TRAINER_STATE,
+    }
     assert (tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors").is_file()
     _, fresh, _ = build(path)
     batch = first_rows(rows["test"])
@@ -236,14 +262,23 @@ def test_collaborative_checkpoint_must_exist_and_match(tiny_llm, tiny_dataset, m
     (other / "config.json").write_text(json.dumps(info))
     mismatched = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", other)
     assert main(["train", "--cfg-path", str(mismatched)]) == 2
-    assert f"checkpoint has n_users={info['n_users']} but the dataset has {info['n_users'] - 5}" in capsys.readouterr().err
+    assert (
+        f"checkpoint has n_users={info['n_users']} but the dataset has {info['n_users'] - 5}" in capsys.readouterr().err
+    )
 
 
 def test_mode_and_collab_must_agree(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
     path = llm_config(tmp_path, tiny_dataset, tiny_llm, "tallrec", model={"collab": {"ckpt": str(mf_checkpoint)}})
     assert main(["train", "--cfg-path", str(path)]) == 2
     assert "mode tallrec is text only" in capsys.readouterr().err
-    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, model={"prompt": {"template": str(PROMPTS / "collm_movie.txt")}})
+    path = llm_config(
+        tmp_path,
+        tiny_dataset,
+        tiny_llm,
+        "cora",
+        mf_checkpoint,
+        model={"prompt": {"template": str(PROMPTS / "collm_movie.txt")}},
+    )
     assert main(["train", "--cfg-path", str(path)]) == 2
     assert "are filled only in mode collm" in capsys.readouterr().err
 
@@ -273,14 +308,20 @@ def test_train_then_evaluate_the_checkpoint(mode, tiny_llm, tiny_dataset, mf_che
 
 
 def test_collm_entry_point_trains_the_llm(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
-    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"max_steps": 1, "eval_every_steps": 1})
-    done = subprocess.run([sys.executable, "train_collm_mf_din.py", f"--cfg-path={path}"], cwd=ROOT, capture_output=True, text=True)
+    path = llm_config(
+        tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"max_steps": 1, "eval_every_steps": 1}
+    )
+    done = subprocess.run(
+        [sys.executable, "train_collm_mf_din.py", f"--cfg-path={path}"], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert last_json_line(done.stdout)["model"] == "llmrec/cora"
 
 
 def test_another_checkpoint_gives_other_scores(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
-    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"eval_every_steps": 1, "patience": 1, "lr": 0.05})
+    path = llm_config(
+        tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"eval_every_steps": 1, "patience": 1, "lr": 0.05}
+    )
     assert main(["train", "--cfg-path", str(path), "--options", "run.max_steps=2"]) == 0
     first = Path(last_json_line(capsys.readouterr().out)["run_dir"]) / "checkpoints" / "last"
     assert main(["train", "--cfg-path", str(path), "--options", "run.max_steps=2", "run.seed=7"]) == 0
@@ -296,8 +337,17 @@ def test_another_checkpoint_gives_other_scores(tiny_llm, tiny_dataset, mf_checkp
     assert not torch.allclose(scores[0], scores[1])
 
 
-def test_resume_continues_where_the_checkpoint_left_off(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys, monkeypatch):
-    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, run={"max_steps": 6, "eval_every_steps": 2, "warmup_steps": 2, "patience": 9})
+def test_resume_continues_where_the_checkpoint_left_off(
+    tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys, monkeypatch
+):
+    path = llm_config(
+        tmp_path,
+        tiny_dataset,
+        tiny_llm,
+        "cora",
+        mf_checkpoint,
+        run={"max_steps": 6, "eval_every_steps": 2, "warmup_steps": 2, "patience": 9},
+    )
     original = training_llm.save_checkpoint
 
     def keep_step_four(folder, model, config, optimizer, scheduler, progress):
@@ -327,7 +377,13 @@ def test_reply_is_seeded_and_uses_the_checkpoint(tiny_llm, tiny_dataset, mf_chec
     first = last_json_line(capsys.readouterr().out)
     assert main(command) == 0
     assert last_json_line(capsys.readouterr().out) == first
-    assert first["user"] == 3 and first["item"] == 5 and first["reply"] and first["prompt"].startswith("<|im_start|>system") and first["prompt"].rstrip().endswith("<|im_start|>assistant")  # SmolLM2's chat template
+    assert (
+        first["user"] == 3
+        and first["item"] == 5
+        and first["reply"]
+        and first["prompt"].startswith("<|im_start|>system")
+        and first["prompt"].rstrip().endswith("<|im_start|>assistant")
+    )  # SmolLM2's chat template
     assert main(["reply", "--cfg-path", str(path), "--user", "3", "--item", "5"]) == 2
     assert "run.ckpt is not set" in capsys.readouterr().err
     assert main([*command[:3], "--user", "999", "--item", "5", "--options", f"run.ckpt={best}"]) == 2
@@ -339,12 +395,17 @@ def test_non_finite_gradient_norm_stops_the_llm_training(tiny_llm, tiny_dataset,
 
     def poisoned(*args, **kwargs):
         model, tokenizer, template = real(*args, **kwargs)
-        next(param for param in model.parameters() if param.requires_grad).register_hook(lambda grad: grad * float("inf"))
+        next(param for param in model.parameters() if param.requires_grad).register_hook(
+            lambda grad: grad * float("inf")
+        )
         return model, tokenizer, template
 
     monkeypatch.setattr(training_llm, "build_llm_recommender", poisoned)
     path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
-    with pytest.raises(DiffRecError, match=r"gradient norm became (inf|nan) at step 0; training stopped, the best checkpoint so far is kept at \(none yet\)"):
+    with pytest.raises(
+        DiffRecError,
+        match=r"gradient norm became (inf|nan) at step 0; training stopped, the best checkpoint so far is kept at \(none yet\)",
+    ):
         training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
 
 
@@ -353,7 +414,9 @@ def test_resume_from_latest_continues_the_newest_run(tiny_llm, tiny_dataset, mf_
     first = training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
     resumed = training_llm.train_llm(load_config(path, ["run.max_steps=4", "run.resume_from=latest"]))
     assert [point["step"] for point in resumed["curve"]] == [2, 4] and resumed["curve"][0] == first["curve"][0]
-    with pytest.raises(DiffRecError, match="run.resume_from is latest but no run under .* holds a complete checkpoints/last"):
+    with pytest.raises(
+        DiffRecError, match="run.resume_from is latest but no run under .* holds a complete checkpoints/last"
+    ):
         training_llm.train_llm(load_config(path, ["run.resume_from=latest", f"run.output_dir={tmp_path / 'empty'}"]))
 
 
@@ -375,7 +438,14 @@ def test_shared_prefix_scoring_equals_whole_prompts(mode, tiny_llm, tiny_dataset
     frame["iid"] = range(1, 7)
     frame["title"] = [titles[i] + " (longer)" * (i % 3) for i in range(1, 7)]  # suffixes of different lengths
     template = PromptTemplate.load(config.model.prompt.template)
-    prompts = prompt_rows(frame, config.model, template, load_tokenizer(config.model.llm), model.collab.max_history if model.collab else 0, "test")
+    prompts = prompt_rows(
+        frame,
+        config.model,
+        template,
+        load_tokenizer(config.model.llm),
+        model.collab.max_history if model.collab else 0,
+        "test",
+    )
     batch = prompts.__getitems__(list(range(6)))
     prefix = min(len(os.path.commonprefix(prompts.input_ids)), min(map(len, prompts.input_ids)) - 1)
     assert prefix > 10 and batch.attention_mask.sum(1).unique().numel() > 1

@@ -45,7 +45,11 @@ def test_p_value_is_roughly_uniform_when_outputs_carry_no_user():
     for seed in range(20):
         items, liked = random_users(users=50, items=300, per_user=3, seed=seed)
         outputs = torch.as_tensor(np.random.default_rng(seed + 100).normal(size=(50, 16)), dtype=torch.float32)
-        p_values.append(personalization_metrics(outputs, range(50), items, liked, permutations=200, seed=seed)["identification_p_value"])
+        p_values.append(
+            personalization_metrics(outputs, range(50), items, liked, permutations=200, seed=seed)[
+                "identification_p_value"
+            ]
+        )
     p_values = np.asarray(p_values)
     assert 0.25 <= p_values.mean() <= 0.75
     assert (p_values < 0.05).mean() <= 0.2
@@ -89,7 +93,9 @@ def test_holdout_keeps_each_users_latest_liked_items_out_of_image_training(card_
     dataset = load_rating_dataset(card_dataset)
     images = load_image_table(card_dataset, dataset.n_items)
     holdout = personal_holdout(dataset, images, users=8, items=2, seed=3)
-    assert personal_holdout(dataset, images, users=8, items=2, seed=3).users == holdout.users and len(holdout.users) == 8  # seeded
+    assert (
+        personal_holdout(dataset, images, users=8, items=2, seed=3).users == holdout.users and len(holdout.users) == 8
+    )  # seeded
     liked = liked_rows(dataset, "train", images)
     for user, held, row, kept in zip(holdout.users, holdout.held_out, holdout.rows.itertuples(), holdout.liked):
         theirs = liked[liked["uid"] == user].sort_values("timestamp", kind="stable")
@@ -98,7 +104,10 @@ def test_holdout_keeps_each_users_latest_liked_items_out_of_image_training(card_
         assert set(held).isdisjoint(set(row.his)) and set(held).isdisjoint(kept)  # the preference row has not seen them
     remaining = holdout.drop_from(liked)
     assert len(remaining) == len(liked) - 16
-    assert not any((int(u), int(i)) in {(user, item) for user, items in zip(holdout.users, holdout.held_out) for item in items} for u, i in zip(remaining["uid"], remaining["iid"]))
+    assert not any(
+        (int(u), int(i)) in {(user, item) for user, items in zip(holdout.users, holdout.held_out) for item in items}
+        for u, i in zip(remaining["uid"], remaining["iid"])
+    )
     holdout.save(tmp_path)
     again = load_holdout(tmp_path, dataset, images)
     assert again.users == holdout.users and again.held_out == holdout.held_out and again.rows.equals(holdout.rows)
@@ -123,7 +132,9 @@ def test_reply_prompts_use_the_chat_template_and_keep_slots(tiny_llm):
     from minigpt4.llm.prompts import PromptTemplate, encode_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
-    template = PromptTemplate.load(Path(__file__).resolve().parents[1] / "prompts" / "collm_movie.txt")  # with slots; reply_movie.txt has none
+    template = PromptTemplate.load(
+        Path(__file__).resolve().parents[1] / "prompts" / "collm_movie.txt"
+    )  # with slots; reply_movie.txt has none
     frame = pd.DataFrame({"his_title": [["Heat", "Alien"]], "title": ["Fargo"]})
     plain = encode_prompts(template, frame, tokenizer, 5, 256, "t")
     chat = encode_prompts(template, frame, tokenizer, 5, 256, "t", chat=True)
@@ -132,6 +143,19 @@ def test_reply_prompts_use_the_chat_template_and_keep_slots(tiny_llm):
     assert tokenizer.decode(plain.input_ids[0]).strip() in text and len(chat.input_ids[0]) > len(plain.input_ids[0])
     for slot, positions in chat.slot_positions.items():
         assert chat.input_ids[0][positions[0]] == tokenizer.pad_token_id, slot  # the slots survive the wrapping
-    reply = encode_prompts(PromptTemplate.load(Path(__file__).resolve().parents[1] / "prompts" / "reply_movie.txt"), frame, tokenizer, 5, 256, "t", chat=True)
+    reply = encode_prompts(
+        PromptTemplate.load(Path(__file__).resolve().parents[1] / "prompts" / "reply_movie.txt"),
+        frame,
+        tokenizer,
+        5,
+        256,
+        "t",
+        chat=True,
+    )
     text = tokenizer.decode(reply.input_ids[0])
-    assert text.startswith("<|im_start|>system") and text.count("<|im_start|>user") == 1 and text.rstrip().endswith("<|im_start|>assistant") and '"Fargo"' in text
+    assert (
+        text.startswith("<|im_start|>system")
+        and text.count("<|im_start|>user") == 1
+        and text.rstrip().endswith("<|im_start|>assistant")
+        and '"Fargo"' in text
+    )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_config
+
 from minigpt4.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,13 @@ def test_pretrain_writes_run_folder(arch, tiny_dataset, tmp_path, capsys):
     assert main(["pretrain", "--cfg-path", str(config)]) == 0
     metrics = last_json_line(capsys.readouterr().out)
     run_dir = Path(metrics["run_dir"])
-    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.json", "checkpoints", "tensorboard"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.yaml",
+        "log.txt",
+        "metrics.json",
+        "checkpoints",
+        "tensorboard",
+    }
     assert sorted(p.name for p in (run_dir / "checkpoints" / "best").iterdir()) == ["config.json", "model.safetensors"]
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert {k: v for k, v in saved.items() if k != "curve"} == metrics
@@ -54,10 +60,14 @@ def test_evaluate_reproduces_the_best_checkpoint(tiny_dataset, tmp_path, capsys)
 
 def test_entry_point_scripts(tiny_dataset, tmp_path):
     config = write_config(tmp_path, tiny_dataset, "mf", run={"max_epochs": 1})
-    done = subprocess.run([sys.executable, "baseline_train_mf_ood.py", f"--cfg-path={config}"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "baseline_train_mf_ood.py", f"--cfg-path={config}"], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "auc" in last_json_line(done.stdout)["test"]
-    joint = subprocess.run([sys.executable, "train_collm_mf_din.py", f"--cfg-path={config}"], cwd=ROOT, capture_output=True, text=True)
+    joint = subprocess.run(
+        [sys.executable, "train_collm_mf_din.py", f"--cfg-path={config}"], cwd=ROOT, capture_output=True, text=True
+    )
     assert joint.returncode == 2
     assert "model.arch mf is a collaborative model; train it with diffrec pretrain" in joint.stderr
 

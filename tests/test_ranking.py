@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from conftest import SHARED_DATA
+
 from minigpt4.cli import main
 from minigpt4.data.implicit import import_diffmm_folder, load_implicit_dataset, save_implicit_dataset
 from minigpt4.errors import DiffRecError
@@ -33,7 +33,11 @@ def reference_metrics(scores: np.ndarray, train: sp.csr_matrix, target: sp.csr_m
         precision += sum(hits) / k
         ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(wanted), k)))
         ndcg += sum(hit / np.log2(rank + 2) for rank, hit in enumerate(hits)) / ideal
-    return {f"recall@{k}": recall / len(users), f"ndcg@{k}": ndcg / len(users), f"precision@{k}": precision / len(users)}
+    return {
+        f"recall@{k}": recall / len(users),
+        f"ndcg@{k}": ndcg / len(users),
+        f"precision@{k}": precision / len(users),
+    }
 
 
 def random_split(seed: int = 0, users: int = 50, items: int = 40) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
@@ -61,18 +65,33 @@ def test_group_means_split_the_overall_mean():
     train[:10] = 0  # ten users with no training items
     train = train.tocsr()
     warm = np.diff(train.indptr) > 0
-    metrics = full_ranking_metrics(lambda users: torch.as_tensor(scores)[users], train, test, ks=(10,), batch_size=7, groups={"warm": warm, "cold": ~warm})
+    metrics = full_ranking_metrics(
+        lambda users: torch.as_tensor(scores)[users],
+        train,
+        test,
+        ks=(10,),
+        batch_size=7,
+        groups={"warm": warm, "cold": ~warm},
+    )
     cold, hot = metrics["by_group"]["cold"], metrics["by_group"]["warm"]
-    assert cold["users"] + hot["users"] == metrics["users"] and cold["users"] == sum(1 for u in range(10) if test[u].nnz)
+    assert cold["users"] + hot["users"] == metrics["users"] and cold["users"] == sum(
+        1 for u in range(10) if test[u].nnz
+    )
     for name in ("recall@10", "ndcg@10", "precision@10"):
-        assert (cold[name] * cold["users"] + hot[name] * hot["users"]) / metrics["users"] == pytest.approx(metrics[name])
+        assert (cold[name] * cold["users"] + hot[name] * hot["users"]) / metrics["users"] == pytest.approx(
+            metrics[name]
+        )
     cold_only = sp.diags((~warm).astype(float)) @ test
-    assert cold["recall@10"] == pytest.approx(reference_metrics(scores, train, sp.csr_matrix(cold_only), 10)["recall@10"])
+    assert cold["recall@10"] == pytest.approx(
+        reference_metrics(scores, train, sp.csr_matrix(cold_only), 10)["recall@10"]
+    )
 
 
 def test_no_target_users_gives_missing_metrics_not_zero():
     train, _, scores = random_split()
-    metrics = full_ranking_metrics(lambda users: torch.as_tensor(scores)[users], train, sp.csr_matrix(train.shape), ks=(10,))
+    metrics = full_ranking_metrics(
+        lambda users: torch.as_tensor(scores)[users], train, sp.csr_matrix(train.shape), ks=(10,)
+    )
     assert metrics["users"] == 0 and np.isnan(metrics["recall@10"])
 
 
@@ -81,7 +100,11 @@ def write_diffmm_folder(folder, features=("image", "audio"), n_users: int = 12, 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
     dense = rng.random((n_users, n_items))
-    for name, keep in (("trnMat.pkl", dense < 0.4), ("valMat.pkl", (dense >= 0.4) & (dense < 0.5)), ("tstMat.pkl", dense >= 0.9)):
+    for name, keep in (
+        ("trnMat.pkl", dense < 0.4),
+        ("valMat.pkl", (dense >= 0.4) & (dense < 0.5)),
+        ("tstMat.pkl", dense >= 0.9),
+    ):
         with open(folder / name, "wb") as handle:
             pickle.dump(sp.coo_matrix(keep.astype(np.float64)), handle)
     for modality in features:
@@ -99,7 +122,9 @@ def test_diffmm_import_round_trip_and_missing_feature_file(tmp_path, capsys):
     assert (dataset.n_users, dataset.n_items) == (12, 9) and meta["modalities"] == ["audio", "image"]
     original = pickle.loads((source / "trnMat.pkl").read_bytes()).tocsr()
     assert (dataset.matrices["train"] != original).nnz == 0
-    with pytest.raises(DiffRecError, match=r"text.npy: feature file missing for modality 'text' \(this dataset has: audio, image\)"):
+    with pytest.raises(
+        DiffRecError, match=r"text.npy: feature file missing for modality 'text' \(this dataset has: audio, image\)"
+    ):
         load_implicit_dataset(tmp_path / "out", modalities=["image", "text"])
     save_implicit_dataset(tmp_path / "bad", splits, features, {**meta, "n_items": 5})
     with pytest.raises(DiffRecError, match="ids outside"):
@@ -120,7 +145,13 @@ def test_most_popular_floor_on_tiktok_matches_the_papers(tmp_path):
     assert sorted(features) == ["audio", "image"] and (meta["n_users"], meta["n_items"]) == (9308, 6710)
     dataset = load_implicit_dataset(save_implicit_dataset(tmp_path / "tiktok", splits, features, meta))
     popularity = torch.as_tensor(np.asarray(dataset.matrices["train"].sum(0)).ravel(), dtype=torch.float32)
-    metrics = full_ranking_metrics(lambda users: popularity.expand(len(users), -1), dataset.matrices["train"], dataset.matrices["test"], ks=(20,))
-    assert round(metrics["recall@20"], 4) == 0.0597 and round(metrics["ndcg@20"], 4) == 0.0255 and round(metrics["precision@20"], 4) == 0.0030
+    metrics = full_ranking_metrics(
+        lambda users: popularity.expand(len(users), -1), dataset.matrices["train"], dataset.matrices["test"], ks=(20,)
+    )
+    assert (
+        round(metrics["recall@20"], 4) == 0.0597
+        and round(metrics["ndcg@20"], 4) == 0.0255
+        and round(metrics["precision@20"], 4) == 0.0030
+    )
     # Every TikTok test user has exactly one test item, so Precision@20 is Recall@20 / 20.
     assert metrics["precision@20"] == pytest.approx(metrics["recall@20"] / 20, rel=1e-12)

@@ -13,19 +13,32 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import SHARED_DATA
+from test_llm import build, first_rows, llm_config, one_step
+
 from minigpt4.cli import main
 from minigpt4.config import DiffuRecConfig, SASRecConfig
-from minigpt4.data.sequences import derive_sequences, import_diffurec_pickle, left_padded, load_sequence_dataset, save_sequence_dataset
+from minigpt4.data.sequences import (
+    derive_sequences,
+    import_diffurec_pickle,
+    left_padded,
+    load_sequence_dataset,
+    save_sequence_dataset,
+)
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ranking import leave_one_out_metrics
 from minigpt4.recommenders import build_recommender, load_recommender
 from minigpt4.recommenders.diffurec import respaced_timesteps, truncated_linear_betas
-from test_llm import build, first_rows, llm_config, one_step
 
-TINY_DIFFUREC = {"embedding_size": 16, "num_blocks": 2, "num_heads": 2, "max_history": 6, "diffusion_steps": 8, "reverse_steps": 8}
+TINY_DIFFUREC = {
+    "embedding_size": 16,
+    "num_blocks": 2,
+    "num_heads": 2,
+    "max_history": 6,
+    "diffusion_steps": 8,
+    "reverse_steps": 8,
+}
 
 
 def synthetic_sequences(n_users: int = 30, n_items: int = 12, length: int = 9, seed: int = 0) -> dict:
@@ -52,7 +65,9 @@ def sequence_root(tmp_path_factory) -> Path:
     return save_sequence_dataset(folder / "walks", frame, meta)
 
 
-def write_sequence_config(folder: Path, root: Path, arch: str, model: dict | None = None, run: dict | None = None) -> Path:
+def write_sequence_config(
+    folder: Path, root: Path, arch: str, model: dict | None = None, run: dict | None = None
+) -> Path:
     config = {
         "model": {"arch": arch, **(model or {})},
         "datasets": {"name": "walks", "path": str(root), "shape": "sequence"},
@@ -117,7 +132,12 @@ def test_derived_sequences_follow_time_and_keep_ids(tiny_dataset, tmp_path):
     meta = derive_sequences(root)
     data = load_sequence_dataset(root)
     ratings = load_rating_dataset(tiny_dataset)
-    rows = __import__("pandas").concat(ratings.splits.values()).query("label == 1").sort_values(["uid", "timestamp"], kind="stable")
+    rows = (
+        __import__("pandas")
+        .concat(ratings.splits.values())
+        .query("label == 1")
+        .sort_values(["uid", "timestamp"], kind="stable")
+    )
     user = int(data.uid[0])
     expected = rows.loc[rows.uid == user, "iid"].tolist()
     assert data.items[data.starts[0] : data.ends[0]].tolist() + [data.valid[0], data.test[0]] == expected
@@ -130,7 +150,10 @@ def test_derived_sequences_follow_time_and_keep_ids(tiny_dataset, tmp_path):
 def test_leave_one_out_metrics_by_hand():
     # 3 rows over item ids 0..4 (0 is padding); scores rank the ids 0 > 4 > 3 > 2 > 1 for every row.
     scores = torch.tensor([[9.0, 1.0, 2.0, 3.0, 4.0]])
-    score = lambda histories: scores.expand(len(histories), -1)
+
+    def score(histories):
+        return scores.expand(len(histories), -1)
+
     histories = np.array([[0, 4], [1, 4], [3, 4]])
     targets = np.array([4, 3, 2])
     import scipy.sparse as sp
@@ -158,10 +181,17 @@ def test_popularity_floor_on_diffurec_beauty(tmp_path):
     data = load_sequence_dataset(save_sequence_dataset(tmp_path / "beauty", frame, meta))
     counts = torch.as_tensor(np.bincount(data.items, minlength=data.n_items + 1), dtype=torch.float32)
     histories, targets, seen = data.evaluation_inputs("test", 1)
-    score = lambda batch: counts.expand(len(batch), -1)
-    unmasked = leave_one_out_metrics(score, histories, targets, None, (5, 10, 20), batch_size=len(targets), score_padding=True)
+
+    def score(batch):
+        return counts.expand(len(batch), -1)
+
+    unmasked = leave_one_out_metrics(
+        score, histories, targets, None, (5, 10, 20), batch_size=len(targets), score_padding=True
+    )
     assert round(unmasked["hr@10"], 3) == 1.145
-    published = leave_one_out_metrics(score, histories, targets, None, (5, 10, 20), batch_size=512, score_padding=True, per_batch_mean=True)
+    published = leave_one_out_metrics(
+        score, histories, targets, None, (5, 10, 20), batch_size=512, score_padding=True, per_batch_mean=True
+    )
     assert round(published["hr@10"], 3) == 1.136  # DiffuRec's mean of per-batch means over batches of 512
     masked = leave_one_out_metrics(score, histories, targets, seen, (5, 10, 20), batch_size=2048)
     assert round(masked["hr@10"], 3) == 1.154
@@ -178,7 +208,15 @@ def walks_batches(seed: int = 0, batch: int = 64, length: int = 6) -> tuple[torc
     return history, sequences[:, -1]
 
 
-@pytest.mark.parametrize("config", [DiffuRecConfig(**TINY_DIFFUREC), DiffuRecConfig(**TINY_DIFFUREC, faithful=True), SASRecConfig(embedding_size=16, max_history=6)], ids=["diffurec", "diffurec-faithful", "sasrec"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        DiffuRecConfig(**TINY_DIFFUREC),
+        DiffuRecConfig(**TINY_DIFFUREC, faithful=True),
+        SASRecConfig(embedding_size=16, max_history=6),
+    ],
+    ids=["diffurec", "diffurec-faithful", "sasrec"],
+)
 def test_next_item_loss_falls(config):
     torch.manual_seed(0)
     model = build_recommender(config, 64, 12)
@@ -240,8 +278,16 @@ def test_reverse_chain_is_reproducible_under_a_seed_at_every_step_count():
         assert torch.equal(first, again) and not torch.equal(first, other)
     with pytest.raises(ValueError, match="reverse steps must be 1..8"):
         model.reverse_chain(history, 9)
-    batch = RatingBatch(rows=torch.arange(8), uid=torch.arange(1, 9), iid=torch.ones(8, dtype=torch.long), label=torch.ones(8), his=history)
-    assert torch.equal(model.user_embeddings(batch), model.user_embeddings(batch)) and model.user_embeddings(batch).shape == (8, 16)
+    batch = RatingBatch(
+        rows=torch.arange(8),
+        uid=torch.arange(1, 9),
+        iid=torch.ones(8, dtype=torch.long),
+        label=torch.ones(8),
+        his=history,
+    )
+    assert torch.equal(model.user_embeddings(batch), model.user_embeddings(batch)) and model.user_embeddings(
+        batch
+    ).shape == (8, 16)
 
 
 def test_schedule_matches_the_published_truncated_linear_betas():
@@ -255,7 +301,9 @@ def test_item_table_starts_as_published_unless_init_std_is_set():
     torch.manual_seed(0)
     published = build_recommender(DiffuRecConfig(**TINY_DIFFUREC), 8, 500).item_embedding.weight
     small = build_recommender(DiffuRecConfig(**TINY_DIFFUREC, init_std=0.02), 8, 500).item_embedding.weight
-    assert published.std().item() == pytest.approx(1.0, rel=0.05) and small.std().item() == pytest.approx(0.02, rel=0.05)
+    assert published.std().item() == pytest.approx(1.0, rel=0.05) and small.std().item() == pytest.approx(
+        0.02, rel=0.05
+    )
 
 
 # --- CLI and the LLM side ---------------------------------------------------------------------------------
@@ -271,9 +319,16 @@ def test_cli_trains_selects_on_validation_and_reevaluates_the_checkpoint(sequenc
     assert [row["epoch"] for row in curve] == [2, 4]
     chosen = next(row for row in curve if row["epoch"] == metrics["selected"]["epoch"])
     assert chosen["valid_ndcg@5"] == pytest.approx(metrics["selected"]["valid"]["ndcg@5"])
-    assert main(["evaluate", "--cfg-path", str(path), "--options", "run.evaluate=true", f"run.ckpt={metrics['checkpoint']}"]) == 0
+    assert (
+        main(
+            ["evaluate", "--cfg-path", str(path), "--options", "run.evaluate=true", f"run.ckpt={metrics['checkpoint']}"]
+        )
+        == 0
+    )
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert again["test"] == pytest.approx(metrics["selected"]["test"])  # the chain is seeded: same weights, same figures
+    assert again["test"] == pytest.approx(
+        metrics["selected"]["test"]
+    )  # the chain is seeded: same weights, same figures
 
 
 def test_cli_most_popular_and_sasrec_on_sequences(sequence_root, tmp_path, capsys):
@@ -283,7 +338,9 @@ def test_cli_most_popular_and_sasrec_on_sequences(sequence_root, tmp_path, capsy
     assert parity["protocol"].startswith("paper_parity") and parity["epochs_run"] == 0
     assert main(["pretrain", "--cfg-path", str(pop), "--options", "run.paper_parity=false"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    sasrec = write_sequence_config(tmp_path, sequence_root, "sasrec", {"embedding_size": 16, "max_history": 6}, {"max_epochs": 15, "eval_every": 5})
+    sasrec = write_sequence_config(
+        tmp_path, sequence_root, "sasrec", {"embedding_size": 16, "max_history": 6}, {"max_epochs": 15, "eval_every": 5}
+    )
     assert main(["pretrain", "--cfg-path", str(sasrec)]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the walks are predictable from the last item: SASRec clears the popularity floor by far
@@ -291,7 +348,13 @@ def test_cli_most_popular_and_sasrec_on_sequences(sequence_root, tmp_path, capsy
 
 
 def test_bf16_training_learns_and_keeps_fp32_weights(sequence_root, tmp_path, capsys):
-    path = write_sequence_config(tmp_path, sequence_root, "sasrec", {"embedding_size": 16, "max_history": 6}, {"max_epochs": 15, "eval_every": 5, "mixed_precision": "bf16"})
+    path = write_sequence_config(
+        tmp_path,
+        sequence_root,
+        "sasrec",
+        {"embedding_size": 16, "max_history": 6},
+        {"max_epochs": 15, "eval_every": 5, "mixed_precision": "bf16"},
+    )
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["mixed_precision"] == "bf16"
@@ -305,7 +368,12 @@ def test_bf16_training_learns_and_keeps_fp32_weights(sequence_root, tmp_path, ca
 
 
 def test_resumed_training_matches_one_uninterrupted_run(sequence_root, tmp_path, capsys):
-    schedule = {"max_epochs": 4, "eval_every": 2, "lr_step_epochs": 1, "lr_step_gamma": 0.5}  # the lr schedule must carry over too
+    schedule = {
+        "max_epochs": 4,
+        "eval_every": 2,
+        "lr_step_epochs": 1,
+        "lr_step_gamma": 0.5,
+    }  # the lr schedule must carry over too
     path = write_sequence_config(tmp_path, sequence_root, "diffurec", TINY_DIFFUREC, schedule)
     assert main(["pretrain", "--cfg-path", str(path)]) == 0
     straight = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -316,12 +384,23 @@ def test_resumed_training_matches_one_uninterrupted_run(sequence_root, tmp_path,
     assert main(["pretrain", "--cfg-path", str(path), "--options", "run.resume_from=latest"]) == 0
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the batch order, the dropout and diffusion noise, Adam and the lr schedule all continue: same curve, same weights
-    curves = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["curve"]] for run in (straight, resumed)]
+    curves = [
+        [
+            {k: v for k, v in row.items() if k != "seconds"}
+            for row in json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["curve"]
+        ]
+        for run in (straight, resumed)
+    ]
     assert curves[0] == curves[1] and [row["epoch"] for row in curves[1]] == [2, 4] and resumed["epochs_run"] == 4
     assert resumed["selected"] == straight["selected"]
     for name, value in load_recommender(Path(straight["run_dir"]) / "checkpoints" / "last").state_dict().items():
-        assert torch.equal(value, load_recommender(Path(resumed["run_dir"]) / "checkpoints" / "last").state_dict()[name]), name
-    assert main(["pretrain", "--cfg-path", str(path), "--options", f"run.resume_from={last}", "run.paper_parity=true"]) == 2
+        assert torch.equal(
+            value, load_recommender(Path(resumed["run_dir"]) / "checkpoints" / "last").state_dict()[name]
+        ), name
+    assert (
+        main(["pretrain", "--cfg-path", str(path), "--options", f"run.resume_from={last}", "run.paper_parity=true"])
+        == 2
+    )
     assert "resume under the same protocol" in capsys.readouterr().err
     assert main(["pretrain", "--cfg-path", str(path), "--options", f"run.resume_from={last}", "run.max_epochs=2"]) == 2
     assert "leaves nothing to train" in capsys.readouterr().err
@@ -333,7 +412,9 @@ def test_trimmed_length_grouped_evaluation_matches_the_full_width(sequence_root)
 
     torch.manual_seed(0)
     data = load_sequence_dataset(sequence_root)
-    config = load_config(write_sequence_config(sequence_root.parent, sequence_root, "sasrec", {"embedding_size": 16, "max_history": 12}))
+    config = load_config(
+        write_sequence_config(sequence_root.parent, sequence_root, "sasrec", {"embedding_size": 16, "max_history": 12})
+    )
     model = build_recommender(config.model, data.n_users, data.n_items).eval()
     grouped = evaluate_sequences(model, data, "test", config, torch.device("cpu"))
     model.padding_invariant = False  # the plain path: full-width windows in the stored order
@@ -347,7 +428,9 @@ def test_config_errors_name_the_shape_and_metric(sequence_root, tmp_path, capsys
     path.write_text(yaml.safe_dump(data))
     assert main(["pretrain", "--cfg-path", str(path)]) == 2
     assert "model.arch diffurec trains on datasets.shape sequence, not implicit" in capsys.readouterr().err
-    bad_metric = write_sequence_config(tmp_path, sequence_root, "sasrec", {"embedding_size": 16}, {"select_metric": "recall@5"})
+    bad_metric = write_sequence_config(
+        tmp_path, sequence_root, "sasrec", {"embedding_size": 16}, {"select_metric": "recall@5"}
+    )
     assert main(["pretrain", "--cfg-path", str(bad_metric)]) == 2
     assert "must be hr|ndcg@K" in capsys.readouterr().err
     steps = write_sequence_config(tmp_path, sequence_root, "diffurec", {**TINY_DIFFUREC, "reverse_steps": 9})

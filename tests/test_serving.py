@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_config
 from scipy.stats import spearmanr
 
 from minigpt4.app import DATASET_USER, NEW_USER, DiffRecApp, default_sizes, launch
-from conftest import write_config
 from minigpt4.cli import main
 from minigpt4.config import load_config
 from minigpt4.errors import DiffRecError
@@ -62,7 +62,9 @@ def test_blend_orders_by_the_mean_of_both_ranks(served):
     by_llm = sorted(blended, key=lambda entry: -entry.llm_score)
     llm_rank = {entry.item: rank for rank, entry in enumerate(by_llm)}
     mean_ranks = [llm_rank[entry.item] + entry.collab_rank for entry in blended]
-    assert mean_ranks == sorted(mean_ranks) and {entry.item for entry in blended} == {entry.item for entry in served.recommend(3, k=8, candidates=8)}
+    assert mean_ranks == sorted(mean_ranks) and {entry.item for entry in blended} == {
+        entry.item for entry in served.recommend(3, k=8, candidates=8)
+    }
 
 
 def test_replies_and_images_are_deterministic_per_seed(served):
@@ -108,7 +110,9 @@ def test_mf_fold_in_of_a_users_likes_ranks_like_that_user(tiny_dataset, tmp_path
     users' or the average user's."""
     from minigpt4.data.contract import load_rating_dataset
 
-    config = write_config(tmp_path, tiny_dataset, "mf", model={"embedding_size": 4}, run={"max_epochs": 60, "lr": 0.05, "patience": 60})
+    config = write_config(
+        tmp_path, tiny_dataset, "mf", model={"embedding_size": 4}, run={"max_epochs": 60, "lr": 0.05, "patience": 60}
+    )
     model = load_recommender(pretrain(load_config(config))["checkpoint"])
     users, items = (table.detach() for table in model.ranking_tables())
     train = load_rating_dataset(tiny_dataset).splits["train"]
@@ -129,7 +133,9 @@ def test_guest_user_reads_the_vector_only_for_user_zero(mf_checkpoint):
     model = load_recommender(mf_checkpoint)
     guest = GuestUser(model)
     uid, iid = torch.tensor([0, 4]), torch.tensor([3, 3])
-    batch = RatingBatch(rows=torch.arange(2), uid=uid, iid=iid, label=torch.zeros(2), his=torch.zeros(2, 1, dtype=torch.long))
+    batch = RatingBatch(
+        rows=torch.arange(2), uid=uid, iid=iid, label=torch.zeros(2), his=torch.zeros(2, 1, dtype=torch.long)
+    )
     assert torch.equal(guest.score(batch), model.score(batch))  # no vector set: the model as it is
     guest.vector = torch.ones(8)
     scores = guest.score(batch)
@@ -180,9 +186,29 @@ def test_recommend_command_prints_json_lines_and_writes_images(trained_joint, tm
     config = str(trained_joint["path"])
     assert main(["recommend", "--cfg-path", config, "--user", "3", "--k", "3", "--candidates", "5"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert [line["rank"] for line in lines] == [1, 2, 3] and all({"item", "title", "collab_score", "llm_score"} <= set(line) for line in lines)
+    assert [line["rank"] for line in lines] == [1, 2, 3] and all(
+        {"item", "title", "collab_score", "llm_score"} <= set(line) for line in lines
+    )
     images = tmp_path / "pictures"
-    assert main(["recommend", "--cfg-path", config, "--liked", "1,5,9", "--k", "2", "--candidates", "4", "--replies", "--images", str(images)]) == 0
+    assert (
+        main(
+            [
+                "recommend",
+                "--cfg-path",
+                config,
+                "--liked",
+                "1,5,9",
+                "--k",
+                "2",
+                "--candidates",
+                "4",
+                "--replies",
+                "--images",
+                str(images),
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 2 and all(Path(line["image_file"]).is_file() and "reply" in line for line in lines)
 
@@ -213,7 +239,13 @@ def test_app_handlers_show_results_and_messages(served):
     app = DiffRecApp(served)
     status, gallery, table, replies, item, picture, caption = app.recommend(DATASET_USER, 3, None, 3, 5, True)
     assert status.startswith("**Top 3 of 5") and len(table) == 3 and list(table["rank"]) == [1, 2, 3]
-    assert gallery and replies.count("**") == 6 and item == table["item"].iloc[0] and picture is not None and "learned alpha" in caption
+    assert (
+        gallery
+        and replies.count("**") == 6
+        and item == table["item"].iloc[0]
+        and picture is not None
+        and "learned alpha" in caption
+    )
     status, *_ = app.recommend(NEW_USER, None, [1, 5], 2, 4, False)
     assert status.startswith("**Top 2 of 4") and "new user" in status
     for args, message in (
@@ -254,12 +286,21 @@ def _browser():
         return None
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1700"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1700",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("chromedriver") is None, reason="Debian's chromium and chromium-driver are not installed")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
+    reason="Debian's chromium and chromium-driver are not installed",
+)
 def test_the_page_in_a_headless_browser(trained_joint, tmp_path):
     """Pick a user, recommend, see the ranked list and a picture; then a bad user id shows a message.
     ``DIFFREC_APP_RUN`` serves another run instead (the README's screenshot is of the demo run), and

@@ -47,8 +47,12 @@ def test_missing_column(dataset_copy):
 
 def test_id_out_of_range(dataset_copy):
     n_users = json.loads((dataset_copy / "meta.json").read_text())["n_users"]
-    rewrite(dataset_copy, "test", lambda f: f.__setitem__("uid", np.where(np.arange(len(f)) == 2, n_users + 5, f["uid"])))
-    with pytest.raises(DiffRecError, match=rf"test.parquet: column 'uid', row 2: id out of range 1..{n_users} \(1 bad rows\)"):
+    rewrite(
+        dataset_copy, "test", lambda f: f.__setitem__("uid", np.where(np.arange(len(f)) == 2, n_users + 5, f["uid"]))
+    )
+    with pytest.raises(
+        DiffRecError, match=rf"test.parquet: column 'uid', row 2: id out of range 1..{n_users} \(1 bad rows\)"
+    ):
         load_rating_dataset(dataset_copy)
 
 
@@ -63,7 +67,9 @@ def test_history_item_out_of_range(dataset_copy):
 
 
 def test_nan_label(dataset_copy):
-    rewrite(dataset_copy, "train", lambda f: f.__setitem__("label", np.where(np.arange(len(f)) == 4, np.nan, f["label"])))
+    rewrite(
+        dataset_copy, "train", lambda f: f.__setitem__("label", np.where(np.arange(len(f)) == 4, np.nan, f["label"]))
+    )
     with pytest.raises(DiffRecError, match=r"train.parquet: column 'label', row 4: label is NaN"):
         load_rating_dataset(dataset_copy)
 
@@ -75,7 +81,10 @@ def test_history_title_length_mismatch(dataset_copy):
         corrupt.row = row
 
     rewrite(dataset_copy, "test", corrupt)
-    with pytest.raises(DiffRecError, match=rf"test.parquet: column 'his_title', row {corrupt.row}: 'his' and 'his_title' have different lengths"):
+    with pytest.raises(
+        DiffRecError,
+        match=rf"test.parquet: column 'his_title', row {corrupt.row}: 'his' and 'his_title' have different lengths",
+    ):
         load_rating_dataset(dataset_copy)
 
 

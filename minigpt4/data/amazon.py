@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
@@ -86,7 +86,9 @@ def prepare_amazon(
         "split_rule": f"global time order, row fractions {AMAZON_SPLIT}",
         "dropped_items_without_title": len(untitled),
     }
-    splits, items, meta = assemble_dataset(ratings, items, min_positive_rating, lambda ts: ratio_split(ts, AMAZON_SPLIT), meta)
+    splits, items, meta = assemble_dataset(
+        ratings, items, min_positive_rating, lambda ts: ratio_split(ts, AMAZON_SPLIT), meta
+    )
     category = items.set_index("iid")["category"]
     for frame in splits.values():
         frame["instruction"] = frame["iid"].map(category).map(lambda c: INSTRUCTION.format(category=c))

@@ -7,8 +7,8 @@ training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,9 @@ def month_window(timestamps: pd.Series, months: tuple[int, int, int]) -> tuple[i
     begins, and the split boundaries inside it.
     """
     end = pd.to_datetime(timestamps, unit="s").max().to_period("M").to_timestamp()
-    start, valid_start, test_start = (end - pd.DateOffset(months=m) for m in (sum(months), months[1] + months[2], months[2]))
+    start, valid_start, test_start = (
+        end - pd.DateOffset(months=m) for m in (sum(months), months[1] + months[2], months[2])
+    )
     seconds = [int(t.timestamp()) for t in (start, end, valid_start, test_start)]
     return seconds[0], seconds[1], TimeSplit(seconds[2], seconds[3])
 
@@ -83,7 +85,9 @@ def _histories(frame: pd.DataFrame, titles: pd.Series) -> tuple[list[list[int]],
     """Each row's earlier positive items of the same user (time order) and their titles."""
     his: list[list[int]] = [[] for _ in range(len(frame))]
     seen: dict[int, list[int]] = {}
-    for row, (uid, iid, label) in enumerate(zip(frame["uid"].to_numpy(), frame["iid"].to_numpy(), frame["label"].to_numpy())):
+    for row, (uid, iid, label) in enumerate(
+        zip(frame["uid"].to_numpy(), frame["iid"].to_numpy(), frame["label"].to_numpy())
+    ):
         earlier = seen.setdefault(int(uid), [])
         his[row] = list(earlier)
         if label:
@@ -115,7 +119,9 @@ def assemble_dataset(
     items = items.sort_values("iid").rename(columns={"item": "raw_id"}).reset_index(drop=True)
     items = items[["iid", "title"] + [c for c in items.columns if c not in ("iid", "title")]]
     titles = items.set_index("iid")["title"]
-    splits = build_rating_splits(frame[["uid", "iid", "rating", "timestamp"]], titles, min_positive_rating, split_for(frame["timestamp"]))
+    splits = build_rating_splits(
+        frame[["uid", "iid", "rating", "timestamp"]], titles, min_positive_rating, split_for(frame["timestamp"])
+    )
     meta = {
         **meta,
         "n_users": len(user_map),

@@ -24,7 +24,9 @@ def read_collm_split(path: Path) -> pd.DataFrame:
     frame = frame.reset_index(drop=True)
     # CoLLM starts every history with a padding item 0 and an empty title; the contract keeps 0 for padding only.
     frame["his"] = [np.asarray([i for i in his if i != 0], dtype=np.int64) for his in frame["his"]]
-    frame["his_title"] = [list(titles)[len(titles) - len(his):] for his, titles in zip(frame["his"], frame["his_title"])]
+    frame["his_title"] = [
+        list(titles)[len(titles) - len(his) :] for his, titles in zip(frame["his"], frame["his_title"])
+    ]
     return frame[list(RATING_COLUMNS)]
 
 
@@ -37,7 +39,12 @@ def import_collm(folder: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, d
     in_histories = pd.DataFrame(
         {"iid": list(chain.from_iterable(rows["his"])), "title": list(chain.from_iterable(rows["his_title"]))}
     )
-    items = pd.concat([rows[["iid", "title"]], in_histories]).drop_duplicates("iid").sort_values("iid").reset_index(drop=True)
+    items = (
+        pd.concat([rows[["iid", "title"]], in_histories])
+        .drop_duplicates("iid")
+        .sort_values("iid")
+        .reset_index(drop=True)
+    )
     meta = {
         "source": str(folder),
         "name": "collm-ml-1m" if "ml-1m" in folder.name else f"collm-{folder.name}",

@@ -64,7 +64,9 @@ def load_rating_dataset(root: str | Path) -> RatingDataset:
         raise DiffRecError(f"dataset folder not found: {root} (prepare it with `diffrec data ...`)")
     meta_path = root / "meta.json"
     if not meta_path.is_file():
-        raise DiffRecError(f"{meta_path}: missing (a dataset folder holds train/valid/test/items .parquet and meta.json)")
+        raise DiffRecError(
+            f"{meta_path}: missing (a dataset folder holds train/valid/test/items .parquet and meta.json)"
+        )
     meta = read_json(meta_path, dict)
     for key in ("n_users", "n_items"):
         if not isinstance(meta.get(key), int):

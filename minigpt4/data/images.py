@@ -54,7 +54,9 @@ def _item_files(items: pd.DataFrame, folder: Path, key: str, mapping: Path | Non
     if not folder.is_dir():
         raise DiffRecError(f"image folder not found: {folder}")
     if key not in items.columns:
-        raise DiffRecError(f"items table has no column '{key}' to match image files by (has: {', '.join(items.columns)})")
+        raise DiffRecError(
+            f"items table has no column '{key}' to match image files by (has: {', '.join(items.columns)})"
+        )
     if mapping is not None:
         if not mapping.is_file():
             raise DiffRecError(f"image map not found: {mapping}")
@@ -94,9 +96,16 @@ def import_item_images(
             continue
         rows.append((int(iid), source, image.size))
     if problems and on_bad == "error":
-        raise DiffRecError(f"{len(problems)} of {len(items)} items have no usable image; first: " + "; ".join(problems[:EXAMPLES]))
+        raise DiffRecError(
+            f"{len(problems)} of {len(items)} items have no usable image; first: " + "; ".join(problems[:EXAMPLES])
+        )
     if problems:
-        log.warning("excluded %d of %d items without a usable image; first: %s", len(problems), len(items), "; ".join(problems[:EXAMPLES]))
+        log.warning(
+            "excluded %d of %d items without a usable image; first: %s",
+            len(problems),
+            len(items),
+            "; ".join(problems[:EXAMPLES]),
+        )
     if not rows:
         raise DiffRecError(f"no usable item image in {folder}")
     table = []
@@ -169,7 +178,9 @@ def load_image_table(root: str | Path, n_items: int) -> pd.DataFrame:
     root = Path(root)
     path = root / IMAGE_TABLE
     if not path.is_file():
-        raise DiffRecError(f"{path}: missing; add item images with `diffrec data images` (import a folder, or --render cards)")
+        raise DiffRecError(
+            f"{path}: missing; add item images with `diffrec data images` (import a folder, or --render cards)"
+        )
     table = pd.read_parquet(path)
     missing = [column for column in IMAGE_COLUMNS if column not in table.columns]
     if missing:
@@ -194,11 +205,16 @@ def image_pixels(path: Path, resolution: int) -> torch.Tensor:
 def fill_caption(template: str, item: dict, where: str) -> str:
     """The caption template filled from an item's columns (list columns such as genres joined by commas);
     an unknown placeholder fails naming it."""
-    values = {key: ", ".join(map(str, value)) if isinstance(value, (list, tuple, np.ndarray)) else value for key, value in item.items()}
+    values = {
+        key: ", ".join(map(str, value)) if isinstance(value, (list, tuple, np.ndarray)) else value
+        for key, value in item.items()
+    }
     try:
         return template.format_map(values)
     except KeyError as err:
-        raise DiffRecError(f"{where}: placeholder {{{err.args[0]}}} is not a column of the items table (has: {', '.join(item)})") from None
+        raise DiffRecError(
+            f"{where}: placeholder {{{err.args[0]}}} is not a column of the items table (has: {', '.join(item)})"
+        ) from None
 
 
 def item_captions(template: str, items: pd.DataFrame, iids: list[int]) -> list[str]:
@@ -237,15 +253,21 @@ class PersonalHoldout:
         (folder / HOLDOUT_FILE).write_text(json.dumps(records))
 
 
-def personal_holdout(dataset: RatingDataset, images: pd.DataFrame, users: int, items: int, seed: int) -> PersonalHoldout:
+def personal_holdout(
+    dataset: RatingDataset, images: pd.DataFrame, users: int, items: int, seed: int
+) -> PersonalHoldout:
     """A seeded choice of ``users`` users with at least ``2 * items`` liked training items with an image, each
     holding out their ``items`` most recent ones (ML-100K's time-ordered test split has few warm users)."""
     by_user = _liked_by_user(dataset, images)
     eligible = np.array(sorted(user for user, theirs in by_user.items() if len(theirs) >= 2 * items))
     if len(eligible) < users:
-        raise DiffRecError(f"{dataset.root}/train: model.holdout.users {users}, but only {len(eligible)} users have {2 * items} or more liked items with an image")
+        raise DiffRecError(
+            f"{dataset.root}/train: model.holdout.users {users}, but only {len(eligible)} users have {2 * items} or more liked items with an image"
+        )
     chosen = sorted(int(user) for user in np.random.default_rng(seed).choice(eligible, size=users, replace=False))
-    return _holdout(by_user, {user: [int(i) for i in by_user[user]["iid"].tail(items)] for user in chosen}, f"{dataset.root}/train")
+    return _holdout(
+        by_user, {user: [int(i) for i in by_user[user]["iid"].tail(items)] for user in chosen}, f"{dataset.root}/train"
+    )
 
 
 def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> PersonalHoldout | None:
@@ -257,7 +279,7 @@ def load_holdout(folder: Path, dataset: RatingDataset, images: pd.DataFrame) -> 
     try:
         held = {int(record["user"]): [int(item) for item in record["held_out"]] for record in records}
     except (TypeError, KeyError, ValueError):
-        raise DiffRecError(f"{path}: expected a list of {{\"user\": id, \"held_out\": [item ids]}} records") from None
+        raise DiffRecError(f'{path}: expected a list of {{"user": id, "held_out": [item ids]}} records') from None
     if not held:
         raise DiffRecError(f"{path}: holds no user")
     return _holdout(_liked_by_user(dataset, images), held, str(path))
@@ -276,7 +298,9 @@ def _holdout(by_user: dict[int, pd.DataFrame], held: dict[int, list[int]], sourc
         theirs = by_user.get(user, pd.DataFrame(columns=["iid"]))
         rest = theirs[~theirs["iid"].isin(items)]
         if rest.empty or not set(items) <= set(theirs["iid"].astype(int)):
-            raise DiffRecError(f"{source}: user {user}'s held-out items are not among their liked training items with an image")
+            raise DiffRecError(
+                f"{source}: user {user}'s held-out items are not among their liked training items with an image"
+            )
         rows.append(rest.tail(1))
         kept.append(sorted(set(rest["iid"].astype(int))))
     return PersonalHoldout(list(held), list(held.values()), pd.concat(rows).reset_index(drop=True), kept)

@@ -61,7 +61,9 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
     for split, name in DIFFMM_MATRICES.items():
         matrix = load_restricted_pickle(folder / name)
         if not sp.issparse(matrix):
-            raise DiffRecError(f"{folder / name}: expected a scipy sparse user x item matrix, found {type(matrix).__name__}")
+            raise DiffRecError(
+                f"{folder / name}: expected a scipy sparse user x item matrix, found {type(matrix).__name__}"
+            )
         matrices[split] = matrix.tocoo()
     shapes = {matrix.shape for matrix in matrices.values()}
     if len(shapes) != 1:
@@ -72,14 +74,27 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
         if (folder / name).is_file():
             values = np.load(folder / name, allow_pickle=False)
             if values.ndim != 2 or values.shape[0] != n_items:
-                raise DiffRecError(f"{folder / name}: expected {n_items} rows (one per item) x dim, found shape {values.shape}")
+                raise DiffRecError(
+                    f"{folder / name}: expected {n_items} rows (one per item) x dim, found shape {values.shape}"
+                )
             features[modality] = values.astype(np.float32)
-    splits = {split: pd.DataFrame({"uid": matrix.row.astype(np.int64) + 1, "iid": matrix.col.astype(np.int64) + 1}) for split, matrix in matrices.items()}
-    meta = {"source": f"DiffMM-format folder {folder.name}", "n_users": int(n_users), "n_items": int(n_items), "modalities": sorted(features), **{f"{split}_pairs": len(frame) for split, frame in splits.items()}}
+    splits = {
+        split: pd.DataFrame({"uid": matrix.row.astype(np.int64) + 1, "iid": matrix.col.astype(np.int64) + 1})
+        for split, matrix in matrices.items()
+    }
+    meta = {
+        "source": f"DiffMM-format folder {folder.name}",
+        "n_users": int(n_users),
+        "n_items": int(n_items),
+        "modalities": sorted(features),
+        **{f"{split}_pairs": len(frame) for split, frame in splits.items()},
+    }
     return splits, features, meta
 
 
-def save_implicit_dataset(root: str | Path, splits: dict[str, pd.DataFrame], features: dict[str, np.ndarray], meta: dict) -> Path:
+def save_implicit_dataset(
+    root: str | Path, splits: dict[str, pd.DataFrame], features: dict[str, np.ndarray], meta: dict
+) -> Path:
     """Write the implicit shape into ``root/implicit``."""
     folder = Path(root) / FOLDER
     (folder / "features").mkdir(parents=True, exist_ok=True)
@@ -111,13 +126,17 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
         users, items = frame["uid"].to_numpy() - 1, frame["iid"].to_numpy() - 1
         if len(frame) and (users.min() < 0 or users.max() >= n_users or items.min() < 0 or items.max() >= n_items):
             raise DiffRecError(f"{path}: ids outside 1..{n_users} (users) / 1..{n_items} (items) of {meta_path}")
-        matrices[split] = sp.csr_matrix((np.ones(len(frame), dtype=np.float32), (users, items)), shape=(n_users, n_items))
+        matrices[split] = sp.csr_matrix(
+            (np.ones(len(frame), dtype=np.float32), (users, items)), shape=(n_users, n_items)
+        )
         matrices[split].data[:] = 1.0  # a repeated pair counts once
     features = {}
     for modality in modalities if modalities is not None else meta.get("modalities", []):
         path = folder / "features" / f"{modality}.npy"
         if not path.is_file():
-            raise DiffRecError(f"{path}: feature file missing for modality '{modality}' (this dataset has: {', '.join(meta.get('modalities', [])) or 'none'})")
+            raise DiffRecError(
+                f"{path}: feature file missing for modality '{modality}' (this dataset has: {', '.join(meta.get('modalities', [])) or 'none'})"
+            )
         features[modality] = np.load(path, allow_pickle=False)
     return ImplicitDataset(root, matrices, features, meta)
 
@@ -151,19 +170,29 @@ def encode_texts(texts: list[str], batch_size: int = 128) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
     encoder = SentenceTransformer(str(minilm_folder()), device="cpu")
-    return encoder.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    return encoder.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True).astype(
+        np.float32
+    )
 
 
 def derive_implicit(root: str | Path, text: bool = True) -> dict:
     """Write ``root/implicit`` from the rating dataset in ``root``: positive rows per split and, with
     ``text``, MiniLM features of the items' titles and genres; returns the meta."""
     dataset = load_rating_dataset(root)
-    splits = {split: dataset.splits[split].loc[dataset.splits[split]["label"] == 1, ["uid", "iid"]].drop_duplicates().reset_index(drop=True) for split in SPLITS}
+    splits = {
+        split: dataset.splits[split]
+        .loc[dataset.splits[split]["label"] == 1, ["uid", "iid"]]
+        .drop_duplicates()
+        .reset_index(drop=True)
+        for split in SPLITS
+    }
     features = {}
     if text:
         items = dataset.items.set_index("iid").reindex(range(1, dataset.n_items + 1))
         if items["title"].isna().any():
-            raise DiffRecError(f"{Path(root) / 'items.parquet'}: no title for item {int(items.index[items['title'].isna()][0])}")
+            raise DiffRecError(
+                f"{Path(root) / 'items.parquet'}: no title for item {int(items.index[items['title'].isna()][0])}"
+            )
         features["text"] = encode_texts(item_texts(items.reset_index()))
     meta = {
         "source": f"positive rows (label 1) of the rating dataset {dataset.meta.get('name', Path(root).name)}",

@@ -23,7 +23,9 @@ def recbole_ml100k_dir() -> Path:
     try:
         dist = importlib.metadata.distribution("recbole")
     except importlib.metadata.PackageNotFoundError:
-        raise DiffRecError("ML-100K needs the recbole wheel: pip install --no-deps recbole==1.2.1 (or pass --raw DIR)") from None
+        raise DiffRecError(
+            "ML-100K needs the recbole wheel: pip install --no-deps recbole==1.2.1 (or pass --raw DIR)"
+        ) from None
     folder = Path(dist.locate_file("recbole/dataset_example/ml-100k"))
     if not (folder / "ml-100k.inter").is_file():
         raise DiffRecError(f"{folder}: ml-100k.inter not found in the recbole wheel")
@@ -44,7 +46,9 @@ def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         items["title"] = items["name"].str.strip() + items["year"].map(lambda y: f" ({y})" if str(y).strip() else "")
         items["genres"] = items["genres"].str.split()
     else:
-        ratings = pd.read_csv(require_file(Path(raw) / "u.data"), sep="\t", names=["user", "item", "rating", "timestamp"])
+        ratings = pd.read_csv(
+            require_file(Path(raw) / "u.data"), sep="\t", names=["user", "item", "rating", "timestamp"]
+        )
         columns = ["item", "title", "release", "video", "url", *ML100K_GENRES]
         items = pd.read_csv(require_file(Path(raw) / "u.item"), sep="|", names=columns, encoding="latin-1")
         flags = items[list(ML100K_GENRES)].to_numpy().astype(bool)
@@ -55,10 +59,17 @@ def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
 def read_ml1m(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Raw ratings and items of ML-1M from a GroupLens ``ml-1m/`` folder (``ratings.dat``, ``movies.dat``)."""
     ratings = pd.read_csv(
-        require_file(Path(raw) / "ratings.dat"), sep="::", engine="python", names=["user", "item", "rating", "timestamp"]
+        require_file(Path(raw) / "ratings.dat"),
+        sep="::",
+        engine="python",
+        names=["user", "item", "rating", "timestamp"],
     )
     items = pd.read_csv(
-        require_file(Path(raw) / "movies.dat"), sep="::", engine="python", names=["item", "title", "genres"], encoding="latin-1"
+        require_file(Path(raw) / "movies.dat"),
+        sep="::",
+        engine="python",
+        names=["item", "title", "genres"],
+        encoding="latin-1",
     )
     items["genres"] = items["genres"].str.split("|")
     return ratings, items
@@ -77,5 +88,9 @@ def prepare_ml1m(raw: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict
     ratings, items = read_ml1m(raw)
     start, end, split = month_window(ratings["timestamp"], ML1M_MONTHS)
     ratings = ratings[(ratings["timestamp"] >= start) & (ratings["timestamp"] < end)]
-    meta = {"source": str(raw), "name": "ml-1m", "split_rule": f"last {sum(ML1M_MONTHS)} whole months, {ML1M_MONTHS} months"}
+    meta = {
+        "source": str(raw),
+        "name": "ml-1m",
+        "split_rule": f"last {sum(ML1M_MONTHS)} whole months, {ML1M_MONTHS} months",
+    }
     return assemble_dataset(ratings, items, 4, lambda ts: split, meta)

@@ -79,7 +79,9 @@ class SequenceDataset:
         else:
             raise DiffRecError(f"split must be valid or test, got {split!r}")
         rows = np.repeat(np.arange(len(starts)), ends - starts)
-        seen = sp.csr_matrix((np.ones(len(items), dtype=np.float32), (rows, items)), shape=(len(starts), self.n_items + 1))
+        seen = sp.csr_matrix(
+            (np.ones(len(items), dtype=np.float32), (rows, items)), shape=(len(starts), self.n_items + 1)
+        )
         seen.data[:] = 1.0
         targets = self.valid if split == "valid" else self.test
         return left_padded(items, starts, ends, max_len), targets, seen
@@ -93,7 +95,14 @@ def left_padded(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, max_len
 
 def _frame_from_lists(uid: np.ndarray, train: list[list[int]], valid: list[int], test: list[int]) -> pd.DataFrame:
     """The sequences table from per-user lists."""
-    return pd.DataFrame({"uid": uid.astype(np.int64), "train": [np.asarray(seq, dtype=np.int64) for seq in train], "valid": np.asarray(valid, dtype=np.int64), "test": np.asarray(test, dtype=np.int64)})
+    return pd.DataFrame(
+        {
+            "uid": uid.astype(np.int64),
+            "train": [np.asarray(seq, dtype=np.int64) for seq in train],
+            "valid": np.asarray(valid, dtype=np.int64),
+            "test": np.asarray(test, dtype=np.int64),
+        }
+    )
 
 
 def import_diffurec_pickle(path: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -106,11 +115,23 @@ def import_diffurec_pickle(path: str | Path) -> tuple[pd.DataFrame, dict]:
     for key in ("val", "test"):
         missing = [user for user in users if len(raw[key].get(user, ())) != 1]
         if missing:
-            raise DiffRecError(f"{path}: '{key}' must hold exactly one item per user; user {missing[0]} has {raw[key].get(missing[0])!r}")
+            raise DiffRecError(
+                f"{path}: '{key}' must hold exactly one item per user; user {missing[0]} has {raw[key].get(missing[0])!r}"
+            )
     if users != list(range(len(users))):
         raise DiffRecError(f"{path}: 'train' users must be 0..{len(users) - 1}")
-    frame = _frame_from_lists(np.arange(1, len(users) + 1), [raw["train"][u] for u in users], [raw["val"][u][0] for u in users], [raw["test"][u][0] for u in users])
-    meta = {"source": f"DiffuRec dataset.pkl ({path.parent.name})", "n_users": len(users), "n_items": len(raw["smap"]), "split": "leave-one-out as published"}
+    frame = _frame_from_lists(
+        np.arange(1, len(users) + 1),
+        [raw["train"][u] for u in users],
+        [raw["val"][u][0] for u in users],
+        [raw["test"][u][0] for u in users],
+    )
+    meta = {
+        "source": f"DiffuRec dataset.pkl ({path.parent.name})",
+        "n_users": len(users),
+        "n_items": len(raw["smap"]),
+        "split": "leave-one-out as published",
+    }
     return frame, meta
 
 
@@ -125,7 +146,12 @@ def derive_sequences(root: str | Path, min_length: int = 3) -> dict:
     grouped = grouped[grouped.map(len) >= min_length]
     if grouped.empty:
         raise DiffRecError(f"{root}: no user has {min_length} positive rows; nothing to build sequences from")
-    frame = _frame_from_lists(grouped.index.to_numpy(), [seq[:-2] for seq in grouped], [seq[-2] for seq in grouped], [seq[-1] for seq in grouped])
+    frame = _frame_from_lists(
+        grouped.index.to_numpy(),
+        [seq[:-2] for seq in grouped],
+        [seq[-2] for seq in grouped],
+        [seq[-1] for seq in grouped],
+    )
     meta = {
         "source": f"positive rows (label 1) of the rating dataset {dataset.meta.get('name', Path(root).name)}, per user in time order",
         "n_users": dataset.n_users, "n_items": dataset.n_items, "split": "leave-one-out", "min_length": min_length,
@@ -168,4 +194,12 @@ def load_sequence_dataset(root: str | Path) -> SequenceDataset:
         values = frame[column].to_numpy()
         fail_at(str(table_path), column, (values < 1) | (values > n_items), f"item id out of range 1..{n_items}")
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return SequenceDataset(root, meta, frame["uid"].to_numpy(np.int64), items, starts, frame["valid"].to_numpy(np.int64), frame["test"].to_numpy(np.int64))
+    return SequenceDataset(
+        root,
+        meta,
+        frame["uid"].to_numpy(np.int64),
+        items,
+        starts,
+        frame["valid"].to_numpy(np.int64),
+        frame["test"].to_numpy(np.int64),
+    )

@@ -24,7 +24,7 @@ class RatingBatch:
     label: torch.Tensor
     his: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "RatingBatch":
+    def to(self, device: torch.device | str) -> RatingBatch:
         """The batch on ``device`` (Accelerate calls this when it places batches)."""
         return RatingBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
@@ -60,7 +60,9 @@ class RatingTensors(torch.utils.data.Dataset):
 
     def __getitems__(self, rows: list[int]) -> RatingBatch:
         index = torch.as_tensor(rows, dtype=torch.long, device=self.uid.device)
-        return RatingBatch(rows=index, uid=self.uid[index], iid=self.iid[index], label=self.label[index], his=self.his[index])
+        return RatingBatch(
+            rows=index, uid=self.uid[index], iid=self.iid[index], label=self.label[index], his=self.his[index]
+        )
 
 
 def whole_batch(batch: RatingBatch) -> RatingBatch:

@@ -22,12 +22,11 @@ from tqdm.auto import tqdm
 
 from minigpt4.config import FlowMatchingConfig, PipelineConfig
 from minigpt4.data.contract import load_rating_dataset
-from minigpt4.data.images import load_image_table
+from minigpt4.data.images import image_pixels, item_captions, load_image_table
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import flow_matching_loss, sample_latents
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder
-from minigpt4.data.images import image_pixels, item_captions
 
 FINGERPRINT_FILE = "base_training.json"
 CAPTION_DROPOUT = 0.1
@@ -44,11 +43,28 @@ def base_fingerprint(pipeline: Path, dataset: Path, settings: dict) -> str:
 
 
 def train_base_pipeline(
-    pipeline: Path, dataset_root: Path, out: Path, caption: str, resolution: int = 64, vae_steps: int = 150,
-    transformer_steps: int = 1000, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+    pipeline: Path,
+    dataset_root: Path,
+    out: Path,
+    caption: str,
+    resolution: int = 64,
+    vae_steps: int = 150,
+    transformer_steps: int = 1000,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Train the VAE, then the transformer, on every item image; write the pipeline to ``out`` (skipped when cached)."""
-    settings = {"caption": caption, "resolution": resolution, "vae_steps": vae_steps, "transformer_steps": transformer_steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    settings = {
+        "caption": caption,
+        "resolution": resolution,
+        "vae_steps": vae_steps,
+        "transformer_steps": transformer_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+    }
     fingerprint = base_fingerprint(pipeline, dataset_root, settings)
     record_path = out / FINGERPRINT_FILE
     if record_path.is_file() and json.loads(record_path.read_text()).get("fingerprint") == fingerprint:
@@ -59,7 +75,12 @@ def train_base_pipeline(
         raise DiffRecError(f"{dataset.root}: the images table is empty; nothing to train the base pipeline on")
     start = time.perf_counter()
     torch.manual_seed(seed)
-    pixels = torch.stack([image_pixels(dataset.root / path, resolution) for path in tqdm(table["path"], desc="read item images", disable=not progress)])
+    pixels = torch.stack(
+        [
+            image_pixels(dataset.root / path, resolution)
+            for path in tqdm(table["path"], desc="read item images", disable=not progress)
+        ]
+    )
     sd3 = load_sd3_pipeline(PipelineConfig(path=pipeline, use_t5=False, max_sequence_length=8))
     vae_curve = _train_vae(sd3.vae, pixels, vae_steps, batch_size, lr, seed, progress)
     captions = item_captions(caption, dataset.items, list(table["iid"]))
@@ -78,7 +99,9 @@ def _ends(curve: list[float]) -> dict:
     return {"first": float(np.mean(curve[:tenth])), "last": float(np.mean(curve[-tenth:]))}
 
 
-def _train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> list[float]:
+def _train_vae(
+    vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int, progress: bool
+) -> list[float]:
     """Reconstruction (MSE) of random batches of the item images, decoding samples of the posterior.
 
     The posterior's log-variance stays at the small fixed value the tiny VAE starts with, as a trained SD
@@ -107,13 +130,21 @@ def _train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float
     return curve
 
 
-def _train_transformer(sd3, pixels: torch.Tensor, captions: list[str], steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> list[float]:
+def _train_transformer(
+    sd3, pixels: torch.Tensor, captions: list[str], steps: int, batch_size: int, lr: float, seed: int, progress: bool
+) -> list[float]:
     """Flow matching of the whole transformer on (image latent, caption) pairs, latents and embeddings cached once."""
     with torch.no_grad():
         parameters = torch.cat([sd3.vae.encode(chunk).latent_dist.parameters for chunk in pixels.split(64)])
         # The empty caption comes last: dropped captions point at it, as SD's trainers drop 10% of them
         # so that classifier-free guidance has an unconditional prediction to push away from.
-        prompt_embeds, _, pooled, _ = sd3.encode_prompt(prompt=[*captions, ""], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=8)
+        prompt_embeds, _, pooled, _ = sd3.encode_prompt(
+            prompt=[*captions, ""],
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=8,
+        )
     transformer = sd3.transformer.requires_grad_(True).train()
     optimizer = torch.optim.Adam(transformer.parameters(), lr=lr)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sd3.scheduler.config)

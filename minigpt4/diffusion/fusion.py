@@ -27,7 +27,9 @@ class FusedConditioning:
 class AdaptiveFusion(nn.Module):
     """K preference tokens plus a pooled shift from the user's preference, mixed in by a per-sample gate."""
 
-    def __init__(self, preference_dim: int, joint_dim: int, pooled_dim: int, tokens: int = 4, hidden: int = 256) -> None:
+    def __init__(
+        self, preference_dim: int, joint_dim: int, pooled_dim: int, tokens: int = 4, hidden: int = 256
+    ) -> None:
         super().__init__()
         self.tokens = tokens
         self.joint_dim = joint_dim
@@ -52,7 +54,11 @@ class AdaptiveFusion(nn.Module):
         self.preference_std.copy_(preferences.std(0).clamp_min(1e-6))
 
     def forward(
-        self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, preference: torch.Tensor, alpha_override: float | None = None
+        self,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        preference: torch.Tensor,
+        alpha_override: float | None = None,
     ) -> FusedConditioning:
         """Fuse [B, L, joint_dim] and [B, pooled_dim] text embeddings with [B, preference_dim] preferences."""
         dtype = prompt_embeds.dtype

@@ -35,7 +35,11 @@ from minigpt4.recommenders import load_recommender
 
 logger = logging.getLogger("diffrec")
 REFERENCE_IMAGES = 8  # most recent liked items whose images a CLIP-I score compares against
-ARMS = ("fused", "alpha0", "shuffled")  # the fusion; the same seeds text-only; the same seeds with another user's preference
+ARMS = (
+    "fused",
+    "alpha0",
+    "shuffled",
+)  # the fusion; the same seeds text-only; the same seeds with another user's preference
 
 
 def load_for_sampling(config: Config, dataset: RatingDataset, device: torch.device | str = "cpu") -> PersonalizedSD3:
@@ -63,7 +67,13 @@ def reference_images(dataset: RatingDataset, images: pd.DataFrame, history: list
     return [open_image(dataset.root / paths[iid]) for iid in recent]
 
 
-def score_images(scorer: ClipScorer | None, images: list, texts: list[str], references: list[list], features: torch.Tensor | None = None) -> list[dict]:
+def score_images(
+    scorer: ClipScorer | None,
+    images: list,
+    texts: list[str],
+    references: list[list],
+    features: torch.Tensor | None = None,
+) -> list[dict]:
     """CLIP-T and CLIP-I of each image (missing without a scorer or references), with the backbone;
     ``features``: the images' scorer features when already computed."""
     if scorer is None:
@@ -76,7 +86,9 @@ def score_images(scorer: ClipScorer | None, images: list, texts: list[str], refe
     ]
 
 
-def generate_for_user(config: Config, user: int, item: int | None, instruction: str | None, seed: int | None, alpha: float | None) -> dict:
+def generate_for_user(
+    config: Config, user: int, item: int | None, instruction: str | None, seed: int | None, alpha: float | None
+) -> dict:
     """One seeded image for a user (about an item, or for a free instruction), stored with its record."""
     dataset = load_rating_dataset(config.datasets.path)
     images = load_image_table(dataset.root, dataset.n_items)
@@ -92,10 +104,28 @@ def generate_for_user(config: Config, user: int, item: int | None, instruction: 
     scorer = ClipScorer(config.model.clip, device) if config.model.clip is not None else None
     seed = config.run.seed if seed is None else seed
     override = alpha if alpha is not None else config.model.fusion.alpha_override
-    generated, gate = generate_images(model, model.preference(row), [instruction], [seed], config.model.sampling, override)
-    scores = score_images(scorer, generated, [instruction], [reference_images(dataset, images, list(row["his"].iloc[0]))])[0]
-    store = ImageStore(config.run.output_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images)
-    record = {"user": user, "item": item, "instruction": instruction, "seed": seed, "alpha": float(gate[0]), "alpha_forced": override is not None, "checkpoint": str(config.run.ckpt), "steps": config.model.sampling.steps, "guidance_scale": config.model.sampling.guidance_scale, **scores, "score": scores["clip_t"]}
+    generated, gate = generate_images(
+        model, model.preference(row), [instruction], [seed], config.model.sampling, override
+    )
+    scores = score_images(
+        scorer, generated, [instruction], [reference_images(dataset, images, list(row["his"].iloc[0]))]
+    )[0]
+    store = ImageStore(
+        config.run.output_dir / "images", config.model.sampling.keep_best, config.model.sampling.max_images
+    )
+    record = {
+        "user": user,
+        "item": item,
+        "instruction": instruction,
+        "seed": seed,
+        "alpha": float(gate[0]),
+        "alpha_forced": override is not None,
+        "checkpoint": str(config.run.ckpt),
+        "steps": config.model.sampling.steps,
+        "guidance_scale": config.model.sampling.guidance_scale,
+        **scores,
+        "score": scores["clip_t"],
+    }
     record = store.add(generated[0], json_safe(record))
     return {**record, "folder": str(store.folder)}
 
@@ -114,8 +144,16 @@ class DrawnImage(NamedTuple):
 
 @torch.no_grad()
 def evaluate_arms(
-    model: PersonalizedSD3, preference: Preference, pairs: pd.DataFrame, holdout: PersonalHoldout | None, dataset: RatingDataset,
-    images: pd.DataFrame, config: SD3Config, seed: int, batch_size: int, store_folder: Path,
+    model: PersonalizedSD3,
+    preference: Preference,
+    pairs: pd.DataFrame,
+    holdout: PersonalHoldout | None,
+    dataset: RatingDataset,
+    images: pd.DataFrame,
+    config: SD3Config,
+    seed: int,
+    batch_size: int,
+    store_folder: Path,
 ) -> dict:
     """Images in the three arms for liked test pairs (each item's caption) and, with a holdout, for each held-out
     user (the generic instruction, so only the preference can tell what to draw); scored by CLIP, by the
@@ -132,14 +170,35 @@ def evaluate_arms(
     texts = item_captions(config.flow.caption, dataset.items, list(pairs["iid"]))
     drawn = draw_arms(model, scorer, judge, preference, pairs, texts, dataset, images, config, seed, batch_size)
     results = {"backbone": scorer.backbone, "pairs": len(pairs)}
-    results.update(summarize_arms(drawn, test_references(scorer, pairs, dataset, images), judge, seed, leave_out_drawn=True))
+    results.update(
+        summarize_arms(drawn, test_references(scorer, pairs, dataset, images), judge, seed, leave_out_drawn=True)
+    )
     if holdout is None:
-        results["generic"] = {"missing": "the image training held out no users (model.holdout.users 0, or a checkpoint without holdout.json)"}
-    else:
-        generic = draw_arms(model, scorer, judge, preference, holdout.rows, [config.flow.generic_caption] * len(holdout.rows), dataset, images, config, seed, batch_size, generic=True)
         results["generic"] = {
-            "instruction": config.flow.generic_caption, "users": len(holdout.users), "held_out_items": sum(map(len, holdout.held_out)),
-            **summarize_arms(generic, holdout_references(scorer, holdout, dataset, images), judge, seed, leave_out_drawn=False),
+            "missing": "the image training held out no users (model.holdout.users 0, or a checkpoint without holdout.json)"
+        }
+    else:
+        generic = draw_arms(
+            model,
+            scorer,
+            judge,
+            preference,
+            holdout.rows,
+            [config.flow.generic_caption] * len(holdout.rows),
+            dataset,
+            images,
+            config,
+            seed,
+            batch_size,
+            generic=True,
+        )
+        results["generic"] = {
+            "instruction": config.flow.generic_caption,
+            "users": len(holdout.users),
+            "held_out_items": sum(map(len, holdout.held_out)),
+            **summarize_arms(
+                generic, holdout_references(scorer, holdout, dataset, images), judge, seed, leave_out_drawn=False
+            ),
         }
         drawn += generic
     if state.is_main_process:
@@ -152,8 +211,18 @@ def evaluate_arms(
 
 
 def draw_arms(
-    model: PersonalizedSD3, scorer: ClipScorer, judge: VLMJudge | None, preference: Preference, rows: pd.DataFrame, texts: list[str],
-    dataset: RatingDataset, images: pd.DataFrame, config: SD3Config, seed: int, batch_size: int, generic: bool = False,
+    model: PersonalizedSD3,
+    scorer: ClipScorer,
+    judge: VLMJudge | None,
+    preference: Preference,
+    rows: pd.DataFrame,
+    texts: list[str],
+    dataset: RatingDataset,
+    images: pd.DataFrame,
+    config: SD3Config,
+    seed: int,
+    batch_size: int,
+    generic: bool = False,
 ) -> list[DrawnImage]:
     """Each row's text drawn in each arm, the same seeds in every arm;
     the shuffled arm takes a seeded other row's user. Records name the row's item unless ``generic``."""
@@ -161,18 +230,43 @@ def draw_arms(
     donors = shuffled_donors(rows["uid"].to_numpy(), seed)
     drawn = []
     with state.split_between_processes(list(range(len(rows)))) as mine:
-        for start in tqdm(range(0, len(mine), batch_size), desc=f"generate images ({'generic instruction' if generic else 'item captions'})", disable=not state.is_local_main_process):
+        for start in tqdm(
+            range(0, len(mine), batch_size),
+            desc=f"generate images ({'generic instruction' if generic else 'item captions'})",
+            disable=not state.is_local_main_process,
+        ):
             chunk = mine[start : start + batch_size]
-            frame, chunk_texts, seeds = rows.iloc[chunk], [texts[index] for index in chunk], [seed + index for index in chunk]
+            frame, chunk_texts, seeds = (
+                rows.iloc[chunk],
+                [texts[index] for index in chunk],
+                [seed + index for index in chunk],
+            )
             users, others = preference(frame), preference(rows.iloc[donors[chunk]])
             references = [reference_images(dataset, images, list(his)) for his in frame["his"]]
-            for variant, vectors, override in (("fused", users, config.fusion.alpha_override), ("alpha0", users, 0.0), ("shuffled", others, config.fusion.alpha_override)):
+            for variant, vectors, override in (
+                ("fused", users, config.fusion.alpha_override),
+                ("alpha0", users, 0.0),
+                ("shuffled", others, config.fusion.alpha_override),
+            ):
                 generated, gate = generate_images(model, vectors, chunk_texts, seeds, config.sampling, override)
                 features = scorer.image_features(generated)
                 scores = score_images(scorer, generated, chunk_texts, references, features)
-                for image, row, text, image_seed, alpha, score, feature in zip(generated, frame.itertuples(), chunk_texts, seeds, gate.tolist(), scores, features):
-                    record = {"user": int(row.uid), "item": None if generic else int(row.iid), "instruction": text, "seed": image_seed, "alpha": alpha, "variant": variant, **score, "score": score["clip_t"]}
-                    drawn.append(DrawnImage(image, record, judge.judge(image, text) if judge is not None else None, feature))
+                for image, row, text, image_seed, alpha, score, feature in zip(
+                    generated, frame.itertuples(), chunk_texts, seeds, gate.tolist(), scores, features
+                ):
+                    record = {
+                        "user": int(row.uid),
+                        "item": None if generic else int(row.iid),
+                        "instruction": text,
+                        "seed": image_seed,
+                        "alpha": alpha,
+                        "variant": variant,
+                        **score,
+                        "score": score["clip_t"],
+                    }
+                    drawn.append(
+                        DrawnImage(image, record, judge.judge(image, text) if judge is not None else None, feature)
+                    )
     return gather_object(drawn)
 
 
@@ -189,7 +283,9 @@ def stored_rows(drawn: list[DrawnImage], limit: int) -> list[DrawnImage]:
     return [entry for entry in drawn if (entry.record["user"], entry.record["item"]) in kept]
 
 
-def summarize_arms(drawn: list[DrawnImage], references: HeldOut, judge: VLMJudge | None, seed: int, leave_out_drawn: bool) -> dict:
+def summarize_arms(
+    drawn: list[DrawnImage], references: HeldOut, judge: VLMJudge | None, seed: int, leave_out_drawn: bool
+) -> dict:
     """Per arm: the record means, the judge's verdicts and the personalization metrics against ``references``."""
     results = {}
     for variant in ARMS:
@@ -198,7 +294,9 @@ def summarize_arms(drawn: list[DrawnImage], references: HeldOut, judge: VLMJudge
         results[variant] = summarize_records(records)
         if judge is not None:
             results[variant]["judge"] = {"model": judge.name, **summarize_verdicts([entry.verdict for entry in chosen])}
-        results[variant]["personalization"] = arm_personalization(references, records, torch.stack([entry.features for entry in chosen]), seed, leave_out_drawn)
+        results[variant]["personalization"] = arm_personalization(
+            references, records, torch.stack([entry.features for entry in chosen]), seed, leave_out_drawn
+        )
         logger.info("%s%s: %s", variant, "" if leave_out_drawn else " (generic instruction)", results[variant])
     return results
 
@@ -214,7 +312,14 @@ class HeldOut:
     history: list[list[int]]  # per user, rows of ``items`` among the liked items the generator saw
 
 
-def embedded_references(scorer: ClipScorer, dataset: RatingDataset, images: pd.DataFrame, users: list[int], liked: list[list[int]], history: list[list[int]]) -> HeldOut:
+def embedded_references(
+    scorer: ClipScorer,
+    dataset: RatingDataset,
+    images: pd.DataFrame,
+    users: list[int],
+    liked: list[list[int]],
+    history: list[list[int]],
+) -> HeldOut:
     """Users' held-out liked items and history items (item ids, with images), each item embedded once."""
     items, liked_positions, history_positions = index_items(liked, history)
     paths = images.set_index("iid")["path"]
@@ -228,36 +333,55 @@ def test_references(scorer: ClipScorer, pairs: pd.DataFrame, dataset: RatingData
     users = sorted(set(pairs["uid"].astype(int)))
     with_image = set(images["iid"].astype(int))
     liked = [sorted(set(liked_test.loc[liked_test["uid"] == user, "iid"].astype(int))) for user in users]
-    history = [[int(iid) for iid in pairs.loc[pairs["uid"] == user, "his"].iloc[0] if int(iid) in with_image] for user in users]
+    history = [
+        [int(iid) for iid in pairs.loc[pairs["uid"] == user, "his"].iloc[0] if int(iid) in with_image] for user in users
+    ]
     return embedded_references(scorer, dataset, images, users, liked, history)
 
 
-def holdout_references(scorer: ClipScorer, holdout: PersonalHoldout, dataset: RatingDataset, images: pd.DataFrame) -> HeldOut:
+def holdout_references(
+    scorer: ClipScorer, holdout: PersonalHoldout, dataset: RatingDataset, images: pd.DataFrame
+) -> HeldOut:
     """The held-out users: their held-out liked items, and the liked training items the generator could see."""
     return embedded_references(scorer, dataset, images, holdout.users, holdout.held_out, holdout.liked)
 
 
-def arm_personalization(held_out: HeldOut, records: list[dict], features: torch.Tensor, seed: int, leave_out_drawn: bool = True) -> dict:
+def arm_personalization(
+    held_out: HeldOut, records: list[dict], features: torch.Tensor, seed: int, leave_out_drawn: bool = True
+) -> dict:
     """Personalization metrics of one arm's images against the held-out liked items (without the item an image
     was drawn for, when ``leave_out_drawn``); missing, with the reason, when fewer than 10 users can be told apart."""
     needed = 2 if leave_out_drawn else 1  # one is left out per image
     scorable = [index for index, user in enumerate(held_out.users) if len(held_out.liked[index]) >= needed]
     if len(scorable) < 10:
-        return {"missing": f"needs 10 evaluated users with {needed} or more held-out liked items; {len(scorable)} have them"}
+        return {
+            "missing": f"needs 10 evaluated users with {needed} or more held-out liked items; {len(scorable)} have them"
+        }
     position = {held_out.users[index]: rank for rank, index in enumerate(scorable)}
     kept = [row for row, record in enumerate(records) if record["user"] in position]
     row_of = {iid: index for index, iid in enumerate(held_out.items)}
     return personalization_metrics(
-        features[kept], [position[records[row]["user"]] for row in kept], held_out.features,
-        [held_out.liked[index] for index in scorable], [held_out.history[index] for index in scorable],
-        exclude=[row_of[records[row]["item"]] for row in kept] if leave_out_drawn else None, seed=seed,
+        features[kept],
+        [position[records[row]["user"]] for row in kept],
+        held_out.features,
+        [held_out.liked[index] for index in scorable],
+        [held_out.history[index] for index in scorable],
+        exclude=[row_of[records[row]["item"]] for row in kept] if leave_out_drawn else None,
+        seed=seed,
     )
 
 
 def summarize_records(records: list[dict]) -> dict:
     """Means of CLIP-T, CLIP-I and alpha over records; a mean over no values is missing."""
+
     def mean(key: str) -> float | None:
         values = [record[key] for record in records if record.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    return {"clip_t": mean("clip_t"), "clip_i": mean("clip_i"), "alpha": mean("alpha"), "truncated": sum(bool(record["truncated"]) for record in records), "images": len(records)}
+    return {
+        "clip_t": mean("clip_t"),
+        "clip_i": mean("clip_i"),
+        "alpha": mean("alpha"),
+        "truncated": sum(bool(record["truncated"]) for record in records),
+        "images": len(records),
+    }

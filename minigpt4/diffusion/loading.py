@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from minigpt4.config import PipelineConfig
@@ -21,10 +20,14 @@ def load_sd3_pipeline(config: PipelineConfig, device: torch.device | str = "cpu"
     folder = config.path
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        raise DiffRecError(f"model.pipeline.path {folder}: no model_index.json (expected a diffusers SD3 pipeline folder)")
+        raise DiffRecError(
+            f"model.pipeline.path {folder}: no model_index.json (expected a diffusers SD3 pipeline folder)"
+        )
     index = read_json(index_file, dict)
     if index.get("_class_name") != "StableDiffusion3Pipeline":
-        raise DiffRecError(f"{index_file}: _class_name is {index.get('_class_name')!r}, expected StableDiffusion3Pipeline")
+        raise DiffRecError(
+            f"{index_file}: _class_name is {index.get('_class_name')!r}, expected StableDiffusion3Pipeline"
+        )
     # T5 is optional in SD3: leave it out when asked to, or when the folder has none.
     absent = {name: None for name in OPTIONAL_COMPONENTS if index.get(name, [None])[0] is None}
     if not config.use_t5:

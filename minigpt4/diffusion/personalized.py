@@ -30,34 +30,59 @@ FUSION_FILE = "fusion.safetensors"
 class PersonalizedSD3(nn.Module):
     """SD3 + LoRA + adaptive fusion; trains on (preference, image latents, caption embeddings) samples."""
 
-    def __init__(self, config: SD3Config, pipeline, collab: CollaborativeModel | None, lora: bool = True, preference_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        config: SD3Config,
+        pipeline,
+        collab: CollaborativeModel | None,
+        lora: bool = True,
+        preference_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         # Without a collaborative model the caller supplies preferences of ``preference_dim`` (the LLM's hidden state).
         self.collab = collab.requires_grad_(False).eval() if collab is not None else None
-        for part in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3):
+        for part in (
+            pipeline.transformer,
+            pipeline.vae,
+            pipeline.text_encoder,
+            pipeline.text_encoder_2,
+            pipeline.text_encoder_3,
+        ):
             if part is not None:
                 part.requires_grad_(False)
         if lora:
             self.transformer.add_adapter(
-                LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                           init_lora_weights="gaussian", target_modules=config.lora.target_modules)
+                LoraConfig(
+                    r=config.lora.r,
+                    lora_alpha=config.lora.alpha,
+                    lora_dropout=config.lora.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=config.lora.target_modules,
+                )
             )
         transformer_config = self.transformer.config
         if preference_dim is None:
-            preference_dim = collab.user_embeddings(_probe_batch(max(collab.max_history, 1)).to(next(collab.parameters()).device)).shape[-1]
+            preference_dim = collab.user_embeddings(
+                _probe_batch(max(collab.max_history, 1)).to(next(collab.parameters()).device)
+            ).shape[-1]
         # Built beside the transformer, so the model is usable wherever the pipeline was placed.
         self.fusion = AdaptiveFusion(
-            preference_dim, transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim,
-            config.fusion.tokens, config.fusion.hidden,
+            preference_dim,
+            transformer_config.joint_attention_dim,
+            transformer_config.pooled_projection_dim,
+            config.fusion.tokens,
+            config.fusion.hidden,
         ).to(self.transformer.device)
         # The pipeline's scheduler is re-stepped at every sampling call; training keeps its own copy.
         self.train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
-        self.holdout: PersonalHoldout | None = None  # set by the trainer: what its training never saw, saved with the weights
+        self.holdout: PersonalHoldout | None = (
+            None  # set by the trainer: what its training never saw, saved with the weights
+        )
 
-    def train(self, mode: bool = True) -> "PersonalizedSD3":
+    def train(self, mode: bool = True) -> PersonalizedSD3:
         """Only the transformer (its LoRA) and the fusion module ever train; the rest stays in eval mode."""
         super().train(mode)
         if self.collab is not None:
@@ -78,8 +103,12 @@ class PersonalizedSD3(nn.Module):
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """SD3's ``prompt_embeds`` [B, L, joint_dim] and ``pooled_prompt_embeds`` [B, pooled_dim] of each text."""
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=self.config.pipeline.max_sequence_length, device=self.transformer.device,
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.config.pipeline.max_sequence_length,
+            device=self.transformer.device,
         )
         return prompt_embeds, pooled
 
@@ -93,14 +122,35 @@ class PersonalizedSD3(nn.Module):
         """Draw scaled, shifted latents from cached distribution parameters, as diffusers' SD3 trainer does."""
         return sample_latents(self.pipeline.vae, parameters, generator)
 
-    def fuse(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, preference: torch.Tensor, alpha_override: float | None = None) -> FusedConditioning:
+    def fuse(
+        self,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        preference: torch.Tensor,
+        alpha_override: float | None = None,
+    ) -> FusedConditioning:
         """The pipeline's conditioning: the text embeddings fused with the preference vectors."""
         return self.fusion(prompt_embeds, pooled, preference, alpha_override)
 
-    def forward(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, preference: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        preference: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Flow-matching loss of a batch of clean latents under the fused conditioning."""
         fused = self.fuse(prompt_embeds, pooled, preference)
-        return flow_matching_loss(self.transformer, self.train_scheduler, self.config.flow, latents, fused.prompt_embeds, fused.pooled_prompt_embeds, generator)
+        return flow_matching_loss(
+            self.transformer,
+            self.train_scheduler,
+            self.config.flow,
+            latents,
+            fused.prompt_embeds,
+            fused.pooled_prompt_embeds,
+            generator,
+        )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The LoRA and fusion parameters."""
@@ -111,10 +161,14 @@ class PersonalizedSD3(nn.Module):
         from diffusers import StableDiffusion3Pipeline
 
         StableDiffusion3Pipeline.save_lora_weights(
-            folder, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            folder,
+            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
         )
-        save_file({name: tensor.detach().contiguous() for name, tensor in self.fusion.state_dict().items()}, folder / FUSION_FILE)
+        save_file(
+            {name: tensor.detach().contiguous() for name, tensor in self.fusion.state_dict().items()},
+            folder / FUSION_FILE,
+        )
         if self.holdout is not None:
             self.holdout.save(folder)
 
@@ -130,7 +184,9 @@ class PersonalizedSD3(nn.Module):
         for name, tensor in expected.items():
             if name not in state or state[name].shape != tensor.shape:
                 got = tuple(state[name].shape) if name in state else "nothing"
-                raise DiffRecError(f"{path}: '{name}' should be {tuple(tensor.shape)}, found {got}; the checkpoint was trained with another fusion or collaborative model")
+                raise DiffRecError(
+                    f"{path}: '{name}' should be {tuple(tensor.shape)}, found {got}; the checkpoint was trained with another fusion or collaborative model"
+                )
         self.fusion.load_state_dict(state)
 
 
@@ -141,14 +197,23 @@ def sample_latents(vae, parameters: torch.Tensor, generator: torch.Generator | N
 
 
 def flow_matching_loss(
-    transformer, scheduler: FlowMatchEulerDiscreteScheduler, flow: FlowMatchingConfig, latents: torch.Tensor,
-    prompt_embeds: torch.Tensor, pooled: torch.Tensor, generator: torch.Generator | None = None,
+    transformer,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    flow: FlowMatchingConfig,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The rectified-flow loss of diffusers' SD3 trainer for clean latents under the given conditioning."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     u = compute_density_for_timestep_sampling(
-        flow.weighting_scheme, len(latents), logit_mean=flow.logit_mean, logit_std=flow.logit_std,
-        mode_scale=flow.mode_scale, generator=generator,
+        flow.weighting_scheme,
+        len(latents),
+        logit_mean=flow.logit_mean,
+        logit_std=flow.logit_std,
+        mode_scale=flow.mode_scale,
+        generator=generator,
     )
     indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
     timesteps = scheduler.timesteps[indices].to(latents.device)
@@ -156,8 +221,11 @@ def flow_matching_loss(
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     dtype = transformer.dtype
     prediction = transformer(
-        hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=prompt_embeds.to(dtype),
-        pooled_projections=pooled.to(dtype), return_dict=False,
+        hidden_states=noisy.to(dtype),
+        timestep=timesteps,
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        pooled_projections=pooled.to(dtype),
+        return_dict=False,
     )[0].float()
     if flow.precondition_outputs:
         prediction = prediction * (-sigmas) + noisy
@@ -172,7 +240,9 @@ def load_personalized(config: SD3Config, pipeline, collab: CollaborativeModel, c
     """A plain pipeline with a checkpoint's LoRA loaded through diffusers' ``load_lora_weights`` and its fusion."""
     lora = ckpt / LORA_FILE
     if not lora.is_file():
-        raise DiffRecError(f"{lora}: missing (run.ckpt must be a checkpoint folder of `diffrec train` on an sd3 config)")
+        raise DiffRecError(
+            f"{lora}: missing (run.ckpt must be a checkpoint folder of `diffrec train` on an sd3 config)"
+        )
     pipeline.load_lora_weights(ckpt, weight_name=LORA_FILE)
     model = PersonalizedSD3(config, pipeline, collab, lora=False)
     model.load_fusion(ckpt)

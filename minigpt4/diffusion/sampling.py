@@ -22,26 +22,45 @@ from minigpt4.diffusion.personalized import PersonalizedSD3
 
 @torch.no_grad()
 def generate_images(
-    model: PersonalizedSD3, preference: torch.Tensor, instructions: list[str], seeds: list[int], sampling: SamplingConfig, alpha_override: float | None = None
+    model: PersonalizedSD3,
+    preference: torch.Tensor,
+    instructions: list[str],
+    seeds: list[int],
+    sampling: SamplingConfig,
+    alpha_override: float | None = None,
 ) -> tuple[list[Image.Image], torch.Tensor]:
     """One image per (preference row, instruction, seed), and the fusion gate alpha of each."""
     pipeline = model.pipeline
     device = model.transformer.device
     guided = sampling.guidance_scale > 1
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-        prompt=instructions, prompt_2=None, prompt_3=None, negative_prompt=[sampling.negative_prompt] * len(instructions),
-        do_classifier_free_guidance=guided, max_sequence_length=model.config.pipeline.max_sequence_length, device=device,
+        prompt=instructions,
+        prompt_2=None,
+        prompt_3=None,
+        negative_prompt=[sampling.negative_prompt] * len(instructions),
+        do_classifier_free_guidance=guided,
+        max_sequence_length=model.config.pipeline.max_sequence_length,
+        device=device,
     )
     preference = preference.to(device)
     fused = model.fuse(prompt_embeds, pooled, preference, alpha_override)
     negative = {}
     if guided:
         text_only = model.fuse(negative_embeds, negative_pooled, preference, alpha_override=0.0)
-        negative = {"negative_prompt_embeds": text_only.prompt_embeds, "negative_pooled_prompt_embeds": text_only.pooled_prompt_embeds}
+        negative = {
+            "negative_prompt_embeds": text_only.prompt_embeds,
+            "negative_pooled_prompt_embeds": text_only.pooled_prompt_embeds,
+        }
     latents = pipeline(
-        prompt_embeds=fused.prompt_embeds, pooled_prompt_embeds=fused.pooled_prompt_embeds, **negative,
-        num_inference_steps=sampling.steps, guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width,
-        generator=[torch.Generator(device).manual_seed(seed) for seed in seeds], output_type="latent",
+        prompt_embeds=fused.prompt_embeds,
+        pooled_prompt_embeds=fused.pooled_prompt_embeds,
+        **negative,
+        num_inference_steps=sampling.steps,
+        guidance_scale=sampling.guidance_scale,
+        height=sampling.height,
+        width=sampling.width,
+        generator=[torch.Generator(device).manual_seed(seed) for seed in seeds],
+        output_type="latent",
     ).images
     # Decoded here rather than in the pipeline: the VAE stays in float32 whatever the transformer's dtype.
     vae = pipeline.vae
@@ -60,7 +79,9 @@ class ImageStore:
         self.max_images = max_images
         self.index = self.folder / "records.jsonl"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.records = [json.loads(line) for line in self.index.read_text().splitlines()] if self.index.is_file() else []
+        self.records = (
+            [json.loads(line) for line in self.index.read_text().splitlines()] if self.index.is_file() else []
+        )
 
     def add(self, image: Image.Image, record: dict) -> dict:
         """Save one image with its record, then apply the keep policy; the record says whether it was kept."""
@@ -74,6 +95,7 @@ class ImageStore:
 
     def _prune(self) -> None:
         """Drop the images that fall outside the policy and rewrite the index atomically."""
+
         def rank(position: int) -> tuple[float, int]:
             score = self.records[position].get("score")
             return (score if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf, position)

@@ -8,7 +8,6 @@ is truncated and counted; no text ever gets a fallback score.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -16,7 +15,12 @@ from PIL import Image
 from minigpt4.config import ClipConfig
 from minigpt4.errors import DiffRecError
 
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+WEIGHT_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
 
 
 class ClipScorer:
@@ -28,7 +32,9 @@ class ClipScorer:
         path = config.path
         if path.is_dir():
             if not (path / "open_clip_config.json").is_file():
-                raise DiffRecError(f"model.clip.path {path}: no open_clip_config.json (expected an open_clip local-dir folder)")
+                raise DiffRecError(
+                    f"model.clip.path {path}: no open_clip_config.json (expected an open_clip local-dir folder)"
+                )
             # open_clip only warns when a folder has no weights; a random CLIP must never score anything.
             if not any((path / name).is_file() for name in WEIGHT_FILES):
                 raise DiffRecError(f"model.clip.path {path}: no weights file (one of {', '.join(WEIGHT_FILES)})")
@@ -39,7 +45,9 @@ class ClipScorer:
             if not path.is_file():
                 raise DiffRecError(f"model.clip.path not found: {path}")
             if config.model_name is None:
-                raise DiffRecError(f"model.clip.path {path} is a checkpoint file; set model.clip.model_name (e.g. ViT-B-32)")
+                raise DiffRecError(
+                    f"model.clip.path {path} is a checkpoint file; set model.clip.model_name (e.g. ViT-B-32)"
+                )
             name = config.model_name
             model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
             self.backbone = f"open_clip {name} ({path.name})"
@@ -54,13 +62,17 @@ class ClipScorer:
         """Unit-norm image embeddings, [N, D]."""
         features = []
         for start in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images[start : start + self.batch_size]])
+            pixels = torch.stack(
+                [self.preprocess(image.convert("RGB")) for image in images[start : start + self.batch_size]]
+            )
             features.append(self.model.encode_image(pixels.to(self.device)).float())
         return F.normalize(torch.cat(features), dim=-1)
 
     def truncated(self, text: str) -> bool:
         """Whether ``text`` is longer than the context (start and end tokens included)."""
-        inner = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer (its count has the special tokens)
+        inner = getattr(
+            self.tokenizer, "tokenizer", None
+        )  # open_clip's HFTokenizer wraps a transformers tokenizer (its count has the special tokens)
         length = len(inner(text).input_ids) if inner is not None else len(self.tokenizer.encode(text)) + 2
         return length > self.context_length
 
@@ -73,18 +85,26 @@ class ClipScorer:
             features.append(self.model.encode_text(tokens.to(self.device)).float())
         return F.normalize(torch.cat(features), dim=-1)
 
-    def clip_t(self, images: list[Image.Image], texts: list[str], features: torch.Tensor | None = None) -> tuple[list[float], int]:
+    def clip_t(
+        self, images: list[Image.Image], texts: list[str], features: torch.Tensor | None = None
+    ) -> tuple[list[float], int]:
         """CLIP-T of each (image, text) pair, and how many texts were truncated (``features``: the images'
         ``image_features`` when already computed)."""
         if len(images) != len(texts):
             raise DiffRecError(f"CLIP-T needs one text per image, got {len(images)} images and {len(texts)} texts")
-        scores = clip_similarity(self.image_features(images) if features is None else features, self.text_features(texts))
+        scores = clip_similarity(
+            self.image_features(images) if features is None else features, self.text_features(texts)
+        )
         return scores.tolist(), sum(self.truncated(text) for text in texts)
 
-    def clip_i(self, images: list[Image.Image], references: list[list[Image.Image]], features: torch.Tensor | None = None) -> list[float | None]:
+    def clip_i(
+        self, images: list[Image.Image], references: list[list[Image.Image]], features: torch.Tensor | None = None
+    ) -> list[float | None]:
         """CLIP-I of each image: its mean score against its own reference images (None without references)."""
         if len(images) != len(references):
-            raise DiffRecError(f"CLIP-I needs references per image, got {len(images)} images and {len(references)} lists")
+            raise DiffRecError(
+                f"CLIP-I needs references per image, got {len(images)} images and {len(references)} lists"
+            )
         generated = self.image_features(images) if features is None else features
         flat = [image for group in references for image in group]
         reference = self.image_features(flat) if flat else None
@@ -93,7 +113,9 @@ class ClipScorer:
             if not group:
                 scores.append(None)
                 continue
-            pair = clip_similarity(generated[row : row + 1].expand(len(group), -1), reference[start : start + len(group)])
+            pair = clip_similarity(
+                generated[row : row + 1].expand(len(group), -1), reference[start : start + len(group)]
+            )
             scores.append(float(pair.mean()))
             start += len(group)
         return scores

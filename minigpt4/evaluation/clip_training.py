@@ -49,15 +49,27 @@ def lit_model_config(text_folder: Path, resolution: int, embed_dim: int) -> dict
         "embed_dim": embed_dim,
         "vision_cfg": {"image_size": resolution, "layers": 4, "width": 192, "head_width": 64, "patch_size": patch},
         "text_cfg": {
-            "hf_model_name": str(text_folder), "hf_tokenizer_name": str(text_folder), "hf_proj_type": "linear",
-            "hf_pooler_type": "mean_pooler", "context_length": 64,
+            "hf_model_name": str(text_folder),
+            "hf_tokenizer_name": str(text_folder),
+            "hf_proj_type": "linear",
+            "hf_pooler_type": "mean_pooler",
+            "context_length": 64,
         },
     }
 
 
 def train_clip(
-    dataset: str | Path, out: str | Path, caption: str = "a {genres} movie poster: {title}", genre_prompt: str = "a {genre} movie poster",
-    resolution: int = 64, steps: int = 300, batch_size: int = 128, lr: float = 1e-3, held_out: float = 0.2, seed: int = 0, progress: bool = True,
+    dataset: str | Path,
+    out: str | Path,
+    caption: str = "a {genres} movie poster: {title}",
+    genre_prompt: str = "a {genre} movie poster",
+    resolution: int = 64,
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    held_out: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Train the scorer on the items not held out, write it to ``out``, and score the held-out items with it."""
     import open_clip
@@ -67,7 +79,9 @@ def train_clip(
     images = load_image_table(data.root, data.n_items)
     iids = images["iid"].to_numpy()
     if len(iids) < 20:
-        raise DiffRecError(f"{data.root}: {len(iids)} items have images; a scorer needs at least 20 (some are held out)")
+        raise DiffRecError(
+            f"{data.root}: {len(iids)} items have images; a scorer needs at least 20 (some are held out)"
+        )
     captions = item_captions(caption, data.items, iids.tolist())
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(iids))
@@ -114,7 +128,9 @@ def train_clip(
         for name in MINILM_FILES:
             shutil.copy(minilm / name, partial / name)
         preprocess_cfg = {"size": resolution, "mean": OPENAI_MEAN, "std": OPENAI_STD}
-        (partial / "open_clip_config.json").write_text(json.dumps({"model_cfg": saved, "preprocess_cfg": preprocess_cfg}, indent=2))
+        (partial / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": saved, "preprocess_cfg": preprocess_cfg}, indent=2)
+        )
         save_file(state, partial / "open_clip_model.safetensors")
     held = [int(row) for row in test]
     scores = score_held_out(ClipScorer(ClipConfig(path=out)), [Image.open(paths[row]) for row in held], [captions[row] for row in held],
@@ -137,7 +153,9 @@ def _genres(items, iid: int) -> list[str]:
     return [str(genre) for genre in items.loc[items["iid"] == iid, "genres"].iloc[0]]
 
 
-def score_held_out(scorer: ClipScorer, images: list[Image.Image], captions: list[str], genres: list[list[str]], genre_prompt: str) -> dict:
+def score_held_out(
+    scorer: ClipScorer, images: list[Image.Image], captions: list[str], genres: list[list[str]], genre_prompt: str
+) -> dict:
     """Image-to-text retrieval R@1/R@5 among these captions, and zero-shot genre accuracy, each with chance."""
     image_features, text_features = scorer.image_features(images), scorer.text_features(captions)
     ranks = (image_features @ text_features.T).argsort(dim=1, descending=True)
@@ -151,7 +169,9 @@ def score_held_out(scorer: ClipScorer, images: list[Image.Image], captions: list
     if vocabulary and all(genres):
         prompts = scorer.text_features([genre_prompt.format(genre=genre) for genre in vocabulary])
         predicted = (image_features @ prompts.T).argmax(dim=1).tolist()
-        result["genre_accuracy"] = float(np.mean([vocabulary[choice] in item for choice, item in zip(predicted, genres)]))
+        result["genre_accuracy"] = float(
+            np.mean([vocabulary[choice] in item for choice, item in zip(predicted, genres)])
+        )
         result["genre_chance"] = float(np.mean([len(item) / len(vocabulary) for item in genres]))  # a uniform guess
         result["genres"] = len(vocabulary)
     return result

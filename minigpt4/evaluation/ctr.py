@@ -20,7 +20,9 @@ from minigpt4.evaluation.metrics import ctr_metrics
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Row numbers and logits of a whole split, gathered from every process, in row order."""
     model.eval()
     rows, scores = [], []
@@ -35,23 +37,37 @@ def predict(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc
     return rows_all[order], scores_all[order]
 
 
-def split_predictions(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str | None = None) -> tuple[np.ndarray, ...]:
+def split_predictions(
+    model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str | None = None
+) -> tuple[np.ndarray, ...]:
     """Users, labels, logits and warm flags of a whole split, in row order."""
     rows, scores = predict(model, loader, accelerator, desc)
     data = loader.dataset
     return data.uid.cpu().numpy()[rows], data.label.cpu().numpy()[rows], scores, np.asarray(data.not_cold)[rows]
 
 
-def evaluate_split(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str | None = None) -> dict[str, float]:
+def evaluate_split(
+    model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str | None = None
+) -> dict[str, float]:
     """AUC, UAUC and GAUC of one split."""
     users, labels, scores, _ = split_predictions(model, loader, accelerator, desc)
     return ctr_metrics(users, labels, scores)
 
 
-def evaluate_all(model: nn.Module, split_loaders: dict[str, DataLoader], accelerator: Accelerator, progress: bool = False, valid: dict | None = None) -> dict:
+def evaluate_all(
+    model: nn.Module,
+    split_loaders: dict[str, DataLoader],
+    accelerator: Accelerator,
+    progress: bool = False,
+    valid: dict | None = None,
+) -> dict:
     """Metrics on valid, test, test-warm (``not_cold``) and test-cold; ``valid`` when the caller already has them for these weights."""
-    metrics = {"valid": valid or evaluate_split(model, split_loaders["valid"], accelerator, "valid" if progress else None)}
-    users, labels, scores, warm = split_predictions(model, split_loaders["test"], accelerator, "test" if progress else None)
+    metrics = {
+        "valid": valid or evaluate_split(model, split_loaders["valid"], accelerator, "valid" if progress else None)
+    }
+    users, labels, scores, warm = split_predictions(
+        model, split_loaders["test"], accelerator, "test" if progress else None
+    )
     for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm)):
         metrics[name] = ctr_metrics(users[keep], labels[keep], scores[keep])
     return metrics
@@ -64,4 +80,7 @@ def frame_metrics(model: nn.Module, frame: pd.DataFrame) -> dict:
     data = RatingTensors(frame, model.max_history)
     scores = model.score(data.__getitems__(list(range(len(frame))))).float().cpu().numpy()
     users, labels, warm = frame["uid"].to_numpy(), frame["label"].to_numpy(), data.not_cold
-    return {name: ctr_metrics(users[keep], labels[keep], scores[keep]) for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm))}
+    return {
+        name: ctr_metrics(users[keep], labels[keep], scores[keep])
+        for name, keep in (("test", np.ones_like(warm)), ("test_warm", warm), ("test_cold", ~warm))
+    }

@@ -32,7 +32,9 @@ def clip_scores(outputs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     return 100 * (F.normalize(outputs.float(), dim=-1) @ F.normalize(items.float(), dim=-1).T).clamp(min=0)
 
 
-def user_similarity(scores: torch.Tensor, liked: Sequence[Sequence[int]], exclude: Sequence[int] | None = None) -> np.ndarray:
+def user_similarity(
+    scores: torch.Tensor, liked: Sequence[Sequence[int]], exclude: Sequence[int] | None = None
+) -> np.ndarray:
     """[N, U]: from ``clip_scores`` [N, I], each output's mean score over each user's liked items, leaving
     out item ``exclude[n]`` for output n (NaN where that leaves a user nothing)."""
     membership = torch.zeros(len(liked), scores.shape[1], dtype=torch.float64)
@@ -65,8 +67,14 @@ def identification_accuracy(similarity: np.ndarray, owner: np.ndarray, distracto
 
 
 def personalization_metrics(
-    outputs: torch.Tensor, owner: Sequence[int], items: torch.Tensor, liked: Sequence[Sequence[int]],
-    history: Sequence[Sequence[int]] | None = None, exclude: Sequence[int] | None = None, k: int = 10, permutations: int = 1000,
+    outputs: torch.Tensor,
+    owner: Sequence[int],
+    items: torch.Tensor,
+    liked: Sequence[Sequence[int]],
+    history: Sequence[Sequence[int]] | None = None,
+    exclude: Sequence[int] | None = None,
+    k: int = 10,
+    permutations: int = 1000,
     seed: int = 0,
 ) -> dict:
     """Personal similarity, margin, identification Acc@1 among ``k`` users with its permutation p-value,
@@ -80,7 +88,9 @@ def personalization_metrics(
     owner = np.asarray(owner, dtype=np.int64)
     users = len(liked)
     if users < k:
-        raise DiffRecError(f"identification among {k} users needs at least {k} users with held-out liked items, got {users}")
+        raise DiffRecError(
+            f"identification among {k} users needs at least {k} users with held-out liked items, got {users}"
+        )
     empty = [user for user, rows in enumerate(liked) if len(rows) == 0]
     if empty:
         raise DiffRecError(f"user {empty[0]} has no held-out liked item to score against")
@@ -111,17 +121,25 @@ def personalization_metrics(
         "identification_p_value": (1 + sum(value >= accuracy for value in null)) / (1 + permutations),
     }
     if history is not None:
-        nearest = [float(scores[row, list(history[user])].max()) for row, user in enumerate(owner) if len(history[user])]
+        nearest = [
+            float(scores[row, list(history[user])].max()) for row, user in enumerate(owner) if len(history[user])
+        ]
         metrics["copy_guard"] = {"mean": float(np.mean(nearest)), "max": float(np.max(nearest))} if nearest else None
     return metrics
 
 
-def index_items(liked: Sequence[Sequence[int]], history: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]], list[list[int]]]:
+def index_items(
+    liked: Sequence[Sequence[int]], history: Sequence[Sequence[int]]
+) -> tuple[list[int], list[list[int]], list[list[int]]]:
     """The item ids that ``liked`` and ``history`` (per user) name, each once, and both as rows of that list:
     what ``personalization_metrics`` takes once the items are embedded in that order."""
     items = sorted({int(iid) for values in (*liked, *history) for iid in values})
     row = {iid: index for index, iid in enumerate(items)}
-    return items, [[row[int(iid)] for iid in values] for values in liked], [[row[int(iid)] for iid in values] for values in history]
+    return (
+        items,
+        [[row[int(iid)] for iid in values] for values in liked],
+        [[row[int(iid)] for iid in values] for values in history],
+    )
 
 
 def shuffled_donors(users: np.ndarray, seed: int) -> np.ndarray:

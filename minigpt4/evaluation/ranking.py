@@ -22,8 +22,12 @@ DEFAULT_KS = (10, 20, 50)
 
 @torch.no_grad()
 def full_ranking_metrics(
-    score_users: Callable[[torch.Tensor], torch.Tensor], train: sp.csr_matrix, target: sp.csr_matrix,
-    ks: tuple[int, ...] = DEFAULT_KS, batch_size: int = 1024, device: torch.device | str = "cpu",
+    score_users: Callable[[torch.Tensor], torch.Tensor],
+    train: sp.csr_matrix,
+    target: sp.csr_matrix,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
     groups: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Mean Recall/NDCG/Precision@K over the users with targets; ``score_users(user ids) -> [B, n_items]`` scores.
@@ -63,9 +67,16 @@ def full_ranking_metrics(
 
 @torch.no_grad()
 def leave_one_out_metrics(
-    score_histories: Callable[[torch.Tensor], torch.Tensor], histories: np.ndarray, targets: np.ndarray, seen: sp.csr_matrix | None,
-    ks: tuple[int, ...] = (5, 10, 20), batch_size: int = 512, device: torch.device | str = "cpu",
-    score_padding: bool = False, per_batch_mean: bool = False, trim_padding: bool = False,
+    score_histories: Callable[[torch.Tensor], torch.Tensor],
+    histories: np.ndarray,
+    targets: np.ndarray,
+    seen: sp.csr_matrix | None,
+    ks: tuple[int, ...] = (5, 10, 20),
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    score_padding: bool = False,
+    per_batch_mean: bool = False,
+    trim_padding: bool = False,
 ) -> dict[str, float]:
     """HR@K and NDCG@K (x100) of one target item per row, ranked over the whole catalogue.
 

@@ -64,15 +64,24 @@ def plot_curves(curve: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset: RatingDataset, image_folder: Path, users: int = 6) -> Path:
+def write_report(
+    out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset: RatingDataset, image_folder: Path, users: int = 6
+) -> Path:
     """``out/report.html`` from the models' metrics rows, the joint run's metrics and its image store."""
     files = out / "report_files"
     shutil.rmtree(files, ignore_errors=True)
     files.mkdir(parents=True)
     plot_curves(metrics["curve"], files / "curves.png")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>DiffRec report</title><style>{STYLE}</style></head><body>", "<h1>DiffRec report</h1>"]
-    parts.append(f"<p>Dataset {html.escape(str(metrics.get('dataset')))}; run folder <code>{html.escape(str(metrics['run_dir']))}</code>.</p>")
-    parts.append("<h2>Recommendation</h2><table><tr><th>model</th><th>test AUC</th><th>test UAUC</th><th>warm AUC</th><th>cold AUC</th><th>rows</th></tr>")
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>DiffRec report</title><style>{STYLE}</style></head><body>",
+        "<h1>DiffRec report</h1>",
+    ]
+    parts.append(
+        f"<p>Dataset {html.escape(str(metrics.get('dataset')))}; run folder <code>{html.escape(str(metrics['run_dir']))}</code>.</p>"
+    )
+    parts.append(
+        "<h2>Recommendation</h2><table><tr><th>model</th><th>test AUC</th><th>test UAUC</th><th>warm AUC</th><th>cold AUC</th><th>rows</th></tr>"
+    )
     for name, result in rows:
         parts.append(
             f"<tr><td>{html.escape(name)}</td><td>{_number(result['test']['auc'])}</td><td>{_number(result['test']['uauc'])}</td>"
@@ -80,7 +89,9 @@ def write_report(out: Path, rows: list[tuple[str, dict]], metrics: dict, dataset
         )
     parts.append("</table>")
     images = metrics["images"]
-    parts.append(f"<h2>Personalized images</h2><p>CLIP backbone <b>{html.escape(str(images['backbone']))}</b>. Every arm uses the same seeds.</p>")
+    parts.append(
+        f"<h2>Personalized images</h2><p>CLIP backbone <b>{html.escape(str(images['backbone']))}</b>. Every arm uses the same seeds.</p>"
+    )
     generic = images.get("generic") or {}
     if "missing" in generic:
         parts.append(f"<p>Generic instruction: missing, {html.escape(generic['missing'])}.</p>")
@@ -132,7 +143,9 @@ def _arm_table(results: dict, against: str) -> list[str]:
         result = results[variant]
         personal = result.get("personalization") or {}
         reasons.update([personal["missing"]] if "missing" in personal else [])
-        identification = f"{_number(personal.get('identification_acc1'), 3)} ({_number(personal.get('identification_p_value'), 3)})"
+        identification = (
+            f"{_number(personal.get('identification_acc1'), 3)} ({_number(personal.get('identification_p_value'), 3)})"
+        )
         guard = personal.get("copy_guard") or {}
         parts.append(
             f"<tr><td>{label}</td><td>{_number(result['clip_t'], 2)}</td><td>{_number(result['clip_i'], 2)}</td><td>{_number(result['alpha'], 3)}</td>"
@@ -158,7 +171,9 @@ class _Thumbnails:
         for iid in [int(iid) for iid in iids if int(iid) in self.table.index][-last if last else None :]:
             name = f"item_{iid}{Path(self.table[iid]).suffix}"
             shutil.copy(self.dataset.root / self.table[iid], self.files / name)
-            tags.append(f"<img src='report_files/{name}' title='{html.escape(str(self.titles[iid]))}' alt='item {iid}'>")
+            tags.append(
+                f"<img src='report_files/{name}' title='{html.escape(str(self.titles[iid]))}' alt='item {iid}'>"
+            )
         return "".join(tags) or "(none with an image)"
 
     def generated(self, records: list[dict], image_folder: Path) -> str:
@@ -167,11 +182,15 @@ class _Thumbnails:
         for record in sorted(records, key=lambda r: ARM_ORDER[r["variant"]]):
             shutil.copy(image_folder / record["file"], self.files / record["file"])
             caption = f"{dict(ARM_LABELS)[record['variant']].split(' (')[0]}: CLIP-T {_number(record['clip_t'], 1)}, CLIP-I {_number(record['clip_i'], 1)}, alpha {record['alpha']:.2f}"
-            figures.append(f"<figure><img src='report_files/{record['file']}' alt='{html.escape(record['instruction'])}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+            figures.append(
+                f"<figure><img src='report_files/{record['file']}' alt='{html.escape(record['instruction'])}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
         return "".join(figures)
 
 
-def _generic_rows(page: _Thumbnails, holdout: PersonalHoldout, records: list[dict], image_folder: Path, users: int) -> list[str]:
+def _generic_rows(
+    page: _Thumbnails, holdout: PersonalHoldout, records: list[dict], image_folder: Path, users: int
+) -> list[str]:
     """Per held-out user: the liked cards the generator saw, the held-out ones, and the three arms' images."""
     by_user: dict[int, list[dict]] = {}
     for record in records:

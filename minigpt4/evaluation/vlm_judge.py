@@ -20,7 +20,7 @@ from minigpt4.errors import DiffRecError
 
 CRITERIA = ("consistency", "accuracy", "integrity", "quality")
 QUESTION = (
-    "You judge a generated product image for the request: \"{instruction}\". Rate it from 0 to 5 on "
+    'You judge a generated product image for the request: "{instruction}". Rate it from 0 to 5 on '
     "consistency (matches the request), accuracy (the product is depicted correctly), integrity (no "
     "broken or missing parts) and quality (sharpness, composition). Answer with only a JSON object "
     'like {{"consistency": 3, "accuracy": 4, "integrity": 5, "quality": 2}}.'
@@ -51,7 +51,12 @@ def parse_verdict(answer: str) -> Verdict:
             verdict.parsed = True
             for name in CRITERIA:
                 score = value.get(name)
-                valid = isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score) and 0 <= score <= 5
+                valid = (
+                    isinstance(score, (int, float))
+                    and not isinstance(score, bool)
+                    and math.isfinite(score)
+                    and 0 <= score <= 5
+                )
                 verdict.scores[name] = float(score) if valid else None
             return verdict
         start = answer.find("{", start + 1)
@@ -76,7 +81,9 @@ class VLMJudge:
 
         folder = Path(config.path)
         if not (folder / "config.json").is_file():
-            raise DiffRecError(f"model.judge.path {folder}: no config.json (expected a Hugging Face image-text-to-text model folder)")
+            raise DiffRecError(
+                f"model.judge.path {folder}: no config.json (expected a Hugging Face image-text-to-text model folder)"
+            )
         self.processor = AutoProcessor.from_pretrained(folder)
         self.model = AutoModelForImageTextToText.from_pretrained(folder).to(device).eval()
         self.max_new_tokens = config.max_new_tokens
@@ -86,7 +93,12 @@ class VLMJudge:
         """Ask for the four scores of one image (greedy decoding, so the verdict is reproducible)."""
         import torch
 
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION.format(instruction=instruction)}]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": QUESTION.format(instruction=instruction)}],
+            }
+        ]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(images=[image], text=prompt, return_tensors="pt").to(self.model.device)
         with torch.no_grad():

@@ -16,7 +16,14 @@ class CoLLMProjector(nn.Module):
         self.user = nn.Sequential(nn.Linear(user_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, token_dim))
         self.item = nn.Sequential(nn.Linear(item_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, token_dim))
 
-    def place(self, embeds: torch.Tensor, user: torch.Tensor, item: torch.Tensor, user_slot: torch.Tensor, item_slot: torch.Tensor) -> torch.Tensor:
+    def place(
+        self,
+        embeds: torch.Tensor,
+        user: torch.Tensor,
+        item: torch.Tensor,
+        user_slot: torch.Tensor,
+        item_slot: torch.Tensor,
+    ) -> torch.Tensor:
         """``embeds`` [B, L, D] with the projected user and item written at their slot positions."""
         rows = torch.arange(embeds.shape[0], device=embeds.device)
         embeds = embeds.clone()

@@ -47,7 +47,9 @@ def target_linears(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     found = {path: module for path, module in model.named_modules() if path.rsplit(".", 1)[-1] in names}
     missing = set(names) - {path.rsplit(".", 1)[-1] for path in found}
     if missing:
-        raise DiffRecError(f"model.cora.target_modules: no module named {', '.join(sorted(missing))} in {type(model).__name__}")
+        raise DiffRecError(
+            f"model.cora.target_modules: no module named {', '.join(sorted(missing))} in {type(model).__name__}"
+        )
     return found
 
 
@@ -71,10 +73,15 @@ class CoRA(nn.Module):
         self.generator = LoRAGenerator(input_dim, hidden.pop(), config)
         self.scaling = config.alpha / config.rank
         self.lora_b = nn.ParameterDict(
-            {path.replace(".", "__"): nn.Parameter(torch.zeros(config.rank, _features(module, "out_features"))) for path, module in targets.items()}
+            {
+                path.replace(".", "__"): nn.Parameter(torch.zeros(config.rank, _features(module, "out_features")))
+                for path, module in targets.items()
+            }
         )
         self.lora_a: torch.Tensor | None = None
-        self._handles = [module.register_forward_hook(self._hook(path.replace(".", "__"))) for path, module in targets.items()]
+        self._handles = [
+            module.register_forward_hook(self._hook(path.replace(".", "__"))) for path, module in targets.items()
+        ]
 
     def set_weights(self, collab: torch.Tensor) -> torch.Tensor:
         """Generate A from concat(user, item) [B, input_dim] for the following forward (and its recomputation)."""
@@ -96,7 +103,9 @@ class CoRA(nn.Module):
                 raise DiffRecError("CoRA weights are not set: call set_weights(collab embeddings) before the forward")
             x = args[0]
             if x.shape[0] != lora_a.shape[0]:
-                raise DiffRecError(f"CoRA weights were generated for {lora_a.shape[0]} samples, the forward has {x.shape[0]}")
+                raise DiffRecError(
+                    f"CoRA weights were generated for {lora_a.shape[0]} samples, the forward has {x.shape[0]}"
+                )
             low = torch.matmul(x, lora_a.transpose(1, 2).to(x.dtype))  # [B, L, rank]
             return output + torch.matmul(low, self.lora_b[key].to(x.dtype)) * self.scaling
 

@@ -30,7 +30,9 @@ def bundled_smollm2_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise DiffRecError(f"no model.llm.path given and the {SMOLLM2_PACKAGE} package is not installed (make venv installs it)") from None
+        raise DiffRecError(
+            f"no model.llm.path given and the {SMOLLM2_PACKAGE} package is not installed (make venv installs it)"
+        ) from None
     files = [file for file in dist.files or [] if str(file).endswith(".gguf")]
     if not files:
         raise DiffRecError(f"the {SMOLLM2_PACKAGE} package holds no .gguf file")
@@ -102,5 +104,7 @@ def _model_path(config: LLMConfig) -> Path:
         if not path.is_file():
             raise DiffRecError(f"model.llm.path: GGUF file not found: {path}")
     elif not (path / "config.json").is_file():
-        raise DiffRecError(f"model.llm.path: {path} is neither a .gguf file nor a Hugging Face model folder with config.json")
+        raise DiffRecError(
+            f"model.llm.path: {path} is neither a .gguf file nor a Hugging Face model folder with config.json"
+        )
     return path

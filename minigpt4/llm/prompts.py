@@ -30,7 +30,7 @@ class PromptTemplate:
     slots: tuple[str, ...]
 
     @classmethod
-    def load(cls, path: str | Path) -> "PromptTemplate":
+    def load(cls, path: str | Path) -> PromptTemplate:
         """Read a template; an unknown placeholder or slot is an error naming it."""
         path = Path(path)
         if not path.is_file():
@@ -41,7 +41,9 @@ class PromptTemplate:
             if name is None:
                 continue
             if name not in FIELDS or spec or conversion:
-                raise DiffRecError(f"{path}: unknown placeholder {{{name}}}; known: {', '.join('{' + f + '}' for f in FIELDS)}")
+                raise DiffRecError(
+                    f"{path}: unknown placeholder {{{name}}}; known: {', '.join('{' + f + '}' for f in FIELDS)}"
+                )
             fields.append(name)
         slots = SLOT_PATTERN.findall(text)
         for slot in slots:
@@ -68,7 +70,9 @@ class PromptTemplate:
             empty = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
             if empty.any():
                 row = int(np.flatnonzero(empty)[0])
-                raise DiffRecError(f"{where}, row {row}: placeholder {{{name}}} is unfilled (column '{column}' is empty)")
+                raise DiffRecError(
+                    f"{where}, row {row}: placeholder {{{name}}} is unfilled (column '{column}' is empty)"
+                )
 
     def render(self, values: dict[str, str]) -> list[str]:
         """The filled text, split at the slots: ``len(self.slots) + 1`` pieces."""
@@ -93,15 +97,26 @@ def chat_frame(tokenizer: PreTrainedTokenizerBase, prefix: list[int]) -> tuple[s
     """The text the tokenizer's chat template puts before and after one user message, up to where the
     assistant answers (without a leading BOS when ``prefix``, what the tokenizer adds by itself, is that BOS)."""
     marker = "\x00MESSAGE\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
     before, after = text.split(marker)
-    if tokenizer.bos_token_id is not None and prefix[:1] == [tokenizer.bos_token_id] and before.startswith(tokenizer.bos_token):
+    if (
+        tokenizer.bos_token_id is not None
+        and prefix[:1] == [tokenizer.bos_token_id]
+        and before.startswith(tokenizer.bos_token)
+    ):
         before = before[len(tokenizer.bos_token) :]
     return before, after
 
 
 def encode_prompts(
-    template: PromptTemplate, frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_history: int, max_length: int, where: str,
+    template: PromptTemplate,
+    frame: pd.DataFrame,
+    tokenizer: PreTrainedTokenizerBase,
+    max_history: int,
+    max_length: int,
+    where: str,
     chat: bool = False,
 ) -> EncodedPrompts:
     """Fill and tokenize one prompt per row; each slot becomes one placeholder token. With ``chat`` the
@@ -132,7 +147,9 @@ def encode_prompts(
             if len(ids) <= max_length:
                 break
             if keep == 0:
-                raise DiffRecError(f"{where}, row {row}: the prompt is {len(ids)} tokens even without history; raise model.llm.max_length ({max_length})")
+                raise DiffRecError(
+                    f"{where}, row {row}: the prompt is {len(ids)} tokens even without history; raise model.llm.max_length ({max_length})"
+                )
             keep -= 1  # the oldest title goes first
         input_ids.append(ids)
     return EncodedPrompts(input_ids, positions)

@@ -35,7 +35,13 @@ from minigpt4.llm.collm import CoLLMProjector
 from minigpt4.llm.cora import CoRA
 from minigpt4.llm.loading import load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate, encode_prompts
-from minigpt4.llm.scoring import answer_hidden_states, answer_token_ids, yes_no_from_hidden, yes_no_logits, yes_no_with_shared_prefix
+from minigpt4.llm.scoring import (
+    answer_hidden_states,
+    answer_token_ids,
+    yes_no_from_hidden,
+    yes_no_logits,
+    yes_no_with_shared_prefix,
+)
 from minigpt4.recommenders import CollaborativeModel, load_recommender
 
 ADAPTER_DIR = "adapter"
@@ -55,7 +61,7 @@ class PromptBatch:
     user_slot: torch.Tensor
     item_slot: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "PromptBatch":
+    def to(self, device: torch.device | str) -> PromptBatch:
         """The batch on ``device``."""
         return PromptBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
@@ -66,7 +72,14 @@ class PromptBatch:
 class PromptRows(torch.utils.data.Dataset):
     """One split's prompts, tokenized once; a list of rows becomes one padded ``PromptBatch``."""
 
-    def __init__(self, frame: pd.DataFrame, input_ids: list[list[int]], slots: dict[str, np.ndarray], collab_history: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        input_ids: list[list[int]],
+        slots: dict[str, np.ndarray],
+        collab_history: int,
+        pad_id: int,
+    ) -> None:
         self.ratings = RatingTensors(frame, collab_history)
         self.uid, self.label, self.not_cold = self.ratings.uid, self.ratings.label, self.ratings.not_cold
         self.input_ids = input_ids
@@ -90,11 +103,18 @@ class PromptRows(torch.utils.data.Dataset):
             ids[index, : len(tokens)] = torch.as_tensor(tokens)
             mask[index, : len(tokens)] = 1
         index = torch.as_tensor(rows, dtype=torch.long)
-        return PromptBatch(index, self.ratings.__getitems__(rows), ids, mask, self.user_slot[index], self.item_slot[index])
+        return PromptBatch(
+            index, self.ratings.__getitems__(rows), ids, mask, self.user_slot[index], self.item_slot[index]
+        )
 
 
 def prompt_rows(
-    frame: pd.DataFrame, config: LLMRecConfig, template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, collab_history: int, where: str,
+    frame: pd.DataFrame,
+    config: LLMRecConfig,
+    template: PromptTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    collab_history: int,
+    where: str,
     chat: bool = False,
 ) -> PromptRows:
     """Fill, tokenize and wrap one split for the LLM recommender (``chat``: inside the tokenizer's chat template)."""
@@ -105,15 +125,25 @@ def prompt_rows(
 def check_template(config: LLMRecConfig, template: PromptTemplate) -> None:
     """collm needs both slots; the other modes read no slot."""
     if config.mode == "collm" and set(template.slots) != {"<UserID>", "<TargetItemID>"}:
-        raise DiffRecError(f"{template.path}: mode collm needs the slots <UserID> and <TargetItemID>, found {list(template.slots) or 'none'}")
+        raise DiffRecError(
+            f"{template.path}: mode collm needs the slots <UserID> and <TargetItemID>, found {list(template.slots) or 'none'}"
+        )
     if config.mode != "collm" and template.slots:
-        raise DiffRecError(f"{template.path}: slots {list(template.slots)} are filled only in mode collm, not {config.mode}")
+        raise DiffRecError(
+            f"{template.path}: slots {list(template.slots)} are filled only in mode collm, not {config.mode}"
+        )
 
 
 class LLMRecommender(nn.Module):
     """A causal LM scoring Yes/No prompts, with the mode's way of reading the frozen collaborative model."""
 
-    def __init__(self, config: LLMRecConfig, llm: PreTrainedModel, answer_ids: tuple[int, int], collab: CollaborativeModel | None = None) -> None:
+    def __init__(
+        self,
+        config: LLMRecConfig,
+        llm: PreTrainedModel,
+        answer_ids: tuple[int, int],
+        collab: CollaborativeModel | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         # peft and the older checkpointing name (which works on every supported transformers) warn on
@@ -122,7 +152,16 @@ class LLMRecommender(nn.Module):
             warnings.simplefilter("ignore", FutureWarning)
             if config.lora.enabled:
                 lora = config.lora
-                llm = get_peft_model(llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                llm = get_peft_model(
+                    llm,
+                    LoraConfig(
+                        r=lora.r,
+                        lora_alpha=lora.alpha,
+                        lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules,
+                        task_type="CAUSAL_LM",
+                    ),
+                )
             if config.llm.gradient_checkpointing:
                 # Non-reentrant checkpointing re-runs each layer inside backward with the CoRA weights it used.
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -137,9 +176,11 @@ class LLMRecommender(nn.Module):
             if config.mode == "cora":
                 self.cora = CoRA(self.llm, user_dim + item_dim, config.cora)
             else:
-                self.projector = CoLLMProjector(user_dim, item_dim, self.llm.get_input_embeddings().embedding_dim, config.collm)
+                self.projector = CoLLMProjector(
+                    user_dim, item_dim, self.llm.get_input_embeddings().embedding_dim, config.collm
+                )
 
-    def train(self, mode: bool = True) -> "LLMRecommender":
+    def train(self, mode: bool = True) -> LLMRecommender:
         """Train mode for the LLM and the new modules; the collaborative model stays frozen in eval mode."""
         super().train(mode)
         if self.collab is not None:
@@ -176,11 +217,15 @@ class LLMRecommender(nn.Module):
         """``score`` of rows whose first ``prefix`` tokens (and collaborative slots there) are the same, that
         part run once."""
         if not self.shares_prefixes:
-            raise DiffRecError("CoRA's per-sample weights change every position, the prefix's too: score each prompt whole")
+            raise DiffRecError(
+                "CoRA's per-sample weights change every position, the prefix's too: score each prompt whole"
+            )
         if not 0 < prefix < int(batch.attention_mask.sum(1).min()):
             raise DiffRecError(f"the shared prefix must be shorter than every prompt, got {prefix} tokens")
         embeds = self.prepare_inputs(batch)
-        return yes_no_with_shared_prefix(self.llm, embeds[:1, :prefix], embeds[:, prefix:], batch.attention_mask[:, prefix:], self.answer_ids)
+        return yes_no_with_shared_prefix(
+            self.llm, embeds[:1, :prefix], embeds[:, prefix:], batch.attention_mask[:, prefix:], self.answer_ids
+        )
 
     def score_and_hidden(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The Yes/No score [B] and the answer position's hidden state [B, hidden] of one forward pass."""
@@ -205,7 +250,10 @@ class LLMRecommender(nn.Module):
             self.llm.save_pretrained(folder / ADAPTER_DIR)
         module = self.collab_module()
         if module is not None:
-            save_file({key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}, folder / COLLAB_MODULES)
+            save_file(
+                {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()},
+                folder / COLLAB_MODULES,
+            )
 
     def load_weights(self, folder: Path) -> None:
         """Load what ``save_weights`` wrote; a missing file or a shape mismatch is an error."""
@@ -216,7 +264,9 @@ class LLMRecommender(nn.Module):
             state = _read_safetensors(adapter)
             expected = set(get_peft_model_state_dict(self.llm))
             if set(state) != expected:
-                raise DiffRecError(f"{adapter}: adapter keys differ from this model's LoRA ({len(set(state) ^ expected)} keys differ)")
+                raise DiffRecError(
+                    f"{adapter}: adapter keys differ from this model's LoRA ({len(set(state) ^ expected)} keys differ)"
+                )
             set_peft_model_state_dict(self.llm, state)
         module = self.collab_module()
         if module is not None:
@@ -231,7 +281,9 @@ def collab_dims(collab: CollaborativeModel) -> tuple[int, int]:
     """Sizes of the collaborative user and item embeddings, read off a one-row probe."""
     device = next(collab.buffers(), next(collab.parameters())).device
     ones = torch.ones(1, dtype=torch.long, device=device)
-    probe = RatingBatch(rows=ones, uid=ones, iid=ones, label=ones.float(), his=torch.zeros(1, 1, dtype=torch.long, device=device))
+    probe = RatingBatch(
+        rows=ones, uid=ones, iid=ones, label=ones.float(), his=torch.zeros(1, 1, dtype=torch.long, device=device)
+    )
     with torch.no_grad():
         return collab.user_embeddings(probe).shape[-1], collab.item_embeddings(ones).shape[-1]
 
@@ -243,7 +295,9 @@ def check_checkpoint_config(folder: Path, config: LLMRecConfig) -> None:
     current = config.model_dump(mode="json")
     for key in STRUCTURAL_KEYS:
         if saved.get(key) != current[key]:
-            raise DiffRecError(f"{path}: checkpoint has model.{key} = {saved.get(key)!r}, this run has {current[key]!r}")
+            raise DiffRecError(
+                f"{path}: checkpoint has model.{key} = {saved.get(key)!r}, this run has {current[key]!r}"
+            )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -57,16 +57,30 @@ def reply_template(config: LLMRecConfig) -> PromptTemplate:
     return template
 
 
-def write_replies(model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, config: LLMRecConfig, seed: int, rows: pd.DataFrame) -> list[dict]:
+def write_replies(
+    model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, config: LLMRecConfig, seed: int, rows: pd.DataFrame
+) -> list[dict]:
     """One seeded reply per rating row (its user's history and its item), with the prompt it answered."""
     template = reply_template(config)
     history = model.collab.max_history if model.collab is not None else 0
-    prompts = prompt_rows(rows.reset_index(drop=True), config, template, tokenizer, history, "reply", chat=config.reply.chat_template)
+    prompts = prompt_rows(
+        rows.reset_index(drop=True), config, template, tokenizer, history, "reply", chat=config.reply.chat_template
+    )
     replies = []
     for index, row in enumerate(rows.itertuples()):
         batch = whole_batch(prompts.__getitems__([index])).to(model.llm.device)
-        text = tokenizer.decode(generate(model, batch, tokenizer.pad_token_id, config.reply, seed), skip_special_tokens=True)
-        replies.append({"user": int(row.uid), "item": int(row.iid), "title": row.title, "prompt": tokenizer.decode(batch.input_ids[0]), "reply": text.strip()})
+        text = tokenizer.decode(
+            generate(model, batch, tokenizer.pad_token_id, config.reply, seed), skip_special_tokens=True
+        )
+        replies.append(
+            {
+                "user": int(row.uid),
+                "item": int(row.iid),
+                "title": row.title,
+                "prompt": tokenizer.decode(batch.input_ids[0]),
+                "reply": text.strip(),
+            }
+        )
     return replies
 
 
@@ -88,11 +102,20 @@ def generate(model: LLMRecommender, batch: PromptBatch, pad_id: int, settings: R
     return output[0]  # generating from embeddings returns only the new tokens
 
 
-REPLY_ARMS = ("own", "shuffled")  # the user's own prompt and collaborative signal; another user's, scored as this user's
+REPLY_ARMS = (
+    "own",
+    "shuffled",
+)  # the user's own prompt and collaborative signal; another user's, scored as this user's
 
 
 def reply_personalization(
-    model: LLMRecommender, tokenizer: PreTrainedTokenizerBase, config: LLMRecConfig, seed: int, holdout: PersonalHoldout, dataset: RatingDataset, users: int,
+    model: LLMRecommender,
+    tokenizer: PreTrainedTokenizerBase,
+    config: LLMRecConfig,
+    seed: int,
+    holdout: PersonalHoldout,
+    dataset: RatingDataset,
+    users: int,
 ) -> dict:
     """Replies for the first ``users`` held-out users about their latest liked training item, in two arms,
     scored by the personalization metrics over MiniLM embeddings against their held-out liked items (title
@@ -102,12 +125,17 @@ def reply_personalization(
     rows = holdout.rows.head(users).reset_index(drop=True)
     held_out = holdout.held_out[:users]
     items, liked, history = index_items(held_out, [list(his) for his in rows["his"]])
-    item_features = torch.from_numpy(encode_texts(item_texts(dataset.items.set_index("iid", drop=False).loc[items].reset_index(drop=True))))
+    item_features = torch.from_numpy(
+        encode_texts(item_texts(dataset.items.set_index("iid", drop=False).loc[items].reset_index(drop=True)))
+    )
     donors = shuffled_donors(rows["uid"].to_numpy(), seed)
     results = {"users": len(rows), "embedding": "all-MiniLM-L6-v2", "arms": {}}
     for arm, source in (("own", rows), ("shuffled", rows.iloc[donors].reset_index(drop=True))):
         replies = write_replies(model, tokenizer, config, seed, source)
         features = torch.from_numpy(encode_texts([reply["reply"] or " " for reply in replies]))
         metrics = personalization_metrics(features, np.arange(len(rows)), item_features, liked, history, seed=seed)
-        results["arms"][arm] = {**metrics, "examples": [{**reply, "for_user": int(user)} for reply, user in zip(replies[:3], rows["uid"])]}
+        results["arms"][arm] = {
+            **metrics,
+            "examples": [{**reply, "for_user": int(user)} for reply, user in zip(replies[:3], rows["uid"])],
+        }
     return results

@@ -21,7 +21,9 @@ def answer_token_ids(tokenizer: PreTrainedTokenizerBase, cue: str) -> tuple[int,
         full = tokenizer(f"{cue} {word}", add_special_tokens=False).input_ids
         extra = full[len(prefix) :]
         if full[: len(prefix)] != prefix or len(extra) != 1:
-            raise DiffRecError(f"the answer word {word!r} after {cue!r} is {len(extra)} tokens {extra} for this tokenizer; scoring needs exactly one")
+            raise DiffRecError(
+                f"the answer word {word!r} after {cue!r} is {len(extra)} tokens {extra} for this tokenizer; scoring needs exactly one"
+            )
         ids.append(extra[0])
     return ids[0], ids[1]
 
@@ -31,9 +33,13 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.sum(dim=1) - 1
 
 
-def answer_hidden_states(model: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def answer_hidden_states(
+    model: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """The decoder's last hidden state at each row's last token (the answer position), [B, hidden]."""
-    hidden = model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, last_positions(attention_mask)]
 
@@ -58,7 +64,11 @@ def yes_no_logits(
 
 
 def yes_no_with_shared_prefix(
-    model: PreTrainedModel, prefix_embeds: torch.Tensor, suffix_embeds: torch.Tensor, suffix_mask: torch.Tensor, answer_ids: torch.Tensor
+    model: PreTrainedModel,
+    prefix_embeds: torch.Tensor,
+    suffix_embeds: torch.Tensor,
+    suffix_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
 ) -> torch.Tensor:
     """``yes_no_logits`` of prompts that all begin with the same tokens: the prefix [1, P, D] runs once and its
     key/value cache serves every right-padded suffix [B, S, D] (``suffix_mask`` [B, S])."""
@@ -72,8 +82,11 @@ def yes_no_with_shared_prefix(
     cache.batch_repeat_interleave(rows)
     positions = torch.arange(length, length + suffix_embeds.shape[1], device=suffix_embeds.device).expand(rows, -1)
     hidden = decoder(
-        inputs_embeds=suffix_embeds, attention_mask=torch.cat([prefix_mask.expand(rows, -1), suffix_mask], dim=1),
-        position_ids=positions, use_cache=True, **{cache_name: cache},
+        inputs_embeds=suffix_embeds,
+        attention_mask=torch.cat([prefix_mask.expand(rows, -1), suffix_mask], dim=1),
+        position_ids=positions,
+        use_cache=True,
+        **{cache_name: cache},
     ).last_hidden_state
     final = hidden[torch.arange(rows, device=hidden.device), last_positions(suffix_mask)]
     return yes_no_from_hidden(model, final, answer_ids)

@@ -14,7 +14,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt4.config import MODEL_CONFIGS, DiffMMConfig, DiffuRecConfig, DINConfig, GenRecConfig, LightGCNConfig, MDMNSConfig, MFConfig, ModelConfig, PopularityConfig, SASRecConfig
+from minigpt4.config import (
+    MODEL_CONFIGS,
+    DiffMMConfig,
+    DiffuRecConfig,
+    DINConfig,
+    GenRecConfig,
+    LightGCNConfig,
+    MDMNSConfig,
+    MFConfig,
+    ModelConfig,
+    PopularityConfig,
+    SASRecConfig,
+)
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder, read_json
 from minigpt4.recommenders.base import CollaborativeModel
@@ -42,13 +54,20 @@ FEATURE_PREFIX = "feature_"  # item feature buffers in a checkpoint: feature_<mo
 
 
 def build_recommender(
-    config: ModelConfig, n_users: int, n_items: int, edges: torch.Tensor | None = None, features: dict[str, torch.Tensor] | None = None
+    config: ModelConfig,
+    n_users: int,
+    n_items: int,
+    edges: torch.Tensor | None = None,
+    features: dict[str, torch.Tensor] | None = None,
 ) -> CollaborativeModel:
     """A freshly initialised model of ``config.arch``; graph models need the training ``edges`` ((uid, iid)
     pairs, 1-based, [2, E]) and multimodal ones the item ``features`` per modality ([n_items, dim])."""
     if isinstance(config, MFConfig):
         return MatrixFactorization(config, n_users, n_items)
-    if isinstance(config, (LightGCNConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig)) and edges is None:
+    if (
+        isinstance(config, (LightGCNConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig))
+        and edges is None
+    ):
         raise DiffRecError(f"{config.arch} needs the training graph (edges)")
     if isinstance(config, LightGCNConfig):
         return LightGCN(config, n_users, n_items, edges)
@@ -79,12 +98,19 @@ def save_recommender(model: CollaborativeModel, config: ModelConfig, folder: Pat
 def write_recommender(model: CollaborativeModel, config: ModelConfig, folder: Path, extra: dict | None = None) -> None:
     """Write ``model.safetensors`` + ``config.json`` into an existing folder (the caller makes it atomic)."""
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    info = {"model": config.model_dump(mode="json"), "n_users": model.n_users, "n_items": model.n_items, **(extra or {})}
+    info = {
+        "model": config.model_dump(mode="json"),
+        "n_users": model.n_users,
+        "n_items": model.n_items,
+        **(extra or {}),
+    }
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(info, indent=2))
 
 
-def load_recommender(folder: Path, expected: ModelConfig | None = None, n_users: int | None = None, n_items: int | None = None) -> CollaborativeModel:
+def load_recommender(
+    folder: Path, expected: ModelConfig | None = None, n_users: int | None = None, n_items: int | None = None
+) -> CollaborativeModel:
     """Load a checkpoint folder; a missing file, or a config or id-count mismatch, is an error."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
@@ -97,7 +123,9 @@ def load_recommender(folder: Path, expected: ModelConfig | None = None, n_users:
         raise DiffRecError(f"{config_path}: unknown model arch {arch!r}")
     config = MODEL_CONFIGS[arch].model_validate(info["model"])
     if expected is not None and expected != config:
-        raise DiffRecError(f"{config_path}: checkpoint model config {config.model_dump()} differs from the run's {expected.model_dump()}")
+        raise DiffRecError(
+            f"{config_path}: checkpoint model config {config.model_dump()} differs from the run's {expected.model_dump()}"
+        )
     for name, want in (("n_users", n_users), ("n_items", n_items)):
         if want is not None and info[name] != want:
             raise DiffRecError(f"{config_path}: checkpoint has {name}={info[name]} but the dataset has {want}")
@@ -110,5 +138,7 @@ def load_recommender(folder: Path, expected: ModelConfig | None = None, n_users:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise DiffRecError(f"{weights_path}: weights do not match the {arch} config ({str(err).splitlines()[0]})") from None
+        raise DiffRecError(
+            f"{weights_path}: weights do not match the {arch} config ({str(err).splitlines()[0]})"
+        ) from None
     return model

@@ -35,7 +35,9 @@ class CollaborativeModel(nn.Module):
     """A recommender over dense user ids 1..n_users and item ids 1..n_items (0 is padding)."""
 
     max_history = 0  # how many recent history items ``user_embeddings`` reads (0: none)
-    padding_invariant = False  # True: left padding never changes an output, so batches may be trimmed to their longest history
+    padding_invariant = (
+        False  # True: left padding never changes an output, so batches may be trimmed to their longest history
+    )
 
     def __init__(self, n_users: int, n_items: int) -> None:
         super().__init__()
@@ -70,7 +72,9 @@ class CollaborativeModel(nn.Module):
         users, items = self.ranking_tables()
         return lambda batch: users[batch] @ items.T
 
-    def pair_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float) -> dict[str, torch.Tensor]:
+    def pair_loss(
+        self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float
+    ) -> dict[str, torch.Tensor]:
         """BPR on (user, positive, negative) rows plus ``l2_reg`` x the squared norm of the rows' own id
         embeddings per row (LightGCN's regulariser); ``loss`` is the total. Needs ``user_embedding`` and
         ``item_embedding`` id tables; other models override it."""

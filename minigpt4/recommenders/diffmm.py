@@ -37,8 +37,16 @@ from minigpt4.config import GraphDiffusionConfig
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
-from minigpt4.recommenders.graph import StoredGraphs, bpr_loss, dense_rows, drop_edges, info_nce, normalized_adjacency, sparse_mm, top_k_edges
-
+from minigpt4.recommenders.graph import (
+    StoredGraphs,
+    bpr_loss,
+    dense_rows,
+    drop_edges,
+    info_nce,
+    normalized_adjacency,
+    sparse_mm,
+    top_k_edges,
+)
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> predicted x0
 
@@ -78,7 +86,9 @@ class GaussianDiffusion(nn.Module):
         noise = torch.randn_like(x0) if noise is None else noise
         return self._at(self.sqrt_cumprod, t) * x0 + self._at(self.sqrt_one_minus_cumprod, t) * noise
 
-    def training_losses(self, predict: Denoise, x0: torch.Tensor, item_table: torch.Tensor, modal_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_losses(
+        self, predict: Denoise, x0: torch.Tensor, item_table: torch.Tensor, modal_items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row SNR-weighted x0 MSE and graph-consistency MSE (<denoised, modality items> vs <x0, id items>)."""
         t = torch.randint(0, self.steps, (len(x0),), device=x0.device)
         predicted = predict(self.q_sample(x0, t), t)
@@ -90,7 +100,11 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def p_sample(self, predict: Denoise, x0: torch.Tensor, sampling_steps: int, sampling_noise: bool) -> torch.Tensor:
         """The reverse chain over all ``steps`` from x0 noised to step ``sampling_steps`` (0: x0 itself)."""
-        x = x0 if sampling_steps == 0 else self.q_sample(x0, torch.full((len(x0),), sampling_steps - 1, device=x0.device))
+        x = (
+            x0
+            if sampling_steps == 0
+            else self.q_sample(x0, torch.full((len(x0),), sampling_steps - 1, device=x0.device))
+        )
         for step in reversed(range(self.steps)):
             t = torch.full((len(x),), step, device=x.device)
             mean = self._at(self.posterior_coef_x0, t) * predict(x, t) + self._at(self.posterior_coef_xt, t) * x
@@ -163,10 +177,19 @@ class DiffMM(StoredGraphs, CollaborativeModel):
 
     denoiser_group = "denoisers"
 
-    def __init__(self, config: GraphDiffusionConfig, n_users: int, n_items: int, graph_edges: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        config: GraphDiffusionConfig,
+        n_users: int,
+        n_items: int,
+        graph_edges: torch.Tensor,
+        features: dict[str, torch.Tensor],
+    ) -> None:
         super().__init__(n_users, n_items)
         if not features:
-            raise DiffRecError(f"{config.arch} needs item features for at least one modality (the dataset's implicit/features/*.npy)")
+            raise DiffRecError(
+                f"{config.arch} needs item features for at least one modality (the dataset's implicit/features/*.npy)"
+            )
         self.config = config
         self.modalities = sorted(features)  # a fixed order, so modal_weight lines up after a reload
         size = config.embedding_size
@@ -186,11 +209,22 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         self.projections = nn.ModuleDict(projections)
         self.modal_weight = nn.Parameter(torch.full((len(features),), 1.0 / len(features)))
         self.denoisers = nn.ModuleDict(
-            {m: Denoiser(n_items, config.denoiser_dims, config.time_embedding_size, config.denoiser_dropout, config.normalize_input) for m in self.modalities}
+            {
+                m: Denoiser(
+                    n_items,
+                    config.denoiser_dims,
+                    config.time_embedding_size,
+                    config.denoiser_dropout,
+                    config.normalize_input,
+                )
+                for m in self.modalities
+            }
         )
         self.diffusion = GaussianDiffusion(config.noise_scale, config.noise_min, config.noise_max, config.steps)
         for modality in self.modalities:  # no regenerated edges yet: self-loops only
-            self.store_graph(f"graph_{modality}", normalized_adjacency(torch.empty(0), torch.empty(0), n_users, n_items))
+            self.store_graph(
+                f"graph_{modality}", normalized_adjacency(torch.empty(0), torch.empty(0), n_users, n_items)
+            )
         self._training_graphs: dict[str, torch.Tensor] = {}
         self._main_graph: torch.Tensor | None = None
 
@@ -248,7 +282,9 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         then over the training graph."""
         graph = self.main_graph()
         return [
-            self._propagate(graph, sparse_mm(self.modal_graph(m), torch.cat([self.user_table, F.normalize(self.modal_items(m))])))
+            self._propagate(
+                graph, sparse_mm(self.modal_graph(m), torch.cat([self.user_table, F.normalize(self.modal_items(m))]))
+            )
             for m in self.modalities
         ]
 
@@ -279,10 +315,15 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         else:
             pairs = [(views[a], views[b]) for a in range(len(views)) for b in range(a + 1, len(views))]
         temperature = self.config.temperature
-        total = sum(info_nce(u1, u2, users, temperature) + info_nce(i1, i2, positives, temperature) for (u1, i1), (u2, i2) in pairs)
+        total = sum(
+            info_nce(u1, u2, users, temperature) + info_nce(i1, i2, positives, temperature)
+            for (u1, i1), (u2, i2) in pairs
+        )
         return self.config.ssl_reg * total if pairs else main.new_zeros(())
 
-    def pair_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float) -> dict[str, torch.Tensor]:
+    def pair_loss(
+        self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float
+    ) -> dict[str, torch.Tensor]:
         """BPR on the main view + L2 on the whole id tables + the contrastive loss."""
         main = self.main_view()
         user_rows, item_rows = self._split(main)
@@ -295,7 +336,10 @@ class DiffMM(StoredGraphs, CollaborativeModel):
         """The recommender's parameters and the denoisers' (Adam is per parameter, so one optimizer over every
         denoiser updates them as the published one-optimizer-per-denoiser does)."""
         denoisers = set(self.denoisers.parameters())
-        return {"model": [p for p in self.parameters() if p not in denoisers], self.denoiser_group: list(self.denoisers.parameters())}
+        return {
+            "model": [p for p in self.parameters() if p not in denoisers],
+            self.denoiser_group: list(self.denoisers.parameters()),
+        }
 
     def denoise(self, modality: str, x: torch.Tensor, t: torch.Tensor, training: bool) -> torch.Tensor:
         """A modality's x0 prediction (MDMNS guides the row first); dropout on the input only in training."""

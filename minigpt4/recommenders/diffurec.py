@@ -34,7 +34,9 @@ from minigpt4.config import DiffuRecConfig
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.recommenders.base import CollaborativeModel
 
-USER_SEED = 0  # the reverse chain behind ``user_embeddings`` starts from this seed, so a history always maps to one vector
+USER_SEED = (
+    0  # the reverse chain behind ``user_embeddings`` starts from this seed, so a history always maps to one vector
+)
 
 
 def truncated_linear_betas(steps: int) -> np.ndarray:
@@ -81,11 +83,18 @@ class ApproximatorBlock(nn.Module):
         """``bias`` [B, 1, L, L] is added to the attention logits: 0 where a query may look, -1e9 where not."""
         batch, length, dim = hidden.shape
         normed = self.attention_norm(hidden)
-        q, k, v = (layer(normed).view(batch, length, self.heads, dim // self.heads).transpose(1, 2) for layer in (self.query, self.key, self.value))
+        q, k, v = (
+            layer(normed).view(batch, length, self.heads, dim // self.heads).transpose(1, 2)
+            for layer in (self.query, self.key, self.value)
+        )
         dropout = self.dropout if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        hidden = hidden + F.dropout(self.out(attended.transpose(1, 2).reshape(batch, length, dim)), dropout, self.training)
-        feed_forward = self.down(F.dropout(F.gelu(self.up(self.feed_forward_norm(hidden)), approximate="tanh"), dropout, self.training))
+        hidden = hidden + F.dropout(
+            self.out(attended.transpose(1, 2).reshape(batch, length, dim)), dropout, self.training
+        )
+        feed_forward = self.down(
+            F.dropout(F.gelu(self.up(self.feed_forward_norm(hidden)), approximate="tanh"), dropout, self.training)
+        )
         return F.dropout(hidden + F.dropout(feed_forward, dropout, self.training), dropout, self.training)
 
 
@@ -98,15 +107,26 @@ class Approximator(nn.Module):
         dim = config.embedding_size
         self.lambda_uncertainty = config.lambda_uncertainty
         self.time_embedding = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
-        self.blocks = nn.ModuleList(ApproximatorBlock(dim, config.num_heads, config.dropout) for _ in range(config.num_blocks))
+        self.blocks = nn.ModuleList(
+            ApproximatorBlock(dim, config.num_heads, config.dropout) for _ in range(config.num_blocks)
+        )
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(dim, eps=1e-12)
 
-    def forward(self, states: torch.Tensor, bias: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        states: torch.Tensor,
+        bias: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Predicted x0 [B, d] from history states [B, L, d], noisy targets [B, d] and (rescaled) steps [B]."""
         x_t = x_t + self.time_embedding(timestep_embedding(t, states.shape[-1]))
         noise = torch.randn(states.shape, generator=generator, device=states.device, dtype=states.dtype)
-        uncertainty = self.lambda_uncertainty * (1 + noise)  # lambda ~ N(mean, std) with mean = std = lambda_uncertainty
+        uncertainty = self.lambda_uncertainty * (
+            1 + noise
+        )  # lambda ~ N(mean, std) with mean = std = lambda_uncertainty
         hidden = states + uncertainty * x_t[:, None]
         for block in self.blocks:
             hidden = block(hidden, bias)
@@ -122,14 +142,18 @@ class DiffuRec(CollaborativeModel):
         self.max_history = config.max_history
         dim = config.embedding_size
         self.item_embedding = nn.Embedding(n_items + 1, dim)  # N(0, 1) as published; row 0 is the padding slot
-        if config.init_std is not None:  # N(0, 1) rows start with logits of std sqrt(dim): the first epochs only shrink them
+        if (
+            config.init_std is not None
+        ):  # N(0, 1) rows start with logits of std sqrt(dim): the first epochs only shrink them
             nn.init.normal_(self.item_embedding.weight, std=config.init_std)
         self.position_embedding = nn.Embedding(config.max_history, dim) if config.position_embeddings else None
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.history_norm = nn.LayerNorm(dim, eps=1e-12)
         self.approximator = Approximator(config)
         betas = truncated_linear_betas(config.diffusion_steps)
-        self.register_buffer("alphas_cumprod", torch.as_tensor(np.cumprod(1 - betas)), persistent=False)  # float64, as published
+        self.register_buffer(
+            "alphas_cumprod", torch.as_tensor(np.cumprod(1 - betas)), persistent=False
+        )  # float64, as published
 
     @property
     def padding_invariant(self) -> bool:
@@ -143,7 +167,11 @@ class DiffuRec(CollaborativeModel):
             states = states + self.position_embedding.weight[-history.shape[1] :]
         real = history != 0
         # Published: row i of the mask is real[i] (queries); fixed: column j is real[j] (keys).
-        allowed = real[:, :, None].expand(-1, -1, history.shape[1]) if self.config.faithful else real[:, None, :].expand(-1, history.shape[1], -1)
+        allowed = (
+            real[:, :, None].expand(-1, -1, history.shape[1])
+            if self.config.faithful
+            else real[:, None, :].expand(-1, history.shape[1], -1)
+        )
         bias = torch.zeros(allowed.shape, dtype=states.dtype, device=history.device).masked_fill(~allowed, -1e9)
         return self.history_norm(states), bias[:, None]
 
@@ -169,7 +197,9 @@ class DiffuRec(CollaborativeModel):
         return F.cross_entropy(self._item_logits(x0), target)
 
     @torch.no_grad()
-    def reverse_chain(self, history: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def reverse_chain(
+        self, history: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """x0 [B, d] after ``steps`` (default ``reverse_steps``) reverse steps from Gaussian noise; ``generator``
         makes it reproducible."""
         steps = steps or self.config.reverse_steps
@@ -192,7 +222,9 @@ class DiffuRec(CollaborativeModel):
                 x = x + betas[index].sqrt().float() * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
-    def next_item_scores(self, history: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
+    def next_item_scores(
+        self, history: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None
+    ) -> torch.Tensor:
         """Inner products of the reverse chain's x0 (``steps`` reverse steps, default ``reverse_steps``) with every item embedding."""
         return self._item_logits(self.reverse_chain(history, steps, generator))
 

@@ -70,7 +70,17 @@ from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.diffmm import Denoise, step_embedding
-from minigpt4.recommenders.graph import StoredGraphs, all_pairs_info_nce, bpr_loss, dense_rows, drop_edges, knn_graph, normalized_adjacency, sparse_mm, top_k_edges
+from minigpt4.recommenders.graph import (
+    StoredGraphs,
+    all_pairs_info_nce,
+    bpr_loss,
+    dense_rows,
+    drop_edges,
+    knn_graph,
+    normalized_adjacency,
+    sparse_mm,
+    top_k_edges,
+)
 
 DEFAULT_CLUSTERS = 20  # the published kmeans_cluster_num
 FOCAL_CLAMP = 1e-7  # the published focal loss clamps the probability to [1e-7, 1 - 1e-7]
@@ -79,8 +89,12 @@ FOCAL_CLAMP = 1e-7  # the published focal loss clamps the probability to [1e-7, 
 def bernoulli_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(Bernoulli(target) || Bernoulli(sigmoid(logits))) per entry, finite for targets of 0 or 1 and for
     saturated logits (probabilities clamped in fp32 round to 1 and give inf or NaN)."""
-    return (torch.xlogy(target, target) + torch.xlogy(1 - target, 1 - target)
-            - target * F.logsigmoid(logits) - (1 - target) * F.logsigmoid(-logits))
+    return (
+        torch.xlogy(target, target)
+        + torch.xlogy(1 - target, 1 - target)
+        - target * F.logsigmoid(logits)
+        - (1 - target) * F.logsigmoid(-logits)
+    )
 
 
 class FlipDiffusion(nn.Module):
@@ -105,7 +119,9 @@ class FlipDiffusion(nn.Module):
         up, down = rates[0][t][:, None], rates[1][t][:, None]
         if self.faithful:
             u = torch.rand_like(x0)
-            flip = torch.where(x0 == 0, torch.sigmoid((up - u) * self.temperature), torch.sigmoid((down - u) * self.temperature))
+            flip = torch.where(
+                x0 == 0, torch.sigmoid((up - u) * self.temperature), torch.sigmoid((down - u) * self.temperature)
+            )
         else:
             flip = torch.where(x0 == 0, up, down).expand_as(x0)
         return torch.where(torch.bernoulli(flip).bool(), 1 - x0, x0)
@@ -117,7 +133,9 @@ class FlipDiffusion(nn.Module):
         denominator = torch.where(x0 == 0, 1 - up + down, up + 1 - down)
         return numerator / (denominator + self.eps)
 
-    def p_sample(self, predict: Denoise, x0: torch.Tensor, sampling_steps: int, bayesian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def p_sample(
+        self, predict: Denoise, x0: torch.Tensor, sampling_steps: int, bayesian: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reverse chain from x0 flipped to step ``sampling_steps``: sampled bits and the last step's
         probabilities (only that last prediction keeps a gradient)."""
         rates = self.rates(x0)
@@ -138,7 +156,15 @@ class FlipDiffusion(nn.Module):
                 x = torch.bernoulli(probs.detach())
         return x, probs
 
-    def training_losses(self, predict: Denoise, x0: torch.Tensor, modal_items: list[torch.Tensor], gamma: float, alpha: float, temperature: float) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        predict: Denoise,
+        x0: torch.Tensor,
+        modal_items: list[torch.Tensor],
+        gamma: float,
+        alpha: float,
+        temperature: float,
+    ) -> dict[str, torch.Tensor]:
         """Focal loss on the predicted logits, curriculum-weighted KL to the posterior, and per-modality
         InfoNCE between original and generated interest aggregates (``generation`` is their sum)."""
         rates = self.rates(x0)
@@ -166,7 +192,9 @@ class FlipDiffusion(nn.Module):
             kl = (kl * x0).sum() / ones.clamp(min=1) + (kl * (1 - x0)).sum() / (x0.numel() - ones).clamp(min=1)
         bits, last_probs = self.p_sample(predict, x0, self.steps, bayesian=True)
         generated = bits if self.faithful else last_probs
-        generation = sum(all_pairs_info_nce(x0 @ items, generated @ items, temperature, chunk=len(x0)) for items in modal_items)
+        generation = sum(
+            all_pairs_info_nce(x0 @ items, generated @ items, temperature, chunk=len(x0)) for items in modal_items
+        )
         return {"focal": focal, "kl": kl, "generation": generation}
 
 
@@ -182,8 +210,12 @@ class FlipDenoiser(nn.Module):
         self.time_layer = nn.Linear(time_size, time_size)
         self.input = nn.Linear(n_items + time_size, width)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(time_size, 2 * width))
-        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(width, heads, width, dropout, batch_first=True), layers)
-        self.head = nn.Sequential(nn.Linear(width, width // 2), nn.LayerNorm(width // 2), nn.GELU(), nn.Linear(width // 2, n_items))
+        self.decoder = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(width, heads, width, dropout, batch_first=True), layers
+        )
+        self.head = nn.Sequential(
+            nn.Linear(width, width // 2), nn.LayerNorm(width // 2), nn.GELU(), nn.Linear(width // 2, n_items)
+        )
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -207,7 +239,9 @@ def projection(in_size: int, out_size: int) -> nn.Sequential:
 def interest_clusters(features: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     """k-means labels of standardised item features."""
     values = StandardScaler().fit_transform(features.float().numpy())
-    return torch.as_tensor(KMeans(n_clusters=min(k, len(values)), n_init="auto", random_state=seed).fit(values).labels_, dtype=torch.long)
+    return torch.as_tensor(
+        KMeans(n_clusters=min(k, len(values)), n_init="auto", random_state=seed).fit(values).labels_, dtype=torch.long
+    )
 
 
 class GenRec(StoredGraphs, CollaborativeModel):
@@ -216,10 +250,19 @@ class GenRec(StoredGraphs, CollaborativeModel):
 
     denoiser_group = "denoiser"
 
-    def __init__(self, config: GenRecConfig, n_users: int, n_items: int, graph_edges: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        config: GenRecConfig,
+        n_users: int,
+        n_items: int,
+        graph_edges: torch.Tensor,
+        features: dict[str, torch.Tensor],
+    ) -> None:
         super().__init__(n_users, n_items)
         if not features:
-            raise DiffRecError("genrec needs item features for at least one modality (the dataset's implicit/features/*.npy)")
+            raise DiffRecError(
+                "genrec needs item features for at least one modality (the dataset's implicit/features/*.npy)"
+            )
         self.config = config
         self.modalities = sorted(features)
         size = config.embedding_size
@@ -228,7 +271,9 @@ class GenRec(StoredGraphs, CollaborativeModel):
         self.register_buffer("graph_edges", graph_edges.long().contiguous())  # (uid, iid), 1-based
         self.residual = nn.ModuleDict()
         self.modal = nn.ModuleDict({m: projection(size, size) for m in self.modalities})
-        self.gates = nn.ModuleDict({m: nn.Sequential(nn.Linear(size, size), nn.BatchNorm1d(size), nn.Sigmoid()) for m in self.modalities})
+        self.gates = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(size, size), nn.BatchNorm1d(size), nn.Sigmoid()) for m in self.modalities}
+        )
         self.knn_graphs: dict[str, torch.Tensor] = {}
         for modality in self.modalities:
             values = features[modality].float()
@@ -240,13 +285,22 @@ class GenRec(StoredGraphs, CollaborativeModel):
             clusters = config.interest_clusters.get(modality, DEFAULT_CLUSTERS)
             self.register_buffer(f"clusters_{modality}", interest_clusters(values, clusters))
         self.residual_scale = nn.Parameter(torch.ones(1))
-        self.common = nn.Sequential(nn.Linear(size, size), nn.BatchNorm1d(size), nn.Tanh(), nn.Linear(size, 1, bias=False))
+        self.common = nn.Sequential(
+            nn.Linear(size, size), nn.BatchNorm1d(size), nn.Tanh(), nn.Linear(size, 1, bias=False)
+        )
         self.view_weights = nn.Parameter(torch.ones(2))  # training graph vs generated graph
         for module in [*self.residual.values(), *self.modal.values(), *self.gates.values(), self.common]:
             for layer in module:
                 if isinstance(layer, nn.Linear):
                     nn.init.xavier_uniform_(layer.weight)
-        self.denoiser = FlipDenoiser(n_items, config.denoiser_width, config.denoiser_heads, config.denoiser_layers, config.denoiser_dropout, config.time_embedding_size)
+        self.denoiser = FlipDenoiser(
+            n_items,
+            config.denoiser_width,
+            config.denoiser_heads,
+            config.denoiser_layers,
+            config.denoiser_dropout,
+            config.time_embedding_size,
+        )
         self.diffusion = FlipDiffusion(config.steps, config.flip_temperature, config.faithful)
         self.store_graph("generated", normalized_adjacency(torch.empty(0), torch.empty(0), n_users, n_items))
         self._training_graph: torch.Tensor | None = None
@@ -263,9 +317,15 @@ class GenRec(StoredGraphs, CollaborativeModel):
             rows, cols = bipartite.indices()
             upper = rows < self.n_users
             user_items = torch.sparse_coo_tensor(
-                torch.stack([rows[upper], cols[upper] - self.n_users]), bipartite.values()[upper], (self.n_users, self.n_items), check_invariants=False
+                torch.stack([rows[upper], cols[upper] - self.n_users]),
+                bipartite.values()[upper],
+                (self.n_users, self.n_items),
+                check_invariants=False,
             ).coalesce()
-            self._graphs = {"main": normalized_adjacency(users, items, self.n_users, self.n_items).to(device), "user_items": user_items.to(device)}
+            self._graphs = {
+                "main": normalized_adjacency(users, items, self.n_users, self.n_items).to(device),
+                "user_items": user_items.to(device),
+            }
             self._graphs |= {f"knn_{m}": graph.to(device) for m, graph in self.knn_graphs.items()}
         return self._graphs
 
@@ -299,7 +359,9 @@ class GenRec(StoredGraphs, CollaborativeModel):
         graphs = self._fixed_graphs()
         ids = torch.cat([self.user_table, self.item_table])
         weights = torch.softmax(self.view_weights, 0)
-        content = weights[0] * self._layer_mean(graphs["main"], ids) + weights[1] * self._layer_mean(self.generated_graph(), ids)
+        content = weights[0] * self._layer_mean(graphs["main"], ids) + weights[1] * self._layer_mean(
+            self.generated_graph(), ids
+        )
         modal_views = []
         for modality in self.modalities:
             items = self.item_table * self.gates[modality](self.modal_features(modality))
@@ -331,7 +393,9 @@ class GenRec(StoredGraphs, CollaborativeModel):
 
     # -- training -------------------------------------------------------------------------------------
 
-    def pair_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float) -> dict[str, torch.Tensor]:
+    def pair_loss(
+        self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float
+    ) -> dict[str, torch.Tensor]:
         """BPR on the score view + L2 on the id tables + InfoNCE between side, content and score views."""
         score, side, content = (self._split(view) for view in self.views())
         bpr = bpr_loss(score[0][users], score[1][positives], score[1][negatives])
@@ -345,14 +409,19 @@ class GenRec(StoredGraphs, CollaborativeModel):
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """The recommender's parameters and the denoiser's, each with its own Adam (as published)."""
         denoiser = set(self.denoiser.parameters())
-        return {"model": [p for p in self.parameters() if p not in denoiser], self.denoiser_group: list(self.denoiser.parameters())}
+        return {
+            "model": [p for p in self.parameters() if p not in denoiser],
+            self.denoiser_group: list(self.denoiser.parameters()),
+        }
 
     def denoising_losses(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The flip denoiser's weighted loss terms on a batch of training rows (their sum is trained)."""
         config = self.config
         with torch.no_grad():
             modal_items = [self.item_table * self.modal_features(m) for m in self.modalities]
-        losses = self.diffusion.training_losses(self.denoiser, rows, modal_items, config.focal_gamma, config.focal_alpha, config.generation_temperature)
+        losses = self.diffusion.training_losses(
+            self.denoiser, rows, modal_items, config.focal_gamma, config.focal_alpha, config.generation_temperature
+        )
         return losses | {"generation": config.ssl_generation * losses["generation"]}
 
     def prepare_epoch(self, context: EpochContext) -> dict[str, float]:
@@ -363,7 +432,9 @@ class GenRec(StoredGraphs, CollaborativeModel):
         batches = range(0, self.n_users, context.batch_size)
         for start in batches:
             with context.autocast():
-                losses = self.denoising_losses(dense_rows(context.train, order[start : start + context.batch_size], context.device))
+                losses = self.denoising_losses(
+                    dense_rows(context.train, order[start : start + context.batch_size], context.device)
+                )
             total = sum(losses.values())
             if not torch.isfinite(total):  # the trainer stops and names the checkpoint it keeps
                 return {"denoise": total.item()}
@@ -412,7 +483,9 @@ class GenRec(StoredGraphs, CollaborativeModel):
             bits, probs = self.diffusion.p_sample(self.denoiser, rows, config.sampling_steps, config.bayesian_sampling)
             # a denoiser that restores the row ranks the user's own items first: fixed mode ranks only the others
             candidates = probs if config.faithful else probs.masked_fill(rows > 0, -torch.inf)
-            top = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, candidates.topk(config.gen_topk, dim=1).indices, True)
+            top = torch.zeros_like(rows, dtype=torch.bool).scatter_(
+                1, candidates.topk(config.gen_topk, dim=1).indices, True
+            )
             generated = torch.where(top, bits, rows)
             if config.debias:
                 generated = self.debias(rows, generated)

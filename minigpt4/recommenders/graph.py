@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def normalized_adjacency(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int, self_loops: bool = True) -> torch.Tensor:
+def normalized_adjacency(
+    users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int, self_loops: bool = True
+) -> torch.Tensor:
     """D^-1/2 (A [+ I]) D^-1/2 of the symmetric user-item graph, a coalesced sparse [U+I, U+I] tensor.
 
     Repeated (user, item) pairs count once, as ``(mat != 0)`` does in the DiffMM family's code."""
@@ -42,7 +44,9 @@ def drop_edges(adjacency: torch.Tensor, keep_rate: float, generator: torch.Gener
         return adjacency
     values, indices = adjacency.values(), adjacency.indices()
     keep = torch.rand(len(values), generator=generator, device=values.device) < keep_rate
-    return torch.sparse_coo_tensor(indices[:, keep], values[keep] / keep_rate, adjacency.shape, check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(
+        indices[:, keep], values[keep] / keep_rate, adjacency.shape, check_invariants=False
+    ).coalesce()
 
 
 def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
@@ -87,7 +91,10 @@ class _AllPairsInfoNCE(torch.autograd.Function):
                 if want_others:
                     grad_others += residual.T @ block.float()
         scale = 1.0 / (len(anchors) * temperature)
-        ctx.grads = tuple(None if grad is None else (grad * scale).to(view.dtype) for grad, view in ((grad_anchors, anchors), (grad_others, others)))
+        ctx.grads = tuple(
+            None if grad is None else (grad * scale).to(view.dtype)
+            for grad, view in ((grad_anchors, anchors), (grad_others, others))
+        )
         return total / len(anchors)
 
     @staticmethod
@@ -114,7 +121,9 @@ def sample_negatives(train: sp.csr_matrix, users: np.ndarray, generator: torch.G
     full = np.flatnonzero(np.diff(train.indptr)[users] >= n_items)
     if len(full):
         raise ValueError(f"user row {users[full[0]]} has interacted with every item: no negative exists")
-    negatives = torch.randint(n_items, (len(users),), generator=generator).numpy().astype(np.int64)  # an owned, writable copy
+    negatives = (
+        torch.randint(n_items, (len(users),), generator=generator).numpy().astype(np.int64)
+    )  # an owned, writable copy
     redraw = np.arange(len(users))
     while len(redraw):
         candidate = users[redraw].astype(np.int64) * n_items + negatives[redraw]
@@ -124,7 +133,9 @@ def sample_negatives(train: sp.csr_matrix, users: np.ndarray, generator: torch.G
     return negatives
 
 
-def top_k_edges(scores: torch.Tensor, users: torch.Tensor, k: int, seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_edges(
+    scores: torch.Tensor, users: torch.Tensor, k: int, seen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(user, item) edges to each row's ``k`` highest-scoring items, leaving out ``seen`` (a bool [B, items] mask)
     and any item scored -inf (a row with fewer candidates gets fewer edges)."""
     if seen is not None:
@@ -179,4 +190,6 @@ def knn_graph(features: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor
     degree = torch.zeros(len(normalized)).index_add_(0, rows, values)
     inv_sqrt = degree.pow(-0.5).nan_to_num(posinf=0.0)
     weights = inv_sqrt[rows] * values * inv_sqrt[cols]
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), weights, (len(normalized),) * 2, check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), weights, (len(normalized),) * 2, check_invariants=False
+    ).coalesce()

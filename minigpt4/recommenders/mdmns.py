@@ -35,18 +35,20 @@ Differences from the published code, default vs ``faithful: true``:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from functools import partial
 
 from minigpt4.config import MDMNSConfig
 from minigpt4.recommenders.diffmm import DiffMM
 from minigpt4.recommenders.graph import all_pairs_info_nce, bpr_loss, sparse_mm
 
 
-def guidance_scores(rows: torch.Tensor, users: torch.Tensor, items: torch.Tensor, layer: nn.Linear, min_degree: float) -> torch.Tensor:
+def guidance_scores(
+    rows: torch.Tensor, users: torch.Tensor, items: torch.Tensor, layer: nn.Linear, min_degree: float
+) -> torch.Tensor:
     """One GCN layer over the bipartite graph of ``rows`` (plus self-loops, symmetric-normalised) with user and
     item node features, then user . item scores, [B, n_items]."""
     user_scale = (1 + rows.sum(1)).clamp(min=min_degree).rsqrt()[:, None]
@@ -73,16 +75,28 @@ class GuidanceGCN(nn.Module):
 class MDMNS(DiffMM):
     """DiffMM's model with guidance GCNs next to the denoisers and the tower/negative losses."""
 
-    def __init__(self, config: MDMNSConfig, n_users: int, n_items: int, graph_edges: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        config: MDMNSConfig,
+        n_users: int,
+        n_items: int,
+        graph_edges: torch.Tensor,
+        features: dict[str, torch.Tensor],
+    ) -> None:
         super().__init__(config, n_users, n_items, graph_edges, features)
-        self.guides = nn.ModuleDict({m: GuidanceGCN(config.embedding_size, config.guide_hidden_size) for m in self.modalities})
+        self.guides = nn.ModuleDict(
+            {m: GuidanceGCN(config.embedding_size, config.guide_hidden_size) for m in self.modalities}
+        )
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """The guidance GCNs train with the denoisers (one optimizer, one phase)."""
         guides = set(self.guides.parameters())
         groups = super().optimizer_groups()
         # lists in module order, never a set's: optimizer states are matched to parameters by position when resumed
-        return {"model": [p for p in groups["model"] if p not in guides], self.denoiser_group: groups[self.denoiser_group] + list(self.guides.parameters())}
+        return {
+            "model": [p for p in groups["model"] if p not in guides],
+            self.denoiser_group: groups[self.denoiser_group] + list(self.guides.parameters()),
+        }
 
     def guide_features(self, modality: str) -> torch.Tensor:
         """The mean of the other modalities' projected item features (the modality's own when alone), detached."""
@@ -100,7 +114,11 @@ class MDMNS(DiffMM):
         hidden = self.config.guide_hidden_size
         users = torch.randn(len(x), hidden, device=x.device)  # nn.Embedding's N(0, 1) init, per batch position
         items = nn.Linear(guide.shape[1], hidden, device=x.device)(guide)
-        return denoiser(guidance_scores(x, users, items, nn.Linear(hidden, hidden, device=x.device), min_degree=1e-8), t, dropout=True)
+        return denoiser(
+            guidance_scores(x, users, items, nn.Linear(hidden, hidden, device=x.device), min_degree=1e-8),
+            t,
+            dropout=True,
+        )
 
     def towers(self) -> list[torch.Tensor]:
         """Node tables of the fused tower, then one per modality (in ``self.modalities`` order)."""
@@ -123,7 +141,9 @@ class MDMNS(DiffMM):
         levels = [fraction * self.config.steps for fraction in self.config.negative_levels]
         return [float(int(level)) for level in levels] if self.config.faithful else levels
 
-    def pair_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float) -> dict[str, torch.Tensor]:
+    def pair_loss(
+        self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2_reg: float
+    ) -> dict[str, torch.Tensor]:
         """BPR on every single-modality tower + L2 on the id tables + the contrastive losses."""
         config = self.config
         fused, *singles = [self._split(tower) for tower in self.towers()]

@@ -35,6 +35,7 @@ class SelfAttentionBlock(nn.Module):
         q, k, v = self.qkv(self.attention_norm(hidden)).chunk(3, dim=-1)
         if last_only:  # only the last position feeds the score, so the final block skips the others
             q, hidden, mask = q[:, -1:], hidden[:, -1:], mask[:, -1:]
+
         def split_heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
 
@@ -57,7 +58,9 @@ class SASRec(CollaborativeModel):
         dim = config.embedding_size
         self.item_embedding = embedding(n_items, dim, config.init_std)
         self.position_embedding = nn.Parameter(torch.randn(config.max_history, dim) * config.init_std)
-        self.blocks = nn.ModuleList(SelfAttentionBlock(dim, config.num_heads, config.dropout) for _ in range(config.num_blocks))
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(dim, config.num_heads, config.dropout) for _ in range(config.num_blocks)
+        )
         self.final_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(config.dropout)
         self.scale = math.sqrt(dim)

@@ -28,14 +28,31 @@ from transformers import get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, FlowMatchingConfig, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
-from minigpt4.data.images import PersonalHoldout, image_pixels, item_captions, liked_rows, load_holdout, load_image_table, personal_holdout
+from minigpt4.data.images import (
+    PersonalHoldout,
+    image_pixels,
+    item_captions,
+    liked_rows,
+    load_holdout,
+    load_image_table,
+    personal_holdout,
+)
 from minigpt4.diffusion.generate import evaluate_arms, load_for_sampling
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.io import json_safe, read_json
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, resume_folder, run_accelerator, save_checkpoint, write_metrics
+from minigpt4.training.run_folder import (
+    TRAINER_STATE,
+    choose_hardware,
+    logger,
+    open_run_folder,
+    resume_folder,
+    run_accelerator,
+    save_checkpoint,
+    write_metrics,
+)
 
 
 @dataclass
@@ -54,7 +71,9 @@ class ImageSamples:
     def __len__(self) -> int:
         return len(self.item_index)
 
-    def captions(self, rows: list[int], flow: FlowMatchingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def captions(
+        self, rows: list[int], flow: FlowMatchingConfig, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The caption embeddings of a micro-batch: each sample's item caption, or with probability
         ``flow.generic_rate`` the generic instruction and ``flow.caption_dropout`` the empty one (drawn
         from ``generator`` only when either is set, so other runs draw what they always drew)."""
@@ -68,12 +87,23 @@ class ImageSamples:
         choice[(draw >= flow.generic_rate) & (draw < flow.generic_rate + flow.caption_dropout)] = 1
         replaced = choice >= 0
         prompt_embeds, pooled = prompt_embeds.clone(), pooled.clone()
-        prompt_embeds[replaced], pooled[replaced] = self.other_prompt_embeds[choice[replaced]], self.other_pooled[choice[replaced]]
+        prompt_embeds[replaced], pooled[replaced] = (
+            self.other_prompt_embeds[choice[replaced]],
+            self.other_pooled[choice[replaced]],
+        )
         return prompt_embeds, pooled
 
 
 @torch.no_grad()
-def encode_items(model: PersonalizedSD3, config: SD3Config, dataset: RatingDataset, images: pd.DataFrame, iids: list[int], batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
+def encode_items(
+    model: PersonalizedSD3,
+    config: SD3Config,
+    dataset: RatingDataset,
+    images: pd.DataFrame,
+    iids: list[int],
+    batch_size: int,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
     """VAE latent distributions of the items' images and SD3 embeddings of their captions, once per item."""
     paths = images.set_index("iid")["path"]
     captions = item_captions(config.flow.caption, dataset.items, iids)
@@ -94,16 +124,28 @@ def image_holdout(config: Config, dataset: RatingDataset, images: pd.DataFrame) 
     return personal_holdout(dataset, images, holdout.users, holdout.items, config.run.seed) if holdout.users else None
 
 
-def training_pairs(config: Config, dataset: RatingDataset, images: pd.DataFrame, holdout: PersonalHoldout | None = None) -> pd.DataFrame:
+def training_pairs(
+    config: Config, dataset: RatingDataset, images: pd.DataFrame, holdout: PersonalHoldout | None = None
+) -> pd.DataFrame:
     """The (sub-sampled, ``run.train_rows``) liked training pairs whose item has an image, without the held-out ones."""
     rows = liked_rows(dataset, "train", images)
     rows = subsample(holdout.drop_from(rows) if holdout is not None else rows, config.run.train_rows, config.run.seed)
     if rows.empty:
-        raise DiffRecError(f"{dataset.root}: no liked training pair has an item image (images.parquet covers {len(images)} items)")
+        raise DiffRecError(
+            f"{dataset.root}: no liked training pair has an item image (images.parquet covers {len(images)} items)"
+        )
     return rows
 
 
-def build_samples(config: SD3Config, rows: pd.DataFrame, model: PersonalizedSD3, dataset: RatingDataset, images: pd.DataFrame, batch_size: int, progress: bool = True) -> ImageSamples:
+def build_samples(
+    config: SD3Config,
+    rows: pd.DataFrame,
+    model: PersonalizedSD3,
+    dataset: RatingDataset,
+    images: pd.DataFrame,
+    batch_size: int,
+    progress: bool = True,
+) -> ImageSamples:
     """Training samples of liked pairs: preferences (when the model has a collaborative model) and cached item encodings."""
     iids = sorted(int(iid) for iid in rows["iid"].unique())
     caches = encode_items(model, config, dataset, images, iids, batch_size, progress)
@@ -112,10 +154,19 @@ def build_samples(config: SD3Config, rows: pd.DataFrame, model: PersonalizedSD3,
     preference = model.preference(rows).cpu() if model.collab is not None else None
     position = {iid: index for index, iid in enumerate(iids)}
     item_index = torch.tensor([position[int(iid)] for iid in rows["iid"]])
-    return ImageSamples(preference, item_index, iids=iids, other_prompt_embeds=other_prompt_embeds.float().cpu(), other_pooled=other_pooled.float().cpu(), **caches)
+    return ImageSamples(
+        preference,
+        item_index,
+        iids=iids,
+        other_prompt_embeds=other_prompt_embeds.float().cpu(),
+        other_pooled=other_pooled.float().cpu(),
+        **caches,
+    )
 
 
-def build_personalized(config: SD3Config, dataset: RatingDataset, device: torch.device | str = "cpu") -> PersonalizedSD3:
+def build_personalized(
+    config: SD3Config, dataset: RatingDataset, device: torch.device | str = "cpu"
+) -> PersonalizedSD3:
     """The pipeline from its folder with a fresh LoRA and fusion, and the frozen collaborative model."""
     collab = load_recommender(config.collab.ckpt, None, dataset.n_users, dataset.n_items).to(device)
     return PersonalizedSD3(config, load_sd3_pipeline(config.pipeline, device), collab)
@@ -148,16 +199,23 @@ def train_images(config: Config) -> dict:
         require_file(run.resume_from / TRAINER_STATE)
     model.holdout = image_holdout(config, dataset, images)
     rows = training_pairs(config, dataset, images, model.holdout)
-    samples = build_samples(config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process)
+    samples = build_samples(
+        config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process
+    )
     if config.model.fusion.standardize and run.resume_from is None:
         model.fusion.standardize_with(samples.preference.to(state.device))
     run_dir = open_run_folder(config, state, hardware)
     accelerator = run_accelerator(
-        cpu=run.cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
-        log_with="tensorboard", project_dir=str(run_dir),
+        cpu=run.cpu,
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
     )
     metrics = _train(config, model, samples, accelerator, run_dir)
-    metrics = json_safe({"run_dir": str(run_dir), "model": "sd3", "dataset": config.datasets.name, **metrics, "hardware": hardware})
+    metrics = json_safe(
+        {"run_dir": str(run_dir), "model": "sd3", "dataset": config.datasets.name, **metrics, "hardware": hardware}
+    )
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()
@@ -170,12 +228,16 @@ def _pass_order(count: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def micro_batch_rows(count: int, batch_size: int, position: int, seed: int, process: int = 0, processes: int = 1) -> list[int]:
+def micro_batch_rows(
+    count: int, batch_size: int, position: int, seed: int, process: int = 0, processes: int = 1
+) -> list[int]:
     """The sample positions of micro-batch ``position`` for one process: the pass's seeded order, sharded by
     rank, so a resumed run draws the same rows."""
     per_pass = count // (batch_size * processes)
     if per_pass == 0:
-        raise DiffRecError(f"{count} image samples cannot fill a micro-batch of {batch_size} on {processes} process(es)")
+        raise DiffRecError(
+            f"{count} image samples cannot fill a micro-batch of {batch_size} on {processes} process(es)"
+        )
     epoch, offset = divmod(position, per_pass)
     start = (offset * processes + process) * batch_size
     return _pass_order(count, seed, epoch)[start : start + batch_size].tolist()
@@ -186,15 +248,24 @@ def _stopped(checkpoint: Path) -> str:
     return f"training stopped, the last checkpoint is kept at {checkpoint if checkpoint.is_dir() else '(none yet)'}"
 
 
-def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accelerator: Accelerator, run_dir: Path) -> dict:
+def _train(
+    config: Config, model: PersonalizedSD3, samples: ImageSamples, accelerator: Accelerator, run_dir: Path
+) -> dict:
     """The step loop: one micro-batch per accumulation step, a checkpoint every ``eval_every_steps``."""
     run = config.run
     micro_per_step = run.gradient_accumulation_steps
     steps_per_epoch = max(1, len(samples) // (run.batch_size * micro_per_step * accelerator.num_processes))
     total_steps = run.max_steps or run.max_epochs * steps_per_epoch
     params = model.trainable_parameters()
-    logger.info("run folder %s; %d samples over %d items; %d trainable tensors, %d parameters; %d optimizer steps",
-                run_dir, len(samples), len(samples.iids), len(params), sum(p.numel() for p in params), total_steps)
+    logger.info(
+        "run folder %s; %d samples over %d items; %d trainable tensors, %d parameters; %d optimizer steps",
+        run_dir,
+        len(samples),
+        len(samples.iids),
+        len(params),
+        sum(p.numel() for p in params),
+        total_steps,
+    )
     optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, total_steps)
     prepared, optimizer = accelerator.prepare(model, optimizer)
@@ -205,10 +276,14 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
         optimizer.load_state_dict(torch.load(require_file(run.resume_from / "optimizer.pt"), weights_only=True))
         scheduler.load_state_dict(torch.load(require_file(run.resume_from / "scheduler.pt"), weights_only=True))
         logger.info("resumed from %s at step %d", run.resume_from, progress["step"])
-    accelerator.init_trackers("tensorboard", config={"lr": run.lr, "batch_size": run.batch_size, "lora_r": config.model.lora.r})
+    accelerator.init_trackers(
+        "tensorboard", config={"lr": run.lr, "batch_size": run.batch_size, "lora_r": config.model.lora.r}
+    )
     device = accelerator.device
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="train sd3", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=total_steps, initial=progress["step"], desc="train sd3", disable=not accelerator.is_local_main_process
+    )
     prepared.train()
     while progress["step"] < total_steps:
         step = progress["step"]
@@ -216,13 +291,19 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
         for micro in range(micro_per_step):
             # Every micro-batch has its own seeded generator: rows, noise and timesteps repeat on resume.
             position = step * micro_per_step + micro
-            rows = micro_batch_rows(len(samples), run.batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes)
-            generator = torch.Generator().manual_seed(run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index)
+            rows = micro_batch_rows(
+                len(samples), run.batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes
+            )
+            generator = torch.Generator().manual_seed(
+                run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index
+            )
             index = samples.item_index[rows]
             prompt_embeds, pooled = samples.captions(rows, config.model.flow, generator)
             with accelerator.accumulate(prepared):
                 latents = model.latents(samples.latent_parameters[index], generator).to(device)
-                loss = prepared(latents, prompt_embeds.to(device), pooled.to(device), samples.preference[rows].to(device), generator)
+                loss = prepared(
+                    latents, prompt_embeds.to(device), pooled.to(device), samples.preference[rows].to(device), generator
+                )
                 if not torch.isfinite(loss):
                     raise DiffRecError(f"loss became {loss.item()} at step {step}; {_stopped(checkpoint)}")
                 accelerator.backward(loss)
@@ -236,7 +317,9 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / micro_per_step
         scheduler.step()
         progress["step"] = step + 1
-        progress["curve"].append({"step": step + 1, "seconds": round(time.perf_counter() - start, 3), "loss": step_loss})
+        progress["curve"].append(
+            {"step": step + 1, "seconds": round(time.perf_counter() - start, 3), "loss": step_loss}
+        )
         accelerator.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
         bar.update()
         bar.set_postfix(loss=f"{step_loss:.4f}")
@@ -248,8 +331,14 @@ def _train(config: Config, model: PersonalizedSD3, samples: ImageSamples, accele
     seconds = time.perf_counter() - start
     losses = [point["loss"] for point in progress["curve"]]
     window = max(1, min(10, len(losses) // 4))
-    logger.info("trained %d steps in %.1f s; mean loss of the first/last %d steps %.4f -> %.4f",
-                progress["step"], seconds, window, np.mean(losses[:window]), np.mean(losses[-window:]))
+    logger.info(
+        "trained %d steps in %.1f s; mean loss of the first/last %d steps %.4f -> %.4f",
+        progress["step"],
+        seconds,
+        window,
+        np.mean(losses[:window]),
+        np.mean(losses[-window:]),
+    )
     return {
         "steps_run": progress["step"],
         "samples": len(samples),
@@ -278,7 +367,18 @@ def evaluate_images(config: Config) -> dict:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
     run_dir = open_run_folder(config, state, hardware)
     holdout = load_holdout(run.ckpt, dataset, images)
-    results = evaluate_arms(model, model.preference, pairs, holdout, dataset, images, config.model, run.seed, run.eval_batch_size, run_dir / "images")
+    results = evaluate_arms(
+        model,
+        model.preference,
+        pairs,
+        holdout,
+        dataset,
+        images,
+        config.model,
+        run.seed,
+        run.eval_batch_size,
+        run_dir / "images",
+    )
     metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results, "hardware": hardware})
     if state.is_main_process:
         write_metrics(run_dir, metrics)

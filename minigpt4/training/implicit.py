@@ -30,7 +30,14 @@ from minigpt4.io import json_safe
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
-from minigpt4.training.run_folder import find_epoch_state, logger, restore_epoch_state, save_epoch_state, start_ranking_run, write_metrics
+from minigpt4.training.run_folder import (
+    find_epoch_state,
+    logger,
+    restore_epoch_state,
+    save_epoch_state,
+    start_ranking_run,
+    write_metrics,
+)
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
 VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"
@@ -48,7 +55,9 @@ def _edges(dataset: ImplicitDataset) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_ranking(model: CollaborativeModel, dataset: ImplicitDataset, split: str, ks: list[int], device: torch.device) -> dict:
+def evaluate_ranking(
+    model: CollaborativeModel, dataset: ImplicitDataset, split: str, ks: list[int], device: torch.device
+) -> dict:
     """Recall/NDCG/Precision@K on ``split``, the user's training items masked; where some evaluated users have no
     training items (a split in time), the same figures for those (``cold``) and the rest (``warm``) under ``by_group``."""
     was_training = model.training
@@ -67,19 +76,50 @@ def pretrain_implicit(config: Config) -> dict:
     resume = None  # a bad resume folder fails before the run folder exists
     if config.run.resume_from is not None and not config.run.evaluate:
         resume = find_epoch_state(config, protocol_label(config), dataset.n_users, dataset.n_items)
-    model, run_dir, device, hardware = start_ranking_run(config, dataset.n_users, dataset.n_items, "full-ranking training")
-    logger.info("run folder %s on %s; %d users, %d items, %d training pairs, modalities %s", run_dir, device, dataset.n_users, dataset.n_items, dataset.matrices["train"].nnz, list(dataset.features) or "none")
+    model, run_dir, device, hardware = start_ranking_run(
+        config, dataset.n_users, dataset.n_items, "full-ranking training"
+    )
+    logger.info(
+        "run folder %s on %s; %d users, %d items, %d training pairs, modalities %s",
+        run_dir,
+        device,
+        dataset.n_users,
+        dataset.n_items,
+        dataset.matrices["train"].nnz,
+        list(dataset.features) or "none",
+    )
     if model is not None:
         model = model.to(device)
-        metrics = {"checkpoint": str(config.run.ckpt), **{split: evaluate_ranking(model, dataset, split, config.run.ranking_ks, device) for split in ("valid", "test")}}
+        metrics = {
+            "checkpoint": str(config.run.ckpt),
+            **{
+                split: evaluate_ranking(model, dataset, split, config.run.ranking_ks, device)
+                for split in ("valid", "test")
+            },
+        }
     else:
         metrics = _train(config, dataset, device, run_dir, resume)
-    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, "protocol": protocol_label(config), **metrics, "hardware": hardware})
+    metrics = json_safe(
+        {
+            "run_dir": str(run_dir),
+            "model": config.model.arch,
+            "dataset": config.datasets.name,
+            "protocol": protocol_label(config),
+            **metrics,
+            "hardware": hardware,
+        }
+    )
     write_metrics(run_dir, metrics)
     return metrics
 
 
-def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_dir: Path, resume: tuple[Path, CollaborativeModel] | None) -> dict:
+def _train(
+    config: Config,
+    dataset: ImplicitDataset,
+    device: torch.device,
+    run_dir: Path,
+    resume: tuple[Path, CollaborativeModel] | None,
+) -> dict:
     """The epoch loop (from ``resume``'s folder and model if given); returns both protocols' selections, the
     curve and timings."""
     run = config.run
@@ -90,7 +130,9 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
         model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features)
     model = model.to(device)
     groups = {name: params for name, params in model.optimizer_groups().items() if params}
-    optimizers = {name: torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay) for name, params in groups.items()}
+    optimizers = {
+        name: torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay) for name, params in groups.items()
+    }
     train = dataset.matrices["train"]
     coo = train.tocoo()
     pair_users, pair_items = coo.row.astype(np.int64), coo.col.astype(np.int64)
@@ -100,11 +142,21 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
     checkpoints = run_dir / "checkpoints"
     best_dir = checkpoints / "best"
     # by_valid / by_test: the epoch each protocol selects so far, with its figures (None before the first evaluation)
-    progress = {"epoch": 0, "by_valid": None, "by_test": None, "stale": 0, "curve": [], "epoch_seconds": [], "protocol": protocol_label(config)}
+    progress = {
+        "epoch": 0,
+        "by_valid": None,
+        "by_test": None,
+        "stale": 0,
+        "curve": [],
+        "epoch_seconds": [],
+        "protocol": protocol_label(config),
+    }
     if resume is not None:
         progress = restore_epoch_state(resume[0], optimizers, {}, generator, device, best_dir)
         logger.info("resumed from %s after epoch %d", resume[0], progress["epoch"])
-    epochs = range(progress["epoch"] + 1, run.max_epochs + 1) if optimizers else range(0)  # nothing to train: evaluate once
+    epochs = (
+        range(progress["epoch"] + 1, run.max_epochs + 1) if optimizers else range(0)
+    )  # nothing to train: evaluate once
     bar = tqdm(epochs, desc=f"pretrain {config.model.arch}", disable=not optimizers)
     for epoch in bar:
         start, stop = time.perf_counter(), False
@@ -114,13 +166,21 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
             losses |= _bpr_epoch(model, optimizers["model"], pair_users, pair_items, context, run.l2_reg)
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         if bad:
-            raise DiffRecError(f"{bad[0]} became {losses[bad[0]]} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}")
+            raise DiffRecError(
+                f"{bad[0]} became {losses[bad[0]]} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}"
+            )
         progress["epoch_seconds"].append(time.perf_counter() - start)
         progress["epoch"] = epoch
         if epoch % run.eval_every == 0 or epoch == run.max_epochs:
             valid = evaluate_ranking(model, dataset, "valid", run.ranking_ks, device)
             test = evaluate_ranking(model, dataset, "test", run.ranking_ks, device)
-            curve_point = {"epoch": epoch, "seconds": round(sum(progress["epoch_seconds"]), 3), **{k: round(v, 6) for k, v in losses.items()}, f"valid_{metric}": valid[metric], f"test_{metric}": test[metric]}
+            curve_point = {
+                "epoch": epoch,
+                "seconds": round(sum(progress["epoch_seconds"]), 3),
+                **{k: round(v, 6) for k, v in losses.items()},
+                f"valid_{metric}": valid[metric],
+                f"test_{metric}": test[metric],
+            }
             progress["curve"].append(curve_point)
             logger.info("epoch %d (%.1f s): %s", epoch, progress["epoch_seconds"][-1], json_safe(curve_point))
             by_valid, by_test = progress["by_valid"], progress["by_test"]
@@ -139,11 +199,19 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
                 stop = progress["stale"] >= run.patience
         save_epoch_state(checkpoints / "last", model, config, optimizers, {}, generator, progress)
         if stop:
-            logger.info("early stop at epoch %d: %s has not improved for %d evaluations", epoch, "test" if run.paper_parity else "valid", progress["stale"])
+            logger.info(
+                "early stop at epoch %d: %s has not improved for %d evaluations",
+                epoch,
+                "test" if run.paper_parity else "valid",
+                progress["stale"],
+            )
             break
     if not optimizers:
         save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": progress["protocol"]})
-        progress["by_valid"] = {"epoch": 0, **{split: evaluate_ranking(model, dataset, split, run.ranking_ks, device) for split in ("valid", "test")}}
+        progress["by_valid"] = {
+            "epoch": 0,
+            **{split: evaluate_ranking(model, dataset, split, run.ranking_ks, device) for split in ("valid", "test")},
+        }
         progress["by_test"] = {"epoch": 0, "test": progress["by_valid"]["test"]}
     epoch_seconds = progress["epoch_seconds"]
     return {
@@ -159,7 +227,14 @@ def _train(config: Config, dataset: ImplicitDataset, device: torch.device, run_d
     }
 
 
-def _bpr_epoch(model: CollaborativeModel, optimizer: torch.optim.Optimizer, users: np.ndarray, items: np.ndarray, context: EpochContext, l2_reg: float) -> dict[str, float]:
+def _bpr_epoch(
+    model: CollaborativeModel,
+    optimizer: torch.optim.Optimizer,
+    users: np.ndarray,
+    items: np.ndarray,
+    context: EpochContext,
+    l2_reg: float,
+) -> dict[str, float]:
     """One pass of BPR steps over every training pair, each with a fresh negative (the losses in the context's
     autocast); mean losses."""
     negatives = sample_negatives(context.train, users, context.generator)

@@ -50,9 +50,24 @@ from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import reply_personalization, write_replies
 from minigpt4.recommenders import load_recommender
-from minigpt4.training.diffusion import ImageSamples, build_samples, image_holdout, load_training_weights, micro_batch_rows, training_pairs
+from minigpt4.training.diffusion import (
+    ImageSamples,
+    build_samples,
+    image_holdout,
+    load_training_weights,
+    micro_batch_rows,
+    training_pairs,
+)
 from minigpt4.training.llm import epoch_loader, eval_loader, split_prompt_rows
-from minigpt4.training.run_folder import TRAINER_STATE, choose_hardware, logger, open_run_folder, resume_folder, run_accelerator, write_metrics
+from minigpt4.training.run_folder import (
+    TRAINER_STATE,
+    choose_hardware,
+    logger,
+    open_run_folder,
+    resume_folder,
+    run_accelerator,
+    write_metrics,
+)
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -71,7 +86,14 @@ class ImageBatch:
 class DiffRecModel(nn.Module):
     """The LLM recommender and the personalized SD3 generator, with the joint loss."""
 
-    def __init__(self, config: DiffRecConfig, rec: LLMRecommender, image: PersonalizedSD3, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> None:
+    def __init__(
+        self,
+        config: DiffRecConfig,
+        rec: LLMRecommender,
+        image: PersonalizedSD3,
+        tokenizer: PreTrainedTokenizerBase,
+        template: PromptTemplate,
+    ) -> None:
         super().__init__()
         self.config = config
         self.rec = rec
@@ -108,7 +130,9 @@ class DiffRecModel(nn.Module):
         preference = self.preference(batch.prompts, batch.preference)
         return self.image(latents, batch.prompt_embeds.to(device), batch.pooled.to(device), preference, generator)
 
-    def forward(self, rec_batch: PromptBatch | None, image_batch: ImageBatch | None, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, rec_batch: PromptBatch | None, image_batch: ImageBatch | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted joint loss and its parts (a part is absent when its batch is None)."""
         joint = self.config.joint
         parts: dict[str, torch.Tensor] = {}
@@ -124,7 +148,9 @@ class DiffRecModel(nn.Module):
         (folder / "rec").mkdir(parents=True, exist_ok=True)
         (folder / "image").mkdir(parents=True, exist_ok=True)
         self.rec.save_weights(folder / "rec")
-        (folder / "rec" / "config.yaml").write_text(yaml.safe_dump({"model": self.config.rec.model_dump(mode="json")}, sort_keys=False))
+        (folder / "rec" / "config.yaml").write_text(
+            yaml.safe_dump({"model": self.config.rec.model_dump(mode="json")}, sort_keys=False)
+        )
         self.image.save_weights(folder / "image")
 
     def load_weights(self, folder: Path) -> None:
@@ -133,7 +159,9 @@ class DiffRecModel(nn.Module):
         load_training_weights(self.image, folder / "image")
 
 
-def build_diffrec(config: DiffRecConfig, dataset: RatingDataset, devices: tuple[torch.device, torch.device]) -> DiffRecModel:
+def build_diffrec(
+    config: DiffRecConfig, dataset: RatingDataset, devices: tuple[torch.device, torch.device]
+) -> DiffRecModel:
     """The recommender on the first device and the image generator (fresh LoRA and fusion) on the second."""
     rec_device, image_device = devices
     rec, tokenizer, template = build_llm_recommender(config.rec, dataset, rec_device)
@@ -144,7 +172,9 @@ def build_diffrec(config: DiffRecConfig, dataset: RatingDataset, devices: tuple[
         collab = load_recommender(config.image.collab.ckpt, None, dataset.n_users, dataset.n_items).to(image_device)
     else:
         collab = rec.collab  # the recommender's frozen collaborative model gives the preference too
-    image = PersonalizedSD3(config.image, load_sd3_pipeline(config.image.pipeline, image_device), collab, preference_dim=preference_dim)
+    image = PersonalizedSD3(
+        config.image, load_sd3_pipeline(config.image.pipeline, image_device), collab, preference_dim=preference_dim
+    )
     return DiffRecModel(config, rec, image, tokenizer, template)
 
 
@@ -170,12 +200,20 @@ def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, prog
     else:
         model.image.holdout = image_holdout(config, dataset, images)
         pairs = training_pairs(config, dataset, images, model.image.holdout)
-        samples = build_samples(config.model.image, pairs, model.image, dataset, images, config.run.eval_batch_size, progress)
+        samples = build_samples(
+            config.model.image, pairs, model.image, dataset, images, config.run.eval_batch_size, progress
+        )
         if config.model.image.fusion.standardize and config.run.resume_from is None:
             if samples.preference is None:
-                raise DiffRecError("model.image.fusion.standardize needs fixed preference vectors: set model.joint.preference to collab")
+                raise DiffRecError(
+                    "model.image.fusion.standardize needs fixed preference vectors: set model.joint.preference to collab"
+                )
             model.image.fusion.standardize_with(samples.preference.to(model.image_device))
-        image_prompts = model.rating_prompts(pairs, f"{dataset.root}/train (image pairs)") if config.model.joint.preference == "llm" else None
+        image_prompts = (
+            model.rating_prompts(pairs, f"{dataset.root}/train (image pairs)")
+            if config.model.joint.preference == "llm"
+            else None
+        )
     test_pairs = subsample(liked_rows(dataset, "test", images), config.model.joint.eval_images, config.run.seed)
     if test_pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image; nothing to generate for")
@@ -188,7 +226,9 @@ def _devices(config: Config, state: PartialState) -> tuple[torch.device, torch.d
     if placement is None:
         return state.device, state.device
     if state.num_processes > 1:
-        raise DiffRecError("run.devices places the two halves inside one process; with several processes leave it out (each process takes its own device)")
+        raise DiffRecError(
+            "run.devices places the two halves inside one process; with several processes leave it out (each process takes its own device)"
+        )
     if config.run.cpu and {placement.llm, placement.image} != {"cpu"}:
         raise DiffRecError(f"run.cpu is true but run.devices names {placement.llm} and {placement.image}")
     return torch.device(placement.llm), torch.device(placement.image)
@@ -203,9 +243,13 @@ def train_diffrec(config: Config) -> dict:
     if config.model.joint.preference == "llm" and config.model.rec.llm.gradient_checkpointing:
         # Both LLM passes of a step (ratings and image pairs) would share the CoRA weights that
         # checkpointing re-reads in backward, so the first pass would be recomputed with the second's.
-        raise DiffRecError("joint.preference llm runs the LLM twice per step; turn model.rec.llm.gradient_checkpointing off")
+        raise DiffRecError(
+            "joint.preference llm runs the LLM twice per step; turn model.rec.llm.gradient_checkpointing off"
+        )
     if config.model.image.clip is None:
-        raise DiffRecError("a diffrec run ends by scoring its images and needs a CLIP scorer: set model.image.clip.path")
+        raise DiffRecError(
+            "a diffrec run ends by scoring its images and needs a CLIP scorer: set model.image.clip.path"
+        )
     devices = _devices(config, state)
     hardware = choose_hardware(config, *devices)
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
@@ -221,23 +265,51 @@ def train_diffrec(config: Config) -> dict:
     run_dir = open_run_folder(config, state, hardware)
     unused = DistributedDataParallelKwargs(find_unused_parameters=config.model.joint.schedule == "alternate")
     accelerator = run_accelerator(
-        cpu=run.cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
-        log_with="tensorboard", project_dir=str(run_dir), device_placement=run.devices is None, kwargs_handlers=[unused],
+        cpu=run.cpu,
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        device_placement=run.devices is None,
+        kwargs_handlers=[unused],
     )
     logger.info(
         "run folder %s; %s + sd3 on %d process(es), LLM on %s, images on %s; rows train/valid/test %d/%d/%d, image pairs train/test %s/%d",
-        run_dir, config.model.rec.mode, accelerator.num_processes, devices[0], devices[1], len(data.prompts["train"]), len(data.prompts["valid"]),
-        len(data.prompts["test"]), len(data.image_samples) if data.image_samples is not None else "-", len(data.test_pairs),
+        run_dir,
+        config.model.rec.mode,
+        accelerator.num_processes,
+        devices[0],
+        devices[1],
+        len(data.prompts["train"]),
+        len(data.prompts["valid"]),
+        len(data.prompts["test"]),
+        len(data.image_samples) if data.image_samples is not None else "-",
+        len(data.test_pairs),
     )
     loaders = {name: eval_loader(data.prompts[name], run.eval_batch_size) for name in ("valid", "test")}
-    loaders = {name: prepare_data_loader(loader, devices[0], accelerator.num_processes, accelerator.process_index, put_on_device=True) for name, loader in loaders.items()}
+    loaders = {
+        name: prepare_data_loader(
+            loader, devices[0], accelerator.num_processes, accelerator.process_index, put_on_device=True
+        )
+        for name, loader in loaders.items()
+    }
     if run.evaluate:
         model = accelerator.prepare(model)
         metrics = {"checkpoint": str(run.ckpt)}
     else:
         model, metrics = _train(config, model, data, loaders, accelerator, run_dir, devices)
-    metrics.update(evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, metrics.pop("valid", None)))
-    metrics = json_safe({"run_dir": str(run_dir), "model": f"diffrec/{config.model.rec.mode}", "dataset": config.datasets.name, **metrics, "hardware": hardware})
+    metrics.update(
+        evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, metrics.pop("valid", None))
+    )
+    metrics = json_safe(
+        {
+            "run_dir": str(run_dir),
+            "model": f"diffrec/{config.model.rec.mode}",
+            "dataset": config.datasets.name,
+            **metrics,
+            "hardware": hardware,
+        }
+    )
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()
@@ -250,7 +322,9 @@ def _image_batch(data: JointData, rows: list[int], flow: FlowMatchingConfig, gen
     index = samples.item_index[rows]
     prompt_embeds, pooled = samples.captions(rows, flow, generator)
     return ImageBatch(
-        latent_parameters=samples.latent_parameters[index], prompt_embeds=prompt_embeds, pooled=pooled,
+        latent_parameters=samples.latent_parameters[index],
+        prompt_embeds=prompt_embeds,
+        pooled=pooled,
         preference=samples.preference[rows] if samples.preference is not None else None,
         prompts=data.image_prompts.__getitems__(rows) if data.image_prompts is not None else None,
     )
@@ -300,7 +374,15 @@ def save_joint_checkpoint(accelerator: Accelerator, folder: Path, config: Config
     accelerator.wait_for_everyone()
 
 
-def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, accelerator: Accelerator, run_dir: Path, devices: tuple) -> tuple[nn.Module, dict]:
+def _train(
+    config: Config,
+    model: DiffRecModel,
+    data: JointData,
+    loaders: dict,
+    accelerator: Accelerator,
+    run_dir: Path,
+    devices: tuple,
+) -> tuple[nn.Module, dict]:
     """The step loop: joint loss, periodic valid AUC and checkpoints; returns the prepared model and the training metrics."""
     run, joint = config.run, config.model.joint
     micro_batches = math.ceil(len(data.prompts["train"]) / (run.batch_size * accelerator.num_processes))
@@ -308,7 +390,13 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
     total_steps = run.max_steps or run.max_epochs * steps_per_epoch
     checkpoint_every = run.checkpoint_every_steps or run.eval_every_steps
     params = [param for _, param in sorted(model.named_parameters()) if param.requires_grad]
-    logger.info("%d trainable tensors, %d parameters; %d optimizer steps (%d per epoch)", len(params), sum(p.numel() for p in params), total_steps, steps_per_epoch)
+    logger.info(
+        "%d trainable tensors, %d parameters; %d optimizer steps (%d per epoch)",
+        len(params),
+        sum(p.numel() for p in params),
+        total_steps,
+        steps_per_epoch,
+    )
     optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
     # Not prepared: a prepared scheduler steps once per process, which would tie the schedule to the process count.
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, total_steps)
@@ -322,11 +410,24 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
     if run.resume_from is not None:
         accelerator.load_state(str(run.resume_from))
         progress = read_json(run.resume_from / TRAINER_STATE, dict)
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", run.resume_from, progress["step"], progress["epoch"], progress["batch"])
-    accelerator.init_trackers("tensorboard", config={"mode": config.model.rec.mode, "preference": joint.preference, "lr": run.lr})
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            run.resume_from,
+            progress["step"],
+            progress["epoch"],
+            progress["batch"],
+        )
+    accelerator.init_trackers(
+        "tensorboard", config={"mode": config.model.rec.mode, "preference": joint.preference, "lr": run.lr}
+    )
     start, stop, valid = time.perf_counter(), False, None
     sums = progress["sums"]
-    bar = tqdm(total=total_steps, initial=progress["step"], desc=f"train diffrec ({config.model.rec.mode})", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=total_steps,
+        initial=progress["step"],
+        desc=f"train diffrec ({config.model.rec.mode})",
+        disable=not accelerator.is_local_main_process,
+    )
     model.train()
     while progress["step"] < total_steps and not stop:
         loader = epoch_loader(data.prompts["train"], config, progress["epoch"], accelerator, devices[0])
@@ -337,20 +438,33 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
             train_rec = joint.schedule == "sum" or step % 2 == 0
             train_image = joint.schedule == "sum" or step % 2 == 1
             # Noise, timesteps and captions are seeded by (seed, micro-batch, process): a resumed run draws the same.
-            generator = torch.Generator().manual_seed(run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index)
+            generator = torch.Generator().manual_seed(
+                run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index
+            )
             image_batch = None
             if train_image:
-                rows = micro_batch_rows(len(data.image_samples), joint.image_batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes)
+                rows = micro_batch_rows(
+                    len(data.image_samples),
+                    joint.image_batch_size,
+                    position,
+                    run.seed,
+                    accelerator.process_index,
+                    accelerator.num_processes,
+                )
                 image_batch = _image_batch(data, rows, config.model.image.flow, generator)
             with accelerator.accumulate(model):
                 loss, parts = model(rec_batch if train_rec else None, image_batch, generator)
                 if not torch.isfinite(loss):
-                    raise DiffRecError(f"loss became {loss.item()} at step {step} ({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())}); training stopped, the last good checkpoint is {_last_good(checkpoints)}")
+                    raise DiffRecError(
+                        f"loss became {loss.item()} at step {step} ({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())}); training stopped, the last good checkpoint is {_last_good(checkpoints)}"
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, run.max_grad_norm)
                     if not torch.isfinite(norm):
-                        raise DiffRecError(f"gradient norm became {norm.item()} at step {step}; training stopped, the last good checkpoint is {_last_good(checkpoints)}")
+                        raise DiffRecError(
+                            f"gradient norm became {norm.item()} at step {step}; training stopped, the last good checkpoint is {_last_good(checkpoints)}"
+                        )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             progress["batch"] += 1
@@ -365,14 +479,28 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
             bar.update()
             step = progress["step"]
             if step % run.eval_every_steps == 0 or step == total_steps:
-                point = {"step": step, "seconds": round(time.perf_counter() - start, 3), **{f"{name}_loss": total / count for name, (total, count) in sums.items()}}
+                point = {
+                    "step": step,
+                    "seconds": round(time.perf_counter() - start, 3),
+                    **{f"{name}_loss": total / count for name, (total, count) in sums.items()},
+                }
                 valid = evaluate_split(unwrapped.rec, loaders["valid"], accelerator)
                 model.train()
                 point.update(valid_auc=valid["auc"], valid_uauc=valid["uauc"])
                 progress["curve"].append(point)
-                accelerator.log({f"train/{key}": value for key, value in point.items() if key.endswith("_loss")} | {"valid/auc": valid["auc"]}, step=step)
-                logger.info("step %d: %s", step, json.dumps(json_safe({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})))
-                bar.set_postfix({key: f"{value:.4f}" for key, value in point.items() if key.endswith(("_loss", "_auc"))})
+                accelerator.log(
+                    {f"train/{key}": value for key, value in point.items() if key.endswith("_loss")}
+                    | {"valid/auc": valid["auc"]},
+                    step=step,
+                )
+                logger.info(
+                    "step %d: %s",
+                    step,
+                    json.dumps(json_safe({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})),
+                )
+                bar.set_postfix(
+                    {key: f"{value:.4f}" for key, value in point.items() if key.endswith(("_loss", "_auc"))}
+                )
                 sums.clear()
             if step % checkpoint_every == 0 or step == total_steps:
                 save_joint_checkpoint(accelerator, checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}", config, progress)
@@ -384,11 +512,26 @@ def _train(config: Config, model: DiffRecModel, data: JointData, loaders: dict, 
     bar.close()
     seconds = time.perf_counter() - start
     # The last step is always evaluated, so its valid metrics are the final weights' (``valid`` below).
-    return model, {"steps_run": progress["step"], "train_seconds": round(seconds, 3), "checkpoint": str(step_checkpoints(checkpoints)[-1]), "curve": progress["curve"], "valid": valid}
+    return model, {
+        "steps_run": progress["step"],
+        "train_seconds": round(seconds, 3),
+        "checkpoint": str(step_checkpoints(checkpoints)[-1]),
+        "curve": progress["curve"],
+        "valid": valid,
+    }
 
 
 @torch.no_grad()
-def evaluate_diffrec(config: Config, model: nn.Module, data: JointData, loaders: dict, accelerator: Accelerator, run_dir: Path, dataset: RatingDataset, valid: dict | None = None) -> dict:
+def evaluate_diffrec(
+    config: Config,
+    model: nn.Module,
+    data: JointData,
+    loaders: dict,
+    accelerator: Accelerator,
+    run_dir: Path,
+    dataset: RatingDataset,
+    valid: dict | None = None,
+) -> dict:
     """AUC/UAUC on valid (unless given), test, warm and cold; CLIP-T, CLIP-I (and the VLM judge) of images for liked test pairs."""
     unwrapped: DiffRecModel = accelerator.unwrap_model(model)
     unwrapped.eval()
@@ -399,18 +542,44 @@ def evaluate_diffrec(config: Config, model: nn.Module, data: JointData, loaders:
     def preference(rows: pd.DataFrame) -> torch.Tensor:
         prompts = None
         if config.model.joint.preference == "llm":
-            prompts = unwrapped.rating_prompts(rows.reset_index(drop=True), f"{dataset.root} (image rows)").__getitems__(list(range(len(rows))))
+            prompts = unwrapped.rating_prompts(
+                rows.reset_index(drop=True), f"{dataset.root} (image rows)"
+            ).__getitems__(list(range(len(rows))))
         collab = unwrapped.image.preference(rows) if unwrapped.image.collab is not None else None
         return unwrapped.preference(prompts, collab)
 
-    results = evaluate_arms(unwrapped.image, preference, pairs, unwrapped.image.holdout, dataset, data.images, image_config, run.seed, run.eval_batch_size, run_dir / "images")
+    results = evaluate_arms(
+        unwrapped.image,
+        preference,
+        pairs,
+        unwrapped.image.holdout,
+        dataset,
+        data.images,
+        image_config,
+        run.seed,
+        run.eval_batch_size,
+        run_dir / "images",
+    )
     if accelerator.is_main_process and config.model.joint.replies:
-        results["replies"] = write_replies(unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, pairs.head(config.model.joint.replies))
+        results["replies"] = write_replies(
+            unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, pairs.head(config.model.joint.replies)
+        )
     if accelerator.is_main_process and config.model.joint.reply_users:
         holdout = unwrapped.image.holdout
         results["reply_personalization"] = (
-            reply_personalization(unwrapped.rec, unwrapped.tokenizer, config.model.rec, run.seed, holdout, dataset, config.model.joint.reply_users)
-            if holdout is not None else {"missing": "no held-out users (model.image.holdout.users 0, or a checkpoint without image/holdout.json)"}
+            reply_personalization(
+                unwrapped.rec,
+                unwrapped.tokenizer,
+                config.model.rec,
+                run.seed,
+                holdout,
+                dataset,
+                config.model.joint.reply_users,
+            )
+            if holdout is not None
+            else {
+                "missing": "no held-out users (model.image.holdout.users 0, or a checkpoint without image/holdout.json)"
+            }
         )
     metrics["images"] = results
     return metrics

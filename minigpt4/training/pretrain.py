@@ -71,18 +71,30 @@ def pretrain(config: Config) -> dict:
         metrics = {"checkpoint": str(config.run.ckpt), **evaluate_all(model, split_loaders, accelerator)}
     else:
         metrics = _train(config, dataset, split_loaders, accelerator, run_dir)
-    metrics = json_safe({"run_dir": str(run_dir), "model": config.model.arch, "dataset": config.datasets.name, **metrics, "hardware": hardware})
+    metrics = json_safe(
+        {
+            "run_dir": str(run_dir),
+            "model": config.model.arch,
+            "dataset": config.datasets.name,
+            **metrics,
+            "hardware": hardware,
+        }
+    )
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()
     return metrics
 
 
-def _train(config: Config, dataset: RatingDataset, split_loaders: dict, accelerator: Accelerator, run_dir: Path) -> dict:
+def _train(
+    config: Config, dataset: RatingDataset, split_loaders: dict, accelerator: Accelerator, run_dir: Path
+) -> dict:
     """The epoch loop with early stopping; returns the best checkpoint's metrics."""
     run = config.run
     if run.eval_every > run.max_epochs:
-        raise DiffRecError(f"run.eval_every ({run.eval_every}) exceeds run.max_epochs ({run.max_epochs}): no epoch would be evaluated")
+        raise DiffRecError(
+            f"run.eval_every ({run.eval_every}) exceeds run.max_epochs ({run.max_epochs}): no epoch would be evaluated"
+        )
     edges = None
     if config.model.arch == "lightgcn":
         edges = graph_edges(dataset.splits["train"], positives_only=config.model.graph == "positives")
@@ -91,11 +103,17 @@ def _train(config: Config, dataset: RatingDataset, split_loaders: dict, accelera
     optimizer = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay, fused=True)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *split_loaders.values())
     split_loaders = dict(zip(split_loaders, prepared))
-    accelerator.init_trackers("tensorboard", config={"arch": config.model.arch, "lr": run.lr, "batch_size": run.batch_size})
+    accelerator.init_trackers(
+        "tensorboard", config={"arch": config.model.arch, "lr": run.lr, "batch_size": run.batch_size}
+    )
     best_dir = run_dir / "checkpoints" / "best"
     best = {"auc": -math.inf, "epoch": 0, "seconds": 0.0}
     stale, step, samples, curve, start = 0, 0, 0, [], time.perf_counter()
-    bar = tqdm(range(1, run.max_epochs + 1), desc=f"pretrain {config.model.arch}", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        range(1, run.max_epochs + 1),
+        desc=f"pretrain {config.model.arch}",
+        disable=not accelerator.is_local_main_process,
+    )
     for epoch in bar:
         model.train()
         epoch_loss = torch.zeros((), device=accelerator.device)
@@ -118,13 +136,25 @@ def _train(config: Config, dataset: RatingDataset, split_loaders: dict, accelera
         valid = evaluate_split(model, split_loaders["valid"], accelerator)
         accelerator.log({"train/loss": mean_loss, "valid/auc": valid["auc"], "valid/uauc": valid["uauc"]}, step=epoch)
         seconds = round(time.perf_counter() - start, 3)
-        curve.append({"epoch": epoch, "seconds": seconds, "loss": mean_loss, "valid_auc": valid["auc"], "valid_uauc": valid["uauc"]})
-        bar.set_postfix(loss=f"{mean_loss:.4f}", valid_auc=f"{valid['auc']:.4f}", best=f"{max(best['auc'], valid['auc']):.4f}")
+        curve.append(
+            {
+                "epoch": epoch,
+                "seconds": seconds,
+                "loss": mean_loss,
+                "valid_auc": valid["auc"],
+                "valid_uauc": valid["uauc"],
+            }
+        )
+        bar.set_postfix(
+            loss=f"{mean_loss:.4f}", valid_auc=f"{valid['auc']:.4f}", best=f"{max(best['auc'], valid['auc']):.4f}"
+        )
         if valid["auc"] > best["auc"]:
             best = {"auc": valid["auc"], "epoch": epoch, "seconds": time.perf_counter() - start}
             stale = 0
             if accelerator.is_main_process:
-                save_recommender(accelerator.unwrap_model(model), config.model, best_dir, {"epoch": epoch, "valid_auc": valid["auc"]})
+                save_recommender(
+                    accelerator.unwrap_model(model), config.model, best_dir, {"epoch": epoch, "valid_auc": valid["auc"]}
+                )
         else:
             stale += 1
             if stale >= run.patience:

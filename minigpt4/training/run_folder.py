@@ -32,7 +32,11 @@ def choose_hardware(config: Config, llm_device: torch.device, image_device: torc
     """Set this process's CPU threads and resolve the config's ``auto`` dtypes and mixed precision for the
     devices (in place, before any model is built); the record that the log and metrics.json carry."""
     threads = configure_threads()
-    return {**describe(llm_device), "threads_set_by": threads["set_by"], "precision": resolve_precision(config, llm_device, image_device)}
+    return {
+        **describe(llm_device),
+        "threads_set_by": threads["set_by"],
+        "precision": resolve_precision(config, llm_device, image_device),
+    }
 
 
 def run_accelerator(**kwargs) -> Accelerator:
@@ -60,16 +64,25 @@ def open_run_folder(config: Config, state: PartialState, hardware: dict) -> Path
             _point_latest(folder)
     folder = Path(broadcast_object_list([str(folder)])[0])
     _start_log(folder / "log.txt", state.is_main_process)
-    precision = ", ".join(f"{key} {value['resolved']} ({value['requested']})" for key, value in hardware["precision"].items())
+    precision = ", ".join(
+        f"{key} {value['resolved']} ({value['requested']})" for key, value in hardware["precision"].items()
+    )
     logger.info(
         "hardware: %s, %s, CPU capability %s, native bf16 %s, %d torch threads (%s); precision: %s",
-        hardware["device"], hardware.get("gpu", hardware["cpu"]), hardware["cpu_capability"], hardware["native_bf16"],
-        hardware["threads"], hardware["threads_set_by"], precision,
+        hardware["device"],
+        hardware.get("gpu", hardware["cpu"]),
+        hardware["cpu_capability"],
+        hardware["native_bf16"],
+        hardware["threads"],
+        hardware["threads_set_by"],
+        precision,
     )
     return folder
 
 
-def start_ranking_run(config: Config, n_users: int, n_items: int, what: str) -> tuple[CollaborativeModel | None, Path, torch.device, dict]:
+def start_ranking_run(
+    config: Config, n_users: int, n_items: int, what: str
+) -> tuple[CollaborativeModel | None, Path, torch.device, dict]:
     """The common start of the full-ranking and leave-one-out runs: the checkpoint to evaluate (with
     ``run.evaluate``; None otherwise), the run folder, the seeded device and the hardware record. They run
     in one process."""
@@ -113,9 +126,9 @@ def write_metrics(folder: Path, metrics: dict) -> None:
     (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
 
 
-
-
-def save_checkpoint(folder: Path, model: Any, config: Config, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict) -> None:
+def save_checkpoint(
+    folder: Path, model: Any, config: Config, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict
+) -> None:
     """A model's weights (its ``save_weights``), the resolved config and the state to resume from, written atomically."""
     with atomic_folder(folder) as partial:
         model.save_weights(partial)
@@ -130,10 +143,21 @@ def resume_folder(resume_from: Path | None, output_dir: Path, pattern: str) -> P
     (one that holds its trainer state, never a ``.partial``) of any run under ``output_dir``."""
     if resume_from is None or resume_from.name != "latest":
         return resume_from
-    runs = [path for path in output_dir.iterdir() if path.is_dir() and not path.is_symlink()] if output_dir.is_dir() else []
-    found = [path for folder in runs for path in (folder / "checkpoints").glob(pattern) if not path.name.endswith(".partial") and (path / TRAINER_STATE).is_file()]
+    runs = (
+        [path for path in output_dir.iterdir() if path.is_dir() and not path.is_symlink()]
+        if output_dir.is_dir()
+        else []
+    )
+    found = [
+        path
+        for folder in runs
+        for path in (folder / "checkpoints").glob(pattern)
+        if not path.name.endswith(".partial") and (path / TRAINER_STATE).is_file()
+    ]
     if not found:
-        raise DiffRecError(f"run.resume_from is latest but no run under {output_dir} holds a complete checkpoints/{pattern}")
+        raise DiffRecError(
+            f"run.resume_from is latest but no run under {output_dir} holds a complete checkpoints/{pattern}"
+        )
     return max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
 
 
@@ -144,9 +168,13 @@ def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) 
     folder = resume_folder(run.resume_from, run.output_dir, "last")
     progress = read_json(folder / TRAINER_STATE, dict)
     if progress["protocol"] != protocol:
-        raise DiffRecError(f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol}' (resume under the same protocol)")
+        raise DiffRecError(
+            f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol}' (resume under the same protocol)"
+        )
     if progress["epoch"] >= run.max_epochs:
-        raise DiffRecError(f"{folder} is at epoch {progress['epoch']}; run.max_epochs {run.max_epochs} (the total) leaves nothing to train")
+        raise DiffRecError(
+            f"{folder} is at epoch {progress['epoch']}; run.max_epochs {run.max_epochs} (the total) leaves nothing to train"
+        )
     model = load_recommender(folder, config.model, n_users, n_items)  # names a model or dataset mismatch now
     for name in ("optimizers.pt", "rng.pt"):
         require_file(folder / name)
@@ -154,8 +182,13 @@ def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) 
 
 
 def save_epoch_state(
-    folder: Path, model: CollaborativeModel, config: Config, optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
-    generator: torch.Generator, progress: dict,
+    folder: Path,
+    model: CollaborativeModel,
+    config: Config,
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    generator: torch.Generator,
+    progress: dict,
 ) -> None:
     """Weights, optimizer and scheduler states, both random streams and ``progress``, written atomically."""
     rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
@@ -171,7 +204,11 @@ def save_epoch_state(
 
 
 def restore_epoch_state(
-    folder: Path, optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], generator: torch.Generator, device: torch.device,
+    folder: Path,
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    generator: torch.Generator,
+    device: torch.device,
     best_dir: Path,
 ) -> dict:
     """Load what ``save_epoch_state`` wrote into the optimizers, schedulers and random streams, copy the earlier
@@ -182,7 +219,9 @@ def restore_epoch_state(
     for file, targets in (("optimizers.pt", optimizers), ("schedulers.pt", schedulers)):
         states = torch.load(require_file(folder / file), weights_only=True)
         if set(states) != set(targets):  # e.g. run.lr_step_epochs set in one run and not the other
-            raise DiffRecError(f"{folder / file} holds {sorted(states) or 'none'}; this run has {sorted(targets) or 'none'} (resume with the same run settings)")
+            raise DiffRecError(
+                f"{folder / file} holds {sorted(states) or 'none'}; this run has {sorted(targets) or 'none'} (resume with the same run settings)"
+            )
         for name, state in states.items():
             targets[name].load_state_dict(state)
     rng = torch.load(folder / "rng.pt", weights_only=True)
