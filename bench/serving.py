@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import defaultdict
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from measure import emit  # noqa: E402  (bench/measure.py)
 
 from minigpt4.llm.recommender import prompt_rows  # noqa: E402
+from minigpt4.llm.scoring import shared_prefix_length  # noqa: E402
 from minigpt4.serving import DiffRec  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main() -> None:
         ids = prompt_rows(
             served.rating_rows(profile, pool), config, served.template, served.tokenizer, history, "bench"
         ).input_ids
-        prefix = len(os.path.commonprefix(ids))
+        prefix = shared_prefix_length(ids)
         prefix_shares.append(prefix * (len(ids) - 1) / sum(map(len, ids)))
     medians = {f"{way}_s": round(float(np.median(values)), 3) for way, values in timings.items()}
     rounding = {f"{way}_max_abs_difference": round(max(differences[way]), 4) for way in timings if way != "one_by_one"}

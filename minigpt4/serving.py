@@ -20,7 +20,6 @@ loaded model.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from minigpt4.io import read_json
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import write_replies
+from minigpt4.llm.scoring import shared_prefix_length
 from minigpt4.recommenders.fold_in import GUEST_UID, GuestUser, fold_in_user, reads_history
 
 MAX_K = 100
@@ -147,9 +147,8 @@ class DiffRec:
         self.image_model = image
         self.llm_preference = llm_preference  # the image side reads the LLM's answer-position hidden state
         self.items = dataset.items.set_index("iid", drop=False).sort_index()
-        self.image_table = (
-            load_image_table(dataset.root, dataset.n_items) if (dataset.root / IMAGE_TABLE).is_file() else None
-        )
+        images = load_image_table(dataset.root, dataset.n_items) if (dataset.root / IMAGE_TABLE).is_file() else None
+        self.item_paths = images.set_index("iid")["path"] if images is not None else None  # item id -> picture file
         self.lock = threading.Lock()
         self.guests = _install_guests(rec, image)
         collab = rec.collab if rec is not None else image.collab if image is not None else None
@@ -271,10 +270,9 @@ class DiffRec:
 
     def item_image(self, item: int) -> Image.Image | None:
         """The item's own picture from the dataset's images table, when it has one."""
-        if self.image_table is None:
+        if self.item_paths is None or item not in self.item_paths.index:
             return None
-        paths = self.image_table.set_index("iid")["path"]
-        return open_image(self.dataset.root / paths[item]) if item in paths.index else None
+        return open_image(self.dataset.root / self.item_paths[item])
 
     # Scores.
 
@@ -321,11 +319,7 @@ class DiffRec:
         )
         if shared_prefix is None:
             shared_prefix = rec.shares_prefixes
-        prefix = (
-            min(len(os.path.commonprefix(prompts.input_ids)), min(map(len, prompts.input_ids)) - 1)
-            if shared_prefix and len(items) > 1
-            else 0
-        )
+        prefix = shared_prefix_length(prompts.input_ids) if shared_prefix else 0
         size = self.config.run.eval_batch_size
         scores = []
         with self._serving(profile):

@@ -25,7 +25,7 @@ from minigpt4.llm import scoring
 from minigpt4.llm.loading import bundled_smollm2_folder, load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate, encode_prompts
 from minigpt4.llm.recommender import build_llm_recommender
-from minigpt4.llm.scoring import answer_token_ids, full_vocabulary_yes_no, yes_no_logits
+from minigpt4.llm.scoring import answer_token_ids, full_vocabulary_yes_no, shared_prefix_length, yes_no_logits
 from minigpt4.training import llm as training_llm
 from minigpt4.training.llm import split_prompt_rows
 from minigpt4.training.run_folder import TRAINER_STATE, save_checkpoint
@@ -423,8 +423,6 @@ def test_resume_from_latest_continues_the_newest_run(tiny_llm, tiny_dataset, mf_
 @pytest.mark.parametrize("mode", ["tallrec", "collm"])
 def test_shared_prefix_scoring_equals_whole_prompts(mode, tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
     """One user's prompts for several items: running their common beginning once gives the same scores."""
-    import os
-
     from minigpt4.llm.recommender import prompt_rows
 
     collab = mf_checkpoint if mode == "collm" else None
@@ -447,7 +445,7 @@ def test_shared_prefix_scoring_equals_whole_prompts(mode, tiny_llm, tiny_dataset
         "test",
     )
     batch = prompts.__getitems__(list(range(6)))
-    prefix = min(len(os.path.commonprefix(prompts.input_ids)), min(map(len, prompts.input_ids)) - 1)
+    prefix = shared_prefix_length(prompts.input_ids)
     assert prefix > 10 and batch.attention_mask.sum(1).unique().numel() > 1
     with torch.no_grad():
         torch.testing.assert_close(model.score_shared_prefix(batch, prefix), model.score(batch), rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@ from the final hidden state and the two output rows they need (never full-vocabu
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -61,6 +62,13 @@ def yes_no_logits(
 ) -> torch.Tensor:
     """logit(" Yes") - logit(" No") at each row's last token, [B], from two rows of the output matrix."""
     return yes_no_from_hidden(model, answer_hidden_states(model, inputs_embeds, attention_mask), answer_ids)
+
+
+def shared_prefix_length(input_ids: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one token of its own (0: none)."""
+    if len(input_ids) < 2:
+        return 0
+    return max(0, min(len(os.path.commonprefix(input_ids)), min(map(len, input_ids)) - 1))
 
 
 def yes_no_with_shared_prefix(
