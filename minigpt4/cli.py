@@ -31,7 +31,7 @@ def _serving_args(parser: argparse.ArgumentParser) -> None:
         "--cfg-path", required=True, type=Path, help="the run's config file, run folder or checkpoint folder"
     )
     parser.add_argument(
-        "--options", nargs="*", default=[], help="overrides, e.g. run.ckpt=runs/x/checkpoints/step-000040 run.cpu=true"
+        "--options", nargs="*", default=[], help="overrides, e.g. run.ckpt=runs/x/latest/checkpoints/best run.cpu=true"
     )
 
 

@@ -1,4 +1,5 @@
-"""Writing folders so that a reader never sees half of one; reading JSON files with one clear error."""
+"""Writing folders so that a reader never sees half of one; reading JSON, text and ``.npy`` files with one clear
+error naming the file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
 
 from minigpt4.errors import DiffRecError, require_file
 
@@ -25,6 +30,11 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    replace_folder(partial, folder)
+
+
+def replace_folder(partial: Path, folder: Path) -> None:
+    """Rename a complete ``partial`` folder to ``folder`` by renames, replacing an older one."""
     if folder.exists():
         previous = folder.with_name(folder.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
@@ -46,6 +56,14 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; a missing file or bytes that are not UTF-8 are one DiffRecError naming it."""
+    try:
+        return require_file(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DiffRecError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
 def read_json(path: Path, kind: type = object) -> Any:
     """A JSON file's content, of type ``kind``; a missing, undecodable or invalid file, or another type, is one
     DiffRecError naming it."""
@@ -58,3 +76,42 @@ def read_json(path: Path, kind: type = object) -> Any:
             f"{path}: expected a JSON {'object' if kind is dict else 'array' if kind is list else kind.__name__}, found {type(value).__name__}"
         )
     return value
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A numeric ``.npy`` array (never unpickled); a missing, truncated or corrupt file, an array of objects or
+    text, or a NaN/inf value is one DiffRecError naming the file."""
+    try:
+        values = np.load(require_file(path), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # object arrays refuse to load without pickle: ValueError
+        raise DiffRecError(f"{path}: not a readable numeric .npy file ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf":
+        raise DiffRecError(f"{path}: expected a numeric array, found dtype {getattr(values, 'dtype', type(values))}")
+    bad = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DiffRecError(f"{path}: value {values[first]} at {list(first)} (every value must be finite)")
+    return values
+
+
+def read_csv(path: Path, **options: Any) -> pd.DataFrame:
+    """A delimited text table (``pandas.read_csv`` options); a missing file, bytes of another encoding or a
+    malformed line are one DiffRecError naming the file (the parser's first line only)."""
+    try:
+        return pd.read_csv(require_file(path), **options)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DiffRecError(f"{path}: not a readable table ({first})") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a missing file, bytes that are not UTF-8 or a syntax error are one DiffRecError
+    naming the file, line and column."""
+    text = read_text(path)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise DiffRecError(f"{path}: not valid YAML ({problem}{where})") from None

@@ -157,7 +157,7 @@ def joint_config(
         "datasets": {"name": "tiny", "path": str(dataset)},
         "run": {
             "cpu": True, "seed": 7, "batch_size": 4, "eval_batch_size": 16, "lr": 5e-3, "max_steps": 6, "eval_every_steps": 3,
-            "checkpoint_every_steps": 2, "keep_checkpoints": 2, "train_rows": 32, "valid_rows": 32, "test_rows": 32,
+            "checkpoint_every_steps": 2, "train_rows": 32, "valid_rows": 32, "test_rows": 32,
             "output_dir": str(folder / "runs"), **(run or {}),
         },
     }  # fmt: skip

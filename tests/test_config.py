@@ -1,10 +1,11 @@
 """Config schema: unknown keys, overrides, bad values, path resolution."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from minigpt4.config import MFConfig, SASRecConfig, load_config
+from minigpt4.config import MFConfig, SASRecConfig, dump_config, load_config
 from minigpt4.errors import DiffRecError
 
 BASE = """
@@ -135,3 +136,39 @@ def test_llm_config_resolves_its_paths_and_checks_nested_keys(tmp_path, monkeypa
         load_config(write(tmp_path, LLM.replace("  collab: {ckpt: runs/mf/best}\n", "")))
     with pytest.raises(DiffRecError, match="must be a multiple of model.cora.queries"):
         load_config(write(tmp_path, LLM), ["model.cora.rank=6"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["run.max_steps=10"], "run.max_steps is not read by rating-shape pre-training (model.arch mf); remove it"),
+        (["run.devices={llm: cpu, image: cpu}"], "run.devices is not read by rating-shape pre-training"),
+        (["datasets.shape=implicit", "run.group_by_length=true"], "run.group_by_length is not read by full-ranking"),
+        (["datasets.shape=implicit", "run.l2_reg=0.01", "run.train_rows=5"], "run.train_rows is not read by full"),
+    ],
+)
+def test_a_run_key_the_trainer_does_not_read_is_an_error(tmp_path, options, message):
+    with pytest.raises(DiffRecError, match=re.escape(f"config.yaml: {message}")):
+        load_config(write(tmp_path, BASE), options)
+
+
+def test_run_keys_are_checked_for_the_llm_image_and_joint_trainers():
+    root = Path(__file__).resolve().parents[1] / "train_configs"
+    for name, key in [
+        ("cora_collm_ml1m.yaml", "run.devices={llm: cpu, image: cpu}"),
+        ("cora_collm_ml1m.yaml", "run.paper_parity=true"),
+        ("sd3_tiny_ml100k.yaml", "run.patience=3"),
+        ("sd3_tiny_ml100k.yaml", "run.valid_rows=8"),
+        ("demo_ml100k.yaml", "run.eval_every=2"),
+    ]:
+        with pytest.raises(DiffRecError, match=f"{key.split('=')[0]} is not read by"):
+            load_config(root / name, [key])
+
+
+def test_a_dumped_config_loads_again(tmp_path):
+    """A run folder's config.yaml holds every key, the ignored ones at their defaults: it validates."""
+    root = Path(__file__).resolve().parents[1] / "train_configs"
+    for name in ("mf_collm_ml1m.yaml", "cora_collm_ml1m.yaml", "sd3_tiny_ml100k.yaml", "demo_ml100k.yaml"):
+        path = tmp_path / name
+        path.write_text(dump_config(load_config(root / name)))
+        assert dump_config(load_config(path)) == path.read_text()

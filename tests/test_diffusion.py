@@ -31,6 +31,7 @@ from minigpt4.evaluation.personalization import shuffled_donors
 from minigpt4.evaluation.vlm_judge import CRITERIA, parse_verdict, summarize_verdicts
 from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
 from minigpt4.training.diffusion import build_personalized, build_samples, train_images, training_pairs
+from minigpt4.training.engine import Engine
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -172,9 +173,14 @@ def test_overfitting_four_images_halves_the_flow_matching_loss(trained):
 
 def test_saved_lora_is_diffusers_format_and_reproduces_the_trained_image(trained, tiny_models):
     checkpoint = Path(trained["metrics"]["checkpoint"])
-    assert {LORA_FILE, "fusion.safetensors", "config.yaml", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
-        p.name for p in checkpoint.iterdir()
-    }
+    assert {
+        LORA_FILE,
+        "fusion.safetensors",
+        "config.yaml",
+        "optimizer.bin",
+        "custom_checkpoint_0.pkl",
+        "trainer_state.json",
+    } <= {p.name for p in checkpoint.iterdir()}
     config = trained["config"]
     # A stock pipeline loads the LoRA through diffusers and changes its output.
     from diffusers import StableDiffusion3Pipeline
@@ -299,19 +305,17 @@ def test_shuffled_donors_never_give_a_pair_its_own_user():
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_models, photo_dataset, monkeypatch):
-    from minigpt4.training import diffusion as training_diffusion
-
     run = {"max_steps": 6, "eval_every_steps": 3}
-    original = training_diffusion.save_checkpoint
+    original = Engine.save_checkpoint
 
-    def keep_step_three(folder, model, config, optimizer, scheduler, progress):
-        original(folder, model, config, optimizer, scheduler, progress)
+    def keep_step_three(self, folder, progress):
+        original(self, folder, progress)
         if progress["step"] == 3:
             shutil.copytree(folder, tmp_path / "step3")
 
-    monkeypatch.setattr(training_diffusion, "save_checkpoint", keep_step_three)
+    monkeypatch.setattr(Engine, "save_checkpoint", keep_step_three)
     straight = train_images(load_config(sd3_config(tmp_path / "a", tiny_models, photo_dataset, run=run)))
-    monkeypatch.setattr(training_diffusion, "save_checkpoint", original)
+    monkeypatch.setattr(Engine, "save_checkpoint", original)
     resumed = train_images(
         load_config(
             sd3_config(tmp_path / "b", tiny_models, photo_dataset, run={**run, "resume_from": str(tmp_path / "step3")})
@@ -537,7 +541,7 @@ def test_non_finite_gradient_norm_stops_the_image_training(tmp_path, tiny_models
     config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 4, "eval_every_steps": 2}))
     with pytest.raises(
         DiffRecError,
-        match=r"gradient norm became (inf|nan) at step 0; training stopped, the last checkpoint is kept at \(none yet\)",
+        match=r"gradient norm became (inf|nan) at step 0 \(epoch 1\); training stopped, the last checkpoint is kept at \(none yet\)",
     ):
         train_images(config)
 

@@ -29,7 +29,8 @@ from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.report import write_report
 from minigpt4.training import joint
-from minigpt4.training.joint import CHECKPOINT_PREFIX, DiffRecModel, step_checkpoints
+from minigpt4.training.joint import DiffRecModel
+from minigpt4.training.run_folder import TRAINER_STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,17 +51,14 @@ def comparable(metrics: dict) -> dict:
     }
 
 
-def test_joint_run_trains_both_halves_keeps_k_checkpoints_and_evaluates(trained_joint):
+def test_joint_run_trains_both_halves_checkpoints_and_evaluates(trained_joint):
     metrics = trained_joint["metrics"]
     assert metrics["steps_run"] == 6 and [point["step"] for point in metrics["curve"]] == [3, 6]
     assert all({"rec_loss", "image_loss", "valid_auc"} <= set(point) for point in metrics["curve"])
     checkpoints = Path(metrics["run_dir"]) / "checkpoints"
-    assert [path.name for path in step_checkpoints(checkpoints)] == [
-        f"{CHECKPOINT_PREFIX}000004",
-        f"{CHECKPOINT_PREFIX}000006",
-    ]
-    assert not list(checkpoints.glob("*.partial"))
-    last = checkpoints / f"{CHECKPOINT_PREFIX}000006"
+    assert [path.name for path in checkpoints.iterdir()] == ["last"]  # no .partial left behind
+    last = checkpoints / "last"
+    assert json.loads((last / TRAINER_STATE).read_text())["step"] == 6
     for name in (
         "rec/adapter/adapter_model.safetensors",
         "rec/collab_modules.safetensors",
@@ -162,12 +160,13 @@ def test_kill_then_resume_latest_finishes_like_the_uninterrupted_run(trained_joi
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "runs").glob(f"*/checkpoints/{CHECKPOINT_PREFIX}000002/trainer_state.json")):
+    while not list((tmp_path / "runs").glob(f"*/checkpoints/last/{TRAINER_STATE}")):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not list((tmp_path / "runs").glob(f"*/checkpoints/{CHECKPOINT_PREFIX}000006"))  # it was stopped mid-run
+    saved = json.loads(next((tmp_path / "runs").glob(f"*/checkpoints/last/{TRAINER_STATE}")).read_text())
+    assert saved["step"] < 6  # it was stopped mid-run
     resumed = joint.train_diffrec(load_config(path, ["run.resume_from=latest"]))
     assert resumed["steps_run"] == 6
     assert comparable(resumed) == comparable(trained_joint["metrics"])
@@ -188,10 +187,14 @@ def test_nan_loss_stops_and_leaves_a_loadable_last_good_checkpoint(
         return loss * float("nan") if calls["count"] == 4 else loss
 
     monkeypatch.setattr(DiffRecModel, "image_loss", poisoned)
-    with pytest.raises(DiffRecError, match=r"loss became nan at step 3 .*the last good checkpoint is .*step-000002"):
+    with pytest.raises(
+        DiffRecError,
+        match=r"loss became nan at step 3 \(epoch 1\), .*the last checkpoint is kept at .*checkpoints/last",
+    ):
         joint.train_diffrec(load_config(path))
     monkeypatch.undo()
-    good = next(tmp_path.glob(f"runs/*/checkpoints/{CHECKPOINT_PREFIX}000002"))
+    good = next(tmp_path.glob("runs/*/checkpoints/last"))
+    assert json.loads((good / TRAINER_STATE).read_text())["step"] == 2
     metrics = joint.train_diffrec(load_config(path, ["run.evaluate=true", f"run.ckpt={good}"]))
     assert metrics["checkpoint"] == str(good) and metrics["test"]["auc"] is not None
 
@@ -214,7 +217,7 @@ def test_joint_config_errors(card_dataset, tiny_llm, tiny_models, mf_checkpoint,
     ):
         load_config(path)
     path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, run={"resume_from": "latest"})
-    with pytest.raises(DiffRecError, match=r"no run under .* holds a complete checkpoints/step-\*"):
+    with pytest.raises(DiffRecError, match=r"no run under .* holds a complete checkpoints/last"):
         joint.train_diffrec(load_config(path))
 
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from minigpt4.cli import main
-from minigpt4.config import LLMConfig, load_config
+from minigpt4.config import LLMConfig, dump_config, load_config
 from minigpt4.data.contract import load_rating_dataset
 from minigpt4.errors import DiffRecError
 from minigpt4.llm import scoring
@@ -27,8 +27,9 @@ from minigpt4.llm.prompts import PromptTemplate, encode_prompts
 from minigpt4.llm.recommender import build_llm_recommender
 from minigpt4.llm.scoring import answer_token_ids, full_vocabulary_yes_no, shared_prefix_length, yes_no_logits
 from minigpt4.training import llm as training_llm
+from minigpt4.training.engine import Engine
 from minigpt4.training.llm import split_prompt_rows
-from minigpt4.training.run_folder import TRAINER_STATE, save_checkpoint
+from minigpt4.training.run_folder import TRAINER_STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts"
@@ -225,17 +226,9 @@ def test_save_then_load_reproduces_scores(tiny_llm, tiny_dataset, mf_checkpoint,
     path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
     config, model, rows = build(path)
     one_step(model, first_rows(rows["train"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    save_checkpoint(tmp_path / "ckpt", model, config, optimizer, scheduler, {"step": 1})
-    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {
-        "adapter",
-        "collab_modules.safetensors",
-        "config.yaml",
-        "optimizer.pt",
-        "scheduler.pt",
-        TRAINER_STATE,
-    }
+    model.save_weights(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.yaml").write_text(dump_config(config))  # as a run's checkpoint holds it
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"adapter", "collab_modules.safetensors", "config.yaml"}
     assert (tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors").is_file()
     _, fresh, _ = build(path)
     batch = first_rows(rows["test"])
@@ -299,6 +292,14 @@ def test_train_then_evaluate_the_checkpoint(mode, tiny_llm, tiny_dataset, mf_che
     assert trained["model"] == f"llmrec/{mode}" and trained["steps_run"] == 4
     assert [point["step"] for point in json.loads((run_dir / "metrics.json").read_text())["curve"]] == [2, 4]
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best", "last"}
+    assert {p.name for p in (run_dir / "checkpoints" / "last").iterdir()} >= {
+        "adapter",
+        "config.yaml",
+        "optimizer.bin",
+        "custom_checkpoint_0.pkl",  # the learning-rate schedule
+        "random_states_0.pkl",
+        TRAINER_STATE,
+    }
     assert trained["test"]["n"] == 48 == trained["test_warm"]["n"] + trained["test_cold"]["n"]
     best = run_dir / "checkpoints" / "best"
     assert main(["evaluate", "--cfg-path", str(path), "--options", f"run.ckpt={best}"]) == 0
@@ -348,14 +349,14 @@ def test_resume_continues_where_the_checkpoint_left_off(
         mf_checkpoint,
         run={"max_steps": 6, "eval_every_steps": 2, "warmup_steps": 2, "patience": 9},
     )
-    original = training_llm.save_checkpoint
+    original = Engine.save_checkpoint
 
-    def keep_step_four(folder, model, config, optimizer, scheduler, progress):
-        original(folder, model, config, optimizer, scheduler, progress)
-        if progress["step"] == 4 and folder.name == "last":
+    def keep_step_four(self, folder, progress):
+        original(self, folder, progress)
+        if progress["step"] == 4:
             shutil.copytree(folder.parent, tmp_path / "at4")
 
-    monkeypatch.setattr(training_llm, "save_checkpoint", keep_step_four)
+    monkeypatch.setattr(Engine, "save_checkpoint", keep_step_four)
     assert main(["train", "--cfg-path", str(path)]) == 0
     straight = last_json_line(capsys.readouterr().out)
     resume = tmp_path / "at4" / "last"
@@ -404,7 +405,7 @@ def test_non_finite_gradient_norm_stops_the_llm_training(tiny_llm, tiny_dataset,
     path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
     with pytest.raises(
         DiffRecError,
-        match=r"gradient norm became (inf|nan) at step 0; training stopped, the best checkpoint so far is kept at \(none yet\)",
+        match=r"gradient norm became (inf|nan) at step 0 \(epoch 1\); training stopped, the best checkpoint so far is kept at \(none yet\)",
     ):
         training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
 

@@ -174,7 +174,7 @@ def test_a_run_missing_a_part_is_an_error_naming_it(trained_joint, tmp_path):
     shutil.copytree(run_dir, unfinished, ignore=shutil.ignore_patterns("metrics.json"))
     with pytest.raises(DiffRecError, match="metrics.json: missing; the run has not finished"):
         DiffRec.load(unfinished)
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-000006"
+    checkpoint = tmp_path / "run" / "checkpoints" / "last"
     shutil.copytree(Path(trained_joint["metrics"]["checkpoint"]), checkpoint)
     shutil.copy(run_dir / "config.yaml", tmp_path / "run" / "config.yaml")
     (checkpoint / "image" / "fusion.safetensors").unlink()

@@ -20,13 +20,23 @@ def read_json_lines(path: Path) -> Iterator[dict]:
     """Records of a JSON-lines file, gzipped or not; a malformed line fails naming file and line."""
     require_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DiffRecError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise DiffRecError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object")
+                yield record
+    except UnicodeDecodeError as err:
+        raise DiffRecError(f"{path}: not UTF-8 text after line {number} ({err.reason})") from None
+    except (OSError, EOFError) as err:  # a truncated or corrupt .gz
+        raise DiffRecError(f"{path}: not readable after line {number} ({err})") from None
 
 
 def _category_from_name(path: Path) -> str:
@@ -50,7 +60,12 @@ def read_reviews(path: Path) -> pd.DataFrame:
         if missing:
             raise DiffRecError(f"{path}: line {number}: missing field '{missing[0]}'")
         user, item, rating, time = (record[key] for key in keys)
-        rows.append((str(user), str(item), float(rating), int(time) // scale))
+        try:
+            rows.append((str(user), str(item), float(rating), int(time) // scale))
+        except (TypeError, ValueError):
+            raise DiffRecError(
+                f"{path}: line {number}: '{keys[2]}' and '{keys[3]}' must be numbers, found {rating!r} and {time!r}"
+            ) from None
     if not rows:
         raise DiffRecError(f"{path}: no reviews")
     return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from minigpt4.data.contract import SPLITS
+from minigpt4.data.contract import SPLITS, fail_at
 from minigpt4.errors import DiffRecError
 
 
@@ -47,6 +48,16 @@ def month_window(timestamps: pd.Series, months: tuple[int, int, int]) -> tuple[i
     )
     seconds = [int(t.timestamp()) for t in (start, end, valid_start, test_start)]
     return seconds[0], seconds[1], TimeSplit(seconds[2], seconds[3])
+
+
+def raw_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Raw (user, item, rating, timestamp) rows read from ``path``, every cell a number (an error names the column
+    and first bad row otherwise)."""
+    for column in ("user", "item", "rating", "timestamp"):
+        bad = pd.to_numeric(ratings[column], errors="coerce").isna().to_numpy()
+        if bad.any():
+            fail_at(str(path), column, bad, f"expected a number, found {ratings[column].iloc[int(bad.argmax())]!r}")
+    return ratings
 
 
 def dense_ids(raw: pd.Series) -> tuple[pd.Series, dict[str, int]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from minigpt4.data.contract import RATING_COLUMNS, SPLITS
+from minigpt4.data.contract import RATING_COLUMNS, SPLITS, fail_at, id_lists, list_column, validate_ratings
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
 
@@ -22,12 +22,18 @@ def read_collm_split(path: Path) -> pd.DataFrame:
     if missing:
         raise DiffRecError(f"{path}: missing column '{missing[0]}' (has: {', '.join(map(str, frame.columns))})")
     frame = frame.reset_index(drop=True)
+    _, lengths = id_lists(frame, "his", str(path), None, lowest=0)
+    list_column(frame, "his_title", str(path), "titles")
+    misaligned = lengths != frame["his_title"].map(len).to_numpy()
+    fail_at(str(path), "his_title", misaligned, "'his' and 'his_title' have different lengths")
     # CoLLM starts every history with a padding item 0 and an empty title; the contract keeps 0 for padding only.
     frame["his"] = [np.asarray([i for i in his if i != 0], dtype=np.int64) for his in frame["his"]]
     frame["his_title"] = [
         list(titles)[len(titles) - len(his) :] for his, titles in zip(frame["his"], frame["his_title"])
     ]
-    return frame[list(RATING_COLUMNS)]
+    frame = frame[list(RATING_COLUMNS)]
+    validate_ratings(frame, str(path), None, None)  # types and ids here; the catalogue comes from all three splits
+    return frame
 
 
 def import_collm(folder: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:

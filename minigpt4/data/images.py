@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from minigpt4.data.contract import RatingDataset
+from minigpt4.data.contract import RatingDataset, fail_at, id_column, read_table, text_column
 from minigpt4.errors import DiffRecError
 from minigpt4.io import read_json
 
@@ -181,15 +181,13 @@ def load_image_table(root: str | Path, n_items: int) -> pd.DataFrame:
         raise DiffRecError(
             f"{path}: missing; add item images with `diffrec data images` (import a folder, or --render cards)"
         )
-    table = pd.read_parquet(path)
+    table = read_table(path)
     missing = [column for column in IMAGE_COLUMNS if column not in table.columns]
     if missing:
-        raise DiffRecError(f"{path}: missing column '{missing[0]}' (has: {', '.join(table.columns)})")
-    ids = table["iid"].to_numpy()
-    bad = (ids < 1) | (ids > n_items) | pd.Series(ids).duplicated().to_numpy()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DiffRecError(f"{path}: row {row}: item id {ids[row]} is out of range 1..{n_items} or repeated")
+        raise DiffRecError(f"{path}: missing column '{missing[0]}' (has: {', '.join(map(str, table.columns))})")
+    id_column(table, "iid", str(path), n_items)
+    fail_at(str(path), "iid", table["iid"].duplicated().to_numpy(), "item id repeated")
+    text_column(table, "path", str(path))
     absent = [p for p in table["path"] if not (root / p).is_file()]
     if absent:
         raise DiffRecError(f"{path}: {len(absent)} image files are missing, first {root / absent[0]}")

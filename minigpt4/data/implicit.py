@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from minigpt4.data.contract import load_rating_dataset
+from minigpt4.data.contract import id_column, load_rating_dataset, read_meta, read_table
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
-from minigpt4.io import read_json
+from minigpt4.io import read_npy
 
 SPLITS = ("train", "valid", "test")
 DIFFMM_MATRICES = {"train": "trnMat.pkl", "valid": "valMat.pkl", "test": "tstMat.pkl"}
@@ -64,7 +64,7 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
             raise DiffRecError(
                 f"{folder / name}: expected a scipy sparse user x item matrix, found {type(matrix).__name__}"
             )
-        matrices[split] = matrix.tocoo()
+        matrices[split] = _checked_coo(matrix, folder / name)
     shapes = {matrix.shape for matrix in matrices.values()}
     if len(shapes) != 1:
         raise DiffRecError(f"{folder}: the split matrices disagree on users x items: {sorted(shapes)}")
@@ -72,12 +72,7 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
     features = {}
     for modality, name in DIFFMM_FEATURES.items():
         if (folder / name).is_file():
-            values = np.load(folder / name, allow_pickle=False)
-            if values.ndim != 2 or values.shape[0] != n_items:
-                raise DiffRecError(
-                    f"{folder / name}: expected {n_items} rows (one per item) x dim, found shape {values.shape}"
-                )
-            features[modality] = values.astype(np.float32)
+            features[modality] = feature_matrix(folder / name, n_items)
     splits = {
         split: pd.DataFrame({"uid": matrix.row.astype(np.int64) + 1, "iid": matrix.col.astype(np.int64) + 1})
         for split, matrix in matrices.items()
@@ -90,6 +85,24 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
         **{f"{split}_pairs": len(frame) for split, frame in splits.items()},
     }
     return splits, features, meta
+
+
+def _checked_coo(matrix: sp.spmatrix, path: Path) -> sp.coo_matrix:
+    """A user x item matrix as COO, its row and column indices checked against its shape (a pickle can hold
+    indices that SciPy never validated)."""
+    try:
+        coo = matrix.tocoo()
+    except (ValueError, TypeError, IndexError) as err:
+        raise DiffRecError(f"{path}: not a consistent sparse matrix ({str(err).splitlines()[0]})") from None
+    n_users, n_items = coo.shape
+    for axis, index, size in (("user (row)", coo.row, n_users), ("item (column)", coo.col, n_items)):
+        bad = (index < 0) | (index >= size)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise DiffRecError(
+                f"{path}: entry {first}: {axis} index {int(index[first])} outside the matrix's 0..{size - 1} ({int(bad.sum())} bad entries)"
+            )
+    return coo
 
 
 def save_implicit_dataset(
@@ -113,19 +126,16 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise DiffRecError(f"{root}: no implicit/meta.json (import a DiffMM folder or derive the implicit shape first)")
-    meta = read_json(meta_path, dict)
+    meta = read_meta(meta_path)
     n_users, n_items = meta["n_users"], meta["n_items"]
     matrices = {}
     for split in SPLITS:
         path = folder / f"{split}.parquet"
-        if not path.is_file():
-            raise DiffRecError(f"{path}: missing")
-        frame = pd.read_parquet(path)
+        frame = read_table(path)
         if not {"uid", "iid"} <= set(frame.columns):
-            raise DiffRecError(f"{path}: expected columns uid, iid; found {', '.join(frame.columns)}")
-        users, items = frame["uid"].to_numpy() - 1, frame["iid"].to_numpy() - 1
-        if len(frame) and (users.min() < 0 or users.max() >= n_users or items.min() < 0 or items.max() >= n_items):
-            raise DiffRecError(f"{path}: ids outside 1..{n_users} (users) / 1..{n_items} (items) of {meta_path}")
+            raise DiffRecError(f"{path}: expected columns uid, iid; found {', '.join(map(str, frame.columns))}")
+        users = id_column(frame, "uid", f"{path} (users of {meta_path})", n_users) - 1
+        items = id_column(frame, "iid", f"{path} (items of {meta_path})", n_items) - 1
         matrices[split] = sp.csr_matrix(
             (np.ones(len(frame), dtype=np.float32), (users, items)), shape=(n_users, n_items)
         )
@@ -137,8 +147,16 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
             raise DiffRecError(
                 f"{path}: feature file missing for modality '{modality}' (this dataset has: {', '.join(meta.get('modalities', [])) or 'none'})"
             )
-        features[modality] = np.load(path, allow_pickle=False)
+        features[modality] = feature_matrix(path, n_items)
     return ImplicitDataset(root, matrices, features, meta)
+
+
+def feature_matrix(path: Path, n_items: int) -> np.ndarray:
+    """An item feature file: finite numbers, one row per item (row i is item i + 1), as float32."""
+    values = read_npy(path)
+    if values.ndim != 2 or values.shape[0] != n_items:
+        raise DiffRecError(f"{path}: expected {n_items} rows (one per item) x dim, found shape {values.shape}")
+    return values.astype(np.float32)
 
 
 def minilm_folder() -> Path:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from minigpt4.data.build import assemble_dataset, month_window, ratio_split
-from minigpt4.errors import DiffRecError, require_file
+from minigpt4.data.build import assemble_dataset, month_window, ratio_split, raw_ratings
+from minigpt4.errors import DiffRecError
+from minigpt4.io import read_csv
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -39,18 +40,19 @@ def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     if raw is None:
         folder = recbole_ml100k_dir()
-        ratings = pd.read_csv(folder / "ml-100k.inter", sep="\t")
+        ratings = read_csv(folder / "ml-100k.inter", sep="\t")
         ratings.columns = ["user", "item", "rating", "timestamp"]
-        items = pd.read_csv(folder / "ml-100k.item", sep="\t", keep_default_na=False)
+        items = read_csv(folder / "ml-100k.item", sep="\t", keep_default_na=False)
         items.columns = ["item", "name", "year", "genres"]
         items["title"] = items["name"].str.strip() + items["year"].map(lambda y: f" ({y})" if str(y).strip() else "")
         items["genres"] = items["genres"].str.split()
     else:
-        ratings = pd.read_csv(
-            require_file(Path(raw) / "u.data"), sep="\t", names=["user", "item", "rating", "timestamp"]
+        ratings = raw_ratings(
+            read_csv(Path(raw) / "u.data", sep="\t", names=["user", "item", "rating", "timestamp"]),
+            Path(raw) / "u.data",
         )
         columns = ["item", "title", "release", "video", "url", *ML100K_GENRES]
-        items = pd.read_csv(require_file(Path(raw) / "u.item"), sep="|", names=columns, encoding="latin-1")
+        items = read_csv(Path(raw) / "u.item", sep="|", names=columns, encoding="latin-1")
         flags = items[list(ML100K_GENRES)].to_numpy().astype(bool)
         items["genres"] = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags]
     return ratings[["user", "item", "rating", "timestamp"]], items[["item", "title", "genres"]]
@@ -58,14 +60,12 @@ def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def read_ml1m(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Raw ratings and items of ML-1M from a GroupLens ``ml-1m/`` folder (``ratings.dat``, ``movies.dat``)."""
-    ratings = pd.read_csv(
-        require_file(Path(raw) / "ratings.dat"),
-        sep="::",
-        engine="python",
-        names=["user", "item", "rating", "timestamp"],
+    path = Path(raw) / "ratings.dat"
+    ratings = raw_ratings(
+        read_csv(path, sep="::", engine="python", names=["user", "item", "rating", "timestamp"]), path
     )
-    items = pd.read_csv(
-        require_file(Path(raw) / "movies.dat"),
+    items = read_csv(
+        Path(raw) / "movies.dat",
         sep="::",
         engine="python",
         names=["item", "title", "genres"],

@@ -82,5 +82,8 @@ def load_restricted_pickle(path: str | Path) -> Any:
     with path.open("rb") as handle:
         try:
             return RestrictedUnpickler(handle, str(path)).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise DiffRecError(f"{path}: not a readable pickle ({err})") from None
+        except DiffRecError:
+            raise
+        except Exception as err:  # allowed classes can fail in any way while being rebuilt from bad arguments
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise DiffRecError(f"{path}: not a readable pickle ({type(err).__name__}: {first})") from None

@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from minigpt4.data.contract import SPLITS, fail_at, load_rating_dataset, read_table
+from minigpt4.data.contract import SPLITS, fail_at, id_column, id_lists, load_rating_dataset, read_meta, read_table
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
-from minigpt4.io import read_json
 
 FOLDER = "sequences"
 COLUMNS = ("uid", "train", "valid", "test")
@@ -111,28 +110,41 @@ def import_diffurec_pickle(path: str | Path) -> tuple[pd.DataFrame, dict]:
     raw = load_restricted_pickle(path)
     if not isinstance(raw, dict) or not {"train", "val", "test", "smap"} <= set(raw):
         raise DiffRecError(f"{path}: expected a dict with keys train, val, test, umap, smap (DiffuRec's dataset.pkl)")
+    wrong = [key for key in ("train", "val", "test", "smap") if not isinstance(raw[key], dict)]
+    if wrong:
+        raise DiffRecError(f"{path}: '{wrong[0]}' must be a dict, found {type(raw[wrong[0]]).__name__}")
+    if not all(isinstance(user, int) for user in raw["train"]):
+        raise DiffRecError(f"{path}: 'train' must be keyed by integer user ids")
     users = sorted(raw["train"])
     for key in ("val", "test"):
-        missing = [user for user in users if len(raw[key].get(user, ())) != 1]
+        missing = [user for user in users if not isinstance(raw[key].get(user), list) or len(raw[key][user]) != 1]
         if missing:
             raise DiffRecError(
                 f"{path}: '{key}' must hold exactly one item per user; user {missing[0]} has {raw[key].get(missing[0])!r}"
             )
     if users != list(range(len(users))):
         raise DiffRecError(f"{path}: 'train' users must be 0..{len(users) - 1}")
-    frame = _frame_from_lists(
-        np.arange(1, len(users) + 1),
-        [raw["train"][u] for u in users],
-        [raw["val"][u][0] for u in users],
-        [raw["test"][u][0] for u in users],
+    frame = pd.DataFrame(
+        {
+            "uid": np.arange(1, len(users) + 1),
+            "train": [raw["train"][u] for u in users],
+            "valid": [raw["val"][u][0] for u in users],
+            "test": [raw["test"][u][0] for u in users],
+        }
     )
+    n_items = len(raw["smap"])
+    where = f"{path} (rows are users 0..{len(users) - 1}; 'smap' names {n_items} items)"
+    id_lists(frame, "train", where, n_items)
+    frame["train"] = [np.asarray(sequence, dtype=np.int64) for sequence in frame["train"]]
+    for column in ("valid", "test"):
+        id_column(frame, column, where, n_items, "item id")
     meta = {
         "source": f"DiffuRec dataset.pkl ({path.parent.name})",
         "n_users": len(users),
-        "n_items": len(raw["smap"]),
+        "n_items": n_items,
         "split": "leave-one-out as published",
     }
-    return frame, meta
+    return _frame_from_lists(frame["uid"].to_numpy(), list(frame["train"]), frame["valid"], frame["test"]), meta
 
 
 def derive_sequences(root: str | Path, min_length: int = 3) -> dict:
@@ -177,22 +189,17 @@ def load_sequence_dataset(root: str | Path) -> SequenceDataset:
     meta_path, table_path = folder / "meta.json", folder / "sequences.parquet"
     if not meta_path.is_file():
         raise DiffRecError(f"{root}: no sequences/meta.json (import DiffuRec's dataset.pkl or derive sequences first)")
-    meta = read_json(meta_path, dict)
+    meta = read_meta(meta_path)
     frame = read_table(table_path)
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
-        raise DiffRecError(f"{table_path}: missing column '{missing[0]}' (has: {', '.join(frame.columns)})")
-    lengths = frame["train"].map(len).to_numpy()
-    fail_at(str(table_path), "train", lengths < 1, "empty training sequence")
-    items = np.concatenate(frame["train"].to_numpy()).astype(np.int64)
-    n_items = int(meta["n_items"])
-    owner = np.repeat(np.arange(len(frame)), lengths)
-    bad_train = np.zeros(len(frame), dtype=bool)
-    bad_train[owner[(items < 1) | (items > n_items)]] = True
-    fail_at(str(table_path), "train", bad_train, f"item id out of range 1..{n_items}")
+        raise DiffRecError(f"{table_path}: missing column '{missing[0]}' (has: {', '.join(map(str, frame.columns))})")
+    where, n_items = str(table_path), int(meta["n_items"])
+    id_column(frame, "uid", where, int(meta["n_users"]))
+    items, lengths = id_lists(frame, "train", where, n_items)
+    fail_at(where, "train", lengths < 1, "empty training sequence")
     for column in ("valid", "test"):
-        values = frame[column].to_numpy()
-        fail_at(str(table_path), column, (values < 1) | (values > n_items), f"item id out of range 1..{n_items}")
+        id_column(frame, column, where, n_items, "item id")
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return SequenceDataset(
         root,

@@ -13,6 +13,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4.errors import DiffRecError
+from minigpt4.io import read_text
 
 # Placeholder -> the rating-table column that fills it.
 FIELDS = {"history_titles": "his_title", "target_title": "title", "instruction": "instruction"}
@@ -35,7 +36,7 @@ class PromptTemplate:
         path = Path(path)
         if not path.is_file():
             raise DiffRecError(f"prompt template not found: {path}")
-        text = path.read_text().strip()
+        text = read_text(path).strip()
         fields = []
         for _, name, spec, conversion in string.Formatter().parse(text):
             if name is None:

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -31,6 +30,7 @@ from minigpt4.config import LLMRecConfig
 from minigpt4.data.contract import RatingDataset
 from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.errors import DiffRecError, require_file
+from minigpt4.io import read_yaml
 from minigpt4.llm.collm import CoLLMProjector
 from minigpt4.llm.cora import CoRA
 from minigpt4.llm.loading import load_causal_lm, load_tokenizer
@@ -291,7 +291,8 @@ def collab_dims(collab: CollaborativeModel) -> tuple[int, int]:
 def check_checkpoint_config(folder: Path, config: LLMRecConfig) -> None:
     """The checkpoint's saved model section agrees with ``config`` on every weight-shaping key."""
     path = require_file(Path(folder) / "config.yaml")
-    saved = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+    saved = read_yaml(path)
+    saved = saved.get("model", {}) if isinstance(saved, dict) else {}
     current = config.model_dump(mode="json")
     for key in STRUCTURAL_KEYS:
         if saved.get(key) != current[key]:

@@ -4,15 +4,13 @@ evaluation (``diffrec evaluate``: the three arms of ``diffusion/generate.py``, i
 Samples are the training split's liked (user, item) pairs whose item has an image: the user's
 preference vector (frozen collaborative model), the item image's VAE latent distribution and the
 caption's SD3 text embeddings. Latents and embeddings are computed once per item before the first
-step. LoRA and fusion train with AdamW, warmup then cosine, gradient accumulation and clipping; a
-checkpoint (``checkpoints/last``) holds the LoRA in diffusers' format, the fusion weights, the
-resolved config and the optimizer, scheduler and loop state to resume from.
+step. LoRA and fusion train as a task of the training engine (``minigpt4.training.engine``); its
+``checkpoints/last`` holds the LoRA in diffusers' format and the fusion weights beside the state to resume from.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from minigpt4.config import Config, FlowMatchingConfig, SD3Config
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
@@ -41,16 +38,16 @@ from minigpt4.diffusion.generate import evaluate_arms, load_for_sampling
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
 from minigpt4.errors import DiffRecError, require_file
-from minigpt4.io import json_safe, read_json
+from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
+from minigpt4.training.engine import Engine, MicroBatch, Task, step_loop
 from minigpt4.training.run_folder import (
-    TRAINER_STATE,
+    LAST,
     choose_hardware,
     logger,
     open_run_folder,
     resume_folder,
     run_accelerator,
-    save_checkpoint,
     write_metrics,
 )
 
@@ -190,36 +187,88 @@ def train_images(config: Config) -> dict:
     hardware = choose_hardware(config, state.device)
     dataset = load_rating_dataset(config.datasets.path)
     images = load_image_table(dataset.root, dataset.n_items)
-    run.resume_from = resume_folder(run.resume_from, run.output_dir, "last")
+    resume_from = resume_folder(run.resume_from, run.output_dir)
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
     set_seed(run.seed)  # the LoRA and fusion initialisation too
     model = build_personalized(config.model, dataset, state.device)
-    if run.resume_from is not None:
-        load_training_weights(model, run.resume_from)
-        require_file(run.resume_from / TRAINER_STATE)
     model.holdout = image_holdout(config, dataset, images)
     rows = training_pairs(config, dataset, images, model.holdout)
     samples = build_samples(
         config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process
     )
-    if config.model.fusion.standardize and run.resume_from is None:
+    if config.model.fusion.standardize and resume_from is None:
         model.fusion.standardize_with(samples.preference.to(state.device))
     run_dir = open_run_folder(config, state, hardware)
     accelerator = run_accelerator(
-        cpu=run.cpu,
-        mixed_precision=run.mixed_precision,
-        gradient_accumulation_steps=run.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_dir=str(run_dir),
+        cpu=run.cpu, mixed_precision=run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir)
     )
-    metrics = _train(config, model, samples, accelerator, run_dir)
-    metrics = json_safe(
-        {"run_dir": str(run_dir), "model": "sd3", "dataset": config.datasets.name, **metrics, "hardware": hardware}
+    logger.info("run folder %s; %d samples over %d items", run_dir, len(samples), len(samples.iids))
+    loop = step_loop(run, evaluate=False)
+    loop.log_every = 1
+    fit = Engine(ImageTask(model, samples, config), loop, accelerator, config, run_dir).fit(resume_from)
+    losses = [point["loss"] for point in fit.curve]
+    window = max(1, min(10, len(losses) // 4))
+    logger.info(
+        "trained %d steps in %.1f s; mean loss of the first/last %d steps %.4f -> %.4f",
+        fit.steps,
+        fit.train_seconds,
+        window,
+        np.mean(losses[:window]),
+        np.mean(losses[-window:]),
     )
+    metrics = {
+        "run_dir": str(run_dir),
+        "model": "sd3",
+        "dataset": config.datasets.name,
+        "steps_run": fit.steps,
+        "samples": len(samples),
+        "items": len(samples.iids),
+        "loss_first": float(np.mean(losses[:window])),
+        "loss_last": float(np.mean(losses[-window:])),
+        "train_seconds": fit.train_seconds,
+        "checkpoint": str(run_dir / "checkpoints" / LAST),
+        "curve": fit.curve,
+        "hardware": hardware,
+    }
+    metrics = json_safe(metrics)
     if accelerator.is_main_process:
         write_metrics(run_dir, metrics)
     accelerator.end_training()
     return metrics
+
+
+class ImageTask(Task):
+    """Flow matching of the personalized SD3 on liked (user, item image, caption) samples."""
+
+    name = "sd3"
+
+    def __init__(self, model: PersonalizedSD3, samples: ImageSamples, config: Config) -> None:
+        self.model, self.samples, self.config = model, samples, config
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """LoRA and fusion."""
+        return self.model.trainable_parameters()
+
+    def epoch_batches(self, epoch: int, accelerator: Accelerator) -> list[list[int]]:
+        """The pass's seeded sample order, cut into micro-batches sharded by rank."""
+        return pass_batches(len(self.samples), self.config.run.batch_size, self.config.run.seed, epoch, accelerator)
+
+    def loss(self, model: torch.nn.Module, batch: list[int], where: MicroBatch) -> dict[str, torch.Tensor]:
+        """The flow-matching loss; captions, latents, noise and timesteps drawn from the micro-batch's stream."""
+        samples, device = self.samples, self.model.transformer.device
+        prompt_embeds, pooled = samples.captions(batch, self.config.model.flow, where.generator)
+        latents = self.model.latents(samples.latent_parameters[samples.item_index[batch]], where.generator)
+        preference = samples.preference[batch].to(device)
+        loss = model(latents.to(device), prompt_embeds.to(device), pooled.to(device), preference, where.generator)
+        return {"loss": loss}
+
+    def save_weights(self, folder: Path) -> None:
+        """The LoRA in diffusers' format and the fusion."""
+        self.model.save_weights(folder)
+
+    def load_weights(self, folder: Path) -> None:
+        """Load what ``save_weights`` wrote."""
+        load_training_weights(self.model, folder)
 
 
 @functools.lru_cache(maxsize=2)
@@ -228,127 +277,20 @@ def _pass_order(count: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def micro_batch_rows(
-    count: int, batch_size: int, position: int, seed: int, process: int = 0, processes: int = 1
-) -> list[int]:
-    """The sample positions of micro-batch ``position`` for one process: the pass's seeded order, sharded by
-    rank, so a resumed run draws the same rows."""
+def pass_batches(count: int, batch_size: int, seed: int, epoch: int, accelerator: Accelerator) -> list[list[int]]:
+    """One pass's micro-batches of sample positions for this process: the pass's seeded order cut into
+    ``batch_size`` rows, every process taking its own (the rows that fill no micro-batch on all processes wait)."""
+    processes, process = accelerator.num_processes, accelerator.process_index
     per_pass = count // (batch_size * processes)
     if per_pass == 0:
         raise DiffRecError(
             f"{count} image samples cannot fill a micro-batch of {batch_size} on {processes} process(es)"
         )
-    epoch, offset = divmod(position, per_pass)
-    start = (offset * processes + process) * batch_size
-    return _pass_order(count, seed, epoch)[start : start + batch_size].tolist()
-
-
-def _stopped(checkpoint: Path) -> str:
-    """The end of a stopped run's message: where its last checkpoint is."""
-    return f"training stopped, the last checkpoint is kept at {checkpoint if checkpoint.is_dir() else '(none yet)'}"
-
-
-def _train(
-    config: Config, model: PersonalizedSD3, samples: ImageSamples, accelerator: Accelerator, run_dir: Path
-) -> dict:
-    """The step loop: one micro-batch per accumulation step, a checkpoint every ``eval_every_steps``."""
-    run = config.run
-    micro_per_step = run.gradient_accumulation_steps
-    steps_per_epoch = max(1, len(samples) // (run.batch_size * micro_per_step * accelerator.num_processes))
-    total_steps = run.max_steps or run.max_epochs * steps_per_epoch
-    params = model.trainable_parameters()
-    logger.info(
-        "run folder %s; %d samples over %d items; %d trainable tensors, %d parameters; %d optimizer steps",
-        run_dir,
-        len(samples),
-        len(samples.iids),
-        len(params),
-        sum(p.numel() for p in params),
-        total_steps,
-    )
-    optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, total_steps)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    checkpoint = run_dir / "checkpoints" / "last"
-    progress = {"step": 0, "curve": []}
-    if run.resume_from is not None:
-        progress = read_json(run.resume_from / TRAINER_STATE, dict)
-        optimizer.load_state_dict(torch.load(require_file(run.resume_from / "optimizer.pt"), weights_only=True))
-        scheduler.load_state_dict(torch.load(require_file(run.resume_from / "scheduler.pt"), weights_only=True))
-        logger.info("resumed from %s at step %d", run.resume_from, progress["step"])
-    accelerator.init_trackers(
-        "tensorboard", config={"lr": run.lr, "batch_size": run.batch_size, "lora_r": config.model.lora.r}
-    )
-    device = accelerator.device
-    start = time.perf_counter()
-    bar = tqdm(
-        total=total_steps, initial=progress["step"], desc="train sd3", disable=not accelerator.is_local_main_process
-    )
-    prepared.train()
-    while progress["step"] < total_steps:
-        step = progress["step"]
-        step_loss = 0.0
-        for micro in range(micro_per_step):
-            # Every micro-batch has its own seeded generator: rows, noise and timesteps repeat on resume.
-            position = step * micro_per_step + micro
-            rows = micro_batch_rows(
-                len(samples), run.batch_size, position, run.seed, accelerator.process_index, accelerator.num_processes
-            )
-            generator = torch.Generator().manual_seed(
-                run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index
-            )
-            index = samples.item_index[rows]
-            prompt_embeds, pooled = samples.captions(rows, config.model.flow, generator)
-            with accelerator.accumulate(prepared):
-                latents = model.latents(samples.latent_parameters[index], generator).to(device)
-                loss = prepared(
-                    latents, prompt_embeds.to(device), pooled.to(device), samples.preference[rows].to(device), generator
-                )
-                if not torch.isfinite(loss):
-                    raise DiffRecError(f"loss became {loss.item()} at step {step}; {_stopped(checkpoint)}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(params, run.max_grad_norm)
-                    if not torch.isfinite(norm):
-                        raise DiffRecError(f"gradient norm became {norm.item()} at step {step}; {_stopped(checkpoint)}")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # Each process draws its own rows: the curve holds the mean over processes.
-            step_loss += accelerator.reduce(loss.detach(), "mean").item() / micro_per_step
-        scheduler.step()
-        progress["step"] = step + 1
-        progress["curve"].append(
-            {"step": step + 1, "seconds": round(time.perf_counter() - start, 3), "loss": step_loss}
-        )
-        accelerator.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
-        bar.update()
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if progress["step"] % run.eval_every_steps == 0 or progress["step"] == total_steps:
-            if accelerator.is_main_process:
-                save_checkpoint(checkpoint, accelerator.unwrap_model(prepared), config, optimizer, scheduler, progress)
-            accelerator.wait_for_everyone()
-    bar.close()
-    seconds = time.perf_counter() - start
-    losses = [point["loss"] for point in progress["curve"]]
-    window = max(1, min(10, len(losses) // 4))
-    logger.info(
-        "trained %d steps in %.1f s; mean loss of the first/last %d steps %.4f -> %.4f",
-        progress["step"],
-        seconds,
-        window,
-        np.mean(losses[:window]),
-        np.mean(losses[-window:]),
-    )
-    return {
-        "steps_run": progress["step"],
-        "samples": len(samples),
-        "items": len(samples.iids),
-        "loss_first": float(np.mean(losses[:window])),
-        "loss_last": float(np.mean(losses[-window:])),
-        "train_seconds": round(seconds, 3),
-        "checkpoint": str(checkpoint),
-        "curve": progress["curve"],
-    }
+    order = _pass_order(count, seed, epoch)
+    return [
+        order[(offset * processes + process) * batch_size : (offset * processes + process + 1) * batch_size].tolist()
+        for offset in range(per_pass)
+    ]
 
 
 def evaluate_images(config: Config) -> dict:

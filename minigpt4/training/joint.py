@@ -7,11 +7,10 @@ image, caption) pairs (the flow-matching loss; the preference is the collaborati
 the LLM's answer-position hidden state, by ``joint.preference``). The loss is their weighted sum, or
 with ``joint.schedule: alternate`` the recommender's on even steps and the images' on odd ones.
 
-Checkpoints: every ``run.checkpoint_every_steps`` the Accelerate state (optimizer, scheduler, every
-process's RNG) and the trained weights (``rec/``: peft adapter and CoRA modules; ``image/``: diffusers
-LoRA and fusion) go to ``checkpoints/step-N``, written under a temporary name and renamed once
-complete; the newest ``run.keep_checkpoints`` stay. ``run.resume_from: latest`` continues from the
-newest complete one under ``run.output_dir``, mid-epoch, with the same data order and noise.
+Training is a task of the engine (``minigpt4.training.engine``): every ``run.checkpoint_every_steps``
+``checkpoints/last`` holds the trained weights (``rec/``: peft adapter and CoRA modules; ``image/``:
+diffusers LoRA and fusion) beside the state to resume from; valid AUC is logged every
+``run.eval_every_steps`` and the last weights are the run's checkpoint.
 
 Processes: Accelerate shards the rating batches, the image pairs are sharded by rank, and evaluation
 gathers predictions and per-image scores before any mean. ``run.devices`` instead keeps one process
@@ -20,10 +19,6 @@ and places the LLM on one device and the image models on another.
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,18 +29,18 @@ from accelerate import Accelerator, PartialState
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
-from minigpt4.config import Config, DiffRecConfig, FlowMatchingConfig, dump_config
+from minigpt4.config import Config, DiffRecConfig, FlowMatchingConfig
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.images import liked_rows, load_holdout, load_image_table
 from minigpt4.diffusion.generate import evaluate_arms
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
-from minigpt4.errors import DiffRecError, require_file
+from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.io import json_safe, read_json
+from minigpt4.io import json_safe
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import reply_personalization, write_replies
@@ -55,12 +50,13 @@ from minigpt4.training.diffusion import (
     build_samples,
     image_holdout,
     load_training_weights,
-    micro_batch_rows,
+    pass_batches,
     training_pairs,
 )
-from minigpt4.training.llm import epoch_loader, eval_loader, split_prompt_rows
+from minigpt4.training.engine import Engine, MicroBatch, Task, shuffled_batches, step_loop
+from minigpt4.training.llm import eval_loader, split_prompt_rows
 from minigpt4.training.run_folder import (
-    TRAINER_STATE,
+    LAST,
     choose_hardware,
     logger,
     open_run_folder,
@@ -68,8 +64,6 @@ from minigpt4.training.run_folder import (
     run_accelerator,
     write_metrics,
 )
-
-CHECKPOINT_PREFIX = "step-"
 
 
 @dataclass
@@ -239,7 +233,7 @@ def train_diffrec(config: Config) -> dict:
     run = config.run
     state = PartialState(cpu=run.cpu)
     dataset = load_rating_dataset(config.datasets.path)
-    run.resume_from = resume_folder(run.resume_from, run.output_dir, f"{CHECKPOINT_PREFIX}*")
+    resume_from = resume_folder(run.resume_from, run.output_dir)
     if config.model.joint.preference == "llm" and config.model.rec.llm.gradient_checkpointing:
         # Both LLM passes of a step (ratings and image pairs) would share the CoRA weights that
         # checkpointing re-reads in backward, so the first pass would be recomputed with the second's.
@@ -259,15 +253,12 @@ def train_diffrec(config: Config) -> dict:
         if run.ckpt is None:
             raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder of diffrec train)")
         model.load_weights(run.ckpt)
-    elif run.resume_from is not None:
-        require_file(run.resume_from / TRAINER_STATE)
     data = joint_data(config, model, dataset, progress=state.is_local_main_process)
     run_dir = open_run_folder(config, state, hardware)
     unused = DistributedDataParallelKwargs(find_unused_parameters=config.model.joint.schedule == "alternate")
     accelerator = run_accelerator(
         cpu=run.cpu,
         mixed_precision=run.mixed_precision,
-        gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with="tensorboard",
         project_dir=str(run_dir),
         device_placement=run.devices is None,
@@ -294,13 +285,20 @@ def train_diffrec(config: Config) -> dict:
         for name, loader in loaders.items()
     }
     if run.evaluate:
-        model = accelerator.prepare(model)
+        model, valid = accelerator.prepare(model), None
         metrics = {"checkpoint": str(run.ckpt)}
     else:
-        model, metrics = _train(config, model, data, loaders, accelerator, run_dir, devices)
-    metrics.update(
-        evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, metrics.pop("valid", None))
-    )
+        task = JointTask(model, data, loaders["valid"], config, accelerator)
+        fit = Engine(task, step_loop(run, early_stop=False), accelerator, config, run_dir).fit(resume_from)
+        # The last step is always evaluated, so its valid metrics are the final weights'.
+        model, valid = fit.model, task.last_valid
+        metrics = {
+            "steps_run": fit.steps,
+            "train_seconds": fit.train_seconds,
+            "checkpoint": str(run_dir / "checkpoints" / LAST),
+            "curve": fit.curve,
+        }
+    metrics.update(evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, valid))
     metrics = json_safe(
         {
             "run_dir": str(run_dir),
@@ -330,195 +328,55 @@ def _image_batch(data: JointData, rows: list[int], flow: FlowMatchingConfig, gen
     )
 
 
-def _checkpoint_hooks(accelerator: Accelerator) -> None:
-    """Accelerate saves and loads our trained weights in their own formats, never the frozen base models."""
+class JointTask(Task):
+    """The joint loss of rating prompts and image pairs; valid AUC is logged, the last weights are kept."""
 
-    def save(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0]).save_weights(Path(output_dir))
-        weights.clear()
+    def __init__(
+        self, model: DiffRecModel, data: JointData, valid: DataLoader, config: Config, accelerator: Accelerator
+    ) -> None:
+        self.model, self.data, self.valid, self.config, self.accelerator = model, data, valid, config, accelerator
+        self.name = f"diffrec ({config.model.rec.mode})"
+        self.last_valid: dict | None = None
 
-    def load(models: list, input_dir: str) -> None:
-        accelerator.unwrap_model(models.pop()).load_weights(Path(input_dir))
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
-
-
-def step_checkpoints(folder: Path) -> list[Path]:
-    """The complete ``step-N`` checkpoints in a checkpoints folder, oldest first."""
-    steps = (path for path in folder.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit())
-    return sorted(steps, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def _last_good(folder: Path) -> str:
-    """The newest complete checkpoint, for an error message."""
-    found = step_checkpoints(folder)
-    return str(found[-1]) if found else "(none yet)"
-
-
-def save_joint_checkpoint(accelerator: Accelerator, folder: Path, config: Config, progress: dict) -> None:
-    """The Accelerate state and our weights into ``folder``, visible only once complete; old ones pruned."""
-    partial = folder.with_name(folder.name + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "config.yaml").write_text(dump_config(config))
-        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
-        partial.rename(folder)
-        for old in step_checkpoints(folder.parent)[: -config.run.keep_checkpoints]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _train(
-    config: Config,
-    model: DiffRecModel,
-    data: JointData,
-    loaders: dict,
-    accelerator: Accelerator,
-    run_dir: Path,
-    devices: tuple,
-) -> tuple[nn.Module, dict]:
-    """The step loop: joint loss, periodic valid AUC and checkpoints; returns the prepared model and the training metrics."""
-    run, joint = config.run, config.model.joint
-    micro_batches = math.ceil(len(data.prompts["train"]) / (run.batch_size * accelerator.num_processes))
-    steps_per_epoch = max(1, micro_batches // run.gradient_accumulation_steps)
-    total_steps = run.max_steps or run.max_epochs * steps_per_epoch
-    checkpoint_every = run.checkpoint_every_steps or run.eval_every_steps
-    params = [param for _, param in sorted(model.named_parameters()) if param.requires_grad]
-    logger.info(
-        "%d trainable tensors, %d parameters; %d optimizer steps (%d per epoch)",
-        len(params),
-        sum(p.numel() for p in params),
-        total_steps,
-        steps_per_epoch,
-    )
-    optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
-    # Not prepared: a prepared scheduler steps once per process, which would tie the schedule to the process count.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    _checkpoint_hooks(accelerator)
-    unwrapped: DiffRecModel = accelerator.unwrap_model(model)
-    checkpoints = run_dir / "checkpoints"
-    # ``sums`` holds the loss sums since the last curve point, so a resumed run's curve matches too.
-    progress = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "sums": {}, "curve": []}
-    if run.resume_from is not None:
-        accelerator.load_state(str(run.resume_from))
-        progress = read_json(run.resume_from / TRAINER_STATE, dict)
-        logger.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
-            run.resume_from,
-            progress["step"],
-            progress["epoch"],
-            progress["batch"],
+    def epoch_batches(self, epoch: int, accelerator: Accelerator) -> DataLoader:
+        """The rating prompts' seeded epoch order, sharded over processes, on the LLM's device."""
+        run = self.config.run
+        return shuffled_batches(
+            self.data.prompts["train"], run.batch_size, run.seed, epoch, accelerator, self.model.rec_device
         )
-    accelerator.init_trackers(
-        "tensorboard", config={"mode": config.model.rec.mode, "preference": joint.preference, "lr": run.lr}
-    )
-    start, stop, valid = time.perf_counter(), False, None
-    sums = progress["sums"]
-    bar = tqdm(
-        total=total_steps,
-        initial=progress["step"],
-        desc=f"train diffrec ({config.model.rec.mode})",
-        disable=not accelerator.is_local_main_process,
-    )
-    model.train()
-    while progress["step"] < total_steps and not stop:
-        loader = epoch_loader(data.prompts["train"], config, progress["epoch"], accelerator, devices[0])
-        if progress["batch"]:
-            loader = accelerator.skip_first_batches(loader, progress["batch"])
-        for rec_batch in loader:
-            step, position = progress["step"], progress["micro"]
-            train_rec = joint.schedule == "sum" or step % 2 == 0
-            train_image = joint.schedule == "sum" or step % 2 == 1
-            # Noise, timesteps and captions are seeded by (seed, micro-batch, process): a resumed run draws the same.
-            generator = torch.Generator().manual_seed(
-                run.seed * 100_003 + position * accelerator.num_processes + accelerator.process_index
-            )
-            image_batch = None
-            if train_image:
-                rows = micro_batch_rows(
-                    len(data.image_samples),
-                    joint.image_batch_size,
-                    position,
-                    run.seed,
-                    accelerator.process_index,
-                    accelerator.num_processes,
-                )
-                image_batch = _image_batch(data, rows, config.model.image.flow, generator)
-            with accelerator.accumulate(model):
-                loss, parts = model(rec_batch if train_rec else None, image_batch, generator)
-                if not torch.isfinite(loss):
-                    raise DiffRecError(
-                        f"loss became {loss.item()} at step {step} ({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())}); training stopped, the last good checkpoint is {_last_good(checkpoints)}"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(params, run.max_grad_norm)
-                    if not torch.isfinite(norm):
-                        raise DiffRecError(
-                            f"gradient norm became {norm.item()} at step {step}; training stopped, the last good checkpoint is {_last_good(checkpoints)}"
-                        )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress["batch"] += 1
-            progress["micro"] += 1
-            for name, value in parts.items():
-                total, count = sums.get(name, (0.0, 0))
-                sums[name] = [total + value.item(), count + 1]
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            progress["step"] += 1
-            bar.update()
-            step = progress["step"]
-            if step % run.eval_every_steps == 0 or step == total_steps:
-                point = {
-                    "step": step,
-                    "seconds": round(time.perf_counter() - start, 3),
-                    **{f"{name}_loss": total / count for name, (total, count) in sums.items()},
-                }
-                valid = evaluate_split(unwrapped.rec, loaders["valid"], accelerator)
-                model.train()
-                point.update(valid_auc=valid["auc"], valid_uauc=valid["uauc"])
-                progress["curve"].append(point)
-                accelerator.log(
-                    {f"train/{key}": value for key, value in point.items() if key.endswith("_loss")}
-                    | {"valid/auc": valid["auc"]},
-                    step=step,
-                )
-                logger.info(
-                    "step %d: %s",
-                    step,
-                    json.dumps(json_safe({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})),
-                )
-                bar.set_postfix(
-                    {key: f"{value:.4f}" for key, value in point.items() if key.endswith(("_loss", "_auc"))}
-                )
-                sums.clear()
-            if step % checkpoint_every == 0 or step == total_steps:
-                save_joint_checkpoint(accelerator, checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}", config, progress)
-            if step >= total_steps:
-                stop = True
-                break
-        else:
-            progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
-    bar.close()
-    seconds = time.perf_counter() - start
-    # The last step is always evaluated, so its valid metrics are the final weights' (``valid`` below).
-    return model, {
-        "steps_run": progress["step"],
-        "train_seconds": round(seconds, 3),
-        "checkpoint": str(step_checkpoints(checkpoints)[-1]),
-        "curve": progress["curve"],
-        "valid": valid,
-    }
+
+    def image_rows(self, position: int) -> list[int]:
+        """The image pairs of micro-batch ``position``: passes over the pairs follow on by position, apart from
+        the rating epochs."""
+        count, size, seed = len(self.data.image_samples), self.config.model.joint.image_batch_size, self.config.run.seed
+        per_pass = len(pass_batches(count, size, seed, 0, self.accelerator))
+        image_pass, offset = divmod(position, per_pass)
+        return pass_batches(count, size, seed, image_pass, self.accelerator)[offset]
+
+    def loss(self, model: nn.Module, batch: PromptBatch, where: MicroBatch) -> dict[str, torch.Tensor]:
+        """The weighted joint loss (by ``joint.schedule``: both parts, or ratings on even steps and images on odd)."""
+        joint = self.config.model.joint
+        train_rec = joint.schedule == "sum" or where.step % 2 == 0
+        train_image = joint.schedule == "sum" or where.step % 2 == 1
+        image_batch = None
+        if train_image:
+            rows = self.image_rows(where.position)
+            image_batch = _image_batch(self.data, rows, self.config.model.image.flow, where.generator)
+        loss, parts = model(batch if train_rec else None, image_batch, where.generator)
+        return {"loss": loss, **{f"{name}_loss": value for name, value in parts.items()}}
+
+    def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """Valid AUC and UAUC of the recommender."""
+        self.last_valid = evaluate_split(self.model.rec, self.valid, accelerator)
+        return {"auc": self.last_valid["auc"], "uauc": self.last_valid["uauc"]}
+
+    def save_weights(self, folder: Path) -> None:
+        """``rec/`` and ``image/``."""
+        self.model.save_weights(folder)
+
+    def load_weights(self, folder: Path) -> None:
+        """Load what ``save_weights`` wrote."""
+        self.model.load_weights(folder)
 
 
 @torch.no_grad()

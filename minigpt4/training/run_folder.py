@@ -26,6 +26,7 @@ from minigpt4.recommenders import CollaborativeModel, load_recommender, write_re
 
 logger = logging.getLogger("diffrec")
 TRAINER_STATE = "trainer_state.json"
+LAST, BEST = "last", "best"  # checkpoints/last: where a run continues from; checkpoints/best: the selected weights
 
 
 def choose_hardware(config: Config, llm_device: torch.device, image_device: torch.device | None = None) -> dict:
@@ -138,25 +139,23 @@ def save_checkpoint(
         (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
 
 
-def resume_folder(resume_from: Path | None, output_dir: Path, pattern: str) -> Path | None:
-    """``run.resume_from`` as a checkpoint folder: ``latest`` names the newest complete ``checkpoints/<pattern>``
+def resume_folder(resume_from: Path | None, output_dir: Path) -> Path | None:
+    """``run.resume_from`` as a checkpoint folder: ``latest`` names the newest complete ``checkpoints/last``
     (one that holds its trainer state, never a ``.partial``) of any run under ``output_dir``."""
-    if resume_from is None or resume_from.name != "latest":
+    if resume_from is None:
+        return None
+    if resume_from.name != "latest":
+        require_file(resume_from / TRAINER_STATE)
         return resume_from
     runs = (
         [path for path in output_dir.iterdir() if path.is_dir() and not path.is_symlink()]
         if output_dir.is_dir()
         else []
     )
-    found = [
-        path
-        for folder in runs
-        for path in (folder / "checkpoints").glob(pattern)
-        if not path.name.endswith(".partial") and (path / TRAINER_STATE).is_file()
-    ]
+    found = [path for folder in runs for path in [folder / "checkpoints" / LAST] if (path / TRAINER_STATE).is_file()]
     if not found:
         raise DiffRecError(
-            f"run.resume_from is latest but no run under {output_dir} holds a complete checkpoints/{pattern}"
+            f"run.resume_from is latest but no run under {output_dir} holds a complete checkpoints/{LAST}"
         )
     return max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
 
@@ -165,7 +164,7 @@ def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) 
     """The ``checkpoints/last`` folder ``run.resume_from`` names (``latest``: the newest under ``run.output_dir``)
     and its model, checked against this run's model, dataset, protocol and ``run.max_epochs`` (the total)."""
     run = config.run
-    folder = resume_folder(run.resume_from, run.output_dir, "last")
+    folder = resume_folder(run.resume_from, run.output_dir)
     progress = read_json(folder / TRAINER_STATE, dict)
     if progress["protocol"] != protocol:
         raise DiffRecError(
