@@ -25,27 +25,30 @@ sys.path.insert(0, str(ROOT))
 
 from measure import emit  # noqa: E402  (bench/measure.py)
 
-from minigpt4.config import DiffuRecConfig, RunConfig, SASRecConfig  # noqa: E402
+from minigpt4.config import Config, DatasetConfig, DiffuRecConfig, RunConfig, SASRecConfig  # noqa: E402
 from minigpt4.data.sequences import load_sequence_dataset  # noqa: E402
 from minigpt4.evaluation.ranking import leave_one_out_metrics  # noqa: E402
 from minigpt4.recommenders import build_recommender, load_recommender  # noqa: E402
-from minigpt4.training.sequential import _batches, training_step  # noqa: E402
+from minigpt4.training.sequential import NextItemTask  # noqa: E402
 
 SASREC = SASRecConfig(embedding_size=128, max_history=50, num_blocks=2, num_heads=2, dropout=0.5, init_std=0.02)
 
 
-def training_speed(model, data, batches: int, batch_size: int, grouped: bool, bf16: bool, seed: int) -> float:
-    """Samples per second over ``batches`` timed optimizer steps after one untimed one, batches built as the trainer builds them."""
-    starts, targets = data.training_prefixes()
-    lengths = np.minimum(targets - starts, model.max_history)
-    plan = _batches(lengths, batch_size, grouped, torch.Generator().manual_seed(seed))[: batches + 1]
+def training_speed(model, data, config: Config, batches: int, grouped: bool) -> float:
+    """Samples per second over ``batches`` timed optimizer steps after one untimed one, each step the trainer's
+    own loss (``NextItemTask``); the full-width variant reads every window at ``max_history``."""
+    task = NextItemTask(model, data, config, torch.device("cpu"))
+    task.trim = grouped  # False: the straightforward path (no trimming, no grouping)
+    plan = task.epoch_batches(0, None)[: batches + 1]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for step, rows in enumerate(plan):
         if step == 1:  # the first step (allocations, kernel selection) is not timed
             begin = time.perf_counter()
-        width = int(lengths[rows].max()) if grouped else model.max_history
-        training_step(model, optimizer, data.items, starts[rows], targets[rows], width, bf16, torch.device("cpu"))
+        loss = task.loss(model, rows, None)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
     return sum(len(rows) for rows in plan[1:]) / (time.perf_counter() - begin)
 
 
@@ -86,10 +89,20 @@ def main() -> None:
     }
     for name, (checkpoint, config) in models.items():
         fresh = build_recommender(config, data.n_users, data.n_items)
-        speeds = {
-            f"{'length_grouped' if grouped else 'full_width'}{'_bf16' if bf16 else ''}": training_speed(fresh, data, args.train_batches, args.batch_size, grouped, bf16, RunConfig().seed)
-            for grouped in (False, True) for bf16 in (False, True)
-        }  # fmt: skip
+        speeds = {}
+        for grouped in (False, True):
+            for bf16 in (False, True):
+                run = RunConfig(
+                    batch_size=args.batch_size,
+                    group_by_length=grouped,
+                    mixed_precision="bf16" if bf16 else "no",
+                    select_metric="hr@10",
+                )
+                setting = Config(
+                    model=config, datasets=DatasetConfig(name="bench", path=args.dataset, shape="sequence"), run=run
+                )
+                variant = f"{'length_grouped' if grouped else 'full_width'}{'_bf16' if bf16 else ''}"
+                speeds[variant] = training_speed(fresh, data, setting, args.train_batches, grouped and fresh.padding_invariant)  # fmt: skip
         ratios = {
             f"{variant}_ratio": round(speed / speeds["full_width"], 2)
             for variant, speed in speeds.items()

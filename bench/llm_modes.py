@@ -1,14 +1,24 @@
-"""TALLRec, CoLLM and CoRA on CoLLM's ML-1M under one fixed budget, next to their MF teacher.
+"""TALLRec, CoLLM and CoRA on CoLLM's ML-1M split, measured so that the modes can be ranked.
 
-Every mode trains SmolLM2-135M-Instruct (on the CPU, in the dtype `auto` picks: bf16 only where native) on the same seeded 1,024 training
-rows for the same 128 optimizer steps of 8 rows, selects its checkpoint on the same 300 valid rows,
-and is scored on the same 2,000 test rows (the configs `train_configs/{mode}_collm_ml1m.yaml`). The MF
-teacher (`train_configs/mf_collm_ml1m.yaml`, trained here first on the full training split) is scored
-on those 2,000 rows too. Prints one JSON line per model (test AUC/UAUC, warm/cold AUC, train time,
-learning curve) and then a Markdown table; everything also lands in runs/bench_llm_modes/results.json,
-which keeps the modes of earlier runs so that modes can be measured one invocation at a time.
+Every run trains SmolLM2-135M-Instruct (dtype `auto`: bf16 only where native) from the configs
+`train_configs/{mode}_collm_ml1m.yaml` on seeded batches of the whole training split, evaluates every
+`--eval-every` steps on `--valid-rows` seeded valid rows (the whole split with 0), keeps the best
+checkpoint by valid AUC (early stopping after `--patience` evaluations), and scores it on CoLLM's whole
+test split (7,331 rows: AUC, UAUC, warm, cold). The collaborative teacher is one MF checkpoint
+(`train_configs/mf_collm_ml1m.yaml`, trained here first) for every mode, and is scored on the same rows.
 
-    python bench/llm_modes.py [--modes tallrec collm cora] [--options run.max_steps=64 ...]
+Variants: `tallrec`; `collm` (ours: LoRA and one GELU MLP per side, trained together); `collm-published`
+(CoLLM's two stages: the same seed's TALLRec LoRA, frozen, and one shared ReLU MLP of 10 x 256); `cora`
+(ours: our generator plus a text LoRA); `cora-published` (CoRA's Q-former generator, unit-norm A, dropout
+0.05, fp32 update, no text LoRA).
+
+Runs are long and resumable: each (variant, seed) trains under runs/bench_llm_modes/<variant>/seed<seed>;
+invoking the script again continues an unfinished run from its newest checkpoint (`run.resume_from=latest`)
+and skips finished ones. Prints one JSON line per run and per teacher, then a Markdown table (mean and
+spread over seeds); everything lands in runs/bench_llm_modes/results.json.
+
+    python bench/llm_modes.py --variants cora-published collm --seeds 0 1 2
+    python bench/llm_modes.py --table        # only the table and the curves' figure, from results.json
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,76 +37,174 @@ from measure import emit, precision_label  # noqa: E402  (bench/measure.py)
 
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.collm import import_collm  # noqa: E402
-from minigpt4.data.contract import load_rating_dataset, save_rating_dataset, subsample  # noqa: E402
+from minigpt4.data.contract import load_rating_dataset, save_rating_dataset  # noqa: E402
 from minigpt4.evaluation.ctr import frame_metrics  # noqa: E402
 from minigpt4.io import json_safe  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.training.llm import train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
+from minigpt4.training.run_folder import LAST, TRAINER_STATE  # noqa: E402
 
 OUT = ROOT / "runs" / "bench_llm_modes"
+# TALLRec's stage-1 LoRA in CoLLM's published code: q and v projections.
+STAGE1_LORA = "model.lora={r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}"
+VARIANTS = {
+    "tallrec": ("tallrec", [STAGE1_LORA]),
+    "collm": ("collm", []),
+    "collm-published": ("collm", [STAGE1_LORA, "model.collm.recipe=published", "model.collm.hidden=2560"]),
+    "cora": ("cora", []),
+    "cora-published": ("cora", ["model.cora.generator=published", "model.lora.enabled=false"]),
+}
+FIGURES = ("test", "test_warm", "test_cold", "valid")
+
+
+def teacher(results: dict) -> Path:
+    """The MF teacher's checkpoint (trained once), scored on the whole test split."""
+    config = load_config(
+        ROOT / "train_configs" / "mf_collm_ml1m.yaml", ["run.cpu=true", f"run.output_dir={OUT / 'mf'}"]
+    )
+    if not (config.datasets.path / "meta.json").is_file():
+        shared = Path(os.environ.get("DIFFREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "collm-ml-1m"
+        save_rating_dataset(config.datasets.path, *import_collm(shared))
+    if "teacher" not in results:
+        metrics = pretrain(config)
+        test = load_rating_dataset(config.datasets.path).splits["test"]
+        scored = frame_metrics(load_recommender(Path(metrics["checkpoint"])), test)
+        results["teacher"] = json_safe({"checkpoint": metrics["checkpoint"], "valid": metrics["valid"], **scored})
+        emit("float32", bench="llm_modes", model="mf_teacher", **results["teacher"])
+    return Path(results["teacher"]["checkpoint"])
+
+
+def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict, mf: Path) -> dict:
+    """Train (or continue) one variant at one seed; its figures on the whole test split."""
+    mode, extra = VARIANTS[variant]
+    folder = OUT / variant / f"seed{seed}"
+    options = [
+        f"run.output_dir={folder}", f"run.seed={seed}", "run.train_rows=null", f"run.valid_rows={args.valid_rows or 'null'}",
+        "run.test_rows=null", f"run.eval_every_steps={args.eval_every}", f"run.max_steps={args.max_steps}",
+        f"run.patience={args.patience}", f"run.eval_batch_size={args.eval_batch_size}", *extra, *args.options,
+    ]  # fmt: skip
+    if mode != "tallrec":
+        options.append(f"model.collab.ckpt={mf}")
+    if variant == "collm-published":
+        stage1 = results.get(f"tallrec/seed{seed}")
+        if stage1 is None:
+            raise SystemExit(f"collm-published at seed {seed} needs the finished tallrec run of that seed first")
+        options.append(f"model.collm.stage1={stage1['checkpoint']}")
+    if any((folder / run / "checkpoints" / LAST / TRAINER_STATE).is_file() for run in _runs(folder)):
+        options.append("run.resume_from=latest")  # an earlier invocation stopped before the end
+    metrics = train_llm(load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options))
+    keys = (*FIGURES, "best_step", "steps_run", "train_seconds", "train_samples_per_second", "checkpoint", "curve")
+    return {key: metrics[key] for key in keys} | {"precision": precision_label(metrics["hardware"]["precision"])}
+
+
+def _runs(folder: Path) -> list[str]:
+    """The run folders under an output folder."""
+    return (
+        [path.name for path in folder.iterdir() if path.is_dir() and not path.is_symlink()] if folder.is_dir() else []
+    )
+
+
+def table(results: dict) -> str:
+    """Mean and spread over seeds of each variant's test figures, next to the teacher's."""
+    lines = [
+        "| model | seeds | test AUC | test UAUC | warm AUC | cold AUC | best step | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    teacher_figures = results.get("teacher")
+    if teacher_figures:
+        test = teacher_figures
+        lines.append(f"| MF teacher | - | {test['test']['auc']:.4f} | {test['test']['uauc']:.4f} | {test['test_warm']['auc']:.4f} | {test['test_cold']['auc']:.4f} | - | - |")  # fmt: skip
+    for variant in VARIANTS:
+        runs = [value for key, value in sorted(results.items()) if key.startswith(f"{variant}/seed")]
+        if not runs:
+            continue
+
+        def cell(values: list[float | None]) -> str:
+            values = [v for v in values if v is not None]
+            if not values:
+                return "missing"
+            spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+            return f"{statistics.mean(values):.4f}{spread}"
+
+        figures = [
+            cell([run[split]["auc"] for run in runs]) if name != "uauc" else cell([run["test"]["uauc"] for run in runs])
+            for split, name in (("test", "auc"), ("test", "uauc"), ("test_warm", "auc"), ("test_cold", "auc"))
+        ]
+        steps = "/".join(str(run["best_step"]) for run in runs)
+        seconds = statistics.mean(run["train_seconds"] for run in runs)
+        lines.append(f"| {variant} | {len(runs)} | {' | '.join(figures)} | {steps} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Valid AUC against optimizer steps for every run (one colour per variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    colours = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    labelled = set()
+    for key, run in sorted(results.items()):
+        variant = key.split("/")[0]
+        if variant not in VARIANTS:
+            continue
+        points = [(point["step"], point["valid_auc"]) for point in run["curve"] if point.get("valid_auc") is not None]
+        axis.plot(*zip(*points), color=colours[variant], label=None if variant in labelled else variant, alpha=0.8)
+        labelled.add(variant)
+    if "teacher" in results:
+        axis.axhline(
+            results["teacher"]["valid"]["auc"], color="grey", linestyle=":", label="MF teacher (all valid rows)"
+        )
+    axis.set_xlabel("optimizer step (8 rows)")
+    axis.set_ylabel("valid AUC")
+    axis.set_title("SmolLM2-135M on CoLLM's ML-1M: valid AUC while training")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
-    """Train the teacher, then each mode, and print the comparison."""
+    """Train what is missing, then print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["tallrec", "collm", "cora"])
-    parser.add_argument("--options", nargs="*", default=[], help="overrides applied to every mode's config")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-steps", type=int, default=1024)
+    parser.add_argument("--eval-every", type=int, default=32)
+    parser.add_argument("--valid-rows", type=int, default=2000, help="seeded valid rows for selection (0: all 10,401)")
+    parser.add_argument(
+        "--patience", type=int, default=8, help="evaluations without a better valid AUC before stopping"
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--options", nargs="*", default=[], help="overrides applied to every run's config")
+    parser.add_argument("--table", action="store_true", help="only print the table and draw the curves")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "llm_modes_curves.png")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    mf_config = load_config(
-        ROOT / "train_configs" / "mf_collm_ml1m.yaml", ["run.cpu=true", f"run.output_dir={OUT / 'mf'}"]
-    )
-    if not (mf_config.datasets.path / "meta.json").is_file():
-        shared = Path(os.environ.get("DIFFREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "collm-ml-1m"
-        save_rating_dataset(mf_config.datasets.path, *import_collm(shared))
-    dataset = load_rating_dataset(mf_config.datasets.path)
-    teacher_ckpt = Path(pretrain(mf_config)["checkpoint"])
     results_path = OUT / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.pop("teacher", None)
-    for mode in args.modes:
-        options = [f"run.output_dir={OUT / mode}", *args.options]
-        if mode != "tallrec":
-            options.append(f"model.collab.ckpt={teacher_ckpt}")
-        config = load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options)
-        metrics = train_llm(config)
-        results[mode] = {
-            key: metrics[key]
-            for key in (
-                "test",
-                "test_warm",
-                "test_cold",
-                "valid",
-                "best_step",
-                "steps_run",
-                "train_seconds",
-                "train_samples_per_second",
-                "curve",
-                "hardware",
-            )
-        }
-        if "teacher" not in results:
-            test_rows = subsample(dataset.splits["test"], config.run.test_rows, config.run.seed)
-            results["teacher"] = json_safe(frame_metrics(load_recommender(teacher_ckpt), test_rows))
-            emit("float32", bench="llm_modes", model="mf_teacher", **results["teacher"])
-        emit(
-            precision_label(metrics["hardware"]["precision"]),
-            bench="llm_modes",
-            model=mode,
-            **{key: value for key, value in results[mode].items() if key != "hardware"},
-        )
+    if not args.table:
+        mf = teacher(results)
         results_path.write_text(json.dumps(results, indent=2))
-    print("| model | test AUC | test UAUC | warm AUC | cold AUC | train s |\n|---|---|---|---|---|---|")
-    for name in ["teacher", *(mode for mode in ("tallrec", "collm", "cora") if mode in results)]:
-        result = results[name]
-        cells = [result["test"]["auc"], result["test"]["uauc"], result["test_warm"]["auc"], result["test_cold"]["auc"]]
-        seconds = result.get("train_seconds")
-        print(
-            f"| {name} | "
-            + " | ".join("missing" if v is None else f"{v:.4f}" for v in cells)
-            + f" | {'' if seconds is None else f'{seconds:.0f}'} |"
-        )
+        for variant in args.variants:
+            for seed in args.seeds:
+                key = f"{variant}/seed{seed}"
+                if key in results:
+                    continue
+                results[key] = json_safe(run_variant(variant, seed, args, results, mf))
+                emit(
+                    results[key]["precision"],
+                    bench="llm_modes",
+                    model=key,
+                    **{k: v for k, v in results[key].items() if k not in ("curve", "precision")},
+                )
+                results_path.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    if any("/seed" in key for key in results):
+        plot(results, args.figure)
 
 
 if __name__ == "__main__":

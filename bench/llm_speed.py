@@ -1,5 +1,6 @@
-"""LLM-side speed: two-row Yes/No scoring against full-vocabulary logits, and a CoRA training step
-against a plain LoRA (TALLRec) step, each on the same batches, with peak memory.
+"""LLM-side speed: two-row Yes/No scoring against full-vocabulary logits, and a CoRA training step (our
+generator with the text LoRA; the published generator without it) against a plain LoRA (TALLRec) step, each
+on the same batches, with peak memory.
 
 SmolLM2-135M-Instruct on CoLLM's ML-1M prompts (the configs `train_configs/{tallrec,cora}_collm_ml1m.yaml`,
 `--dtype`, auto by default: bf16 only where native). Peak memory as in bench/measure.py: the peak during
@@ -55,12 +56,17 @@ def main() -> None:
         OUT / "mf",
     )
     models = {}
-    for mode in ("tallrec", "cora"):
-        options = [f"model.llm.dtype={args.dtype}", *([f"model.collab.ckpt={collab}"] if mode == "cora" else [])]
+    published = ["model.cora.generator=published", "model.lora.enabled=false"]  # CoRA as published: no text LoRA
+    for name, mode, extra in (("tallrec", "tallrec", []), ("cora", "cora", []), ("cora_published", "cora", published)):
+        options = [
+            f"model.llm.dtype={args.dtype}",
+            *([f"model.collab.ckpt={collab}"] if mode == "cora" else []),
+            *extra,
+        ]
         config = load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options)
         torch.manual_seed(config.run.seed)
         model, tokenizer, template = build_llm_recommender(config.model, dataset, device)
-        models[mode] = (model, split_prompt_rows(config, dataset, model, tokenizer, template))
+        models[name] = (model, split_prompt_rows(config, dataset, model, tokenizer, template))
     base = {"bench": "llm_speed", "device": device, "dtype": str(models["cora"][0].llm.dtype).removeprefix("torch.")}
 
     # Scoring: the same model and batches, two output rows against the whole LM head.
@@ -113,7 +119,9 @@ def main() -> None:
             "peak_growth_mb": timing.peak_growth_mb,
         }
     emit(**base, figure="train_step_seconds", batch_size=args.train_batch_size, lora=steps["tallrec"], cora=steps["cora"],
-         ratio_cora_over_lora=steps["cora"]["seconds_per_step"] / steps["tallrec"]["seconds_per_step"])  # fmt: skip
+         cora_published=steps["cora_published"],
+         ratio_cora_over_lora=steps["cora"]["seconds_per_step"] / steps["tallrec"]["seconds_per_step"],
+         ratio_cora_published_over_lora=steps["cora_published"]["seconds_per_step"] / steps["tallrec"]["seconds_per_step"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ RATING_CASES = {
     "label as text": (lambda f: f.assign(label=np.where(f["label"] == 1, "yes", "no")), ["column 'label', row 0: expected a label 0 or 1, found str"]),
     "title as bytes": (lambda f: f.assign(title=f["title"].str.encode("utf-8")), ["column 'title', row 0: expected text, found bytes"]),
     "history NaN": (lambda f: set_cell(f, "his", 5, None), ["column 'his', row 5: expected a list of item ids, found NoneType"]),
-    "history outside the catalogue": (lambda f: set_cell(f, "his", 4, np.array([1, 999])), ["column 'his', row 4: item id out of range 1..30 in the list"]),
+    "history outside the catalogue": (lambda f: set_cell(f, "his", 4, np.array([1, 999])), ["column 'his', row 4: history item id out of range 1..30"]),
     "history misaligned with titles": (lambda f: set_cell(f, "his_title", 2, ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v", "w", "x", "y", "z"][: len(f.at[2, "his"]) + 1]), ["column 'his_title', row 2: 'his' and 'his_title' have different lengths"]),
 }  # fmt: skip
 
@@ -232,7 +232,7 @@ def test_a_bad_implicit_dataset_on_load(tmp_path, capsys):
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        (lambda raw: raw["train"].__setitem__(1, [1, 2, 99]), "column 'train', row 1: item id out of range 1..5 in the list"),
+        (lambda raw: raw["train"].__setitem__(1, [1, 2, 99]), "column 'train', row 1: item id out of range 1..5"),
         (lambda raw: raw["train"].__setitem__(0, [1, float("nan")]), "column 'train', row 0: expected integer item ids in the list"),
         (lambda raw: raw["test"].__setitem__(2, [17]), "column 'test', row 2: item id out of range 1..5"),
         (lambda raw: raw["val"].__setitem__(0, 3), "'val' must hold exactly one item per user; user 0 has 3"),

@@ -541,7 +541,7 @@ def test_non_finite_gradient_norm_stops_the_image_training(tmp_path, tiny_models
     config = load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 4, "eval_every_steps": 2}))
     with pytest.raises(
         DiffRecError,
-        match=r"gradient norm became (inf|nan) at step 0 \(epoch 1\); training stopped, the last checkpoint is kept at \(none yet\)",
+        match=r"gradient norm became (inf|nan) at epoch 1, step 0; training stopped, the last checkpoint is kept at \(none yet\)",
     ):
         train_images(config)
 

@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
 
 from minigpt4.cli import main
 from minigpt4.config import LLMConfig, dump_config, load_config
@@ -405,7 +407,7 @@ def test_non_finite_gradient_norm_stops_the_llm_training(tiny_llm, tiny_dataset,
     path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
     with pytest.raises(
         DiffRecError,
-        match=r"gradient norm became (inf|nan) at step 0 \(epoch 1\); training stopped, the best checkpoint so far is kept at \(none yet\)",
+        match=r"gradient norm became (inf|nan) at epoch 1, step 0; training stopped, the best checkpoint so far is kept at \(none yet\)",
     ):
         training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
 
@@ -457,3 +459,101 @@ def test_cora_refuses_a_shared_prefix(tiny_llm, tiny_dataset, mf_checkpoint, tmp
     assert not model.shares_prefixes
     with pytest.raises(DiffRecError, match="CoRA's per-sample weights"):
         model.score_shared_prefix(first_rows(rows["test"]), 4)
+
+
+# --- CoRA's published generator and CoLLM's published recipe ---------------------------------------------
+
+PUBLISHED_CORA = {
+    "rank": 8,
+    "alpha": 16,
+    "generator": "published",
+    "queries": 4,
+    "layers": 2,
+    "qformer_heads": 2,
+    "ffn": 32,
+}
+
+
+def published_cora_config(tmp_path, tiny_dataset, tiny_llm, mf_checkpoint) -> Path:
+    """A cora config with the published generator and no model.lora section (so no text LoRA)."""
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, model={"cora": PUBLISHED_CORA})
+    data = yaml.safe_load(path.read_text())
+    del data["model"]["lora"]
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_published_generator_writes_a_unit_norm_a_per_sample(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    config, model, rows = build(published_cora_config(tmp_path, tiny_dataset, tiny_llm, mf_checkpoint))
+    model.eval()
+    collab = torch.randn(5, 16) * 3
+    with torch.no_grad():
+        lora_a = model.cora.generator(collab)
+    assert lora_a.shape == (5, 8, model.llm.config.hidden_size)
+    torch.testing.assert_close(lora_a.flatten(1).norm(dim=1), torch.ones(5))
+    assert not torch.allclose(lora_a[0], lora_a[1])  # one A per sample
+    assert model.cora.dropout.p == 0.05 and model.cora.fp32  # the published update's dropout and fp32 maths
+
+
+def test_published_cora_trains_only_the_generator_and_bs(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    config, model, rows = build(published_cora_config(tmp_path, tiny_dataset, tiny_llm, mf_checkpoint))
+    assert not config.model.lora.enabled  # CoRA as published: no text LoRA unless model.lora says so
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert trainable and all(name.startswith(("cora.generator.", "cora.lora_b.")) for name in trainable)
+    batch = first_rows(rows["train"])
+    one_step(model, batch)
+    model.train()
+    model(batch).backward()  # B is no longer zero: gradients reach every generator parameter and every B
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == param.requires_grad, name
+    assert all(param.grad.abs().sum() > 0 for param in model.cora.lora_b.values())
+    (tmp_path / "with_lora").mkdir()
+    kept = llm_config(
+        tmp_path / "with_lora", tiny_dataset, tiny_llm, "cora", mf_checkpoint, model={"cora": PUBLISHED_CORA}
+    )
+    assert load_config(kept).model.lora.enabled  # a model.lora section keeps the text LoRA
+
+
+def test_published_cora_with_zero_b_scores_as_the_base_model(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    config, model, rows = build(published_cora_config(tmp_path, tiny_dataset, tiny_llm, mf_checkpoint))
+    batch = first_rows(rows["test"])
+    base = load_causal_lm(LLMConfig(path=tiny_llm))
+    model.eval()
+    with torch.no_grad():
+        ours = model.score(batch)
+        reference = yes_no_logits(
+            base, base.get_input_embeddings()(batch.input_ids), batch.attention_mask, model.answer_ids
+        )
+    assert all(not b.any() for b in model.cora.lora_b.values())
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_published_collm_loads_its_stage1_adapter_frozen(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}  # TALLRec's stage 1
+    for folder in ("stage1", "other", "missing"):
+        (tmp_path / folder).mkdir()
+    stage1_path = llm_config(tmp_path / "stage1", tiny_dataset, tiny_llm, "tallrec", model={"lora": lora})
+    assert main(["train", "--cfg-path", str(stage1_path), "--options", "run.max_steps=2"]) == 0
+    stage1 = Path(last_json_line(capsys.readouterr().out)["checkpoint"])
+    collm = {"hidden": 32, "recipe": "published", "stage1": str(stage1)}
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "collm", mf_checkpoint, model={"lora": lora, "collm": collm})
+    config, model, rows = build(path)
+    saved = load_file(stage1 / "adapter" / "adapter_model.safetensors")
+    state = get_peft_model_state_dict(model.llm)
+    assert set(state) == set(saved) and all(torch.equal(state[key], saved[key]) for key in saved)
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert trainable and all(name.startswith("projector.shared.") for name in trainable)  # one MLP for both sides
+    one_step(model, first_rows(rows["train"]))
+    after = get_peft_model_state_dict(model.llm)
+    assert all(torch.equal(after[key], saved[key]) for key in saved)  # the stage-1 LoRA stays as trained
+    other = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    mismatch = llm_config(
+        tmp_path / "other", tiny_dataset, tiny_llm, "collm", mf_checkpoint, model={"lora": other, "collm": collm}
+    )
+    with pytest.raises(DiffRecError, match=r"config.yaml: checkpoint has model.lora"):
+        build(mismatch)
+    missing = llm_config(
+        tmp_path / "missing", tiny_dataset, tiny_llm, "collm", mf_checkpoint, model={"collm": {"recipe": "published"}}
+    )
+    with pytest.raises(DiffRecError, match="model.collm.recipe published needs model.collm.stage1"):
+        load_config(missing)

@@ -127,7 +127,9 @@ def test_diffmm_import_round_trip_and_missing_feature_file(tmp_path, capsys):
     ):
         load_implicit_dataset(tmp_path / "out", modalities=["image", "text"])
     save_implicit_dataset(tmp_path / "bad", splits, features, {**meta, "n_items": 5})
-    with pytest.raises(DiffRecError, match="ids outside"):
+    with pytest.raises(
+        DiffRecError, match=r"train.parquet \(items of .*meta.json\): column .iid., row 4: id out of range 1..5"
+    ):
         load_implicit_dataset(tmp_path / "bad")
 
 

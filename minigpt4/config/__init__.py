@@ -147,17 +147,6 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _run_keys_fit_trainer(self) -> Config:
-        """A run key the chosen trainer does not read would silently do nothing: it is an error instead."""
-        trainer = trainer_of(self.model.arch, self.datasets.shape)
-        ignored = ignored_run_keys(self.run, trainer)
-        if ignored:
-            raise ValueError(
-                f"run.{ignored[0]} is not read by {TRAINERS[trainer]} (model.arch {self.model.arch}); remove it"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _data_shape_fits_model(self) -> Config:
         """Each collaborative arch trains on its own data shapes; the selection metric must be one the shape reports."""
         arch, shape = self.model.arch, self.datasets.shape
@@ -180,6 +169,17 @@ class Config(Section):
         if metric not in names or not k.isdigit() or int(k) not in self.run.ranking_ks:
             raise ValueError(
                 f"run.select_metric {self.run.select_metric!r} must be {'|'.join(names)}@K with K in run.ranking_ks {self.run.ranking_ks}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _run_keys_fit_trainer(self) -> Config:
+        """A run key the chosen trainer does not read would silently do nothing: it is an error instead."""
+        trainer = trainer_of(self.model.arch, self.datasets.shape)
+        ignored = ignored_run_keys(self.run, trainer)
+        if ignored:
+            raise ValueError(
+                f"run.{ignored[0]} is not read by {TRAINERS[trainer]} (model.arch {self.model.arch}); remove it"
             )
         return self
 
@@ -283,6 +283,7 @@ def _resolve_model_paths(model: Section, config_dir: Path) -> None:
         model.llm.path = _resolve(model.llm.path, config_dir)
         model.prompt.template = _resolve(model.prompt.template, config_dir)
         model.reply.template = _resolve(model.reply.template, config_dir)
+        model.collm.stage1 = _resolve(model.collm.stage1, config_dir)
     if isinstance(model, SD3Config):
         model.pipeline.path = _resolve(model.pipeline.path, config_dir)
         for section in (model.clip, model.judge):

@@ -42,20 +42,48 @@ class LoRAConfig(Section):
 
 
 class CoRAConfig(Section):
-    """Per-sample collaborative LoRA: a query generator turns concat(user, item) into A; each target has its own B."""
+    """Per-sample collaborative LoRA: a query generator turns concat(user, item) into A; each target has its own B.
+
+    ``generator: ours`` is one cross-attention layer of ``queries`` learned queries (``width``, ``heads``), each
+    writing rank / queries rows of A, scaled by 1/sqrt(hidden). ``generator: published`` is CoRA's own: an
+    8-layer Q-former (``layers``, ``qformer_heads``, ``ffn``; width = the concat(user, item) size) whose queries'
+    mean becomes A, L2-normalised per sample; with it the text LoRA is off unless ``model.lora`` is given, the
+    update's input has dropout 0.05 and the update is computed in fp32 under mixed precision."""
 
     rank: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
-    queries: int = Field(4, gt=0)  # learned queries; each writes rank / queries rows of A
-    width: int = Field(256, gt=0)
-    heads: int = Field(4, gt=0)
+    generator: Literal["ours", "published"] = "ours"
+    queries: int = Field(4, gt=0)
+    width: int = Field(256, gt=0)  # ours
+    heads: int = Field(4, gt=0)  # ours
+    layers: int = Field(8, gt=0)  # published
+    qformer_heads: int = Field(8, gt=0)  # published
+    ffn: int = Field(3072, gt=0)  # published: BERT's feed-forward size
+    dropout: float | None = Field(None, ge=0, lt=1)  # on the update's input; None: 0.05 published, 0 ours
+    fp32_update: bool | None = None  # None: True published, False ours
+
+    @property
+    def update_dropout(self) -> float:
+        """The dropout on the update's input."""
+        return self.dropout if self.dropout is not None else (0.05 if self.generator == "published" else 0.0)
+
+    @property
+    def update_in_fp32(self) -> bool:
+        """Whether the update is computed in fp32 whatever the autocast."""
+        return self.fp32_update if self.fp32_update is not None else self.generator == "published"
 
 
 class CoLLMConfig(Section):
-    """CoLLM's projector: an MLP from a collaborative embedding to one token embedding."""
+    """CoLLM's projector: an MLP from a collaborative embedding to one token embedding.
+
+    ``recipe: ours`` trains LoRA and one GELU MLP per side together. ``recipe: published`` is CoLLM's two
+    stages: the LoRA of a TALLRec run (``stage1``, its checkpoint folder) is loaded and frozen, and one ReLU MLP
+    shared by users and items is trained (CoLLM's ``hidden`` is 10 x the embedding size)."""
 
     hidden: int = Field(256, gt=0)
+    recipe: Literal["ours", "published"] = "ours"
+    stage1: Path | None = None  # published: a TALLRec checkpoint folder (diffrec train, mode tallrec)
 
 
 class CollabConfig(Section):
@@ -95,7 +123,13 @@ class LLMRecConfig(Section):
             raise ValueError(f"mode {self.mode} needs model.collab.ckpt (a collaborative checkpoint folder)")
         if self.mode == "tallrec" and self.collab is not None:
             raise ValueError("mode tallrec is text only; remove model.collab or choose mode collm or cora")
-        if self.cora.rank % self.cora.queries:
+        if self.mode == "collm" and self.collm.recipe == "published" and self.collm.stage1 is None:
+            raise ValueError("model.collm.recipe published needs model.collm.stage1 (a TALLRec checkpoint folder)")
+        if self.mode == "collm" and self.collm.recipe == "published" and not self.lora.enabled:
+            raise ValueError("model.collm.recipe published freezes the stage-1 LoRA: model.lora.enabled must be true")
+        if self.mode == "cora" and self.cora.generator == "published" and "lora" not in self.model_fields_set:
+            self.lora = LoRAConfig(enabled=False)  # CoRA as published trains no text LoRA
+        if self.cora.generator == "ours" and self.cora.rank % self.cora.queries:
             raise ValueError(
                 f"model.cora.rank ({self.cora.rank}) must be a multiple of model.cora.queries ({self.cora.queries})"
             )

@@ -147,7 +147,7 @@ def list_column(frame: pd.DataFrame, column: str, where: str, what: str) -> None
 
 
 def id_lists(
-    frame: pd.DataFrame, column: str, where: str, upper: int | None, lowest: int = 1
+    frame: pd.DataFrame, column: str, where: str, upper: int | None, lowest: int = 1, name: str = "item id"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A column of id lists as (all ids concatenated, each row's length); a cell that is not a list (NaN, a
     number, text) or an id that is not an integer in lowest..upper is an error at its row."""
@@ -164,7 +164,7 @@ def id_lists(
     flat = flat.astype(np.int64)
     bad_rows = np.zeros(len(frame), dtype=bool)
     bad_rows[owner[(flat < lowest) | (flat > upper) if upper is not None else flat < lowest]] = True
-    fail_at(where, column, bad_rows, f"item id out of range {lowest}..{upper if upper is not None else ''} in the list")
+    fail_at(where, column, bad_rows, f"{name} out of range {lowest}..{upper if upper is not None else ''}")
     return flat, lengths
 
 
@@ -185,7 +185,7 @@ def validate_ratings(frame: pd.DataFrame, where: str, n_users: int | None, n_ite
     id_column(frame, "uid", where, n_users)
     id_column(frame, "iid", where, n_items)
     text_column(frame, "title", where)
-    _, his_len = id_lists(frame, "his", where, n_items)
+    _, his_len = id_lists(frame, "his", where, n_items, name="history item id")
     list_column(frame, "his_title", where, "titles")
     titles = frame["his_title"]
     fail_at(where, "his_title", his_len != titles.map(len).to_numpy(), "'his' and 'his_title' have different lengths")

@@ -1,12 +1,18 @@
 """CoRA: collaborative embeddings turned into per-sample LoRA weights inside any Hugging Face causal LM.
 
-A small generator (learned queries cross-attending to the concat(user, item) embedding) writes one
-low-rank matrix A [rank, hidden] per sample, shared by every target linear; each target (q, k, v, o
-projections of every layer) has its own learned B [rank, out], zero at the start so training begins
-from the base model. The update ``x A_s^T B * alpha / rank`` is added by a forward hook on each target
-module: no model code is copied, peft's LoRA modules keep their names (so adapters save as usual),
-and because the current A stays on the module until the next ``set_weights``, the hooks still find it
-when gradient checkpointing re-runs the forward inside ``backward()``.
+A generator (learned queries attending to the concat(user, item) embedding) writes one low-rank matrix
+A [rank, hidden] per sample, shared by every target linear; each target (q, k, v, o projections of every
+layer) has its own learned B [rank, out], zero at the start so training begins from the base model. The
+update ``dropout(x) A_s^T B * alpha / rank`` is added by a forward hook on each target module: no model
+code is copied, peft's LoRA modules keep their names (so adapters save as usual), and because the current
+A stays on the module until the next ``set_weights``, the hooks still find it when gradient checkpointing
+re-runs the forward inside ``backward()``.
+
+Two generators (``model.cora.generator``): ``ours`` (``LoRAGenerator``: one cross-attention layer, each
+query writing rank / queries rows of A, scaled like LoRA's initial A) and ``published`` (``QFormerGenerator``,
+the CoRA paper's ``PerceptualWeightsGenerator``: a BERT-style Q-former of 8 post-norm layers, self-attention
+among the queries, cross-attention to the embedding and a feed-forward block each, width = the embedding
+size; the mean over queries of a linear map is A, L2-normalised per sample).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minigpt4.config import CoRAConfig
@@ -40,6 +47,31 @@ class LoRAGenerator(nn.Module):
         attended, _ = self.attention(self.query.expand(batch, -1, -1), memory, memory, need_weights=False)
         rows = self.rows(self.norm(attended))  # [B, queries, rank/queries * hidden]
         return rows.view(batch, self.rank, self.hidden_size) / math.sqrt(self.hidden_size)
+
+
+class QFormerGenerator(nn.Module):
+    """concat(user, item) -> A [B, rank, hidden] as the published CoRA: a Q-former over one memory token, the
+    queries' mean mapped to rank x hidden and L2-normalised per sample (every A has unit Frobenius norm)."""
+
+    def __init__(self, input_dim: int, hidden_size: int, config: CoRAConfig) -> None:
+        super().__init__()
+        self.rank, self.hidden_size = config.rank, hidden_size
+        self.query = nn.Parameter(torch.randn(1, config.queries, input_dim) * 0.02)
+        self.embed_norm = nn.LayerNorm(input_dim, eps=1e-12)  # BERT's embedding LayerNorm and dropout on the queries
+        self.embed_dropout = nn.Dropout(0.1)
+        layer = nn.TransformerDecoderLayer(
+            input_dim, config.qformer_heads, config.ffn, dropout=0.1, activation="gelu", layer_norm_eps=1e-12,
+            batch_first=True,
+        )  # fmt: skip
+        self.layers = nn.TransformerDecoder(layer, config.layers)
+        self.final = nn.Linear(input_dim, hidden_size * config.rank)
+
+    def forward(self, collab: torch.Tensor) -> torch.Tensor:
+        """A for each sample, unit norm."""
+        queries = self.embed_dropout(self.embed_norm(self.query.expand(collab.shape[0], -1, -1)))
+        attended = self.layers(queries, collab.unsqueeze(1))
+        flat = F.normalize(self.final(attended).mean(dim=1), p=2, dim=-1)  # [B, hidden * rank]
+        return flat.view(-1, self.hidden_size, self.rank).transpose(1, 2)
 
 
 def target_linears(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
@@ -70,8 +102,11 @@ class CoRA(nn.Module):
         hidden = {_features(module, "in_features") for module in targets.values()}
         if len(hidden) != 1:
             raise DiffRecError(f"CoRA shares one A across targets, so they need one input size; got {sorted(hidden)}")
-        self.generator = LoRAGenerator(input_dim, hidden.pop(), config)
+        make = QFormerGenerator if config.generator == "published" else LoRAGenerator
+        self.generator = make(input_dim, hidden.pop(), config)
         self.scaling = config.alpha / config.rank
+        self.dropout = nn.Dropout(config.update_dropout)
+        self.fp32 = config.update_in_fp32
         self.lora_b = nn.ParameterDict(
             {
                 path.replace(".", "__"): nn.Parameter(torch.zeros(config.rank, _features(module, "out_features")))
@@ -106,6 +141,12 @@ class CoRA(nn.Module):
                 raise DiffRecError(
                     f"CoRA weights were generated for {lora_a.shape[0]} samples, the forward has {x.shape[0]}"
                 )
+            x = self.dropout(x)
+            if self.fp32:  # the published update: fp32 weights and maths whatever the autocast
+                with torch.autocast(x.device.type, enabled=False):
+                    low = torch.matmul(x.float(), lora_a.float().transpose(1, 2))
+                    update = torch.matmul(low, self.lora_b[key].float()) * self.scaling
+                return output + update.to(output.dtype)
             low = torch.matmul(x, lora_a.transpose(1, 2).to(x.dtype))  # [B, L, rank]
             return output + torch.matmul(low, self.lora_b[key].to(x.dtype)) * self.scaling
 

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -162,6 +163,13 @@ class LLMRecommender(nn.Module):
                         task_type="CAUSAL_LM",
                     ),
                 )
+            if config.mode == "collm" and config.collm.recipe == "published":
+                # CoLLM's stage 2: the stage-1 TALLRec LoRA, loaded and frozen; only the projector trains.
+                check_checkpoint_config(config.collm.stage1, config, keys=("lora",))
+                _load_adapter(llm, config.collm.stage1)
+                for name, param in llm.named_parameters():
+                    if "lora_" in name:
+                        param.requires_grad_(False)
             if config.llm.gradient_checkpointing:
                 # Non-reentrant checkpointing re-runs each layer inside backward with the CoRA weights it used.
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -260,14 +268,7 @@ class LLMRecommender(nn.Module):
         folder = Path(folder)
         check_checkpoint_config(folder, self.config)
         if self.config.lora.enabled:
-            adapter = require_file(folder / ADAPTER_DIR / "adapter_model.safetensors")
-            state = _read_safetensors(adapter)
-            expected = set(get_peft_model_state_dict(self.llm))
-            if set(state) != expected:
-                raise DiffRecError(
-                    f"{adapter}: adapter keys differ from this model's LoRA ({len(set(state) ^ expected)} keys differ)"
-                )
-            set_peft_model_state_dict(self.llm, state)
+            _load_adapter(self.llm, folder)
         module = self.collab_module()
         if module is not None:
             path = require_file(folder / COLLAB_MODULES)
@@ -288,13 +289,32 @@ def collab_dims(collab: CollaborativeModel) -> tuple[int, int]:
         return collab.user_embeddings(probe).shape[-1], collab.item_embeddings(ones).shape[-1]
 
 
-def check_checkpoint_config(folder: Path, config: LLMRecConfig) -> None:
-    """The checkpoint's saved model section agrees with ``config`` on every weight-shaping key."""
+def _load_adapter(llm: nn.Module, folder: Path) -> None:
+    """Put a checkpoint's peft adapter into ``llm``; keys of another LoRA are an error naming the file."""
+    adapter = require_file(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")
+    state = _read_safetensors(adapter)
+    expected = set(get_peft_model_state_dict(llm))
+    if set(state) != expected:
+        raise DiffRecError(
+            f"{adapter}: adapter keys differ from this model's LoRA ({len(set(state) ^ expected)} keys differ)"
+        )
+    set_peft_model_state_dict(llm, state)
+
+
+def check_checkpoint_config(folder: Path, config: LLMRecConfig, keys: tuple[str, ...] = STRUCTURAL_KEYS) -> None:
+    """The checkpoint's saved model section agrees with ``config`` on every weight-shaping key (``keys``); a
+    section saved before a key existed reads that key's default."""
     path = require_file(Path(folder) / "config.yaml")
     saved = read_yaml(path)
     saved = saved.get("model", {}) if isinstance(saved, dict) else {}
     current = config.model_dump(mode="json")
-    for key in STRUCTURAL_KEYS:
+    for key in keys:
+        section = getattr(config, key)
+        if isinstance(section, BaseModel) and isinstance(saved.get(key), dict):
+            try:
+                saved[key] = type(section).model_validate(saved[key]).model_dump(mode="json")
+            except ValidationError:
+                pass  # reported as a mismatch below
         if saved.get(key) != current[key]:
             raise DiffRecError(
                 f"{path}: checkpoint has model.{key} = {saved.get(key)!r}, this run has {current[key]!r}"

@@ -44,6 +44,7 @@ from minigpt4.training.engine import Engine, MicroBatch, Task, step_loop
 from minigpt4.training.run_folder import (
     LAST,
     choose_hardware,
+    finish_run,
     logger,
     open_run_folder,
     resume_folder,
@@ -217,9 +218,6 @@ def train_images(config: Config) -> dict:
         np.mean(losses[-window:]),
     )
     metrics = {
-        "run_dir": str(run_dir),
-        "model": "sd3",
-        "dataset": config.datasets.name,
         "steps_run": fit.steps,
         "samples": len(samples),
         "items": len(samples.iids),
@@ -228,13 +226,8 @@ def train_images(config: Config) -> dict:
         "train_seconds": fit.train_seconds,
         "checkpoint": str(run_dir / "checkpoints" / LAST),
         "curve": fit.curve,
-        "hardware": hardware,
     }
-    metrics = json_safe(metrics)
-    if accelerator.is_main_process:
-        write_metrics(run_dir, metrics)
-    accelerator.end_training()
-    return metrics
+    return finish_run(accelerator, run_dir, config, "sd3", metrics, hardware)
 
 
 class ImageTask(Task):
@@ -261,10 +254,6 @@ class ImageTask(Task):
         preference = samples.preference[batch].to(device)
         loss = model(latents.to(device), prompt_embeds.to(device), pooled.to(device), preference, where.generator)
         return {"loss": loss}
-
-    def save_weights(self, folder: Path) -> None:
-        """The LoRA in diffusers' format and the fusion."""
-        self.model.save_weights(folder)
 
     def load_weights(self, folder: Path) -> None:
         """Load what ``save_weights`` wrote."""

@@ -78,6 +78,20 @@ def step_loop(run: RunConfig, evaluate: bool = True, early_stop: bool = True) ->
     )
 
 
+def epoch_loop(run: RunConfig, steps_per_epoch: int) -> Loop:
+    """The loop of an epoch-based collaborative trainer: evaluation every ``run.eval_every`` epochs, a checkpoint
+    after every epoch, early stopping after ``run.patience`` evaluations, no clipping."""
+    return Loop(
+        seed=run.seed,
+        max_epochs=run.max_epochs,
+        lr=run.lr,
+        weight_decay=run.weight_decay,
+        evaluate_every=run.eval_every * steps_per_epoch,
+        checkpoint_every=steps_per_epoch,
+        patience=run.patience,
+    )
+
+
 @dataclass
 class MicroBatch:
     """Where a micro-batch sits in the run, and the random stream its loss draws from."""
@@ -104,13 +118,13 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Any, where: MicroBatch) -> dict[str, torch.Tensor]:
         """``loss`` (what is minimised) and any parts to log, of one micro-batch; ``model`` is the prepared one."""
 
-    @abstractmethod
     def save_weights(self, folder: Path) -> None:
-        """The trained weights in the task's own format."""
+        """The trained weights in the task's own format (the model's ``save_weights``)."""
+        self.model.save_weights(folder)
 
-    @abstractmethod
     def load_weights(self, folder: Path) -> None:
-        """Load what ``save_weights`` wrote."""
+        """Load what ``save_weights`` wrote (the model's ``load_weights``)."""
+        self.model.load_weights(folder)
 
     def trainable(self) -> list[nn.Parameter]:
         """The parameters to optimize, in a fixed order."""
@@ -125,8 +139,29 @@ class Task(ABC):
         return get_cosine_schedule_with_warmup(optimizer, loop.warmup_steps, total_steps)
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
-        """Figures for the curve (and ``select``), computed on every process alike."""
+        """Figures for the curve (one of them ``select``), computed on every process alike."""
         return {}
+
+    def improved(self, figures: dict[str, float], best: dict[str, float] | None) -> bool:
+        """Whether an evaluation beats the best so far (a finite ``select`` figure above the best's)."""
+        value = figures[self.select]
+        return math.isfinite(value) and (best is None or value > best[self.select])
+
+    def start_epoch(self, epoch: int, accelerator: Accelerator) -> dict[str, float]:
+        """Work done once at the start of each epoch before its batches (a model's own phase); losses to log."""
+        return {}
+
+    def extra_states(self) -> list:
+        """Objects with ``state_dict`` beside the engine's optimizer (a model's own optimizers) to checkpoint."""
+        return []
+
+    def state_dict(self) -> dict:
+        """The task's own bookkeeping, kept in ``trainer_state.json`` (JSON values)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (nothing to restore by default)."""
+        return None
 
     def batch_rows(self, batch: Any) -> int:
         """Training rows in a micro-batch (for the throughput figure)."""
@@ -158,6 +193,11 @@ def shuffled_batches(
     return prepare_data_loader(
         loader, device or accelerator.device, accelerator.num_processes, accelerator.process_index, put_on_device=True
     )
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A random stream of one epoch (``stream`` tells an epoch's streams apart): a resumed run draws the same."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch * 17 + stream)
 
 
 def micro_batch_generator(seed: int, position: int, accelerator: Accelerator) -> torch.Generator:
@@ -201,8 +241,8 @@ class Engine:
         # Not prepared: a prepared scheduler steps once per process, which would tie the schedule to the process count.
         scheduler = task.scheduler(optimizer, loop, total_steps)
         model, optimizer = accelerator.prepare(task.model, optimizer)
-        if scheduler is not None:
-            accelerator.register_for_checkpointing(scheduler)
+        for state in ([scheduler] if scheduler is not None else []) + task.extra_states():
+            accelerator.register_for_checkpointing(state)
         self._register_hooks()
         # ``sums`` holds the loss sums since the last curve point, so a resumed run's curve matches too.
         progress = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "samples": 0, "seconds": 0.0}
@@ -210,6 +250,7 @@ class Engine:
         if resume_from is not None:
             accelerator.load_state(str(resume_from))
             progress = read_json(resume_from / TRAINER_STATE, dict)
+            task.load_state_dict(progress.get("task", {}))
             if accelerator.is_main_process and (resume_from.parent / BEST).is_dir():
                 shutil.copytree(resume_from.parent / BEST, self.checkpoints / BEST, dirs_exist_ok=True)
             accelerator.wait_for_everyone()
@@ -230,10 +271,15 @@ class Engine:
         started, stop = time.perf_counter() - progress["seconds"], False
         model.train()
         while progress["step"] < total_steps and not stop:
-            for index, batch in enumerate(task.epoch_batches(progress["epoch"], accelerator)):
+            if progress["batch"] == 0:
+                self._start_epoch(progress)
+            batches = task.epoch_batches(progress["epoch"], accelerator)
+            for index, batch in enumerate(batches):
                 if index < progress["batch"]:  # a resumed epoch skips what the checkpoint already trained on
                     continue
                 self._backward(model, batch, progress)
+                if progress["batch"] == len(batches):  # the epoch is complete: a checkpoint now resumes at the next
+                    progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
                 if progress["micro"] % loop.accumulation:
                     continue
                 self._optimizer_step(params, optimizer, scheduler, progress)
@@ -247,19 +293,18 @@ class Engine:
                     self._curve_point(progress, started, {})
                 if step % checkpoint_every == 0 or last or stop:
                     progress["seconds"] = time.perf_counter() - started
+                    progress["task"] = task.state_dict()
                     self.save_checkpoint(self.checkpoints / LAST, progress)
                 if last or stop:
                     stop = True
                     break
-            else:
-                progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
         bar.close()
         seconds = time.perf_counter() - started
         accelerator.wait_for_everyone()
         return Fit(
             model=model,
             steps=progress["step"],
-            epochs=self._epochs_done(progress),
+            epochs=progress["epoch"],
             best_step=progress["best_step"],
             best=progress["best"],
             curve=progress["curve"],
@@ -267,6 +312,15 @@ class Engine:
             samples_per_second=round(progress["samples"] / seconds, 3) if seconds > 0 else math.nan,
             steps_per_epoch=steps_per_epoch,
         )
+
+    def _start_epoch(self, progress: dict) -> None:
+        """The task's once-per-epoch phase; its losses join the curve's sums."""
+        losses = self.task.start_epoch(progress["epoch"], self.accelerator)
+        for name, value in losses.items():
+            if not math.isfinite(value):
+                raise DiffRecError(f"{name} became {value} at {self._where(progress)}; {self._stopped()}")
+            total, count = progress["sums"].get(name, (0.0, 0))
+            progress["sums"][name] = [total + value, count + 1]
 
     def _backward(self, model: nn.Module, batch: Any, progress: dict) -> None:
         """The loss of one micro-batch and its gradients (synchronised across processes on the step's last one)."""
@@ -312,7 +366,7 @@ class Engine:
         sums = progress["sums"]
         point = {
             "step": progress["step"],
-            "epoch": self._epochs_done(progress),
+            "epoch": progress["epoch"],
             "seconds": round(time.perf_counter() - started, 3),
             **{name: total / count for name, (total, count) in sorted(sums.items())},
             **figures,
@@ -328,22 +382,20 @@ class Engine:
         task = self.task
         figures = task.evaluate(model, self.accelerator)
         model.train()
-        self._curve_point(progress, started, {f"valid_{name}": value for name, value in figures.items()})
+        self._curve_point(progress, started, figures)
         if task.select is None:
             return False
-        value = figures[task.select]
-        best = progress["best"]
-        if math.isfinite(value) and (best is None or value > best[task.select]):
+        if task.improved(figures, progress["best"]):
             progress.update(best=figures, best_step=progress["step"], stale=0)
             if self.accelerator.is_main_process:
                 self.save_weights(self.checkpoints / BEST)
             self.accelerator.wait_for_everyone()
-            logger.info("step %d: valid %s %.4f (best)", progress["step"], task.select, value)
+            logger.info("step %d: %s %.4f (best)", progress["step"], task.select, figures[task.select])
             return False
         progress["stale"] += 1
         if self.loop.patience is not None and progress["stale"] >= self.loop.patience:
             logger.info(
-                "early stop at step %d: valid %s has not improved for %d evaluations",
+                "early stop at step %d: %s has not improved for %d evaluations",
                 progress["step"],
                 task.select,
                 progress["stale"],
@@ -387,13 +439,9 @@ class Engine:
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
 
-    def _epochs_done(self, progress: dict) -> int:
-        """Complete passes over the training rows."""
-        return progress["epoch"] + (progress["batch"] >= self.batches_per_epoch)
-
     def _where(self, progress: dict) -> str:
         """The step and epoch of a message."""
-        return f"step {progress['step']} (epoch {progress['epoch'] + 1})"
+        return f"epoch {progress['epoch'] + 1}, step {progress['step']}"
 
     def _stopped(self) -> str:
         """The end of a stopped run's message: the checkpoint it keeps."""

@@ -8,36 +8,27 @@ the epoch by validation ``run.select_metric`` and reports test there; ``run.pape
 test metric itself (the published code's protocol) and is labelled so in every output. Early stopping
 and the kept checkpoint follow the run's protocol. ``run.mixed_precision: bf16`` computes every training loss
 (the denoisers' and ``pair_loss``) under bf16 autocast, sparse propagation in fp32; graph regeneration, the
-weights, the optimizer and evaluation stay fp32. ``checkpoints/last`` and ``run.resume_from`` work as for
-the leave-one-out trainer (``minigpt4.training.sequential``): a resumed run continues exactly.
+weights, the optimizer and evaluation stay fp32. Training is a task of the engine (``minigpt4.training.engine``):
+``checkpoints/last`` after every epoch, and ``run.resume_from`` continues a stopped run exactly.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from accelerate import Accelerator
 
 from minigpt4.config import Config
 from minigpt4.data.implicit import ImplicitDataset, load_implicit_dataset
-from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ranking import full_ranking_metrics
-from minigpt4.io import json_safe
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
-from minigpt4.training.run_folder import (
-    find_epoch_state,
-    logger,
-    restore_epoch_state,
-    save_epoch_state,
-    start_ranking_run,
-    write_metrics,
-)
+from minigpt4.training.engine import Engine, MicroBatch, epoch_generator, epoch_loop
+from minigpt4.training.pretrain import CollaborativeTask
+from minigpt4.training.run_folder import BEST, epoch_resume, finish_run, logger, start_ranking_run
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
 VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"
@@ -73,12 +64,11 @@ def evaluate_ranking(
 def pretrain_implicit(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a full-ranking model; returns the metrics."""
     dataset = load_implicit_dataset(config.datasets.path, config.datasets.modalities)
-    resume = None  # a bad resume folder fails before the run folder exists
-    if config.run.resume_from is not None and not config.run.evaluate:
-        resume = find_epoch_state(config, protocol_label(config), dataset.n_users, dataset.n_items)
-    model, run_dir, device, hardware = start_ranking_run(
+    resume_from = epoch_resume(config, protocol_label(config))  # a bad resume folder fails before the run folder exists
+    model, run_dir, accelerator, hardware = start_ranking_run(
         config, dataset.n_users, dataset.n_items, "full-ranking training"
     )
+    device = accelerator.device
     logger.info(
         "run folder %s on %s; %d users, %d items, %d training pairs, modalities %s",
         run_dir,
@@ -98,160 +88,130 @@ def pretrain_implicit(config: Config) -> dict:
             },
         }
     else:
-        metrics = _train(config, dataset, device, run_dir, resume)
-    metrics = json_safe(
-        {
-            "run_dir": str(run_dir),
-            "model": config.model.arch,
-            "dataset": config.datasets.name,
-            "protocol": protocol_label(config),
-            **metrics,
-            "hardware": hardware,
-        }
+        metrics = _train(config, dataset, accelerator, run_dir, resume_from)
+    return finish_run(
+        accelerator, run_dir, config, config.model.arch, metrics, hardware, protocol=protocol_label(config)
     )
-    write_metrics(run_dir, metrics)
-    return metrics
+
+
+class RankingTask(CollaborativeTask):
+    """Each epoch: the model's own phase (DiffMM's denoisers and regenerated graphs, with their own optimizers),
+    then BPR over every training pair with a fresh negative; validation and test ranked at each evaluation."""
+
+    def __init__(self, model: CollaborativeModel, dataset: ImplicitDataset, config: Config, device: torch.device):
+        run = config.run
+        self.name, self.model, self.dataset, self.config, self.device = (
+            config.model.arch,
+            model,
+            dataset,
+            config,
+            device,
+        )
+        groups = {name: params for name, params in model.optimizer_groups().items() if params}
+        self.params = groups.pop("model", [])
+        self.own = {
+            name: torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay) for name, params in groups.items()
+        }
+        coo = dataset.matrices["train"].tocoo()
+        self.users, self.items = coo.row.astype(np.int64), coo.col.astype(np.int64)
+        metric = run.select_metric
+        self.select = f"test_{metric}" if run.paper_parity else f"valid_{metric}"
+        # by_valid / by_test: the epoch each protocol selects so far, with its figures (None before the first evaluation)
+        self.record = {"by_valid": None, "by_test": None, "protocol": protocol_label(config)}
+        self.epoch = 0
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters the BPR steps update (the model's own phase has its own optimizers)."""
+        return self.params
+
+    def extra_states(self) -> list:
+        """The model's own optimizers (DiffMM's denoisers)."""
+        return list(self.own.values())
+
+    def context(self, generator: torch.Generator) -> EpochContext:
+        """What the model's own phase may use."""
+        run = self.config.run
+        return EpochContext(
+            self.dataset.matrices["train"],
+            run.batch_size,
+            generator,
+            self.own,
+            self.device,
+            bf16=run.mixed_precision == "bf16",
+        )
+
+    def start_epoch(self, epoch: int, accelerator: Accelerator) -> dict[str, float]:
+        """The model's own phase, drawing from the epoch's first stream."""
+        self.epoch = epoch + 1  # the epoch an evaluation after its batches reports
+        self.model.train()
+        return self.model.prepare_epoch(self.context(epoch_generator(self.config.run.seed, epoch, 0)))
+
+    def epoch_batches(self, epoch: int, accelerator: Accelerator) -> list[tuple[np.ndarray, ...]]:
+        """Every training pair once with a fresh negative, shuffled, from the epoch's second stream."""
+        generator = epoch_generator(self.config.run.seed, epoch, 1)
+        negatives = sample_negatives(self.dataset.matrices["train"], self.users, generator)
+        order = torch.randperm(len(self.users), generator=generator).numpy()
+        size = self.config.run.batch_size
+        return [
+            tuple(column[order[start : start + size]] for column in (self.users, self.items, negatives))
+            for start in range(0, len(order), size)
+        ]
+
+    def loss(self, model: torch.nn.Module, batch: tuple[np.ndarray, ...], where: MicroBatch) -> dict[str, torch.Tensor]:
+        """BPR (and the model's regularisers), under bf16 autocast when the run asks for it."""
+        tensors = [torch.as_tensor(column, device=self.device) for column in batch]
+        bf16 = self.config.run.mixed_precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model.pair_loss(*tensors, self.config.run.l2_reg)
+
+    def batch_rows(self, batch: tuple[np.ndarray, ...]) -> int:
+        """Pairs in a batch."""
+        return len(batch[0])
+
+    def evaluate(self, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """Validation and test ranked; each protocol's selection so far updated."""
+        run, metric, epoch = self.config.run, self.config.run.select_metric, self.epoch
+        valid = evaluate_ranking(self.model, self.dataset, "valid", run.ranking_ks, self.device)
+        test = evaluate_ranking(self.model, self.dataset, "test", run.ranking_ks, self.device)
+        by_valid, by_test = self.record["by_valid"], self.record["by_test"]
+        if by_valid is None or valid[metric] > by_valid["valid"][metric]:
+            self.record["by_valid"] = {"epoch": epoch, "valid": valid, "test": test}
+        if by_test is None or test[metric] > by_test["test"][metric]:
+            self.record["by_test"] = {"epoch": epoch, "test": test}
+        return {f"valid_{metric}": valid[metric], f"test_{metric}": test[metric]}
 
 
 def _train(
-    config: Config,
-    dataset: ImplicitDataset,
-    device: torch.device,
-    run_dir: Path,
-    resume: tuple[Path, CollaborativeModel] | None,
+    config: Config, dataset: ImplicitDataset, accelerator: Accelerator, run_dir: Path, resume_from: Path | None
 ) -> dict:
-    """The epoch loop (from ``resume``'s folder and model if given); returns both protocols' selections, the
-    curve and timings."""
-    run = config.run
-    if resume is not None:
-        model = resume[1]
-    else:
-        features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
-        model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features)
-    model = model.to(device)
-    groups = {name: params for name, params in model.optimizer_groups().items() if params}
-    optimizers = {
-        name: torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay) for name, params in groups.items()
-    }
-    train = dataset.matrices["train"]
-    coo = train.tocoo()
-    pair_users, pair_items = coo.row.astype(np.int64), coo.col.astype(np.int64)
-    generator = torch.Generator().manual_seed(run.seed)
-    context = EpochContext(train, run.batch_size, generator, optimizers, device, bf16=run.mixed_precision == "bf16")
-    metric = run.select_metric
-    checkpoints = run_dir / "checkpoints"
-    best_dir = checkpoints / "best"
-    # by_valid / by_test: the epoch each protocol selects so far, with its figures (None before the first evaluation)
-    progress = {
-        "epoch": 0,
-        "by_valid": None,
-        "by_test": None,
-        "stale": 0,
-        "curve": [],
-        "epoch_seconds": [],
-        "protocol": protocol_label(config),
-    }
-    if resume is not None:
-        progress = restore_epoch_state(resume[0], optimizers, {}, generator, device, best_dir)
-        logger.info("resumed from %s after epoch %d", resume[0], progress["epoch"])
-    epochs = (
-        range(progress["epoch"] + 1, run.max_epochs + 1) if optimizers else range(0)
-    )  # nothing to train: evaluate once
-    bar = tqdm(epochs, desc=f"pretrain {config.model.arch}", disable=not optimizers)
-    for epoch in bar:
-        start, stop = time.perf_counter(), False
-        model.train()
-        losses = model.prepare_epoch(context)
-        if "model" in optimizers:
-            losses |= _bpr_epoch(model, optimizers["model"], pair_users, pair_items, context, run.l2_reg)
-        bad = [name for name, value in losses.items() if not math.isfinite(value)]
-        if bad:
-            raise DiffRecError(
-                f"{bad[0]} became {losses[bad[0]]} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}"
-            )
-        progress["epoch_seconds"].append(time.perf_counter() - start)
-        progress["epoch"] = epoch
-        if epoch % run.eval_every == 0 or epoch == run.max_epochs:
-            valid = evaluate_ranking(model, dataset, "valid", run.ranking_ks, device)
-            test = evaluate_ranking(model, dataset, "test", run.ranking_ks, device)
-            curve_point = {
-                "epoch": epoch,
-                "seconds": round(sum(progress["epoch_seconds"]), 3),
-                **{k: round(v, 6) for k, v in losses.items()},
-                f"valid_{metric}": valid[metric],
-                f"test_{metric}": test[metric],
-            }
-            progress["curve"].append(curve_point)
-            logger.info("epoch %d (%.1f s): %s", epoch, progress["epoch_seconds"][-1], json_safe(curve_point))
-            by_valid, by_test = progress["by_valid"], progress["by_test"]
-            improved_valid = by_valid is None or valid[metric] > by_valid["valid"][metric]
-            improved_test = by_test is None or test[metric] > by_test["test"][metric]
-            if improved_valid:
-                progress["by_valid"] = {"epoch": epoch, "valid": valid, "test": test}
-            if improved_test:
-                progress["by_test"] = {"epoch": epoch, "test": test}
-            bar.set_postfix({f"valid_{metric}": f"{valid[metric]:.4f}", f"test_{metric}": f"{test[metric]:.4f}"})
-            if improved_test if run.paper_parity else improved_valid:
-                progress["stale"] = 0
-                save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": progress["protocol"]})
-            else:
-                progress["stale"] += 1
-                stop = progress["stale"] >= run.patience
-        save_epoch_state(checkpoints / "last", model, config, optimizers, {}, generator, progress)
-        if stop:
-            logger.info(
-                "early stop at epoch %d: %s has not improved for %d evaluations",
-                epoch,
-                "test" if run.paper_parity else "valid",
-                progress["stale"],
-            )
-            break
-    if not optimizers:
-        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": progress["protocol"]})
-        progress["by_valid"] = {
-            "epoch": 0,
-            **{split: evaluate_ranking(model, dataset, split, run.ranking_ks, device) for split in ("valid", "test")},
-        }
-        progress["by_test"] = {"epoch": 0, "test": progress["by_valid"]["test"]}
-    epoch_seconds = progress["epoch_seconds"]
+    """The engine over epochs (from ``resume_from`` if given); returns both protocols' selections, the curve and
+    timings."""
+    run, device = config.run, accelerator.device
+    features = {name: torch.as_tensor(values, dtype=torch.float32) for name, values in dataset.features.items()}
+    model = build_recommender(config.model, dataset.n_users, dataset.n_items, _edges(dataset), features).to(device)
+    task = RankingTask(model, dataset, config, device)
+    best_dir = run_dir / "checkpoints" / BEST
+    if not task.params and not task.own:  # nothing to train (most-popular): evaluate once
+        task.epoch = 0
+        task.evaluate(model, accelerator)
+        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": task.record["protocol"]})
+        return _results(config, task.record, 0, [], 0.0, best_dir)
+    steps_per_epoch = len(task.epoch_batches(0, accelerator))
+    loop = epoch_loop(run, steps_per_epoch)
+    fit = Engine(task, loop, accelerator, config, run_dir).fit(resume_from)
+    return _results(config, task.record, fit.epochs, fit.curve, fit.train_seconds, best_dir)
+
+
+def _results(config: Config, record: dict, epochs: int, curve: list[dict], seconds: float, best_dir: Path) -> dict:
+    """The metrics of a full-ranking run: the run's protocol's selection and both protocols' own."""
     return {
-        "selected": progress["by_test"] if run.paper_parity else progress["by_valid"],
-        "valid_selection": progress["by_valid"],
-        "paper_parity_selection": progress["by_test"],
-        "epochs_run": progress["epoch"],
-        "mixed_precision": run.mixed_precision,
-        "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None,
-        "train_seconds": round(sum(epoch_seconds), 3),
+        "selected": record["by_test"] if config.run.paper_parity else record["by_valid"],
+        "valid_selection": record["by_valid"],
+        "paper_parity_selection": record["by_test"],
+        "epochs_run": epochs,
+        "mixed_precision": config.run.mixed_precision,
+        "seconds_per_epoch": round(seconds / epochs, 3) if epochs else None,
+        "train_seconds": round(seconds, 3),
         "checkpoint": str(best_dir),
-        "curve": progress["curve"],
+        "curve": curve,
     }
-
-
-def _bpr_epoch(
-    model: CollaborativeModel,
-    optimizer: torch.optim.Optimizer,
-    users: np.ndarray,
-    items: np.ndarray,
-    context: EpochContext,
-    l2_reg: float,
-) -> dict[str, float]:
-    """One pass of BPR steps over every training pair, each with a fresh negative (the losses in the context's
-    autocast); mean losses."""
-    negatives = sample_negatives(context.train, users, context.generator)
-    order = torch.randperm(len(users), generator=context.generator).numpy()
-    sums: dict[str, float] = {}
-    steps = 0
-    for start in range(0, len(order), context.batch_size):
-        rows = order[start : start + context.batch_size]
-        batch = [torch.as_tensor(column[rows], device=context.device) for column in (users, items, negatives)]
-        with context.autocast():
-            losses = model.pair_loss(*batch, l2_reg)
-        if not torch.isfinite(losses["loss"]):  # the caller stops and names the checkpoint it keeps
-            return {name: value.item() for name, value in losses.items()}
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
-        steps += 1
-    return {name: total / steps for name, total in sums.items()}

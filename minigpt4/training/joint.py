@@ -40,7 +40,6 @@ from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.io import json_safe
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import reply_personalization, write_replies
@@ -58,11 +57,11 @@ from minigpt4.training.llm import eval_loader, split_prompt_rows
 from minigpt4.training.run_folder import (
     LAST,
     choose_hardware,
+    finish_run,
     logger,
     open_run_folder,
     resume_folder,
     run_accelerator,
-    write_metrics,
 )
 
 
@@ -299,19 +298,7 @@ def train_diffrec(config: Config) -> dict:
             "curve": fit.curve,
         }
     metrics.update(evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, valid))
-    metrics = json_safe(
-        {
-            "run_dir": str(run_dir),
-            "model": f"diffrec/{config.model.rec.mode}",
-            "dataset": config.datasets.name,
-            **metrics,
-            "hardware": hardware,
-        }
-    )
-    if accelerator.is_main_process:
-        write_metrics(run_dir, metrics)
-    accelerator.end_training()
-    return metrics
+    return finish_run(accelerator, run_dir, config, f"diffrec/{config.model.rec.mode}", metrics, hardware)
 
 
 def _image_batch(data: JointData, rows: list[int], flow: FlowMatchingConfig, generator: torch.Generator) -> ImageBatch:
@@ -368,15 +355,7 @@ class JointTask(Task):
     def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Valid AUC and UAUC of the recommender."""
         self.last_valid = evaluate_split(self.model.rec, self.valid, accelerator)
-        return {"auc": self.last_valid["auc"], "uauc": self.last_valid["uauc"]}
-
-    def save_weights(self, folder: Path) -> None:
-        """``rec/`` and ``image/``."""
-        self.model.save_weights(folder)
-
-    def load_weights(self, folder: Path) -> None:
-        """Load what ``save_weights`` wrote."""
-        self.model.load_weights(folder)
+        return {"valid_auc": self.last_valid["auc"], "valid_uauc": self.last_valid["uauc"]}
 
 
 @torch.no_grad()

@@ -28,11 +28,11 @@ from minigpt4.training.engine import Engine, MicroBatch, Task, shuffled_batches,
 from minigpt4.training.run_folder import (
     BEST,
     choose_hardware,
+    finish_run,
     logger,
     open_run_folder,
     resume_folder,
     run_accelerator,
-    write_metrics,
 )
 
 
@@ -117,25 +117,13 @@ def train_llm(config: Config) -> dict:
         logger.info(
             "best step %d: %s", fit.best_step, json.dumps(json_safe({k: metrics[k] for k in ("valid", "test")}))
         )
-    metrics = json_safe(
-        {
-            "run_dir": str(run_dir),
-            "model": f"llmrec/{config.model.mode}",
-            "dataset": config.datasets.name,
-            **metrics,
-            "hardware": hardware,
-        }
-    )
-    if accelerator.is_main_process:
-        write_metrics(run_dir, metrics)
-    accelerator.end_training()
-    return metrics
+    return finish_run(accelerator, run_dir, config, f"llmrec/{config.model.mode}", metrics, hardware)
 
 
 class LLMTask(Task):
     """The LLM recommender's Yes/No cross-entropy on rating prompts; valid AUC picks the best checkpoint."""
 
-    select = "auc"
+    select = "valid_auc"
 
     def __init__(self, model: LLMRecommender, rows: PromptRows, valid: DataLoader, config: Config) -> None:
         self.name, self.model, self.rows, self.valid, self.config = config.model.mode, model, rows, valid, config
@@ -151,16 +139,12 @@ class LLMTask(Task):
     def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Valid AUC and UAUC."""
         valid = evaluate_split(model, self.valid, accelerator, "valid")
-        return {"auc": valid["auc"], "uauc": valid["uauc"]}
+        return {"valid_auc": valid["auc"], "valid_uauc": valid["uauc"]}
 
     def save_weights(self, folder: Path) -> None:
         """The adapter, collaborative modules and the config they were built from."""
         self.model.save_weights(folder)
         (folder / "config.yaml").write_text(dump_config(self.config))
-
-    def load_weights(self, folder: Path) -> None:
-        """Load what ``save_weights`` wrote."""
-        self.model.load_weights(folder)
 
 
 def eval_loader(rows: PromptRows, batch_size: int) -> DataLoader:

@@ -1,17 +1,14 @@
 """Run folders: ``<output_dir>/<timestamp>/`` holding the resolved config, log, metrics.json and checkpoints;
 ``<output_dir>/latest`` links to the newest training run (an evaluation's folder never moves it, so
-``latest/checkpoints/...`` keeps naming trained weights). The epoch-based ranking trainers also keep
-``checkpoints/last``: everything needed to continue after the newest epoch exactly as if never stopped."""
+``latest/checkpoints/...`` keeps naming trained weights); ``run.resume_from`` resolved to a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -21,8 +18,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 from minigpt4.config import Config, dump_config, resolve_precision
 from minigpt4.errors import DiffRecError, require_file
 from minigpt4.hardware import configure_threads, describe
-from minigpt4.io import atomic_folder, json_safe, read_json
-from minigpt4.recommenders import CollaborativeModel, load_recommender, write_recommender
+from minigpt4.io import json_safe, read_json
+from minigpt4.recommenders import CollaborativeModel, load_recommender
 
 logger = logging.getLogger("diffrec")
 TRAINER_STATE = "trainer_state.json"
@@ -83,22 +80,24 @@ def open_run_folder(config: Config, state: PartialState, hardware: dict) -> Path
 
 def start_ranking_run(
     config: Config, n_users: int, n_items: int, what: str
-) -> tuple[CollaborativeModel | None, Path, torch.device, dict]:
+) -> tuple[CollaborativeModel | None, Path, Accelerator, dict]:
     """The common start of the full-ranking and leave-one-out runs: the checkpoint to evaluate (with
-    ``run.evaluate``; None otherwise), the run folder, the seeded device and the hardware record. They run
-    in one process."""
+    ``run.evaluate``; None otherwise), the run folder, the seeded process's Accelerator and the hardware record.
+    They run in one process; their losses take bf16 autocast themselves (``run.mixed_precision``), so the
+    Accelerator computes in fp32."""
     model = None
     if config.run.evaluate:
         if config.run.ckpt is None:
             raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
         model = load_recommender(config.run.ckpt, config.model, n_users, n_items)
-    accelerator = run_accelerator(cpu=config.run.cpu)
-    if accelerator.num_processes > 1:
+    state = PartialState(cpu=config.run.cpu)
+    if state.num_processes > 1:
         raise DiffRecError(f"{what} runs in one process (launch it without accelerate launch --num_processes)")
-    hardware = choose_hardware(config, accelerator.device)
-    run_dir = open_run_folder(config, accelerator.state, hardware)
+    hardware = choose_hardware(config, state.device)
+    run_dir = open_run_folder(config, state, hardware)
+    accelerator = run_accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(run_dir))
     set_seed(config.run.seed)
-    return model, run_dir, accelerator.device, hardware
+    return model, run_dir, accelerator, hardware
 
 
 def _point_latest(folder: Path) -> None:
@@ -127,16 +126,25 @@ def write_metrics(folder: Path, metrics: dict) -> None:
     (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
 
 
-def save_checkpoint(
-    folder: Path, model: Any, config: Config, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict
-) -> None:
-    """A model's weights (its ``save_weights``), the resolved config and the state to resume from, written atomically."""
-    with atomic_folder(folder) as partial:
-        model.save_weights(partial)
-        (partial / "config.yaml").write_text(dump_config(config))
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
+def finish_run(
+    accelerator: Accelerator, run_dir: Path, config: Config, model: str, metrics: dict, hardware: dict, **labels: str
+) -> dict:
+    """A training or evaluation run's record (run folder, model, dataset, ``labels``, ``metrics``, hardware; missing
+    values as null), written to metrics.json by the main process; the trackers are closed."""
+    record = json_safe(
+        {
+            "run_dir": str(run_dir),
+            "model": model,
+            "dataset": config.datasets.name,
+            **labels,
+            **metrics,
+            "hardware": hardware,
+        }
+    )
+    if accelerator.is_main_process:
+        write_metrics(run_dir, record)
+    accelerator.end_training()
+    return record
 
 
 def resume_folder(resume_from: Path | None, output_dir: Path) -> Path | None:
@@ -160,72 +168,23 @@ def resume_folder(resume_from: Path | None, output_dir: Path) -> Path | None:
     return max(found, key=lambda path: (path / TRAINER_STATE).stat().st_mtime_ns)
 
 
-def find_epoch_state(config: Config, protocol: str, n_users: int, n_items: int) -> tuple[Path, CollaborativeModel]:
-    """The ``checkpoints/last`` folder ``run.resume_from`` names (``latest``: the newest under ``run.output_dir``)
-    and its model, checked against this run's model, dataset, protocol and ``run.max_epochs`` (the total)."""
+def epoch_resume(config: Config, protocol: str) -> Path | None:
+    """The ``checkpoints/last`` folder ``run.resume_from`` names for an epoch-based ranking run, checked before any
+    run folder exists: trained under the same protocol, and short of ``run.max_epochs`` (the total)."""
     run = config.run
+    if run.evaluate:
+        return None
     folder = resume_folder(run.resume_from, run.output_dir)
+    if folder is None:
+        return None
     progress = read_json(folder / TRAINER_STATE, dict)
-    if progress["protocol"] != protocol:
+    trained = progress.get("task", {}).get("protocol")
+    if trained != protocol:
         raise DiffRecError(
-            f"{folder} was trained under '{progress['protocol']}'; this run asks for '{protocol}' (resume under the same protocol)"
+            f"{folder} was trained under '{trained}'; this run asks for '{protocol}' (resume under the same protocol)"
         )
     if progress["epoch"] >= run.max_epochs:
         raise DiffRecError(
             f"{folder} is at epoch {progress['epoch']}; run.max_epochs {run.max_epochs} (the total) leaves nothing to train"
         )
-    model = load_recommender(folder, config.model, n_users, n_items)  # names a model or dataset mismatch now
-    for name in ("optimizers.pt", "rng.pt"):
-        require_file(folder / name)
-    return folder, model
-
-
-def save_epoch_state(
-    folder: Path,
-    model: CollaborativeModel,
-    config: Config,
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
-    generator: torch.Generator,
-    progress: dict,
-) -> None:
-    """Weights, optimizer and scheduler states, both random streams and ``progress``, written atomically."""
-    rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    with atomic_folder(folder) as partial:
-        write_recommender(model, config.model, partial, {"epoch": progress["epoch"], "protocol": progress["protocol"]})
-        torch.save({name: optimizer.state_dict() for name, optimizer in optimizers.items()}, partial / "optimizers.pt")
-        torch.save({name: scheduler.state_dict() for name, scheduler in schedulers.items()}, partial / "schedulers.pt")
-        torch.save(rng, partial / "rng.pt")
-        (partial / TRAINER_STATE).write_text(json.dumps(json_safe(progress), indent=2))
-
-
-def restore_epoch_state(
-    folder: Path,
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
-    generator: torch.Generator,
-    device: torch.device,
-    best_dir: Path,
-) -> dict:
-    """Load what ``save_epoch_state`` wrote into the optimizers, schedulers and random streams, copy the earlier
-    run's best checkpoint (if any) to ``best_dir``; returns the progress. Build no model after it: that draws
-    from the global stream."""
-    if (folder.parent / "best").is_dir():
-        shutil.copytree(folder.parent / "best", best_dir)
-    for file, targets in (("optimizers.pt", optimizers), ("schedulers.pt", schedulers)):
-        states = torch.load(require_file(folder / file), weights_only=True)
-        if set(states) != set(targets):  # e.g. run.lr_step_epochs set in one run and not the other
-            raise DiffRecError(
-                f"{folder / file} holds {sorted(states) or 'none'}; this run has {sorted(targets) or 'none'} (resume with the same run settings)"
-            )
-        for name, state in states.items():
-            targets[name].load_state_dict(state)
-    rng = torch.load(folder / "rng.pt", weights_only=True)
-    generator.set_state(rng["batches"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    return read_json(folder / TRAINER_STATE, dict)
+    return folder

@@ -14,39 +14,33 @@ those weights. Evaluation masks the user's history items and never scores the pa
 ``run.paper_parity`` evaluates as DiffuRec's code did instead (no masking, the padding id scored, means of
 per-batch means, the epoch kept when any validation figure improves) and is labelled so in every output.
 
-After every epoch ``checkpoints/last`` holds what a later run needs to continue exactly where this one stopped
-(weights, Adam and learning-rate state, both random streams, the curve and the selection so far);
-``run.resume_from`` names such a folder (``latest``: the newest under ``run.output_dir``) and ``run.max_epochs``
-is then the total, so a schedule longer than one sitting is trained in pieces with the same result.
+Training is a task of the engine (``minigpt4.training.engine``): after every epoch ``checkpoints/last`` holds what a
+later run needs to continue exactly where this one stopped (weights, Adam and learning-rate state, the random
+streams, the curve and the selection so far); ``run.resume_from`` names such a folder (``latest``: the newest under
+``run.output_dir``) and ``run.max_epochs`` is then the total, so a schedule longer than one sitting is trained in
+pieces with the same result.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
-from minigpt4.config import Config, RunConfig
+from minigpt4.config import Config
 from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
-from minigpt4.errors import DiffRecError, require_file
+from minigpt4.errors import require_file
 from minigpt4.evaluation.ranking import leave_one_out_metrics
-from minigpt4.io import json_safe
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
-from minigpt4.training.run_folder import (
-    find_epoch_state,
-    logger,
-    restore_epoch_state,
-    save_epoch_state,
-    start_ranking_run,
-    write_metrics,
-)
+from minigpt4.training.engine import Engine, Loop, MicroBatch, epoch_generator, epoch_loop
+from minigpt4.training.pretrain import CollaborativeTask
+from minigpt4.training.run_folder import BEST, epoch_resume, finish_run, logger, start_ranking_run
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
@@ -95,13 +89,11 @@ def evaluate_sequences(
 def pretrain_sequential(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a next-item model; returns the metrics."""
     dataset = load_sequence_dataset(config.datasets.path)
-    # A bad resume folder fails before the run folder exists.
-    resume = None
-    if config.run.resume_from is not None and not config.run.evaluate:
-        resume = find_epoch_state(config, protocol_label(config), dataset.n_users, dataset.n_items)
-    model, run_dir, device, hardware = start_ranking_run(
+    resume_from = epoch_resume(config, protocol_label(config))  # a bad resume folder fails before the run folder exists
+    model, run_dir, accelerator, hardware = start_ranking_run(
         config, dataset.n_users, dataset.n_items, "leave-one-out training"
     )
+    device = accelerator.device
     logger.info(
         "run folder %s on %s; %d users, %d items, %d training items",
         run_dir,
@@ -117,146 +109,110 @@ def pretrain_sequential(config: Config) -> dict:
             **{split: evaluate_sequences(model, dataset, split, config, device) for split in ("valid", "test")},
         }
     else:
-        metrics = _train(config, dataset, device, run_dir, resume)
-    metrics = json_safe(
-        {
-            "run_dir": str(run_dir),
-            "model": config.model.arch,
-            "dataset": config.datasets.name,
-            "protocol": protocol_label(config),
-            **metrics,
-            "hardware": hardware,
-        }
+        metrics = _train(config, dataset, accelerator, run_dir, resume_from)
+    return finish_run(
+        accelerator, run_dir, config, config.model.arch, metrics, hardware, protocol=protocol_label(config)
     )
-    write_metrics(run_dir, metrics)
-    return metrics
 
 
-def _improved(valid: dict[str, float], best: dict[str, float] | None, config: Config) -> bool:
-    """Whether this evaluation beats the kept one: on ``select_metric``, or (paper parity) on any figure."""
-    if best is None:
+class NextItemTask(CollaborativeTask):
+    """Next-item loss over every prefix of the training sequences; validation ranked at each evaluation."""
+
+    def __init__(self, model: CollaborativeModel, dataset: SequenceDataset, config: Config, device: torch.device):
+        self.name, self.model, self.dataset, self.config, self.device = (
+            config.model.arch,
+            model,
+            dataset,
+            config,
+            device,
+        )
+        self.history_starts, self.target_positions = dataset.training_prefixes()
+        self.lengths = np.minimum(self.target_positions - self.history_starts, model.max_history)
+        self.trim = model.padding_invariant  # batches cut to their longest history (padding cannot change an output)
+        self.select = f"valid_{config.run.select_metric}"
+        # best: each figure's best so far (paper parity compares against these); selected: valid at the kept epoch
+        self.record = {"best": None, "selected": None, "protocol": protocol_label(config)}
+        self.latest: dict | None = None
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, loop: Loop, total_steps: int) -> Any | None:
+        """``run.lr_step_epochs``: the rate times ``run.lr_step_gamma`` every N epochs (StepLR); else constant."""
+        run = self.config.run
+        if not run.lr_step_epochs:
+            return None
+        steps = run.lr_step_epochs * len(self.epoch_batches(0, None))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: run.lr_step_gamma ** (step // steps))
+
+    def epoch_batches(self, epoch: int, accelerator: Accelerator | None) -> list[np.ndarray]:
+        """The epoch's shuffled prefixes (grouped by length when the run asks and padding cannot matter)."""
+        run = self.config.run
+        group = run.group_by_length and self.trim
+        return _batches(self.lengths, run.batch_size, group, epoch_generator(run.seed, epoch))
+
+    def loss(self, model: torch.nn.Module, batch: np.ndarray, where: MicroBatch) -> dict[str, torch.Tensor]:
+        """The model's next-item loss on the batch's prefixes, left-padded to the longest (or ``max_history``)."""
+        width = int(self.lengths[batch].max()) if self.trim else self.model.max_history
+        items = self.dataset.items
+        history = left_padded(items, self.history_starts[batch], self.target_positions[batch], width)
+        target = torch.as_tensor(items[self.target_positions[batch]], device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.run.mixed_precision == "bf16"):
+            return {"loss": model.next_item_loss(torch.as_tensor(history, device=self.device), target)}
+
+    def evaluate(self, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """Validation HR/NDCG under the run's protocol."""
+        self.latest = evaluate_sequences(self.model, self.dataset, "valid", self.config, self.device)
+        return {f"valid_{name}": value for name, value in self.latest.items() if name != "users"}
+
+    def improved(self, figures: dict[str, float], best: dict[str, float] | None) -> bool:
+        """On ``select_metric``, or (paper parity) on any figure against each figure's best so far, kept
+        separately as the published loop does; the validation figures of a kept epoch are recorded."""
+        kept = self.record["best"]
+        names = (
+            [name for name in self.latest if name != "users"]
+            if self.config.run.paper_parity
+            else [self.config.run.select_metric]
+        )
+        if kept is not None and not any(self.latest[name] > kept[name] for name in names):
+            return False
+        paper = self.config.run.paper_parity and kept is not None
+        self.record["best"] = (
+            {name: max(value, kept.get(name, -math.inf)) for name, value in self.latest.items()}
+            if paper
+            else self.latest
+        )
+        self.record["selected"] = self.latest
         return True
-    names = [name for name in valid if name != "users"] if config.run.paper_parity else [config.run.select_metric]
-    return any(valid[name] > best[name] for name in names)
 
 
 def _train(
-    config: Config,
-    dataset: SequenceDataset,
-    device: torch.device,
-    run_dir: Path,
-    resume: tuple[Path, CollaborativeModel] | None,
+    config: Config, dataset: SequenceDataset, accelerator: Accelerator, run_dir: Path, resume_from: Path | None
 ) -> dict:
-    """The epoch loop (from ``resume``'s folder and model if given); returns the selected epoch's validation and
-    test figures, the curve and timings."""
-    run = config.run
-    model = (
-        resume[1]
-        if resume is not None
-        else build_recommender(config.model, dataset.n_users, dataset.n_items, _history_edges(dataset))
-    )
-    model = model.to(device)
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    best_dir = run_dir / "checkpoints" / "best"
-    history_starts, target_positions = dataset.training_prefixes()
-    generator = torch.Generator().manual_seed(run.seed)
-    progress = {
-        "epoch": 0,
-        "best_epoch": 0,
-        "best_valid": None,
-        "selected_valid": None,
-        "stale": 0,
-        "curve": [],
-        "epoch_seconds": [],
-        "protocol": protocol_label(config),
-    }
-    best_state = None
-    if parameters:
-        optimizer = torch.optim.Adam(parameters, lr=run.lr, weight_decay=run.weight_decay)
-        scheduler = (
-            torch.optim.lr_scheduler.StepLR(optimizer, run.lr_step_epochs, run.lr_step_gamma)
-            if run.lr_step_epochs
-            else None
-        )
-        schedulers = {"model": scheduler} if scheduler is not None else {}
-        if resume is not None:
-            progress = restore_epoch_state(resume[0], {"model": optimizer}, schedulers, generator, device, best_dir)
-            if progress["best_epoch"]:  # the weights only: building a model here would draw from the restored stream
-                best_state = load_file(require_file(best_dir / "model.safetensors"))
-            logger.info(
-                "resumed from %s after epoch %d (selected so far: epoch %d)",
-                resume[0],
-                progress["epoch"],
-                progress["best_epoch"],
-            )
-        bar = tqdm(range(progress["epoch"] + 1, run.max_epochs + 1), desc=f"pretrain {config.model.arch}")
-        for epoch in bar:
-            start, stop = time.perf_counter(), False
-            model.train()
-            loss = _epoch(model, optimizer, dataset, history_starts, target_positions, run, generator, device)
-            if scheduler is not None:
-                scheduler.step()
-            if not math.isfinite(loss):
-                raise DiffRecError(
-                    f"loss became {loss} at epoch {epoch}; training stopped, the selected checkpoint so far is kept at {best_dir if best_dir.exists() else '(none yet)'}"
-                )
-            progress["epoch_seconds"].append(time.perf_counter() - start)
-            progress["epoch"] = epoch
-            if epoch % run.eval_every == 0 or epoch == run.max_epochs:
-                valid = evaluate_sequences(model, dataset, "valid", config, device)
-                seconds = round(sum(progress["epoch_seconds"]), 3)
-                progress["curve"].append(
-                    {
-                        "epoch": epoch,
-                        "seconds": seconds,
-                        "loss": round(loss, 6),
-                        **{f"valid_{name}": value for name, value in valid.items() if name != "users"},
-                    }
-                )
-                logger.info(
-                    "epoch %d (%.1f s): %s", epoch, progress["epoch_seconds"][-1], json_safe(progress["curve"][-1])
-                )
-                bar.set_postfix(
-                    {f"valid_{run.select_metric}": f"{valid[run.select_metric]:.3f}", "loss": f"{loss:.3f}"}
-                )
-                best_valid = progress["best_valid"]
-                if _improved(valid, best_valid, config):
-                    # Paper parity keeps each figure's best separately, as the published loop does.
-                    progress["best_valid"] = (
-                        valid
-                        if best_valid is None or not run.paper_parity
-                        else {name: max(value, best_valid.get(name, -math.inf)) for name, value in valid.items()}
-                    )
-                    progress.update(best_epoch=epoch, stale=0, selected_valid=valid)
-                    best_state = copy.deepcopy(model.state_dict())
-                    save_recommender(model, config.model, best_dir, {"epoch": epoch, "protocol": progress["protocol"]})
-                else:
-                    progress["stale"] += 1
-                    stop = progress["stale"] >= run.patience
-            save_epoch_state(
-                run_dir / "checkpoints" / "last", model, config, {"model": optimizer}, schedulers, generator, progress
-            )
-            if stop:
-                logger.info(
-                    "early stop at epoch %d: validation has not improved for %d evaluations", epoch, progress["stale"]
-                )
-                break
-        model.load_state_dict(best_state)
-    else:  # nothing to train (most-popular): evaluate once
-        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": progress["protocol"]})
-        progress["selected_valid"] = evaluate_sequences(model, dataset, "valid", config, device)
+    """The engine over epochs (from ``resume_from`` if given); returns the selected epoch's validation and test
+    figures, the curve and timings."""
+    run, device = config.run, accelerator.device
+    model = build_recommender(config.model, dataset.n_users, dataset.n_items, _history_edges(dataset)).to(device)
+    task = NextItemTask(model, dataset, config, device)
+    best_dir = run_dir / "checkpoints" / BEST
+    if not task.trainable():  # nothing to train (most-popular): evaluate once
+        save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": task.record["protocol"]})
+        selected = {"epoch": 0, "valid": evaluate_sequences(model, dataset, "valid", config, device)}
+        fit = None
+    else:
+        steps_per_epoch = len(task.epoch_batches(0, accelerator))
+        fit = Engine(task, epoch_loop(run, steps_per_epoch), accelerator, config, run_dir).fit(resume_from)
+        model.load_state_dict(load_file(require_file(best_dir / "model.safetensors")))
+        selected = {"epoch": fit.best_step // steps_per_epoch, "valid": task.record["selected"]}
     test = evaluate_sequences(model, dataset, "test", config, device)
-    epoch_seconds = progress["epoch_seconds"]
-    samples = len(target_positions) * len(epoch_seconds)
+    epochs = fit.epochs if fit is not None else 0
+    seconds = fit.train_seconds if fit is not None else 0.0
     return {
-        "selected": {"epoch": progress["best_epoch"], "valid": progress["selected_valid"], "test": test},
-        "epochs_run": progress["epoch"],
-        "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None,
-        "train_samples_per_second": round(samples / sum(epoch_seconds), 1) if epoch_seconds else None,
-        "train_seconds": round(sum(epoch_seconds), 3),
+        "selected": {**selected, "test": test},
+        "epochs_run": epochs,
+        "seconds_per_epoch": round(seconds / epochs, 3) if epochs else None,
+        "train_samples_per_second": fit.samples_per_second if fit is not None else None,
+        "train_seconds": round(seconds, 3),
         "mixed_precision": run.mixed_precision,
         "checkpoint": str(best_dir),
-        "curve": progress["curve"],
+        "curve": fit.curve if fit is not None else [],
     }
 
 
@@ -278,58 +234,3 @@ def _batches(
     return (
         [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] if group_by_length else batches
     )
-
-
-def _epoch(
-    model: CollaborativeModel,
-    optimizer: torch.optim.Optimizer,
-    dataset: SequenceDataset,
-    history_starts: np.ndarray,
-    target_positions: np.ndarray,
-    run: RunConfig,
-    generator: torch.Generator,
-    device: torch.device,
-) -> float:
-    """One pass over the training prefixes; the mean loss (or the first non-finite one)."""
-    lengths = np.minimum(target_positions - history_starts, model.max_history)
-    total, steps = 0.0, 0
-    batches = _batches(lengths, run.batch_size, run.group_by_length and model.padding_invariant, generator)
-    for rows in tqdm(batches, desc="batches", leave=False, mininterval=30):  # an ML-1M epoch is ~2,000 batches
-        width = int(lengths[rows].max()) if model.padding_invariant else model.max_history
-        loss = training_step(
-            model,
-            optimizer,
-            dataset.items,
-            history_starts[rows],
-            target_positions[rows],
-            width,
-            run.mixed_precision == "bf16",
-            device,
-        )
-        if not math.isfinite(loss):  # the caller stops and names the checkpoint it keeps
-            return loss
-        total, steps = total + loss, steps + 1
-    return total / steps
-
-
-def training_step(
-    model: CollaborativeModel,
-    optimizer: torch.optim.Optimizer,
-    items: np.ndarray,
-    history_starts: np.ndarray,
-    target_positions: np.ndarray,
-    width: int,
-    bf16: bool,
-    device: torch.device,
-) -> float:
-    """One optimizer step on a batch of prefixes (left-padded to ``width``), the loss under bf16 autocast if
-    asked; returns the loss, and leaves the weights untouched when it is not finite."""
-    history = torch.as_tensor(left_padded(items, history_starts, target_positions, width), device=device)
-    target = torch.as_tensor(items[target_positions], device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = model.next_item_loss(history, target)
-    if torch.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return loss.item()
