@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -31,7 +32,7 @@ from minigpt4.recommenders import (
     load_recommender,
     write_recommender,
 )
-from minigpt4.training.engine import Engine, Loop, MicroBatch, Task, epoch_loop, shuffled_batches
+from minigpt4.training.engine import Engine, Loop, MicroBatch, Task, epoch_loop
 from minigpt4.training.run_folder import (
     BEST,
     choose_hardware,
@@ -137,10 +138,39 @@ class RatingTask(CollaborativeTask):
     def __init__(self, model: CollaborativeModel, train: RatingTensors, valid: DataLoader, config: Config) -> None:
         super().__init__(model, config)
         self.train, self.valid = train, valid
+        self._states = {0: torch.Generator().manual_seed(config.run.seed).get_state()}  # the stream before each epoch
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The epoch's row order as a shuffling DataLoader with a generator seeded by ``run.seed`` draws it, the
+        stream running on over the epochs (one seed draw and two permutations each): the order the published
+        configs' anchor figures were measured with, replayed from the start so a resumed run draws it too."""
+        known = max(start for start in self._states if start <= epoch)
+        generator = torch.Generator()
+        generator.set_state(self._states[known])
+        for done in range(known, epoch):
+            self._draw(generator)
+            self._states[done + 1] = generator.get_state()
+        return self._draw(generator)
+
+    def _draw(self, generator: torch.Generator) -> list[int]:
+        """One epoch's draws from the stream; the order."""
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's worker seed
+        order = torch.randperm(len(self.train), generator=generator).tolist()
+        torch.randperm(len(self.train), generator=generator)  # RandomSampler draws a second one at the epoch's end
+        return order
 
     def epoch_batches(self, epoch: int, accelerator: Accelerator) -> DataLoader:
-        """The epoch's seeded order, sharded over processes."""
-        return shuffled_batches(self.train, self.config.run.batch_size, self.config.run.seed, epoch, accelerator)
+        """The epoch's order, sharded over processes."""
+        loader = DataLoader(
+            self.train,
+            batch_size=self.config.run.batch_size,
+            sampler=self.epoch_order(epoch),
+            collate_fn=whole_batch,
+            generator=torch.Generator(),  # its worker-seed draw must not touch the global stream (dropout)
+        )
+        return prepare_data_loader(
+            loader, accelerator.device, accelerator.num_processes, accelerator.process_index, put_on_device=True
+        )
 
     def loss(self, model: nn.Module, batch: RatingBatch, where: MicroBatch) -> dict[str, torch.Tensor]:
         """The model's loss on the batch's labels."""
