@@ -28,7 +28,7 @@ from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
 from minigpt4.training.engine import Engine, MicroBatch, epoch_generator, epoch_loop
 from minigpt4.training.pretrain import CollaborativeTask
-from minigpt4.training.run_folder import BEST, epoch_resume, finish_run, logger, start_ranking_run
+from minigpt4.training.run_folder import BEST, finish_run, logger, start_ranking_run
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
 VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"
@@ -64,9 +64,8 @@ def evaluate_ranking(
 def pretrain_implicit(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a full-ranking model; returns the metrics."""
     dataset = load_implicit_dataset(config.datasets.path, config.datasets.modalities)
-    resume_from = epoch_resume(config, protocol_label(config))  # a bad resume folder fails before the run folder exists
-    model, run_dir, accelerator, hardware = start_ranking_run(
-        config, dataset.n_users, dataset.n_items, "full-ranking training"
+    model, resume_from, run_dir, accelerator, hardware = start_ranking_run(
+        config, dataset.n_users, dataset.n_items, "full-ranking training", protocol_label(config)
     )
     device = accelerator.device
     logger.info(

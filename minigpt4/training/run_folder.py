@@ -79,17 +79,19 @@ def open_run_folder(config: Config, state: PartialState, hardware: dict) -> Path
 
 
 def start_ranking_run(
-    config: Config, n_users: int, n_items: int, what: str
-) -> tuple[CollaborativeModel | None, Path, Accelerator, dict]:
+    config: Config, n_users: int, n_items: int, what: str, protocol: str
+) -> tuple[CollaborativeModel | None, Path | None, Path, Accelerator, dict]:
     """The common start of the full-ranking and leave-one-out runs: the checkpoint to evaluate (with
-    ``run.evaluate``; None otherwise), the run folder, the seeded process's Accelerator and the hardware record.
-    They run in one process; their losses take bf16 autocast themselves (``run.mixed_precision``), so the
-    Accelerator computes in fp32."""
+    ``run.evaluate``; None otherwise), the checkpoint to resume from (None when not resuming), the run folder,
+    the seeded process's Accelerator and the hardware record; a bad checkpoint or resume folder fails before the
+    run folder exists. They run in one process; their losses take bf16 autocast themselves
+    (``run.mixed_precision``), so the Accelerator computes in fp32."""
     model = None
     if config.run.evaluate:
         if config.run.ckpt is None:
             raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
         model = load_recommender(config.run.ckpt, config.model, n_users, n_items)
+    resume_from = epoch_resume(config, protocol)
     state = PartialState(cpu=config.run.cpu)
     if state.num_processes > 1:
         raise DiffRecError(f"{what} runs in one process (launch it without accelerate launch --num_processes)")
@@ -97,7 +99,7 @@ def start_ranking_run(
     run_dir = open_run_folder(config, state, hardware)
     accelerator = run_accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(run_dir))
     set_seed(config.run.seed)
-    return model, run_dir, accelerator, hardware
+    return model, resume_from, run_dir, accelerator, hardware
 
 
 def _point_latest(folder: Path) -> None:

@@ -40,7 +40,7 @@ from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.training.engine import Engine, Loop, MicroBatch, epoch_generator, epoch_loop
 from minigpt4.training.pretrain import CollaborativeTask
-from minigpt4.training.run_folder import BEST, epoch_resume, finish_run, logger, start_ranking_run
+from minigpt4.training.run_folder import BEST, finish_run, logger, start_ranking_run
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
@@ -89,9 +89,8 @@ def evaluate_sequences(
 def pretrain_sequential(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a next-item model; returns the metrics."""
     dataset = load_sequence_dataset(config.datasets.path)
-    resume_from = epoch_resume(config, protocol_label(config))  # a bad resume folder fails before the run folder exists
-    model, run_dir, accelerator, hardware = start_ranking_run(
-        config, dataset.n_users, dataset.n_items, "leave-one-out training"
+    model, resume_from, run_dir, accelerator, hardware = start_ranking_run(
+        config, dataset.n_users, dataset.n_items, "leave-one-out training", protocol_label(config)
     )
     device = accelerator.device
     logger.info(
