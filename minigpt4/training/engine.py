@@ -175,12 +175,10 @@ class Fit:
     model: nn.Module  # the prepared model, holding the final weights
     steps: int
     epochs: int  # completed epochs
-    best_step: int
-    best: dict | None  # the figures of the best evaluation (tasks that select)
+    best_step: int  # the step of the best evaluation (tasks that select; 0 otherwise)
     curve: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     samples_per_second: float = 0.0
-    steps_per_epoch: int = 1
 
 
 def shuffled_batches(
@@ -213,12 +211,11 @@ class Engine:
     def __init__(self, task: Task, loop: Loop, accelerator: Accelerator, config: Config, run_dir: Path) -> None:
         self.task, self.loop, self.accelerator, self.config = task, loop, accelerator, config
         self.checkpoints = run_dir / "checkpoints"
-        self.batches_per_epoch = 0  # set by fit
 
     def fit(self, resume_from: Path | None = None) -> Fit:
         """Train to ``loop.max_steps`` (or ``max_epochs``), from ``resume_from`` (a ``last`` folder) if given."""
         task, loop, accelerator = self.task, self.loop, self.accelerator
-        self.batches_per_epoch = batches_per_epoch = len(task.epoch_batches(0, accelerator))
+        batches_per_epoch = len(task.epoch_batches(0, accelerator))
         if batches_per_epoch == 0:
             raise DiffRecError(
                 f"{task.name}: the training rows fill no batch on {accelerator.num_processes} process(es)"
@@ -306,11 +303,9 @@ class Engine:
             steps=progress["step"],
             epochs=progress["epoch"],
             best_step=progress["best_step"],
-            best=progress["best"],
             curve=progress["curve"],
             train_seconds=round(seconds, 3),
             samples_per_second=round(progress["samples"] / seconds, 3) if seconds > 0 else math.nan,
-            steps_per_epoch=steps_per_epoch,
         )
 
     def _start_epoch(self, progress: dict) -> None:
