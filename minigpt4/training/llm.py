@@ -105,7 +105,9 @@ def train_llm(config: Config) -> dict:
                 "no evaluation produced a valid AUC (does the valid split hold both labels?); nothing to report"
             )
         model.load_weights(best_dir)
-        metrics = evaluate_all(fit.model, eval_loaders, accelerator, progress=True)
+        # The best checkpoint's valid figures are those of its evaluation: only the test split is scored again.
+        valid = task.record.get("best_valid")
+        metrics = evaluate_all(fit.model, eval_loaders, accelerator, progress=True, valid=valid)
         metrics.update(
             best_step=fit.best_step,
             steps_run=fit.steps,
@@ -127,6 +129,8 @@ class LLMTask(Task):
 
     def __init__(self, model: LLMRecommender, rows: PromptRows, valid: DataLoader, config: Config) -> None:
         self.name, self.model, self.rows, self.valid, self.config = config.model.mode, model, rows, valid, config
+        self.latest: dict | None = None  # the last evaluation's valid figures
+        self.record: dict = {}  # best_valid: the best evaluation's, so the end need not score valid again
 
     def epoch_batches(self, epoch: int, accelerator: Accelerator) -> DataLoader:
         """The epoch's seeded order, sharded over processes."""
@@ -138,8 +142,23 @@ class LLMTask(Task):
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Valid AUC and UAUC."""
-        valid = evaluate_split(model, self.valid, accelerator, "valid")
-        return {"valid_auc": valid["auc"], "valid_uauc": valid["uauc"]}
+        self.latest = evaluate_split(model, self.valid, accelerator, "valid")
+        return {"valid_auc": self.latest["auc"], "valid_uauc": self.latest["uauc"]}
+
+    def improved(self, figures: dict[str, float], best: dict[str, float] | None) -> bool:
+        """A better valid AUC; its valid figures are kept."""
+        if not super().improved(figures, best):
+            return False
+        self.record["best_valid"] = self.latest
+        return True
+
+    def state_dict(self) -> dict:
+        """The best evaluation's valid figures."""
+        return self.record
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore them."""
+        self.record = state
 
     def save_weights(self, folder: Path) -> None:
         """The adapter, collaborative modules and the config they were built from."""
