@@ -310,3 +310,14 @@ def test_raw_amazon_files(tmp_path, capsys):
     reviews.write_bytes(packed[: len(packed) // 2])  # a download cut short
     expect_one_line_error(argv, capsys, str(reviews), "not readable after line")
     assert not out.exists()
+
+
+def test_a_checkpoint_whose_config_json_is_not_json(tiny_dataset, mf_checkpoint, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(mf_checkpoint, checkpoint)
+    config = write_config(tmp_path, tiny_dataset, "mf")
+    argv = ["evaluate", "--cfg-path", str(config), "--options", f"run.ckpt={checkpoint}"]
+    for content in (b'{"model": {"arch": "mf"', b'{"model": "\xff"}'):
+        (checkpoint / "config.json").write_bytes(content)
+        expect_one_line_error(argv, capsys, str(checkpoint / "config.json"), "not valid JSON")
+    assert not (tmp_path / "runs").exists()
