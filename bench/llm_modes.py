@@ -38,12 +38,13 @@ from measure import emit, precision_label  # noqa: E402  (bench/measure.py)
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.collm import import_collm  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset  # noqa: E402
+from minigpt4.errors import DiffRecError  # noqa: E402
 from minigpt4.evaluation.ctr import frame_metrics  # noqa: E402
 from minigpt4.io import json_safe  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.training.llm import train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
-from minigpt4.training.run_folder import LAST, TRAINER_STATE  # noqa: E402
+from minigpt4.training.run_folder import resume_folder  # noqa: E402
 
 OUT = ROOT / "runs" / "bench_llm_modes"
 # TALLRec's stage-1 LoRA in CoLLM's published code: q and v projections.
@@ -91,18 +92,20 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict
         if stage1 is None:
             raise SystemExit(f"collm-published at seed {seed} needs the finished tallrec run of that seed first")
         options.append(f"model.collm.stage1={stage1['checkpoint']}")
-    if any((folder / run / "checkpoints" / LAST / TRAINER_STATE).is_file() for run in _runs(folder)):
+    if unfinished(folder):
         options.append("run.resume_from=latest")  # an earlier invocation stopped before the end
     metrics = train_llm(load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options))
     keys = (*FIGURES, "best_step", "steps_run", "train_seconds", "train_samples_per_second", "checkpoint", "curve")
     return {key: metrics[key] for key in keys} | {"precision": precision_label(metrics["hardware"]["precision"])}
 
 
-def _runs(folder: Path) -> list[str]:
-    """The run folders under an output folder."""
-    return (
-        [path.name for path in folder.iterdir() if path.is_dir() and not path.is_symlink()] if folder.is_dir() else []
-    )
+def unfinished(folder: Path) -> bool:
+    """Whether an earlier run under ``folder`` left a checkpoint to continue from (the trainers' own rule)."""
+    try:
+        resume_folder(Path("latest"), folder)
+    except DiffRecError:
+        return False
+    return True
 
 
 def table(results: dict) -> str:

@@ -260,22 +260,18 @@ class ImageTask(Task):
         load_training_weights(self.model, folder)
 
 
-@functools.lru_cache(maxsize=2)
-def _pass_order(count: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one pass, seeded by (seed, pass); drawn once per pass, not per micro-batch."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
-
-
+@functools.lru_cache(maxsize=4)
 def pass_batches(count: int, batch_size: int, seed: int, epoch: int, accelerator: Accelerator) -> list[list[int]]:
     """One pass's micro-batches of sample positions for this process: the pass's seeded order cut into
-    ``batch_size`` rows, every process taking its own (the rows that fill no micro-batch on all processes wait)."""
+    ``batch_size`` rows, every process taking its own (the rows that fill no micro-batch on all processes wait).
+    Drawn once per pass and kept (callers only read it)."""
     processes, process = accelerator.num_processes, accelerator.process_index
     per_pass = count // (batch_size * processes)
     if per_pass == 0:
         raise DiffRecError(
             f"{count} image samples cannot fill a micro-batch of {batch_size} on {processes} process(es)"
         )
-    order = _pass_order(count, seed, epoch)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
     return [
         order[(offset * processes + process) * batch_size : (offset * processes + process + 1) * batch_size].tolist()
         for offset in range(per_pass)

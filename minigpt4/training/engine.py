@@ -1,5 +1,5 @@
-"""The one training loop behind ``diffrec pretrain`` (rating shape) and ``diffrec train`` (LLM recommender,
-image generator, joint model).
+"""The one training loop behind ``diffrec pretrain`` (ratings, full ranking, sequences) and ``diffrec train``
+(LLM recommender, image generator, joint model).
 
 A trainer describes its workload as a :class:`Task`: the model, one epoch's micro-batches for this
 process, the loss of a micro-batch, how it is evaluated, how its weights are saved. The engine owns, once
@@ -10,7 +10,7 @@ steps with the best checkpoint and early stopping, the logged curve, and one che
 Checkpoints: ``checkpoints/last`` holds the Accelerate state (optimizer, scheduler, every process's random
 streams), the task's weights in their own format, ``config.yaml`` and ``trainer_state.json``; it is
 written as ``last.partial`` and renamed once complete. Tasks that select keep ``checkpoints/best`` (the
-weights and config of the best evaluation). ``run.resume_from`` (a ``last`` folder, or ``latest``)
+weights of the best evaluation). ``run.resume_from`` (a ``last`` folder, or ``latest``)
 continues mid-epoch with the same batches and noise, so a resumed run ends as the uninterrupted one.
 """
 
@@ -126,6 +126,10 @@ class Task(ABC):
         """Load what ``save_weights`` wrote (the model's ``load_weights``)."""
         self.model.load_weights(folder)
 
+    def batches_per_epoch(self, accelerator: Accelerator | None) -> int:
+        """How many micro-batches ``epoch_batches`` yields (tasks whose epochs are costly to draw compute it)."""
+        return len(self.epoch_batches(0, accelerator))
+
     def trainable(self) -> list[nn.Parameter]:
         """The parameters to optimize, in a fixed order."""
         return [param for _, param in sorted(self.model.named_parameters()) if param.requires_grad]
@@ -215,7 +219,7 @@ class Engine:
     def fit(self, resume_from: Path | None = None) -> Fit:
         """Train to ``loop.max_steps`` (or ``max_epochs``), from ``resume_from`` (a ``last`` folder) if given."""
         task, loop, accelerator = self.task, self.loop, self.accelerator
-        batches_per_epoch = len(task.epoch_batches(0, accelerator))
+        batches_per_epoch = task.batches_per_epoch(accelerator)
         if batches_per_epoch == 0:
             raise DiffRecError(
                 f"{task.name}: the training rows fill no batch on {accelerator.num_processes} process(es)"

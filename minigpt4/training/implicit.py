@@ -14,6 +14,7 @@ weights, the optimizer and evaluation stay fp32. Training is a task of the engin
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,10 @@ class RankingTask(CollaborativeTask):
         self.model.train()
         return self.model.prepare_epoch(self.context(epoch_generator(self.config.run.seed, epoch, 0)))
 
+    def batches_per_epoch(self, accelerator: Accelerator | None) -> int:
+        """One batch per ``run.batch_size`` training pairs (counted, not drawn: drawing samples every negative)."""
+        return math.ceil(len(self.users) / self.config.run.batch_size)
+
     def epoch_batches(self, epoch: int, accelerator: Accelerator) -> list[tuple[np.ndarray, ...]]:
         """Every training pair once with a fresh negative, shuffled, from the epoch's second stream."""
         generator = epoch_generator(self.config.run.seed, epoch, 1)
@@ -195,8 +200,7 @@ def _train(
         task.evaluate(model, accelerator)
         save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": task.record["protocol"]})
         return _results(config, task.record, 0, [], 0.0, best_dir)
-    steps_per_epoch = len(task.epoch_batches(0, accelerator))
-    loop = epoch_loop(run, steps_per_epoch)
+    loop = epoch_loop(run, task.batches_per_epoch(accelerator))
     fit = Engine(task, loop, accelerator, config, run_dir).fit(resume_from)
     return _results(config, task.record, fit.epochs, fit.curve, fit.train_seconds, best_dir)
 

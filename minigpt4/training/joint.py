@@ -336,7 +336,7 @@ class JointTask(Task):
         """The image pairs of micro-batch ``position``: passes over the pairs follow on by position, apart from
         the rating epochs."""
         count, size, seed = len(self.data.image_samples), self.config.model.joint.image_batch_size, self.config.run.seed
-        per_pass = len(pass_batches(count, size, seed, 0, self.accelerator))
+        per_pass = len(pass_batches(count, size, seed, 0, self.accelerator))  # every pass has as many (kept)
         image_pass, offset = divmod(position, per_pass)
         return pass_batches(count, size, seed, image_pass, self.accelerator)[offset]
 

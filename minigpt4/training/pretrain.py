@@ -50,14 +50,14 @@ def history_length(config: Config) -> int:
 
 
 def loaders(dataset: RatingDataset, config: Config, device: torch.device) -> dict[str, DataLoader]:
-    """Sequential evaluation loaders over device-resident splits."""
+    """Sequential evaluation loaders over the device-resident valid and test splits."""
     return {
         name: DataLoader(
-            RatingTensors(frame, history_length(config), device),
+            RatingTensors(dataset.splits[name], history_length(config), device),
             batch_size=config.run.eval_batch_size,
             collate_fn=whole_batch,
         )
-        for name, frame in dataset.splits.items()
+        for name in ("valid", "test")
     }
 
 
@@ -198,8 +198,9 @@ def _train(
     model = build_recommender(config.model, dataset.n_users, dataset.n_items, edges)
     train = RatingTensors(dataset.splits["train"], history_length(config), accelerator.device)
     task = RatingTask(model, train, split_loaders["valid"], config)
-    steps_per_epoch = len(task.epoch_batches(0, accelerator))
-    fit = Engine(task, epoch_loop(run, steps_per_epoch), accelerator, config, run_dir).fit(resume_from)
+    fit = Engine(task, epoch_loop(run, task.batches_per_epoch(accelerator)), accelerator, config, run_dir).fit(
+        resume_from
+    )
     best_dir = run_dir / "checkpoints" / BEST
     best_model = load_recommender(best_dir, config.model).to(accelerator.device)
     metrics = evaluate_all(best_model, split_loaders, accelerator)

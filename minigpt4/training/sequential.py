@@ -138,8 +138,12 @@ class NextItemTask(CollaborativeTask):
         run = self.config.run
         if not run.lr_step_epochs:
             return None
-        steps = run.lr_step_epochs * len(self.epoch_batches(0, None))
+        steps = run.lr_step_epochs * self.batches_per_epoch(None)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: run.lr_step_gamma ** (step // steps))
+
+    def batches_per_epoch(self, accelerator: Accelerator | None) -> int:
+        """One batch per ``run.batch_size`` training prefixes (counted, not drawn)."""
+        return math.ceil(len(self.lengths) / self.config.run.batch_size)
 
     def epoch_batches(self, epoch: int, accelerator: Accelerator | None) -> list[np.ndarray]:
         """The epoch's shuffled prefixes (grouped by length when the run asks and padding cannot matter)."""
@@ -196,7 +200,7 @@ def _train(
         selected = {"epoch": 0, "valid": evaluate_sequences(model, dataset, "valid", config, device)}
         fit = None
     else:
-        steps_per_epoch = len(task.epoch_batches(0, accelerator))
+        steps_per_epoch = task.batches_per_epoch(accelerator)
         fit = Engine(task, epoch_loop(run, steps_per_epoch), accelerator, config, run_dir).fit(resume_from)
         model.load_state_dict(load_file(require_file(best_dir / "model.safetensors")))
         selected = {"epoch": fit.best_step // steps_per_epoch, "valid": task.record["selected"]}
