@@ -192,8 +192,8 @@ def main() -> None:
     if not args.table:
         mf = teacher(results)
         results_path.write_text(json.dumps(results, indent=2))
-        for variant in args.variants:
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: every variant's first seed lands before any second seed
+            for variant in args.variants:
                 key = f"{variant}/seed{seed}"
                 if key in results:
                     continue

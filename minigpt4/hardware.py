@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from minigpt4.errors import DiffRecError
 
@@ -98,6 +99,21 @@ def resolve_mixed_precision(name: str, device: torch.device | str) -> str:
     if name != "auto":
         return name
     return "bf16" if native_bf16(device) else "no"
+
+
+def placed_devices(placement: object | None, cpu: bool, state: PartialState) -> tuple[torch.device, torch.device]:
+    """The LLM's and the image models' devices: ``run.devices`` (``.llm``, ``.image``) in one process, else the
+    process's own device twice."""
+    if placement is None:
+        return state.device, state.device
+    if state.num_processes > 1:
+        raise DiffRecError(
+            "run.devices places the two halves inside one process; with several processes leave it out "
+            "(each process takes its own device)"
+        )
+    if cpu and {placement.llm, placement.image} != {"cpu"}:
+        raise DiffRecError(f"run.cpu is true but run.devices names {placement.llm} and {placement.image}")
+    return torch.device(placement.llm), torch.device(placement.image)
 
 
 def configure_threads() -> dict:

@@ -39,7 +39,7 @@ from minigpt4.diffusion.generate import load_for_sampling
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.diffusion.sampling import generate_images
 from minigpt4.errors import DiffRecError
-from minigpt4.hardware import configure_threads
+from minigpt4.hardware import configure_threads, placed_devices
 from minigpt4.io import read_json
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, build_llm_recommender, prompt_rows
@@ -177,7 +177,7 @@ class DiffRec:
         quiet_loading()
         dataset = load_rating_dataset(config.datasets.path)
         model = config.model
-        llm_device, image_device = serving_devices(config)
+        llm_device, image_device = placed_devices(config.run.devices, config.run.cpu, PartialState(cpu=config.run.cpu))
         resolve_precision(config, llm_device, image_device)
         if isinstance(model, DiffRecConfig):
             from minigpt4.training.joint import build_diffrec
@@ -553,15 +553,6 @@ def check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DiffRecError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
-
-
-def serving_devices(config: Config) -> tuple[torch.device, torch.device]:
-    """The LLM's and the image models' devices: ``run.devices`` when set, else this process's device twice."""
-    placement = config.run.devices
-    if placement is not None:
-        return torch.device(placement.llm), torch.device(placement.image)
-    device = PartialState(cpu=config.run.cpu).device
-    return device, device
 
 
 def resolve_run(source: Path, options: list[str]) -> tuple[Config, Path]:

@@ -3,6 +3,7 @@ dtype wins, the choice lands in metrics.json, and CPU threads are shared out amo
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from test_llm import llm_config
 
 from minigpt4 import hardware
 from minigpt4.config import LLMConfig, PipelineConfig, load_config, resolve_precision
+from minigpt4.config.run import DevicePlacement
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.errors import DiffRecError
 from minigpt4.llm.loading import load_causal_lm
@@ -146,3 +148,16 @@ def test_threads_are_shared_among_local_processes(monkeypatch):
         assert hardware.configure_threads()["set_by"] == "OMP_NUM_THREADS" and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_placed_devices_follow_run_devices_in_one_process_only():
+    """run.devices splits the halves in one process; it is refused with several processes or against run.cpu."""
+    one = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    assert hardware.placed_devices(None, True, one) == (torch.device("cpu"), torch.device("cpu"))
+    both_cpu = DevicePlacement(llm="cpu", image="cpu")
+    assert hardware.placed_devices(both_cpu, True, one) == (torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(DiffRecError, match="run.cpu is true but run.devices names cuda:0 and cuda:1"):
+        hardware.placed_devices(DevicePlacement(), True, one)
+    two = SimpleNamespace(device=torch.device("cpu"), num_processes=2)
+    with pytest.raises(DiffRecError, match="several processes"):
+        hardware.placed_devices(both_cpu, True, two)

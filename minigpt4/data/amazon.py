@@ -71,7 +71,7 @@ def read_reviews(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
 
 
-def read_meta(path: Path) -> pd.DataFrame:
+def read_item_metadata(path: Path) -> pd.DataFrame:
     """Items (item, title, category) from a 2018 or 2023 metadata file."""
     rows = []
     for number, record in enumerate(read_json_lines(path), start=1):
@@ -90,7 +90,7 @@ def prepare_amazon(
     ratings = pd.concat([read_reviews(Path(p)) for p in reviews], ignore_index=True)
     # A user reviewing the same item twice keeps the first review, as one interaction.
     ratings = ratings.sort_values("timestamp", kind="stable").drop_duplicates(["user", "item"]).reset_index(drop=True)
-    items = pd.concat([read_meta(Path(p)) for p in metas], ignore_index=True).drop_duplicates("item")
+    items = pd.concat([read_item_metadata(Path(p)) for p in metas], ignore_index=True).drop_duplicates("item")
     untitled = set(ratings["item"]) - set(items.loc[items["title"] != "", "item"])
     if untitled:
         # Items without a title cannot be described to the LLM; they and their reviews are left out.

@@ -40,6 +40,7 @@ from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
+from minigpt4.hardware import placed_devices
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import reply_personalization, write_replies
@@ -213,20 +214,6 @@ def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, prog
     return JointData(prompts, samples, image_prompts, test_pairs, images)
 
 
-def _devices(config: Config, state: PartialState) -> tuple[torch.device, torch.device]:
-    """The LLM's and the image models' devices: ``run.devices`` in one process, else the process's device twice."""
-    placement = config.run.devices
-    if placement is None:
-        return state.device, state.device
-    if state.num_processes > 1:
-        raise DiffRecError(
-            "run.devices places the two halves inside one process; with several processes leave it out (each process takes its own device)"
-        )
-    if config.run.cpu and {placement.llm, placement.image} != {"cpu"}:
-        raise DiffRecError(f"run.cpu is true but run.devices names {placement.llm} and {placement.image}")
-    return torch.device(placement.llm), torch.device(placement.image)
-
-
 def train_diffrec(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) the joint model; returns the metrics."""
     run = config.run
@@ -243,7 +230,7 @@ def train_diffrec(config: Config) -> dict:
         raise DiffRecError(
             "a diffrec run ends by scoring its images and needs a CLIP scorer: set model.image.clip.path"
         )
-    devices = _devices(config, state)
+    devices = placed_devices(config.run.devices, config.run.cpu, state)
     hardware = choose_hardware(config, *devices)
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
     set_seed(run.seed)
