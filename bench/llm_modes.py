@@ -10,7 +10,8 @@ test split (7,331 rows: AUC, UAUC, warm, cold). The collaborative teacher is one
 Variants: `tallrec`; `collm` (ours: LoRA and one GELU MLP per side, trained together); `collm-published`
 (CoLLM's two stages: the same seed's TALLRec LoRA, frozen, and one shared ReLU MLP of 10 x 256); `cora`
 (ours: our generator plus a text LoRA); `cora-published` (CoRA's Q-former generator, unit-norm A, dropout
-0.05, fp32 update, no text LoRA).
+0.05, fp32 update, no text LoRA); `cora-published-product` (the same, its generator also reading the
+elementwise product of the user and item embeddings: an option measured against the published input).
 
 Runs are long and resumable: each (variant, seed) trains under runs/bench_llm_modes/<variant>/seed<seed>;
 invoking the script again continues an unfinished run from its newest checkpoint (`run.resume_from=latest`)
@@ -55,6 +56,10 @@ VARIANTS = {
     "collm-published": ("collm", [STAGE1_LORA, "model.collm.recipe=published", "model.collm.hidden=2560"]),
     "cora": ("cora", []),
     "cora-published": ("cora", ["model.cora.generator=published", "model.lora.enabled=false"]),
+    "cora-published-product": (
+        "cora",
+        ["model.cora.generator=published", "model.lora.enabled=false", "model.cora.generator_input=concat_product"],
+    ),
 }
 FIGURES = ("test", "test_warm", "test_cold", "valid")
 
@@ -111,7 +116,7 @@ def unfinished(folder: Path) -> bool:
 def table(results: dict) -> str:
     """Mean and spread over seeds of each variant's test figures, next to the teacher's."""
     lines = [
-        "| model | seeds | test AUC | test UAUC | warm AUC | cold AUC | best step | train s |",
+        "| model | seeds | test AUC | test UAUC | warm AUC | cold AUC | best step / steps run | wall s (training and evaluations) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     teacher_figures = results.get("teacher")
@@ -134,7 +139,7 @@ def table(results: dict) -> str:
             cell([run[split]["auc"] for run in runs]) if name != "uauc" else cell([run["test"]["uauc"] for run in runs])
             for split, name in (("test", "auc"), ("test", "uauc"), ("test_warm", "auc"), ("test_cold", "auc"))
         ]
-        steps = "/".join(str(run["best_step"]) for run in runs)
+        steps = ", ".join(f"{run['best_step']} / {run['steps_run']}" for run in runs)
         seconds = statistics.mean(run["train_seconds"] for run in runs)
         lines.append(f"| {variant} | {len(runs)} | {' | '.join(figures)} | {steps} | {seconds:.0f} |")
     return "\n".join(lines)

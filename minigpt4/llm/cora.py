@@ -96,9 +96,16 @@ def _features(module: nn.Module, attribute: str) -> int:
 class CoRA(nn.Module):
     """The generator plus one B per target linear, attached to ``model`` by forward hooks."""
 
-    def __init__(self, model: nn.Module, input_dim: int, config: CoRAConfig) -> None:
+    def __init__(self, model: nn.Module, user_dim: int, item_dim: int, config: CoRAConfig) -> None:
         super().__init__()
         targets = target_linears(model, config.target_modules)
+        self.with_product = config.generator_input == "concat_product"
+        if self.with_product and user_dim != item_dim:
+            raise DiffRecError(
+                f"model.cora.generator_input: concat_product needs user and item embeddings of one size; the "
+                f"collaborative model gives {user_dim} and {item_dim}"
+            )
+        input_dim = user_dim + item_dim + (user_dim if self.with_product else 0)
         hidden = {_features(module, "in_features") for module in targets.values()}
         if len(hidden) != 1:
             raise DiffRecError(f"CoRA shares one A across targets, so they need one input size; got {sorted(hidden)}")
@@ -118,9 +125,11 @@ class CoRA(nn.Module):
             module.register_forward_hook(self._hook(path.replace(".", "__"))) for path, module in targets.items()
         ]
 
-    def set_weights(self, collab: torch.Tensor) -> torch.Tensor:
-        """Generate A from concat(user, item) [B, input_dim] for the following forward (and its recomputation)."""
-        self.lora_a = self.generator(collab)
+    def set_weights(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """Generate A from the user's and item's embeddings [B, d] for the following forward (and its
+        recomputation)."""
+        parts = [user, item, user * item] if self.with_product else [user, item]
+        self.lora_a = self.generator(torch.cat(parts, dim=-1))
         return self.lora_a
 
     def remove(self) -> None:
@@ -135,7 +144,7 @@ class CoRA(nn.Module):
         def add_update(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             lora_a = self.lora_a
             if lora_a is None:
-                raise DiffRecError("CoRA weights are not set: call set_weights(collab embeddings) before the forward")
+                raise DiffRecError("CoRA weights are not set: call set_weights(user, item) before the forward")
             x = args[0]
             if x.shape[0] != lora_a.shape[0]:
                 raise DiffRecError(

@@ -182,7 +182,7 @@ class LLMRecommender(nn.Module):
             collab.requires_grad_(False).eval()
             user_dim, item_dim = collab_dims(collab)
             if config.mode == "cora":
-                self.cora = CoRA(self.llm, user_dim + item_dim, config.cora)
+                self.cora = CoRA(self.llm, user_dim, item_dim, config.cora)
             else:
                 self.projector = CoLLMProjector(
                     user_dim, item_dim, self.llm.get_input_embeddings().embedding_dim, config.collm
@@ -206,7 +206,7 @@ class LLMRecommender(nn.Module):
         if self.collab is not None:
             user, item = self.collab_embeddings(batch.rating)
             if self.cora is not None:
-                self.cora.set_weights(torch.cat([user, item], dim=-1))
+                self.cora.set_weights(user, item)
             else:
                 embeds = self.projector.place(embeds, user, item, batch.user_slot, batch.item_slot)
         return embeds
