@@ -100,13 +100,8 @@ class RankingTask(CollaborativeTask):
 
     def __init__(self, model: CollaborativeModel, dataset: ImplicitDataset, config: Config, device: torch.device):
         run = config.run
-        self.name, self.model, self.dataset, self.config, self.device = (
-            config.model.arch,
-            model,
-            dataset,
-            config,
-            device,
-        )
+        super().__init__(model, config)
+        self.dataset, self.device = dataset, device
         groups = {name: params for name, params in model.optimizer_groups().items() if params}
         self.params = groups.pop("model", [])
         self.own = {

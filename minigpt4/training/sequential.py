@@ -118,13 +118,8 @@ class NextItemTask(CollaborativeTask):
     """Next-item loss over every prefix of the training sequences; validation ranked at each evaluation."""
 
     def __init__(self, model: CollaborativeModel, dataset: SequenceDataset, config: Config, device: torch.device):
-        self.name, self.model, self.dataset, self.config, self.device = (
-            config.model.arch,
-            model,
-            dataset,
-            config,
-            device,
-        )
+        super().__init__(model, config)
+        self.dataset, self.device = dataset, device
         self.history_starts, self.target_positions = dataset.training_prefixes()
         self.lengths = np.minimum(self.target_positions - self.history_starts, model.max_history)
         self.trim = model.padding_invariant  # batches cut to their longest history (padding cannot change an output)
