@@ -136,7 +136,7 @@ def table(results: dict) -> str:
             return f"{statistics.mean(values):.4f}{spread}"
 
         figures = [
-            cell([run[split]["auc"] for run in runs]) if name != "uauc" else cell([run["test"]["uauc"] for run in runs])
+            cell([run[split][name] for run in runs])
             for split, name in (("test", "auc"), ("test", "uauc"), ("test_warm", "auc"), ("test_cold", "auc"))
         ]
         steps = ", ".join(f"{run['best_step']} / {run['steps_run']}" for run in runs)
