@@ -12,11 +12,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from minigpt4.errors import DiffRecError
-from minigpt4.serving import DiffRec, UserProfile
+from minigpt4.serving import DiffRec, GeneratedImage, UserProfile
+
+if TYPE_CHECKING:  # gradio and PIL load with the page, not with the package
+    import gradio as gr
+    from PIL import Image
 
 logger = logging.getLogger("diffrec")
 DATASET_USER, NEW_USER = "A user of the dataset", "A new user (items they liked)"
@@ -132,7 +137,7 @@ class DiffRecApp:
             return failure(err), None, ""
 
 
-def shown(image):
+def shown(image: Image.Image) -> Image.Image:
     """A small image scaled up (nearest neighbour) to at least 256 pixels, so a 64-pixel picture is visible."""
     from PIL import Image
 
@@ -140,7 +145,7 @@ def shown(image):
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
-def describe(drawn) -> str:
+def describe(drawn: GeneratedImage) -> str:
     """How a picture was drawn, in one line."""
     gate = f"alpha forced to {drawn.alpha:.2f}" if drawn.alpha_forced else f"learned alpha {drawn.alpha:.2f}"
     return f"“{drawn.instruction}”, seed {drawn.seed}, {gate}"
@@ -154,7 +159,7 @@ def failure(err: Exception) -> str:
     return message(f"Internal error ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'})")
 
 
-def build_app(served: DiffRec):
+def build_app(served: DiffRec) -> gr.Blocks:
     """The Gradio Blocks page."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -221,7 +226,7 @@ def build_app(served: DiffRec):
     return page.queue(default_concurrency_limit=1)
 
 
-def launch(served: DiffRec, host: str = "127.0.0.1", port: int = 7860, block: bool = False):
+def launch(served: DiffRec, host: str = "127.0.0.1", port: int = 7860, block: bool = False) -> gr.Blocks:
     """Start the page; returns the Blocks (with ``block`` False the server runs in the background)."""
     page = build_app(served)
     page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False, quiet=not block)

@@ -45,10 +45,12 @@ class ImplicitDataset:
 
     @property
     def n_users(self) -> int:
+        """Users in the catalogue."""
         return self.matrices["train"].shape[0]
 
     @property
     def n_items(self) -> int:
+        """Items in the catalogue."""
         return self.matrices["train"].shape[1]
 
 

@@ -41,10 +41,12 @@ class SequenceDataset:
 
     @property
     def n_users(self) -> int:
+        """Users in the catalogue."""
         return int(self.meta["n_users"])
 
     @property
     def n_items(self) -> int:
+        """Items in the catalogue."""
         return int(self.meta["n_items"])
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from minigpt4.config import PipelineConfig
@@ -9,11 +11,14 @@ from minigpt4.errors import DiffRecError
 from minigpt4.hardware import resolve_dtype
 from minigpt4.io import read_json
 
+if TYPE_CHECKING:  # diffusers' pipelines load on first use
+    from diffusers import StableDiffusion3Pipeline
+
 # Components a published SD3 folder may leave out; the pipeline takes None for them.
 OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
 
 
-def load_sd3_pipeline(config: PipelineConfig, device: torch.device | str = "cpu"):
+def load_sd3_pipeline(config: PipelineConfig, device: torch.device | str = "cpu") -> StableDiffusion3Pipeline:
     """A ``StableDiffusion3Pipeline`` from a local folder, with dtype, device, offload and VAE options applied."""
     from diffusers import StableDiffusion3Pipeline
 

@@ -5,6 +5,7 @@ rectified-flow objective of diffusers' SD3 LoRA trainer (logit-normal timesteps 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -22,6 +23,9 @@ from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.diffusion.fusion import AdaptiveFusion, FusedConditioning
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel
+
+if TYPE_CHECKING:  # for annotations only: the pipeline classes are heavy to import
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FUSION_FILE = "fusion.safetensors"
@@ -190,14 +194,16 @@ class PersonalizedSD3(nn.Module):
         self.fusion.load_state_dict(state)
 
 
-def sample_latents(vae, parameters: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_latents(
+    vae: AutoencoderKL, parameters: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Latents drawn from a VAE's cached distribution parameters, shifted and scaled as the transformer expects."""
     sample = DiagonalGaussianDistribution(parameters).sample(generator)
     return (sample - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 def flow_matching_loss(
-    transformer,
+    transformer: SD3Transformer2DModel,
     scheduler: FlowMatchEulerDiscreteScheduler,
     flow: FlowMatchingConfig,
     latents: torch.Tensor,
@@ -236,7 +242,9 @@ def flow_matching_loss(
     return (weighting * (prediction - target) ** 2).reshape(len(latents), -1).mean(1).mean()
 
 
-def load_personalized(config: SD3Config, pipeline, collab: CollaborativeModel, ckpt: Path) -> PersonalizedSD3:
+def load_personalized(
+    config: SD3Config, pipeline: StableDiffusion3Pipeline, collab: CollaborativeModel, ckpt: Path
+) -> PersonalizedSD3:
     """A plain pipeline with a checkpoint's LoRA loaded through diffusers' ``load_lora_weights`` and its fusion."""
     lora = ckpt / LORA_FILE
     if not lora.is_file():
