@@ -146,7 +146,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Valid AUC against optimizer steps for every run (one colour per variant)."""
+    """Valid AUC against optimizer steps for every run (one colour per variant, a dot at the selected step)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,6 +161,7 @@ def plot(results: dict, path: Path) -> None:
             continue
         points = [(point["step"], point["valid_auc"]) for point in run["curve"] if point.get("valid_auc") is not None]
         axis.plot(*zip(*points), color=colours[variant], label=None if variant in labelled else variant, alpha=0.8)
+        axis.plot(run["best_step"], run["valid"]["auc"], "o", color=colours[variant])  # the selected checkpoint
         labelled.add(variant)
     if "teacher" in results:
         axis.axhline(
