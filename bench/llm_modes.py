@@ -113,30 +113,30 @@ def unfinished(folder: Path) -> bool:
     return True
 
 
+def mean_and_spread(values: list[float | None]) -> str:
+    """One table cell: the mean over seeds, ± their standard deviation from two seeds on; missing figures left out."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return "missing"
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.4f}{spread}"
+
+
 def table(results: dict) -> str:
     """Mean and spread over seeds of each variant's test figures, next to the teacher's."""
     lines = [
         "| model | seeds | test AUC | test UAUC | warm AUC | cold AUC | best step / steps run | wall s (training and evaluations) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    teacher_figures = results.get("teacher")
-    if teacher_figures:
-        test = teacher_figures
-        lines.append(f"| MF teacher | - | {test['test']['auc']:.4f} | {test['test']['uauc']:.4f} | {test['test_warm']['auc']:.4f} | {test['test_cold']['auc']:.4f} | - | - |")  # fmt: skip
+    mf = results.get("teacher")
+    if mf:
+        lines.append(f"| MF teacher | - | {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} | {mf['test_warm']['auc']:.4f} | {mf['test_cold']['auc']:.4f} | - | - |")  # fmt: skip
     for variant in VARIANTS:
         runs = [value for key, value in sorted(results.items()) if key.startswith(f"{variant}/seed")]
         if not runs:
             continue
-
-        def cell(values: list[float | None]) -> str:
-            values = [v for v in values if v is not None]
-            if not values:
-                return "missing"
-            spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-            return f"{statistics.mean(values):.4f}{spread}"
-
         figures = [
-            cell([run[split][name] for run in runs])
+            mean_and_spread([run[split][name] for run in runs])
             for split, name in (("test", "auc"), ("test", "uauc"), ("test_warm", "auc"), ("test_cold", "auc"))
         ]
         steps = ", ".join(f"{run['best_step']} / {run['steps_run']}" for run in runs)
