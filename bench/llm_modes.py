@@ -100,7 +100,16 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict
     if unfinished(folder):
         options.append("run.resume_from=latest")  # an earlier invocation stopped before the end
     metrics = train_llm(load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options))
-    keys = (*FIGURES, "best_step", "steps_run", "train_seconds", "train_samples_per_second", "checkpoint", "curve")
+    keys = (
+        *FIGURES,
+        "best_step",
+        "steps_run",
+        "train_seconds",
+        "evaluation_seconds",
+        "train_samples_per_second",
+        "checkpoint",
+        "curve",
+    )
     return {key: metrics[key] for key in keys} | {"precision": precision_label(metrics["hardware"]["precision"])}
 
 
@@ -113,24 +122,26 @@ def unfinished(folder: Path) -> bool:
     return True
 
 
-def mean_and_spread(values: list[float | None]) -> str:
-    """One table cell: the mean over seeds, ± their standard deviation from two seeds on; missing figures left out."""
-    values = [value for value in values if value is not None]
-    if not values:
+def mean_and_spread(values: list[float | None], digits: int = 4) -> str:
+    """One table cell: the mean over seeds, ± their standard deviation from two seeds on; missing figures left out
+    and counted."""
+    known = [value for value in values if value is not None]
+    if not known:
         return "missing"
-    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.4f}{spread}"
+    spread = f" ± {statistics.stdev(known):.{digits}f}" if len(known) > 1 else ""
+    counted = f" ({len(known)} of {len(values)} runs)" if len(known) < len(values) else ""
+    return f"{statistics.mean(known):.{digits}f}{spread}{counted}"
 
 
 def table(results: dict) -> str:
     """Mean and spread over seeds of each variant's test figures, next to the teacher's."""
     lines = [
-        "| model | seeds | test AUC | test UAUC | warm AUC | cold AUC | best step / steps run | wall s (training and evaluations) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | seeds | test AUC | test UAUC | warm AUC | cold AUC | best step / steps run | training s | wall s (with evaluations) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     mf = results.get("teacher")
     if mf:
-        lines.append(f"| MF teacher | - | {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} | {mf['test_warm']['auc']:.4f} | {mf['test_cold']['auc']:.4f} | - | - |")  # fmt: skip
+        lines.append(f"| MF teacher | - | {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} | {mf['test_warm']['auc']:.4f} | {mf['test_cold']['auc']:.4f} | - | - | - |")  # fmt: skip
     for variant in VARIANTS:
         runs = [value for key, value in sorted(results.items()) if key.startswith(f"{variant}/seed")]
         if not runs:
@@ -140,8 +151,16 @@ def table(results: dict) -> str:
             for split, name in (("test", "auc"), ("test", "uauc"), ("test_warm", "auc"), ("test_cold", "auc"))
         ]
         steps = ", ".join(f"{run['best_step']} / {run['steps_run']}" for run in runs)
-        seconds = statistics.mean(run["train_seconds"] for run in runs)
-        lines.append(f"| {variant} | {len(runs)} | {' | '.join(figures)} | {steps} | {seconds:.0f} |")
+        # Runs resumed from checkpoints written before evaluations were timed have no training-only figure.
+        training = mean_and_spread(
+            [
+                None if run.get("evaluation_seconds") is None else run["train_seconds"] - run["evaluation_seconds"]
+                for run in runs
+            ],
+            digits=0,
+        )
+        wall = mean_and_spread([run["train_seconds"] for run in runs], digits=0)
+        lines.append(f"| {variant} | {len(runs)} | {' | '.join(figures)} | {steps} | {training} | {wall} |")
     return "\n".join(lines)
 
 

@@ -298,6 +298,7 @@ def test_train_then_evaluate_the_checkpoint(mode, tiny_llm, tiny_dataset, mf_che
     trained = last_json_line(capsys.readouterr().out)
     run_dir = Path(trained["run_dir"])
     assert trained["model"] == f"llmrec/{mode}" and trained["steps_run"] == 4
+    assert 0 < trained["evaluation_seconds"] < trained["train_seconds"]
     assert [point["step"] for point in json.loads((run_dir / "metrics.json").read_text())["curve"]] == [2, 4]
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best", "last"}
     assert {p.name for p in (run_dir / "checkpoints" / "last").iterdir()} >= {
@@ -375,6 +376,14 @@ def test_resume_continues_where_the_checkpoint_left_off(
     assert resumed["steps_run"] == 6 and [point["step"] for point in curve] == [2, 4, 6]
     for split in ("valid", "test"):
         assert resumed[split] == pytest.approx(straight[split], abs=1e-6)
+    assert resumed["evaluation_seconds"] > 0
+    # A checkpoint written before evaluations were timed resumes too; their share is then unknown, not zero.
+    state = json.loads((resume / TRAINER_STATE).read_text())
+    del state["evaluation_seconds"]
+    (resume / TRAINER_STATE).write_text(json.dumps(state))
+    assert main(["train", "--cfg-path", str(path), "--options", f"run.resume_from={resume}"]) == 0
+    untimed = last_json_line(capsys.readouterr().out)
+    assert untimed["evaluation_seconds"] is None and untimed["test"] == pytest.approx(straight["test"], abs=1e-6)
 
 
 def test_reply_is_seeded_and_uses_the_checkpoint(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):

@@ -181,7 +181,8 @@ class Fit:
     epochs: int  # completed epochs
     best_step: int  # the step of the best evaluation (tasks that select; 0 otherwise)
     curve: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the whole loop's wall time, evaluations included
+    evaluation_seconds: float | None = 0.0  # their share; None when resumed from a checkpoint that did not time them
     samples_per_second: float = 0.0
 
 
@@ -247,11 +248,12 @@ class Engine:
         self._register_hooks()
         # ``sums`` holds the loss sums since the last curve point, so a resumed run's curve matches too.
         progress = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "samples": 0, "seconds": 0.0}
-        progress |= {"best": None, "best_step": 0, "stale": 0, "sums": {}, "curve": []}
+        progress |= {"evaluation_seconds": 0.0, "best": None, "best_step": 0, "stale": 0, "sums": {}, "curve": []}
         if resume_from is not None:
             accelerator.load_state(str(resume_from))
             progress = read_json(resume_from / TRAINER_STATE, dict)
             task.load_state_dict(progress.get("task", {}))
+            progress.setdefault("evaluation_seconds", None)  # written before evaluations were timed: unknown
             if accelerator.is_main_process and (resume_from.parent / BEST).is_dir():
                 shutil.copytree(resume_from.parent / BEST, self.checkpoints / BEST, dirs_exist_ok=True)
             accelerator.wait_for_everyone()
@@ -300,7 +302,7 @@ class Engine:
                     stop = True
                     break
         bar.close()
-        seconds = time.perf_counter() - started
+        seconds, evaluation = time.perf_counter() - started, progress["evaluation_seconds"]
         accelerator.wait_for_everyone()
         return Fit(
             model=model,
@@ -309,6 +311,7 @@ class Engine:
             best_step=progress["best_step"],
             curve=progress["curve"],
             train_seconds=round(seconds, 3),
+            evaluation_seconds=None if evaluation is None else round(evaluation, 3),
             samples_per_second=round(progress["samples"] / seconds, 3) if seconds > 0 else math.nan,
         )
 
@@ -378,9 +381,11 @@ class Engine:
 
     def _evaluate(self, model: nn.Module, progress: dict, started: float) -> bool:
         """Evaluate, log the curve point, keep the best checkpoint; True when patience ran out."""
-        task = self.task
+        task, began = self.task, time.perf_counter()
         figures = task.evaluate(model, self.accelerator)
         model.train()
+        if progress["evaluation_seconds"] is not None:
+            progress["evaluation_seconds"] += time.perf_counter() - began
         self._curve_point(progress, started, figures)
         if task.select is None:
             return False

@@ -112,6 +112,7 @@ def train_llm(config: Config) -> dict:
             best_step=fit.best_step,
             steps_run=fit.steps,
             train_seconds=fit.train_seconds,
+            evaluation_seconds=fit.evaluation_seconds,
             train_samples_per_second=fit.samples_per_second,
             checkpoint=str(best_dir),
             curve=fit.curve,
