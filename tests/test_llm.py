@@ -299,6 +299,8 @@ def test_train_then_evaluate_the_checkpoint(mode, tiny_llm, tiny_dataset, mf_che
     run_dir = Path(trained["run_dir"])
     assert trained["model"] == f"llmrec/{mode}" and trained["steps_run"] == 4
     assert 0 < trained["evaluation_seconds"] < trained["train_seconds"]
+    training_seconds = trained["train_seconds"] - trained["evaluation_seconds"]  # 4 steps of 8 rows, evaluations apart
+    assert trained["train_samples_per_second"] * training_seconds == pytest.approx(4 * 8, rel=0.02)
     assert [point["step"] for point in json.loads((run_dir / "metrics.json").read_text())["curve"]] == [2, 4]
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best", "last"}
     assert {p.name for p in (run_dir / "checkpoints" / "last").iterdir()} >= {
@@ -383,7 +385,8 @@ def test_resume_continues_where_the_checkpoint_left_off(
     (resume / TRAINER_STATE).write_text(json.dumps(state))
     assert main(["train", "--cfg-path", str(path), "--options", f"run.resume_from={resume}"]) == 0
     untimed = last_json_line(capsys.readouterr().out)
-    assert untimed["evaluation_seconds"] is None and untimed["test"] == pytest.approx(straight["test"], abs=1e-6)
+    assert untimed["evaluation_seconds"] is None and untimed["train_samples_per_second"] is None
+    assert untimed["test"] == pytest.approx(straight["test"], abs=1e-6)
 
 
 def test_reply_is_seeded_and_uses_the_checkpoint(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):

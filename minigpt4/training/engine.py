@@ -183,7 +183,7 @@ class Fit:
     curve: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0  # the whole loop's wall time, evaluations included
     evaluation_seconds: float | None = 0.0  # their share; None when resumed from a checkpoint that did not time them
-    samples_per_second: float = 0.0
+    samples_per_second: float | None = 0.0  # training samples over the loop less its evaluations; None as above
 
 
 def shuffled_batches(
@@ -312,7 +312,11 @@ class Engine:
             curve=progress["curve"],
             train_seconds=round(seconds, 3),
             evaluation_seconds=None if evaluation is None else round(evaluation, 3),
-            samples_per_second=round(progress["samples"] / seconds, 3) if seconds > 0 else math.nan,
+            samples_per_second=(
+                round(progress["samples"] / (seconds - evaluation), 3)
+                if evaluation is not None and seconds > evaluation
+                else None
+            ),
         )
 
     def _start_epoch(self, progress: dict) -> None:
