@@ -16,7 +16,7 @@ elementwise product of the user and item embeddings: an option measured against 
 Runs are long and resumable: each (variant, seed) trains under runs/bench_llm_modes/<variant>/seed<seed>;
 invoking the script again continues an unfinished run from its newest checkpoint (`run.resume_from=latest`)
 and skips finished ones. Prints one JSON line per run and per teacher, then a Markdown table (mean and
-spread over seeds); everything lands in runs/bench_llm_modes/results.json.
+spread over seeds) and, seed by seed, CoRA-published less CoLLM; everything lands in runs/bench_llm_modes/results.json.
 
     python bench/llm_modes.py --variants cora-published collm --seeds 0 1 2
     python bench/llm_modes.py --table        # only the table and the curves' figure, from results.json
@@ -62,6 +62,7 @@ VARIANTS = {
     ),
 }
 FIGURES = ("test", "test_warm", "test_cold", "valid")
+CLAIM = ("cora-published", "collm")  # the pair whose ordering the benchmark is for, compared seed by seed
 
 
 def teacher(results: dict) -> Path:
@@ -164,6 +165,33 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def paired(results: dict, first: str, second: str) -> str:
+    """``first`` less ``second`` in test AUC and UAUC on each seed both ran (same teacher, selection and test
+    rows), their mean, and on how many seeds ``first`` leads; empty when they share no seed."""
+    seeds = sorted(
+        int(key.split("/seed")[1])
+        for key in results
+        if key.startswith(f"{first}/seed") and f"{second}/seed{key.split('/seed')[1]}" in results
+    )
+    if not seeds:
+        return ""
+    gaps = {
+        name: [
+            results[f"{first}/seed{seed}"]["test"][name] - results[f"{second}/seed{seed}"]["test"][name]
+            for seed in seeds
+        ]
+        for name in ("auc", "uauc")
+    }
+    per_seed = "; ".join(f"seed {seed} {gaps['auc'][i]:+.4f} / {gaps['uauc'][i]:+.4f}" for i, seed in enumerate(seeds))
+    leads = ", ".join(
+        f"{name.upper()} {sum(gap > 0 for gap in values)} of {len(seeds)}" for name, values in gaps.items()
+    )
+    means = " / ".join(f"{statistics.mean(values):+.4f}" for values in gaps.values())
+    return (
+        f"{first} less {second}, test AUC / UAUC on the same seeds: {per_seed}; mean {means}; {first} leads on {leads}"
+    )
+
+
 def plot(results: dict, path: Path) -> None:
     """Valid AUC against optimizer steps for every run (one colour per variant, a dot at the selected step)."""
     import matplotlib
@@ -231,6 +259,7 @@ def main() -> None:
                 )
                 results_path.write_text(json.dumps(results, indent=2))
     print(table(results))
+    print(paired(results, *CLAIM))
     if any("/seed" in key for key in results):
         plot(results, args.figure)
 
