@@ -168,11 +168,8 @@ def table(results: dict) -> str:
 def paired(results: dict, first: str, second: str) -> str:
     """``first`` less ``second`` in test AUC and UAUC on each seed both ran (same teacher, selection and test
     rows), their mean, and on how many seeds ``first`` leads; empty when they share no seed."""
-    seeds = sorted(
-        int(key.split("/seed")[1])
-        for key in results
-        if key.startswith(f"{first}/seed") and f"{second}/seed{key.split('/seed')[1]}" in results
-    )
+    seeds = sorted(int(key.split("/seed")[1]) for key in results if key.startswith(f"{first}/seed"))
+    seeds = [seed for seed in seeds if f"{second}/seed{seed}" in results]
     if not seeds:
         return ""
     gaps = {
