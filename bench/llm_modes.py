@@ -144,7 +144,7 @@ def table(results: dict) -> str:
     if mf:
         lines.append(f"| MF teacher | - | {mf['test']['auc']:.4f} | {mf['test']['uauc']:.4f} | {mf['test_warm']['auc']:.4f} | {mf['test_cold']['auc']:.4f} | - | - | - |")  # fmt: skip
     for variant in VARIANTS:
-        runs = [value for key, value in sorted(results.items()) if key.startswith(f"{variant}/seed")]
+        runs = [run for _, run in sorted(seeds_of(results, variant).items())]
         if not runs:
             continue
         figures = [
@@ -165,20 +165,19 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def seeds_of(results: dict, variant: str) -> dict[int, dict]:
+    """The finished runs of ``variant``, by seed."""
+    return {int(key.split("/seed")[1]): run for key, run in results.items() if key.startswith(f"{variant}/seed")}
+
+
 def paired(results: dict, first: str, second: str) -> str:
     """``first`` less ``second`` in test AUC and UAUC on each seed both ran (same teacher, selection and test
     rows), their mean, and on how many seeds ``first`` leads; empty when they share no seed."""
-    seeds = sorted(int(key.split("/seed")[1]) for key in results if key.startswith(f"{first}/seed"))
-    seeds = [seed for seed in seeds if f"{second}/seed{seed}" in results]
+    ones, others = seeds_of(results, first), seeds_of(results, second)
+    seeds = sorted(ones.keys() & others.keys())
     if not seeds:
         return ""
-    gaps = {
-        name: [
-            results[f"{first}/seed{seed}"]["test"][name] - results[f"{second}/seed{seed}"]["test"][name]
-            for seed in seeds
-        ]
-        for name in ("auc", "uauc")
-    }
+    gaps = {name: [ones[seed]["test"][name] - others[seed]["test"][name] for seed in seeds] for name in ("auc", "uauc")}
     per_seed = "; ".join(f"seed {seed} {gaps['auc'][i]:+.4f} / {gaps['uauc'][i]:+.4f}" for i, seed in enumerate(seeds))
     leads = ", ".join(
         f"{name.upper()} {sum(gap > 0 for gap in values)} of {len(seeds)}" for name, values in gaps.items()
