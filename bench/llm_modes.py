@@ -16,10 +16,14 @@ elementwise product of the user and item embeddings: an option measured against 
 Runs are long and resumable: each (variant, seed) trains under runs/bench_llm_modes/<variant>/seed<seed>;
 invoking the script again continues an unfinished run from its newest checkpoint (`run.resume_from=latest`)
 and skips finished ones. Prints one JSON line per run and per teacher, then a Markdown table (mean and
-spread over seeds) and, seed by seed, CoRA-published less CoLLM; everything lands in runs/bench_llm_modes/results.json.
+spread over seeds) and, seed by seed, CoRA-published less CoLLM. The figures of every finished run land in
+bench/results/llm_modes.json, which is kept in the repository: run folders do not outlive their machine, the
+record does. New runs join it only with the teacher its runs had (the same test figures): a missing teacher
+checkpoint is trained again, or given with --teacher, and checked against the record.
 
     python bench/llm_modes.py --variants cora-published collm --seeds 0 1 2
-    python bench/llm_modes.py --table        # only the table and the curves' figure, from results.json
+    python bench/llm_modes.py --table        # only the table, from the record
+    python bench/llm_modes.py --table --figure docs/images/llm_modes_curves.png   # and the valid-AUC curves
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from minigpt4.training.pretrain import pretrain  # noqa: E402
 from minigpt4.training.run_folder import resume_folder  # noqa: E402
 
 OUT = ROOT / "runs" / "bench_llm_modes"
+RECORD = ROOT / "bench" / "results" / "llm_modes.json"
 # TALLRec's stage-1 LoRA in CoLLM's published code: q and v projections.
 STAGE1_LORA = "model.lora={r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}"
 VARIANTS = {
@@ -65,21 +70,38 @@ FIGURES = ("test", "test_warm", "test_cold", "valid")
 CLAIM = ("cora-published", "collm")  # the pair whose ordering the benchmark is for, compared seed by seed
 
 
-def teacher(results: dict) -> Path:
-    """The MF teacher's checkpoint (trained once), scored on the whole test split."""
+def teacher(results: dict, given: Path | None) -> Path:
+    """The MF teacher's checkpoint: the recorded one when it is on disk, else ``given`` or one trained here, which
+    must score on the whole test split as the recorded teacher did."""
+    recorded = results.get("teacher")
+    if given is None and recorded and recorded["checkpoint"] and (ROOT / recorded["checkpoint"]).is_dir():
+        return ROOT / recorded["checkpoint"]
     config = load_config(
         ROOT / "train_configs" / "mf_collm_ml1m.yaml", ["run.cpu=true", f"run.output_dir={OUT / 'mf'}"]
     )
     if not (config.datasets.path / "meta.json").is_file():
         shared = Path(os.environ.get("DIFFREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "collm-ml-1m"
         save_rating_dataset(config.datasets.path, *import_collm(shared))
-    if "teacher" not in results:
-        metrics = pretrain(config)
-        test = load_rating_dataset(config.datasets.path).splits["test"]
-        scored = frame_metrics(load_recommender(Path(metrics["checkpoint"])), test)
-        results["teacher"] = json_safe({"checkpoint": metrics["checkpoint"], "valid": metrics["valid"], **scored})
-        emit("float32", bench="llm_modes", model="mf_teacher", **results["teacher"])
-    return Path(results["teacher"]["checkpoint"])
+    checkpoint = given.resolve() if given else Path(pretrain(config)["checkpoint"])
+    model, splits = load_recommender(checkpoint), load_rating_dataset(config.datasets.path).splits
+    scored = frame_metrics(model, splits["test"])
+    if recorded and abs(scored["test"]["auc"] - recorded["test"]["auc"]) > 1e-6:
+        raise DiffRecError(
+            f"{RECORD.relative_to(ROOT)}: its runs used an MF teacher with test AUC {recorded['test']['auc']:.4f}, "
+            f"{checkpoint} scores {scored['test']['auc']:.4f}; pass that teacher's checkpoint with --teacher, "
+            "or move the record aside to start a new one"
+        )
+    valid = frame_metrics(model, splits["valid"])["test"]  # all valid rows (frame_metrics names them test)
+    results["teacher"] = json_safe({"checkpoint": portable(checkpoint), "valid": valid, **scored})
+    emit("float32", bench="llm_modes", model="mf_teacher", **results["teacher"])
+    return checkpoint
+
+
+def portable(path: Path | str) -> str:
+    """``path`` relative to the repository when it lies inside it, so that the record reads the same on every
+    clone."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict, mf: Path) -> dict:
@@ -95,9 +117,11 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict
         options.append(f"model.collab.ckpt={mf}")
     if variant == "collm-published":
         stage1 = results.get(f"tallrec/seed{seed}")
-        if stage1 is None:
-            raise SystemExit(f"collm-published at seed {seed} needs the finished tallrec run of that seed first")
-        options.append(f"model.collm.stage1={stage1['checkpoint']}")
+        if stage1 is None or not stage1["checkpoint"] or not (ROOT / stage1["checkpoint"]).is_dir():
+            raise DiffRecError(
+                f"collm-published at seed {seed} needs the tallrec run of that seed, finished on this disk"
+            )
+        options.append(f"model.collm.stage1={ROOT / stage1['checkpoint']}")
     if unfinished(folder):
         options.append("run.resume_from=latest")  # an earlier invocation stopped before the end
     metrics = train_llm(load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options))
@@ -111,7 +135,10 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict
         "checkpoint",
         "curve",
     )
-    return {key: metrics[key] for key in keys} | {"precision": precision_label(metrics["hardware"]["precision"])}
+    return {key: metrics[key] for key in keys} | {
+        "checkpoint": portable(metrics["checkpoint"]),
+        "precision": precision_label(metrics["hardware"]["precision"]),
+    }
 
 
 def unfinished(folder: Path) -> bool:
@@ -200,7 +227,7 @@ def plot(results: dict, path: Path) -> None:
     labelled = set()
     for key, run in sorted(results.items()):
         variant = key.split("/")[0]
-        if variant not in VARIANTS:
+        if variant not in VARIANTS or not run["curve"]:  # runs recorded from the docs kept no curve
             continue
         points = [(point["step"], point["valid_auc"]) for point in run["curve"] if point.get("valid_auc") is not None]
         axis.plot(*zip(*points), color=colours[variant], label=None if variant in labelled else variant, alpha=0.8)
@@ -232,15 +259,23 @@ def main() -> None:
     )
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--options", nargs="*", default=[], help="overrides applied to every run's config")
-    parser.add_argument("--table", action="store_true", help="only print the table and draw the curves")
-    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "llm_modes_curves.png")
+    parser.add_argument("--table", action="store_true", help="only print the table (and draw --figure)")
+    parser.add_argument("--figure", type=Path, help="draw the valid-AUC curves of the recorded runs into this PNG")
+    parser.add_argument("--teacher", type=Path, help="the MF checkpoint to use when the recorded one is not on disk")
     args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    results_path = OUT / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    try:
+        update_and_report(args)
+    except DiffRecError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def update_and_report(args: argparse.Namespace) -> None:
+    """Train the missing runs into the record, then print the table and the seed-by-seed line."""
+    results = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
     if not args.table:
-        mf = teacher(results)
-        results_path.write_text(json.dumps(results, indent=2))
+        mf = teacher(results, args.teacher)
+        RECORD.write_text(json.dumps(results, indent=2) + "\n")
         for seed in args.seeds:  # seed-major: every variant's first seed lands before any second seed
             for variant in args.variants:
                 key = f"{variant}/seed{seed}"
@@ -253,10 +288,10 @@ def main() -> None:
                     model=key,
                     **{k: v for k, v in results[key].items() if k not in ("curve", "precision")},
                 )
-                results_path.write_text(json.dumps(results, indent=2))
+                RECORD.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(paired(results, *CLAIM))
-    if any("/seed" in key for key in results):
+    if args.figure:
         plot(results, args.figure)
 
 
