@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from measure import emit, precision_label  # noqa: E402  (bench/measure.py)
+from scipy import stats  # noqa: E402
 
 from minigpt4.config import load_config  # noqa: E402
 from minigpt4.data.collm import import_collm  # noqa: E402
@@ -199,7 +201,8 @@ def seeds_of(results: dict, variant: str) -> dict[int, dict]:
 
 def paired(results: dict, first: str, second: str) -> str:
     """``first`` less ``second`` in test AUC and UAUC on each seed both ran (same teacher, selection and test
-    rows), their mean, and on how many seeds ``first`` leads; empty when they share no seed."""
+    rows), their mean with its 95% t interval over those seeds, and on how many seeds ``first`` leads; empty when
+    they share no seed."""
     ones, others = seeds_of(results, first), seeds_of(results, second)
     seeds = sorted(ones.keys() & others.keys())
     if not seeds:
@@ -210,6 +213,14 @@ def paired(results: dict, first: str, second: str) -> str:
         f"{name.upper()} {sum(gap > 0 for gap in values)} of {len(seeds)}" for name, values in gaps.items()
     )
     means = " / ".join(f"{statistics.mean(values):+.4f}" for values in gaps.values())
+    if len(seeds) > 1:  # the seeds are the samples: the interval says whether the gap outgrows their spread
+        quantile = stats.t.ppf(0.975, len(seeds) - 1) / math.sqrt(len(seeds))
+        bounds = [
+            f"[{statistics.mean(values) - quantile * statistics.stdev(values):+.4f}, "
+            f"{statistics.mean(values) + quantile * statistics.stdev(values):+.4f}]"
+            for values in gaps.values()
+        ]
+        means += f" (95% interval over seeds {' / '.join(bounds)})"
     return (
         f"{first} less {second}, test AUC / UAUC on the same seeds: {per_seed}; mean {means}; {first} leads on {leads}"
     )
