@@ -47,7 +47,7 @@ from minigpt4.data.collm import import_collm  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset, save_rating_dataset  # noqa: E402
 from minigpt4.errors import DiffRecError  # noqa: E402
 from minigpt4.evaluation.ctr import frame_metrics  # noqa: E402
-from minigpt4.io import json_safe  # noqa: E402
+from minigpt4.io import json_safe, read_json  # noqa: E402
 from minigpt4.recommenders import load_recommender  # noqa: E402
 from minigpt4.training.llm import train_llm  # noqa: E402
 from minigpt4.training.pretrain import pretrain  # noqa: E402
@@ -215,11 +215,8 @@ def paired(results: dict, first: str, second: str) -> str:
     means = " / ".join(f"{statistics.mean(values):+.4f}" for values in gaps.values())
     if len(seeds) > 1:  # the seeds are the samples: the interval says whether the gap outgrows their spread
         quantile = stats.t.ppf(0.975, len(seeds) - 1) / math.sqrt(len(seeds))
-        bounds = [
-            f"[{statistics.mean(values) - quantile * statistics.stdev(values):+.4f}, "
-            f"{statistics.mean(values) + quantile * statistics.stdev(values):+.4f}]"
-            for values in gaps.values()
-        ]
+        centre_and_half = [(statistics.mean(values), quantile * statistics.stdev(values)) for values in gaps.values()]
+        bounds = [f"[{centre - half:+.4f}, {centre + half:+.4f}]" for centre, half in centre_and_half]
         means += f" (95% interval over seeds {' / '.join(bounds)})"
     return (
         f"{first} less {second}, test AUC / UAUC on the same seeds: {per_seed}; mean {means}; {first} leads on {leads}"
@@ -281,12 +278,19 @@ def main() -> None:
         raise SystemExit(2) from None
 
 
+def save(results: dict) -> None:
+    """Write the record whole: a stop mid-write leaves the previous one in place."""
+    partial = RECORD.with_suffix(".json.partial")
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(partial, RECORD)
+
+
 def update_and_report(args: argparse.Namespace) -> None:
     """Train the missing runs into the record, then print the table and the seed-by-seed line."""
-    results = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
+    results = read_json(RECORD, dict) if RECORD.is_file() else {}
     if not args.table:
         mf = teacher(results, args.teacher)
-        RECORD.write_text(json.dumps(results, indent=2) + "\n")
+        save(results)
         for seed in args.seeds:  # seed-major: every variant's first seed lands before any second seed
             for variant in args.variants:
                 key = f"{variant}/seed{seed}"
@@ -299,7 +303,7 @@ def update_and_report(args: argparse.Namespace) -> None:
                     model=key,
                     **{k: v for k, v in results[key].items() if k not in ("curve", "precision")},
                 )
-                RECORD.write_text(json.dumps(results, indent=2) + "\n")
+                save(results)
     print(table(results))
     print(paired(results, *CLAIM))
     if args.figure:
