@@ -73,11 +73,11 @@ CLAIM = ("cora-published", "collm")  # the pair whose ordering the benchmark is 
 
 
 def teacher(results: dict, given: Path | None) -> Path:
-    """The MF teacher's checkpoint: the recorded one when it is on disk, else ``given`` or one trained here, which
-    must score on the whole test split as the recorded teacher did."""
+    """The MF teacher's checkpoint: ``given``, else the recorded one when it is on disk, else one trained here; a
+    new one must score on the whole test split as the recorded teacher did."""
     recorded = results.get("teacher")
-    if given is None and recorded and recorded["checkpoint"] and (ROOT / recorded["checkpoint"]).is_dir():
-        return ROOT / recorded["checkpoint"]
+    if given is None and (checkpoint := on_disk(recorded)):
+        return checkpoint
     config = load_config(
         ROOT / "train_configs" / "mf_collm_ml1m.yaml", ["run.cpu=true", f"run.output_dir={OUT / 'mf'}"]
     )
@@ -99,6 +99,14 @@ def teacher(results: dict, given: Path | None) -> Path:
     return checkpoint
 
 
+def on_disk(entry: dict | None) -> Path | None:
+    """The checkpoint of a recorded run or teacher, when this clone has it (entries from the docs have none)."""
+    if not entry or not entry["checkpoint"]:
+        return None
+    path = ROOT / entry["checkpoint"]  # an absolute path stays as it is
+    return path if path.is_dir() else None
+
+
 def portable(path: Path | str) -> str:
     """``path`` relative to the repository when it lies inside it, so that the record reads the same on every
     clone."""
@@ -118,12 +126,12 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict
     if mode != "tallrec":
         options.append(f"model.collab.ckpt={mf}")
     if variant == "collm-published":
-        stage1 = results.get(f"tallrec/seed{seed}")
-        if stage1 is None or not stage1["checkpoint"] or not (ROOT / stage1["checkpoint"]).is_dir():
+        stage1 = on_disk(results.get(f"tallrec/seed{seed}"))
+        if stage1 is None:
             raise DiffRecError(
                 f"collm-published at seed {seed} needs the tallrec run of that seed, finished on this disk"
             )
-        options.append(f"model.collm.stage1={ROOT / stage1['checkpoint']}")
+        options.append(f"model.collm.stage1={stage1}")
     if unfinished(folder):
         options.append("run.resume_from=latest")  # an earlier invocation stopped before the end
     metrics = train_llm(load_config(ROOT / "train_configs" / f"{mode}_collm_ml1m.yaml", options))
@@ -134,7 +142,6 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict
         "train_seconds",
         "evaluation_seconds",
         "train_samples_per_second",
-        "checkpoint",
         "curve",
     )
     return {key: metrics[key] for key in keys} | {
@@ -269,7 +276,9 @@ def main() -> None:
     parser.add_argument("--options", nargs="*", default=[], help="overrides applied to every run's config")
     parser.add_argument("--table", action="store_true", help="only print the table (and draw --figure)")
     parser.add_argument("--figure", type=Path, help="draw the valid-AUC curves of the recorded runs into this PNG")
-    parser.add_argument("--teacher", type=Path, help="the MF checkpoint to use when the recorded one is not on disk")
+    parser.add_argument(
+        "--teacher", type=Path, help="the MF checkpoint to use, checked against the record (default: the recorded one)"
+    )
     args = parser.parse_args()
     try:
         update_and_report(args)
