@@ -24,7 +24,6 @@ from minigpt4.config import LLMConfig, dump_config, load_config
 from minigpt4.data.contract import load_rating_dataset
 from minigpt4.errors import DiffRecError
 from minigpt4.llm import scoring
-from minigpt4.llm.cora import CoRA
 from minigpt4.llm.loading import bundled_smollm2_folder, load_causal_lm, load_tokenizer
 from minigpt4.llm.prompts import PromptTemplate, encode_prompts
 from minigpt4.llm.recommender import build_llm_recommender
@@ -531,23 +530,6 @@ def test_published_cora_trains_only_the_generator_and_bs(tiny_llm, tiny_dataset,
         tmp_path / "with_lora", tiny_dataset, tiny_llm, "cora", mf_checkpoint, model={"cora": PUBLISHED_CORA}
     )
     assert load_config(kept).model.lora.enabled  # a model.lora section keeps the text LoRA
-
-
-def test_generator_input_with_the_product_reads_user_times_item(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
-    """concat_product feeds the generator concat(u, i, u * i); it needs user and item embeddings of one size."""
-    path = llm_config(
-        tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint,
-        model={"cora": {**PUBLISHED_CORA, "generator_input": "concat_product"}},
-    )  # fmt: skip
-    config, model, rows = build(path)
-    model.eval()
-    user, item = torch.randn(3, 8), torch.randn(3, 8)
-    with torch.no_grad():
-        lora_a = model.cora.set_weights(user, item)
-        torch.testing.assert_close(lora_a, model.cora.generator(torch.cat([user, item, user * item], dim=-1)))
-        assert not torch.allclose(lora_a, model.cora.generator(torch.cat([user, item, user], dim=-1)))
-    with pytest.raises(DiffRecError, match="concat_product needs user and item embeddings of one size"):
-        CoRA(model.llm, 8, 4, config.model.cora)
 
 
 def test_published_collm_loads_its_stage1_adapter_frozen(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path, capsys):

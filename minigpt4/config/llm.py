@@ -54,9 +54,6 @@ class CoRAConfig(Section):
     alpha: float = Field(32, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     generator: Literal["ours", "published"] = "ours"
-    # The generator's input: concat(user, item) as published, or with their elementwise product appended (its
-    # sum is MF's score, so the teacher's own signal is one linear read away).
-    generator_input: Literal["concat", "concat_product"] = "concat"
     queries: int = Field(4, gt=0)
     width: int = Field(256, gt=0)  # ours
     heads: int = Field(4, gt=0)  # ours

@@ -99,18 +99,11 @@ class CoRA(nn.Module):
     def __init__(self, model: nn.Module, user_dim: int, item_dim: int, config: CoRAConfig) -> None:
         super().__init__()
         targets = target_linears(model, config.target_modules)
-        self.with_product = config.generator_input == "concat_product"
-        if self.with_product and user_dim != item_dim:
-            raise DiffRecError(
-                f"model.cora.generator_input: concat_product needs user and item embeddings of one size; the "
-                f"collaborative model gives {user_dim} and {item_dim}"
-            )
-        input_dim = user_dim + item_dim + (user_dim if self.with_product else 0)
         hidden = {_features(module, "in_features") for module in targets.values()}
         if len(hidden) != 1:
             raise DiffRecError(f"CoRA shares one A across targets, so they need one input size; got {sorted(hidden)}")
         make = QFormerGenerator if config.generator == "published" else LoRAGenerator
-        self.generator = make(input_dim, hidden.pop(), config)
+        self.generator = make(user_dim + item_dim, hidden.pop(), config)
         self.scaling = config.alpha / config.rank
         self.dropout = nn.Dropout(config.update_dropout)
         self.fp32 = config.update_in_fp32
@@ -128,8 +121,7 @@ class CoRA(nn.Module):
     def set_weights(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """Generate A from the user's and item's embeddings [B, d] for the following forward (and its
         recomputation)."""
-        parts = [user, item, user * item] if self.with_product else [user, item]
-        self.lora_a = self.generator(torch.cat(parts, dim=-1))
+        self.lora_a = self.generator(torch.cat([user, item], dim=-1))
         return self.lora_a
 
     def remove(self) -> None:
