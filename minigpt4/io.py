@@ -20,15 +20,17 @@ from minigpt4.errors import DiffRecError, require_file
 
 @contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
-    """Yield a temporary sibling to fill; on success it replaces ``folder`` by renames, on error it is removed."""
+    """Yield a temporary sibling to fill; on success it replaces ``folder`` by renames, on error it is removed,
+    with any parent folder it had to create (so a failed write leaves nothing behind)."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
+    created = next((parent for parent in reversed(partial.parents) if not parent.exists()), None)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(created or partial, ignore_errors=True)
         raise
     replace_folder(partial, folder)
 

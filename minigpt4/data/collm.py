@@ -1,4 +1,11 @@
-"""Importer for CoLLM's published splits (``train_ood2.pkl``, ``valid_ood2.pkl``, ``test_ood2.pkl``)."""
+"""Importer for CoLLM's published splits (``train_ood2.pkl``, ``valid_ood2.pkl``, ``test_ood2.pkl``).
+
+Each pickle's own columns are checked before anything is converted: a DataFrame with every contract column
+once and at least one row; integer ids from 1; labels and ``not_cold`` 0 or 1; finite timestamps; titles
+that UTF-8 can hold; ``his`` a flat list of integer ids (CoLLM's padding 0 included) aligned with
+``his_title``. Across the three splits, user and item ids must be dense from 1 (as published), and every
+history item must be one of the catalogue's rated items.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +15,68 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from minigpt4.data.contract import RATING_COLUMNS, SPLITS, fail_at, id_lists, list_column, validate_ratings
+from minigpt4.data.contract import RATING_COLUMNS, SPLITS, fail_at, validate_ratings
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
 
 
 def read_collm_split(path: Path) -> pd.DataFrame:
-    """One CoLLM split, with the leading dummy history entry (item 0, empty title) removed."""
+    """One CoLLM split, checked at its own columns, with the leading dummy history entry (item 0, empty title)
+    removed."""
     frame = load_restricted_pickle(path)
     if not isinstance(frame, pd.DataFrame):
         raise DiffRecError(f"{path}: expected a pickled pandas DataFrame, got {type(frame).__name__}")
-    missing = [c for c in RATING_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DiffRecError(f"{path}: missing column '{missing[0]}' (has: {', '.join(map(str, frame.columns))})")
     frame = frame.reset_index(drop=True)
-    _, lengths = id_lists(frame, "his", str(path), None, lowest=0)
-    list_column(frame, "his_title", str(path), "titles")
-    misaligned = lengths != frame["his_title"].map(len).to_numpy()
-    fail_at(str(path), "his_title", misaligned, "'his' and 'his_title' have different lengths")
+    validate_ratings(frame, str(path), None, None, history_lowest=0)
+    frame = frame.loc[:, list(RATING_COLUMNS)].copy()
     # CoLLM starts every history with a padding item 0 and an empty title; the contract keeps 0 for padding only.
-    frame["his"] = [np.asarray([i for i in his if i != 0], dtype=np.int64) for his in frame["his"]]
-    frame["his_title"] = [
-        list(titles)[len(titles) - len(his) :] for his, titles in zip(frame["his"], frame["his_title"])
-    ]
-    frame = frame[list(RATING_COLUMNS)]
-    validate_ratings(frame, str(path), None, None)  # types and ids here; the catalogue comes from all three splits
+    keep = [np.asarray(his, dtype=np.int64) != 0 for his in frame["his"]]
+    frame["his"] = [np.asarray(his, dtype=np.int64)[mask] for his, mask in zip(frame["his"], keep)]
+    frame["his_title"] = [[str(t) for t, k in zip(titles, mask) if k] for titles, mask in zip(frame["his_title"], keep)]
+    frame["title"] = frame["title"].map(str)
+    for column in ("uid", "iid", "label", "not_cold"):
+        frame[column] = pd.to_numeric(frame[column]).astype(np.int64)
+    frame["timestamp"] = pd.to_numeric(frame["timestamp"])
     return frame
+
+
+def _dense_catalogue(splits: dict[str, pd.DataFrame], paths: dict[str, Path], column: str, name: str) -> int:
+    """The number of ids in ``column`` across the splits, which must run 1..n with none left out; an id above
+    n is named at its first file and row."""
+    ids = np.unique(np.concatenate([frame[column].to_numpy() for frame in splits.values()]))
+    n = len(ids)
+    if ids[-1] != n:
+        outside = int(ids[ids > n][0])
+        for split, frame in splits.items():
+            fail_at(
+                str(paths[split]),
+                column,
+                frame[column].to_numpy() == outside,
+                f"{name} {outside} lies outside the catalogue 1..{n} ({n} distinct ids, which must be dense from 1)",
+            )
+    return n
 
 
 def import_collm(folder: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
     """CoLLM's splits as contract tables; ids are kept as published (dense from 1)."""
     folder = Path(folder)
-    splits = {name: read_collm_split(folder / f"{name}_ood2.pkl") for name in SPLITS}
+    paths = {name: folder / f"{name}_ood2.pkl" for name in SPLITS}
+    splits = {name: read_collm_split(path) for name, path in paths.items()}
+    n_users = _dense_catalogue(splits, paths, "uid", "user id")
+    n_items = _dense_catalogue(splits, paths, "iid", "item id")
+    for name, frame in splits.items():
+        lengths = frame["his"].map(len).to_numpy()
+        flat = np.concatenate([*frame["his"], np.zeros(0, dtype=np.int64)])
+        bad_rows = np.zeros(len(frame), dtype=bool)
+        bad_rows[np.repeat(np.arange(len(frame)), lengths)[flat > n_items]] = True
+        fail_at(str(paths[name]), "his", bad_rows, f"history item id outside the catalogue of rated items 1..{n_items}")
     rows = pd.concat(splits.values(), ignore_index=True)
-    # Items seen only inside histories get their title from there.
+    # Items seen only inside histories get their title from there (every history item is also rated somewhere).
     in_histories = pd.DataFrame(
         {"iid": list(chain.from_iterable(rows["his"])), "title": list(chain.from_iterable(rows["his_title"]))}
     )
     items = (
-        pd.concat([rows[["iid", "title"]], in_histories])
+        pd.concat([rows[["iid", "title"]], in_histories.astype({"iid": np.int64, "title": object})])
         .drop_duplicates("iid")
         .sort_values("iid")
         .reset_index(drop=True)
@@ -54,8 +84,8 @@ def import_collm(folder: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, d
     meta = {
         "source": str(folder),
         "name": "collm-ml-1m" if "ml-1m" in folder.name else f"collm-{folder.name}",
-        "n_users": int(rows["uid"].max()),
-        "n_items": int(items["iid"].max()),
+        "n_users": n_users,
+        "n_items": n_items,
         "label_rule": "label = rating > 3 (as published by CoLLM)",
         "split_rule": "CoLLM's time-ordered ood2 split (as published)",
         "history_rule": "his = the user's earlier positive items in time order (CoLLM's leading 0 removed)",
