@@ -285,7 +285,7 @@ def test_raw_movielens_files(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["data", "prepare", "ml-1m", "--raw", str(raw), "--out", str(out)]
     expect_one_line_error(
-        argv, capsys, str(raw / "ratings.dat"), "column 'rating', row 1: expected a number, found 'three'"
+        argv, capsys, str(raw / "ratings.dat"), "column 'rating', row 1: expected a finite number, found 'three'"
     )
     (raw / "ratings.dat").write_bytes(b"1::1::5::978300760\n1::2::\xff::978300761\n")
     expect_one_line_error(argv, capsys, str(raw / "ratings.dat"), "not a readable table")
@@ -299,7 +299,7 @@ def test_raw_amazon_files(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["data", "prepare", "amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]
     for content, fragment in (
-        (b'{"user_id": "U", "parent_asin": "B1", "rating": "five", "timestamp": 1}\n', "line 1: 'rating' and 'timestamp' must be numbers, found 'five'"),
+        (b'{"user_id": "U", "parent_asin": "B1", "rating": "five", "timestamp": 1}\n', "line 1: 'rating' must be a finite number and 'timestamp' a whole millisecond time between 1970 and 2100, found 'five'"),
         (b'["user_id", "U"]\n', "line 1 is a JSON list, not an object"),
         (b'{"user_id": "U", "parent_asin": "B1", "rating": 5, "timestamp": 1}\n\xff\xfe\n', "not UTF-8 text"),
     ):  # fmt: skip

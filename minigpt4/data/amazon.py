@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
-from minigpt4.data.build import assemble_dataset, ratio_split
+from minigpt4.data.build import LATEST_TIMESTAMP, assemble_dataset, ratio_split
 from minigpt4.errors import DiffRecError, require_file
 
 AMAZON_SPLIT = (0.8, 0.1, 0.1)
+log = logging.getLogger(__name__)
 INSTRUCTION = "Suggest products from the {category} category that this shopper would enjoy."
 
 
@@ -45,8 +48,47 @@ def _category_from_name(path: Path) -> str:
     return stem.removeprefix("meta_").replace("_", " ")
 
 
+def _key(value: object) -> str | None:
+    """A user or item key as text: a JSON string or whole number; None for anything else (null, bool, list...)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value and not _not_utf8(value):
+        return value
+    return str(value) if isinstance(value, int) else None
+
+
+def _not_utf8(text: str) -> bool:
+    """True for text with a lone surrogate (a JSON escape such as \\udcff that UTF-8 cannot write)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _finite(value: object) -> float | None:
+    """A JSON number as a finite float; None for text, bools, null, NaN, inf or a number beyond float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _seconds(value: object, scale: int) -> int | None:
+    """A whole JSON time in units of 1/``scale`` s as Unix seconds between 1970 and 2100; None otherwise."""
+    number = _finite(value)
+    if number is None or number != math.floor(number):
+        return None
+    seconds = int(value) // scale
+    return seconds if 0 <= seconds < LATEST_TIMESTAMP else None
+
+
 def read_reviews(path: Path) -> pd.DataFrame:
-    """Ratings (user, item, rating, timestamp in seconds) from a 2018 or 2023 reviews file."""
+    """Ratings (user, item, rating, timestamp in seconds) from a 2018 or 2023 reviews file, each field checked
+    on its line: text or integer keys, a finite rating, a whole timestamp between 1970 and 2100."""
     rows = []
     for number, record in enumerate(read_json_lines(path), start=1):
         if "reviewerID" in record:  # 2018: overall, unixReviewTime (s)
@@ -60,26 +102,41 @@ def read_reviews(path: Path) -> pd.DataFrame:
         if missing:
             raise DiffRecError(f"{path}: line {number}: missing field '{missing[0]}'")
         user, item, rating, time = (record[key] for key in keys)
-        try:
-            rows.append((str(user), str(item), float(rating), int(time) // scale))
-        except (TypeError, ValueError):
+        for key, value in zip(keys[:2], (user, item)):
+            if _key(value) is None:
+                raise DiffRecError(
+                    f"{path}: line {number}: '{key}' must be a non-empty text or integer key, found {value!r:.40}"
+                )
+        seconds, score = _seconds(time, scale), _finite(rating)
+        if seconds is None or score is None:
             raise DiffRecError(
-                f"{path}: line {number}: '{keys[2]}' and '{keys[3]}' must be numbers, found {rating!r} and {time!r}"
-            ) from None
+                f"{path}: line {number}: '{keys[2]}' must be a finite number and '{keys[3]}' a whole "
+                f"{'millisecond' if scale > 1 else 'second'} time between 1970 and 2100, found {rating!r:.20} and {time!r:.20}"
+            )
+        rows.append((_key(user), _key(item), score, seconds))
     if not rows:
         raise DiffRecError(f"{path}: no reviews")
     return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
 
 
 def read_item_metadata(path: Path) -> pd.DataFrame:
-    """Items (item, title, category) from a 2018 or 2023 metadata file."""
+    """Items (item, title, category) from a 2018 or 2023 metadata file; a title or category must be text."""
     rows = []
     for number, record in enumerate(read_json_lines(path), start=1):
-        item = record.get("parent_asin") or record.get("asin")
+        field = "parent_asin" if record.get("parent_asin") is not None else "asin"
+        item = _key(record.get(field))
         if item is None:
-            raise DiffRecError(f"{path}: line {number}: no 'asin' or 'parent_asin'")
+            raise DiffRecError(
+                f"{path}: line {number}: no 'asin' or 'parent_asin' text key, found {record.get(field)!r:.40}"
+            )
         category = record.get("main_category") or record.get("main_cat") or _category_from_name(path)
-        rows.append((str(item), str(record.get("title") or "").strip(), str(category)))
+        title = record.get("title") or ""
+        for key, value in (("title", title), ("main_category", category)):
+            if not isinstance(value, str) or _not_utf8(value):
+                raise DiffRecError(f"{path}: line {number}: '{key}' must be UTF-8 text, found {value!r:.40}")
+        rows.append((item, title.strip(), category))
+    if not rows:
+        raise DiffRecError(f"{path}: no items")
     return pd.DataFrame(rows, columns=["item", "title", "category"]).drop_duplicates("item")
 
 
@@ -95,6 +152,13 @@ def prepare_amazon(
     if untitled:
         # Items without a title cannot be described to the LLM; they and their reviews are left out.
         ratings = ratings[~ratings["item"].isin(untitled)]
+        log.warning(
+            "left out %d items without a title in %s, and their reviews", len(untitled), ", ".join(map(str, metas))
+        )
+    if ratings.empty:
+        raise DiffRecError(
+            f"{', '.join(map(str, reviews))}: no review names an item with a title in {', '.join(map(str, metas))}"
+        )
     meta = {
         "source": {"reviews": [str(p) for p in reviews], "meta": [str(p) for p in metas]},
         "name": "amazon",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from minigpt4.data.contract import SPLITS, fail_at
+from minigpt4.data.contract import SPLITS, fail_at, text_column
 from minigpt4.errors import DiffRecError
 
 
@@ -50,14 +50,47 @@ def month_window(timestamps: pd.Series, months: tuple[int, int, int]) -> tuple[i
     return seconds[0], seconds[1], TimeSplit(seconds[2], seconds[3])
 
 
+LATEST_TIMESTAMP = 4_102_444_800  # 2100-01-01 in Unix seconds: a later "second" is a millisecond stamp or garbage
+
+
 def raw_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Raw (user, item, rating, timestamp) rows read from ``path``, every cell a number (an error names the column
-    and first bad row otherwise)."""
+    """Raw (user, item, rating, timestamp) rows read from ``path``: at least one row, integer user and item ids,
+    finite ratings and Unix-second timestamps between 1970 and 2100 (an error names the column and first bad
+    row otherwise)."""
+    if ratings.empty:
+        raise DiffRecError(f"{path}: no ratings")
     for column in ("user", "item", "rating", "timestamp"):
-        bad = pd.to_numeric(ratings[column], errors="coerce").isna().to_numpy()
+        numbers = pd.to_numeric(ratings[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        bad = ~np.isfinite(numbers)
+        what = "a finite number"
+        if column != "rating":
+            bad |= numbers != np.floor(numbers)
+            what = "a whole number"
+        if column == "timestamp":
+            bad |= (numbers < 0) | (numbers >= LATEST_TIMESTAMP)
+            what = f"Unix seconds in 0..{LATEST_TIMESTAMP - 1}"
         if bad.any():
-            fail_at(str(path), column, bad, f"expected a number, found {ratings[column].iloc[int(bad.argmax())]!r}")
+            fail_at(str(path), column, bad, f"expected {what}, found {ratings[column].iloc[int(bad.argmax())]!r}")
+        ratings[column] = numbers.astype(np.int64) if column != "rating" else numbers
     return ratings
+
+
+def raw_items(items: pd.DataFrame, path: Path, ratings: pd.DataFrame, ratings_path: Path) -> pd.DataFrame:
+    """A raw items table read from ``path``: one row per item id, each with a text title, and one for every item
+    that ``ratings`` (read from ``ratings_path``) names."""
+    frame = pd.DataFrame({"item": items["item"], "title": items["title"]})
+    if pd.api.types.is_integer_dtype(ratings["item"]):  # MovieLens: items are named by whole numbers too
+        numbers = pd.to_numeric(items["item"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        bad = ~np.isfinite(numbers) | (numbers != np.floor(numbers))
+        if bad.any():
+            fail_at(str(path), "item", bad, f"expected a whole number, found {items['item'].iloc[int(bad.argmax())]!r}")
+        items = items.assign(item=numbers.astype(np.int64))
+    keys = items["item"].astype(str)
+    fail_at(str(path), "item", keys.duplicated().to_numpy(), "item id repeated")
+    text_column(frame, "title", str(path))
+    unknown = ~ratings["item"].astype(str).isin(set(keys)).to_numpy()
+    fail_at(str(ratings_path), "item", unknown, f"item has no row in {path}")
+    return items
 
 
 def dense_ids(raw: pd.Series) -> tuple[pd.Series, dict[str, int]]:
