@@ -3,6 +3,7 @@ Precision@K against a per-user reference, and the most-popular floor on DiffMM's
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -126,11 +127,15 @@ def test_diffmm_import_round_trip_and_missing_feature_file(tmp_path, capsys):
         DiffRecError, match=r"text.npy: feature file missing for modality 'text' \(this dataset has: audio, image\)"
     ):
         load_implicit_dataset(tmp_path / "out", modalities=["image", "text"])
-    save_implicit_dataset(tmp_path / "bad", splits, features, {**meta, "n_items": 5})
+    with pytest.raises(DiffRecError, match=r"train.parquet \(not written\): column .iid., row 4: id out of range 1..5"):
+        save_implicit_dataset(tmp_path / "bad", splits, features, {**meta, "n_items": 5})
+    assert not (tmp_path / "bad").exists()
+    meta_path = tmp_path / "out" / "implicit" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "n_items": 5}))
     with pytest.raises(
         DiffRecError, match=r"train.parquet \(items of .*meta.json\): column .iid., row 4: id out of range 1..5"
     ):
-        load_implicit_dataset(tmp_path / "bad")
+        load_implicit_dataset(tmp_path / "out")
 
 
 def test_diffmm_import_refuses_a_foreign_pickle(tmp_path):

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from minigpt4.data.contract import id_column, load_rating_dataset, read_meta, read_table
+from minigpt4.data.contract import id_column, load_rating_dataset, read_meta, read_table, require_columns, require_rows
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
-from minigpt4.io import read_npy
+from minigpt4.io import atomic_folder, read_npy
 
 SPLITS = ("train", "valid", "test")
 DIFFMM_MATRICES = {"train": "trnMat.pkl", "valid": "valMat.pkl", "test": "tstMat.pkl"}
@@ -62,15 +62,18 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
     matrices = {}
     for split, name in DIFFMM_MATRICES.items():
         matrix = load_restricted_pickle(folder / name)
-        if not sp.issparse(matrix):
+        if not sp.issparse(matrix) or matrix.ndim != 2:
             raise DiffRecError(
                 f"{folder / name}: expected a scipy sparse user x item matrix, found {type(matrix).__name__}"
             )
         matrices[split] = _checked_coo(matrix, folder / name)
-    shapes = {matrix.shape for matrix in matrices.values()}
-    if len(shapes) != 1:
-        raise DiffRecError(f"{folder}: the split matrices disagree on users x items: {sorted(shapes)}")
-    n_users, n_items = shapes.pop()
+        first = matrices[next(iter(matrices))]
+        if matrices[split].shape != first.shape:
+            raise DiffRecError(
+                f"{folder / name}: {matrices[split].shape[0]} users x {matrices[split].shape[1]} items, but "
+                f"{folder / DIFFMM_MATRICES['train']} has {first.shape[0]} x {first.shape[1]} (the splits share one catalogue)"
+            )
+    n_users, n_items = matrices["train"].shape
     features = {}
     for modality, name in DIFFMM_FEATURES.items():
         if (folder / name).is_file():
@@ -90,34 +93,77 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
 
 
 def _checked_coo(matrix: sp.spmatrix, path: Path) -> sp.coo_matrix:
-    """A user x item matrix as COO, its row and column indices checked against its shape (a pickle can hold
-    indices that SciPy never validated)."""
+    """A user x item matrix as COO, checked as a source: a non-empty shape, at least one interaction, row and
+    column indices inside the shape (a pickle can hold indices that SciPy never validated), and values that are
+    finite and non-zero (an explicit 0 would read as an interaction)."""
     try:
         coo = matrix.tocoo()
-    except (ValueError, TypeError, IndexError) as err:
+        n_users, n_items = (int(size) for size in coo.shape)
+        row, col, data = np.asarray(coo.row), np.asarray(coo.col), np.asarray(coo.data)
+    except (ValueError, TypeError, IndexError, AttributeError) as err:
         raise DiffRecError(f"{path}: not a consistent sparse matrix ({str(err).splitlines()[0]})") from None
-    n_users, n_items = coo.shape
-    for axis, index, size in (("user (row)", coo.row, n_users), ("item (column)", coo.col, n_items)):
+    if n_users < 1 or n_items < 1 or len(data) == 0:
+        raise DiffRecError(f"{path}: no interactions (shape {n_users} x {n_items}, {len(data)} entries)")
+    if not (len(row) == len(col) == len(data)) or row.dtype.kind not in "iu" or col.dtype.kind not in "iu":
+        raise DiffRecError(f"{path}: not a consistent sparse matrix (row, col and data disagree)")
+    for axis, index, size in (("user (row)", row, n_users), ("item (column)", col, n_items)):
         bad = (index < 0) | (index >= size)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise DiffRecError(
                 f"{path}: entry {first}: {axis} index {int(index[first])} outside the matrix's 0..{size - 1} ({int(bad.sum())} bad entries)"
             )
+    if data.dtype.kind not in "biuf":
+        raise DiffRecError(f"{path}: values of dtype {data.dtype}, expected numbers")
+    bad = ~np.isfinite(data.astype(np.float64)) | (data == 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DiffRecError(
+            f"{path}: entry {first}: value {data[first]!r} (an interaction is a finite, non-zero value; {int(bad.sum())} bad entries)"
+        )
     return coo
+
+
+def check_implicit(splits: dict[str, pd.DataFrame], features: dict[str, np.ndarray], meta: dict, where: Path) -> None:
+    """What ``load_implicit_dataset`` checks, before anything is written: pairs in the catalogue, every split
+    non-empty, one finite feature row per item."""
+    for key in ("n_users", "n_items"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DiffRecError(
+                f"{where / 'meta.json'} (not written): key '{key}' must be a positive integer, found {value!r}"
+            )
+    for split in SPLITS:
+        path = f"{where / split}.parquet (not written)"
+        require_columns(splits[split], ("uid", "iid"), path)
+        require_rows(splits[split], path)
+        id_column(splits[split], "uid", path, meta["n_users"])
+        id_column(splits[split], "iid", path, meta["n_items"])
+    for modality, values in features.items():
+        values = np.asarray(values)
+        if (
+            values.ndim != 2
+            or values.shape[0] != meta["n_items"]
+            or values.shape[1] < 1
+            or not np.isfinite(values).all()
+        ):
+            raise DiffRecError(
+                f"{where / 'features' / modality}.npy (not written): expected {meta['n_items']} x dim finite values, found shape {values.shape}"
+            )
 
 
 def save_implicit_dataset(
     root: str | Path, splits: dict[str, pd.DataFrame], features: dict[str, np.ndarray], meta: dict
 ) -> Path:
-    """Write the implicit shape into ``root/implicit``."""
-    folder = Path(root) / FOLDER
-    (folder / "features").mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        splits[split][["uid", "iid"]].to_parquet(folder / f"{split}.parquet", index=False)
-    for modality, values in features.items():
-        np.save(folder / "features" / f"{modality}.npy", values)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    """Write the implicit shape into ``root/implicit``, checked first and written whole."""
+    check_implicit(splits, features, meta, Path(root) / FOLDER)
+    with atomic_folder(Path(root) / FOLDER) as folder:
+        (folder / "features").mkdir()
+        for split in SPLITS:
+            splits[split][["uid", "iid"]].to_parquet(folder / f"{split}.parquet", index=False)
+        for modality, values in features.items():
+            np.save(folder / "features" / f"{modality}.npy", values)
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return Path(root)
 
 
@@ -134,8 +180,8 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
     for split in SPLITS:
         path = folder / f"{split}.parquet"
         frame = read_table(path)
-        if not {"uid", "iid"} <= set(frame.columns):
-            raise DiffRecError(f"{path}: expected columns uid, iid; found {', '.join(map(str, frame.columns))}")
+        require_columns(frame, ("uid", "iid"), str(path))
+        require_rows(frame, str(path))
         users = id_column(frame, "uid", f"{path} (users of {meta_path})", n_users) - 1
         items = id_column(frame, "iid", f"{path} (items of {meta_path})", n_items) - 1
         matrices[split] = sp.csr_matrix(
@@ -156,7 +202,7 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
 def feature_matrix(path: Path, n_items: int) -> np.ndarray:
     """An item feature file: finite numbers, one row per item (row i is item i + 1), as float32."""
     values = read_npy(path)
-    if values.ndim != 2 or values.shape[0] != n_items:
+    if values.ndim != 2 or values.shape[0] != n_items or values.shape[1] < 1:
         raise DiffRecError(f"{path}: expected {n_items} rows (one per item) x dim, found shape {values.shape}")
     return values.astype(np.float32)
 

@@ -19,9 +19,20 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from minigpt4.data.contract import SPLITS, fail_at, id_column, id_lists, load_rating_dataset, read_meta, read_table
+from minigpt4.data.contract import (
+    SPLITS,
+    fail_at,
+    id_column,
+    id_lists,
+    load_rating_dataset,
+    read_meta,
+    read_table,
+    require_columns,
+    require_rows,
+)
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
+from minigpt4.io import atomic_folder
 
 FOLDER = "sequences"
 COLUMNS = ("uid", "train", "valid", "test")
@@ -107,7 +118,9 @@ def _frame_from_lists(uid: np.ndarray, train: list[list[int]], valid: list[int],
 
 
 def import_diffurec_pickle(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """The sequences table and meta of DiffuRec's ``dataset.pkl`` (user u becomes uid u + 1; item ids are kept)."""
+    """The sequences table and meta of DiffuRec's ``dataset.pkl`` (user u becomes uid u + 1; item ids are kept),
+    checked as a source: dicts keyed by the users 0..n-1, one validation and one test item per user, item ids
+    within ``smap``'s catalogue."""
     path = Path(path)
     raw = load_restricted_pickle(path)
     if not isinstance(raw, dict) or not {"train", "val", "test", "smap"} <= set(raw):
@@ -115,17 +128,19 @@ def import_diffurec_pickle(path: str | Path) -> tuple[pd.DataFrame, dict]:
     wrong = [key for key in ("train", "val", "test", "smap") if not isinstance(raw[key], dict)]
     if wrong:
         raise DiffRecError(f"{path}: '{wrong[0]}' must be a dict, found {type(raw[wrong[0]]).__name__}")
-    if not all(isinstance(user, int) for user in raw["train"]):
+    if not raw["train"] or not raw["smap"]:
+        raise DiffRecError(f"{path}: '{'train' if not raw['train'] else 'smap'}' is empty")
+    if not all(isinstance(user, int) and not isinstance(user, bool) for user in raw["train"]):
         raise DiffRecError(f"{path}: 'train' must be keyed by integer user ids")
     users = sorted(raw["train"])
+    if users != list(range(len(users))):
+        raise DiffRecError(f"{path}: 'train' users must be 0..{len(users) - 1}")
     for key in ("val", "test"):
         missing = [user for user in users if not isinstance(raw[key].get(user), list) or len(raw[key][user]) != 1]
         if missing:
             raise DiffRecError(
-                f"{path}: '{key}' must hold exactly one item per user; user {missing[0]} has {raw[key].get(missing[0])!r}"
+                f"{path}: '{key}' must hold exactly one item per user; user {missing[0]} has {raw[key].get(missing[0])!r:.40}"
             )
-    if users != list(range(len(users))):
-        raise DiffRecError(f"{path}: 'train' users must be 0..{len(users) - 1}")
     frame = pd.DataFrame(
         {
             "uid": np.arange(1, len(users) + 1),
@@ -136,10 +151,11 @@ def import_diffurec_pickle(path: str | Path) -> tuple[pd.DataFrame, dict]:
     )
     n_items = len(raw["smap"])
     where = f"{path} (rows are users 0..{len(users) - 1}; 'smap' names {n_items} items)"
-    id_lists(frame, "train", where, n_items)
+    _, lengths = id_lists(frame, "train", where, n_items)
+    fail_at(where, "train", lengths < 1, "empty training sequence")
     frame["train"] = [np.asarray(sequence, dtype=np.int64) for sequence in frame["train"]]
     for column in ("valid", "test"):
-        id_column(frame, column, where, n_items, "item id")
+        frame[column] = id_column(frame, column, where, n_items, "item id")
     meta = {
         "source": f"DiffuRec dataset.pkl ({path.parent.name})",
         "n_users": len(users),
@@ -175,13 +191,32 @@ def derive_sequences(root: str | Path, min_length: int = 3) -> dict:
 
 
 def save_sequence_dataset(root: str | Path, frame: pd.DataFrame, meta: dict) -> Path:
-    """Write the sequence shape into ``root/sequences``."""
+    """Write the sequence shape into ``root/sequences``, checked first (as ``load_sequence_dataset`` checks it)
+    and written whole."""
     folder = Path(root) / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    frame[list(COLUMNS)].to_parquet(folder / "sequences.parquet", index=False)
-    counts = {"users": len(frame), "train_items": int(frame["train"].map(len).sum())}
-    (folder / "meta.json").write_text(json.dumps({**meta, **counts}, indent=2))
+    check_sequences(frame, f"{folder / 'sequences.parquet'} (not written)", meta)
+    with atomic_folder(folder) as partial:
+        frame[list(COLUMNS)].to_parquet(partial / "sequences.parquet", index=False)
+        counts = {"users": len(frame), "train_items": int(frame["train"].map(len).sum())}
+        (partial / "meta.json").write_text(json.dumps({**meta, **counts}, indent=2))
     return Path(root)
+
+
+def check_sequences(frame: pd.DataFrame, where: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The sequences table's columns, ids within ``meta``'s catalogue and non-empty training sequences; returns
+    every training item concatenated and each row's length."""
+    require_columns(frame, COLUMNS, where)
+    require_rows(frame, where)
+    for key in ("n_users", "n_items"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DiffRecError(f"{where}: meta key '{key}' must be a positive integer, found {value!r}")
+    id_column(frame, "uid", where, int(meta["n_users"]))
+    items, lengths = id_lists(frame, "train", where, int(meta["n_items"]))
+    fail_at(where, "train", lengths < 1, "empty training sequence")
+    for column in ("valid", "test"):
+        id_column(frame, column, where, int(meta["n_items"]), "item id")
+    return items, lengths
 
 
 def load_sequence_dataset(root: str | Path) -> SequenceDataset:
@@ -193,15 +228,7 @@ def load_sequence_dataset(root: str | Path) -> SequenceDataset:
         raise DiffRecError(f"{root}: no sequences/meta.json (import DiffuRec's dataset.pkl or derive sequences first)")
     meta = read_meta(meta_path)
     frame = read_table(table_path)
-    missing = [column for column in COLUMNS if column not in frame.columns]
-    if missing:
-        raise DiffRecError(f"{table_path}: missing column '{missing[0]}' (has: {', '.join(map(str, frame.columns))})")
-    where, n_items = str(table_path), int(meta["n_items"])
-    id_column(frame, "uid", where, int(meta["n_users"]))
-    items, lengths = id_lists(frame, "train", where, n_items)
-    fail_at(where, "train", lengths < 1, "empty training sequence")
-    for column in ("valid", "test"):
-        id_column(frame, column, where, n_items, "item id")
+    items, lengths = check_sequences(frame, str(table_path), meta)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return SequenceDataset(
         root,
