@@ -117,3 +117,21 @@ def read_yaml(path: Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise DiffRecError(f"{path}: not valid YAML ({problem}{where})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors; a missing, truncated or corrupt file, or a tensor holding NaN or inf, is one
+    DiffRecError naming the file (and the tensor)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(require_file(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DiffRecError(f"{path}: not a readable safetensors file ({first})") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DiffRecError(f"{path}: tensor '{name}' holds NaN or inf (the run that wrote it diverged)")
+    return state

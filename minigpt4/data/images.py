@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,9 +23,17 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from minigpt4.data.contract import RatingDataset, fail_at, id_column, read_table, text_column
+from minigpt4.data.contract import (
+    RatingDataset,
+    fail_at,
+    id_column,
+    read_table,
+    require_columns,
+    require_rows,
+    text_column,
+)
 from minigpt4.errors import DiffRecError
-from minigpt4.io import read_json
+from minigpt4.io import read_csv, read_json
 
 IMAGE_TABLE = "images.parquet"
 IMAGE_FOLDER = "images"
@@ -42,7 +51,7 @@ def open_image(path: Path, min_size: int = 1) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             rgb = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as err:
         raise DiffRecError(f"{path}: not a readable image ({err})") from None
     if min(rgb.size) < min_size:
         raise DiffRecError(f"{path}: image is {rgb.size[0]}x{rgb.size[1]}, smaller than the minimum side {min_size}")
@@ -60,10 +69,11 @@ def _item_files(items: pd.DataFrame, folder: Path, key: str, mapping: Path | Non
     if mapping is not None:
         if not mapping.is_file():
             raise DiffRecError(f"image map not found: {mapping}")
-        table = pd.read_csv(mapping, dtype=str)
-        for column in (key, "file"):
-            if column not in table.columns:
-                raise DiffRecError(f"{mapping}: missing column '{column}' (expected columns {key},file)")
+        table = read_csv(mapping, dtype=str, keep_default_na=False)
+        require_columns(table, (key, "file"), str(mapping))
+        text_column(table, "file", str(mapping))
+        outside = table["file"].map(lambda name: Path(name).name != name or name in ("", ".", "..")).to_numpy()
+        fail_at(str(mapping), "file", outside, f"expected a file name inside {folder}")
         by_key = dict(zip(table[key], table["file"]))
     else:
         by_key = {path.stem: path.name for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
@@ -182,16 +192,25 @@ def load_image_table(root: str | Path, n_items: int) -> pd.DataFrame:
             f"{path}: missing; add item images with `diffrec data images` (import a folder, or --render cards)"
         )
     table = read_table(path)
-    missing = [column for column in IMAGE_COLUMNS if column not in table.columns]
-    if missing:
-        raise DiffRecError(f"{path}: missing column '{missing[0]}' (has: {', '.join(map(str, table.columns))})")
-    id_column(table, "iid", str(path), n_items)
+    require_columns(table, IMAGE_COLUMNS, str(path))
+    require_rows(table, str(path))
+    table["iid"] = id_column(table, "iid", str(path), n_items)
     fail_at(str(path), "iid", table["iid"].duplicated().to_numpy(), "item id repeated")
     text_column(table, "path", str(path))
+    outside = table["path"].map(lambda name: not _inside(root, name)).to_numpy()
+    fail_at(str(path), "path", outside, f"expected a path inside {root / IMAGE_FOLDER}")
+    for column in ("width", "height"):
+        table[column] = id_column(table, column, str(path), name="size in pixels")
     absent = [p for p in table["path"] if not (root / p).is_file()]
     if absent:
         raise DiffRecError(f"{path}: {len(absent)} image files are missing, first {root / absent[0]}")
     return table
+
+
+def _inside(root: Path, name: str) -> bool:
+    """True when ``name`` is a relative path that stays inside ``root/images``."""
+    relative = Path(name)
+    return not relative.is_absolute() and (root / relative).resolve().is_relative_to((root / IMAGE_FOLDER).resolve())
 
 
 def image_pixels(path: Path, resolution: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from minigpt4.config import FlowMatchingConfig, SD3Config
@@ -22,6 +22,7 @@ from minigpt4.data.images import PersonalHoldout
 from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.diffusion.fusion import AdaptiveFusion, FusedConditioning
 from minigpt4.errors import DiffRecError
+from minigpt4.io import read_safetensors
 from minigpt4.recommenders.base import CollaborativeModel
 
 if TYPE_CHECKING:  # for annotations only: the pipeline classes are heavy to import
@@ -181,7 +182,7 @@ class PersonalizedSD3(nn.Module):
         path = folder / FUSION_FILE
         if not path.is_file():
             raise DiffRecError(f"{path}: missing (a diffusion checkpoint holds {LORA_FILE} and {FUSION_FILE})")
-        state = load_file(path)
+        state = read_safetensors(path)
         expected = self.fusion.state_dict()
         for name in ("preference_mean", "preference_std"):  # fusion files written before standardization existed
             state.setdefault(name, expected[name])

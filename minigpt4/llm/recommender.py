@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import BaseModel, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -31,7 +30,7 @@ from minigpt4.config import LLMRecConfig
 from minigpt4.data.contract import RatingDataset
 from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.errors import DiffRecError, require_file
-from minigpt4.io import read_yaml
+from minigpt4.io import read_safetensors, read_yaml
 from minigpt4.llm.collm import CoLLMProjector
 from minigpt4.llm.cora import CoRA
 from minigpt4.llm.loading import load_causal_lm, load_tokenizer
@@ -273,7 +272,7 @@ class LLMRecommender(nn.Module):
         if module is not None:
             path = require_file(folder / COLLAB_MODULES)
             try:
-                module.load_state_dict(_read_safetensors(path))
+                module.load_state_dict(read_safetensors(path))
             except RuntimeError as err:
                 raise DiffRecError(f"{path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
 
@@ -292,7 +291,7 @@ def collab_dims(collab: CollaborativeModel) -> tuple[int, int]:
 def _load_adapter(llm: nn.Module, folder: Path) -> None:
     """Put a checkpoint's peft adapter into ``llm``; keys of another LoRA are an error naming the file."""
     adapter = require_file(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")
-    state = _read_safetensors(adapter)
+    state = read_safetensors(adapter)
     expected = set(get_peft_model_state_dict(llm))
     if set(state) != expected:
         raise DiffRecError(
@@ -319,14 +318,6 @@ def check_checkpoint_config(folder: Path, config: LLMRecConfig, keys: tuple[str,
             raise DiffRecError(
                 f"{path}: checkpoint has model.{key} = {saved.get(key)!r}, this run has {current[key]!r}"
             )
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or an error naming the file."""
-    try:
-        return load_file(path)
-    except SafetensorError as err:
-        raise DiffRecError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def build_llm_recommender(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from pydantic import ValidationError
+from safetensors.torch import save_file
 
 from minigpt4.config import (
     MODEL_CONFIGS,
@@ -28,7 +28,7 @@ from minigpt4.config import (
     SASRecConfig,
 )
 from minigpt4.errors import DiffRecError
-from minigpt4.io import atomic_folder, read_json
+from minigpt4.io import atomic_folder, read_json, read_safetensors
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.recommenders.diffmm import DiffMM
 from minigpt4.recommenders.diffurec import DiffuRec
@@ -118,10 +118,20 @@ def load_recommender(
         if not path.is_file():
             raise DiffRecError(f"checkpoint file missing: {path}")
     info = read_json(config_path, dict)
-    arch = info.get("model", {}).get("arch")
+    section = info.get("model")
+    arch = section.get("arch") if isinstance(section, dict) else None
     if arch not in MODEL_CONFIGS:
-        raise DiffRecError(f"{config_path}: unknown model arch {arch!r}")
-    config = MODEL_CONFIGS[arch].model_validate(info["model"])
+        raise DiffRecError(f"{config_path}: key 'model.arch': unknown model arch {arch!r}")
+    for key in ("n_users", "n_items"):
+        value = info.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DiffRecError(f"{config_path}: key '{key}' must be a positive integer, found {value!r}")
+    try:
+        config = MODEL_CONFIGS[arch].model_validate(section)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in ("model", *first["loc"]))
+        raise DiffRecError(f"{config_path}: key '{where}': {first['msg']} (got {first.get('input')!r:.40})") from None
     if expected is not None and expected != config:
         raise DiffRecError(
             f"{config_path}: checkpoint model config {config.model_dump()} differs from the run's {expected.model_dump()}"
@@ -129,10 +139,7 @@ def load_recommender(
     for name, want in (("n_users", n_users), ("n_items", n_items)):
         if want is not None and info[name] != want:
             raise DiffRecError(f"{config_path}: checkpoint has {name}={info[name]} but the dataset has {want}")
-    try:
-        state = load_file(weights_path)
-    except SafetensorError as err:
-        raise DiffRecError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    state = read_safetensors(weights_path)
     features = {key[len(FEATURE_PREFIX) :]: value for key, value in state.items() if key.startswith(FEATURE_PREFIX)}
     model = build_recommender(config, info["n_users"], info["n_items"], state.get("graph_edges"), features)
     try:

@@ -30,12 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
 from minigpt4.config import Config
 from minigpt4.data.sequences import SequenceDataset, left_padded, load_sequence_dataset
-from minigpt4.errors import require_file
 from minigpt4.evaluation.ranking import leave_one_out_metrics
+from minigpt4.io import read_safetensors
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.training.engine import Engine, Loop, MicroBatch, epoch_generator, epoch_loop
@@ -197,7 +196,7 @@ def _train(
     else:
         steps_per_epoch = task.batches_per_epoch(accelerator)
         fit = Engine(task, epoch_loop(run, steps_per_epoch), accelerator, config, run_dir).fit(resume_from)
-        model.load_state_dict(load_file(require_file(best_dir / "model.safetensors")))
+        model.load_state_dict(read_safetensors(best_dir / "model.safetensors"))
         selected = {"epoch": fit.best_step // steps_per_epoch, "valid": task.record["selected"]}
     test = evaluate_sequences(model, dataset, "test", config, device)
     epochs = fit.epochs if fit is not None else 0
