@@ -4,7 +4,11 @@ from pathlib import Path
 
 
 class DiffRecError(Exception):
-    """A user-facing error: the message names the file, key or row and what was expected."""
+    """A user-facing error: the message names the file, key or row and what was expected. It is always one line
+    (a library's multi-line message quoted in it is joined), since the CLI prints it as one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 def require_file(path: str | Path) -> Path:

@@ -106,6 +106,28 @@ def read_csv(path: Path, **options: Any) -> pd.DataFrame:
         raise DiffRecError(f"{path}: not a readable table ({first})") from None
 
 
+def read_delimited(
+    path: Path, separator: str, names: list[str], encoding: str = "utf-8", header: bool = False
+) -> pd.DataFrame:
+    """A plain delimited text file (no quoting, as GroupLens and RecBole write them) as a table of text cells
+    named ``names``; a missing file, undecodable bytes or a line with another number of fields is one
+    DiffRecError naming the file and line. ``header`` skips a first line of column names."""
+    try:
+        text = require_file(path).read_bytes().decode(encoding)
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise DiffRecError(f"{path}: line {line}: not {encoding} text (byte {error.start}: {error.reason})") from None
+    lines = text.splitlines()[1 if header else 0 :]
+    rows = [line.split(separator) for line in lines if line.strip()]
+    numbers = [number for number, line in enumerate(lines, start=2 if header else 1) if line.strip()]
+    for number, fields in zip(numbers, rows):
+        if len(fields) != len(names):
+            raise DiffRecError(
+                f"{path}: line {number}: expected {len(names)} fields separated by {separator!r} ({', '.join(names)}), found {len(fields)}"
+            )
+    return pd.DataFrame(rows, columns=names, dtype=object)
+
+
 def read_yaml(path: Path) -> Any:
     """A YAML file's content; a missing file, bytes that are not UTF-8 or a syntax error are one DiffRecError
     naming the file, line and column."""

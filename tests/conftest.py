@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minigpt4.cli import main
@@ -25,6 +26,12 @@ from minigpt4.training.joint import train_diffrec
 from minigpt4.training.pretrain import pretrain
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+# The fuzz tests' budgets: `ci` (the default) is a fixed, fast set of examples; `long` is the recorded run
+# (pytest tests/test_fuzz.py --hypothesis-profile=long).
+_FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+settings.register_profile("ci", max_examples=40, derandomize=True, **_FUZZ)
+settings.register_profile("long", max_examples=10_000, **_FUZZ)
+settings.load_profile("ci")
 SHARED_DATA = Path(os.environ.get("DIFFREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 

@@ -64,14 +64,15 @@ def raw_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
         bad = ~np.isfinite(numbers)
         what = "a finite number"
         if column != "rating":
-            bad |= numbers != np.floor(numbers)
-            what = "a whole number"
+            bad |= (numbers != np.floor(numbers)) | (np.abs(numbers) > 2**53)
+            what = "a whole number below 2**53"
         if column == "timestamp":
             bad |= (numbers < 0) | (numbers >= LATEST_TIMESTAMP)
             what = f"Unix seconds in 0..{LATEST_TIMESTAMP - 1}"
         if bad.any():
             fail_at(str(path), column, bad, f"expected {what}, found {ratings[column].iloc[int(bad.argmax())]!r}")
-        ratings[column] = numbers.astype(np.int64) if column != "rating" else numbers
+        whole = column != "rating" or bool(((numbers == np.floor(numbers)) & (np.abs(numbers) <= 2**53)).all())
+        ratings[column] = numbers.astype(np.int64) if whole else numbers
     return ratings
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 from minigpt4.data.build import assemble_dataset, month_window, ratio_split, raw_items, raw_ratings
 from minigpt4.data.contract import fail_at
 from minigpt4.errors import DiffRecError
-from minigpt4.io import read_csv
+from minigpt4.io import read_delimited
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -43,55 +43,40 @@ def read_ml100k(raw: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     if raw is None:
         folder = recbole_ml100k_dir()
         ratings_path, items_path = folder / "ml-100k.inter", folder / "ml-100k.item"
-        ratings = _columns(read_csv(ratings_path, sep="\t"), ratings_path, ["user", "item", "rating", "timestamp"])
-        items = read_csv(items_path, sep="\t", keep_default_na=False)
-        items = _columns(items, items_path, ["item", "name", "year", "genres"])
-        items["title"] = items["name"].astype(str).str.strip() + items["year"].map(
-            lambda y: f" ({y})" if str(y).strip() else ""
-        )
-        items["genres"] = items["genres"].astype(str).str.split()
+        ratings = read_delimited(ratings_path, "\t", ["user", "item", "rating", "timestamp"], header=True)
+        items = read_delimited(items_path, "\t", ["item", "name", "year", "genres"], header=True)
+        items["title"] = items["name"].str.strip() + items["year"].map(lambda y: f" ({y})" if y.strip() else "")
+        items["genres"] = items["genres"].str.split()
     else:
         ratings_path, items_path = Path(raw) / "u.data", Path(raw) / "u.item"
-        ratings = read_csv(ratings_path, sep="\t", names=["user", "item", "rating", "timestamp"], index_col=False)
+        ratings = read_delimited(ratings_path, "\t", ["user", "item", "rating", "timestamp"])
         columns = ["item", "title", "release", "video", "url", *ML100K_GENRES]
-        items = read_csv(items_path, sep="|", names=columns, encoding="latin-1", index_col=False)
-        flags = items[list(ML100K_GENRES)]
+        items = read_delimited(items_path, "|", columns, encoding="latin-1")
         for genre in ML100K_GENRES:
-            bad = ~flags[genre].isin([0, 1]).to_numpy()
-            fail_at(
-                str(items_path),
-                genre,
-                bad,
-                f"genre flag must be 0 or 1, found {flags[genre].iloc[int(bad.argmax())]!r}",
-            )
-        items["genres"] = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags.to_numpy().astype(bool)]
+            bad = ~items[genre].isin(["0", "1"]).to_numpy()
+            if bad.any():
+                fail_at(
+                    str(items_path),
+                    genre,
+                    bad,
+                    f"genre flag must be 0 or 1, found {items[genre].iloc[int(bad.argmax())]!r}",
+                )
+        flags = items[list(ML100K_GENRES)].to_numpy() == "1"
+        items["genres"] = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags]
     ratings = raw_ratings(ratings, ratings_path)
     return ratings[["user", "item", "rating", "timestamp"]], raw_items(items, items_path, ratings, ratings_path)[
         ["item", "title", "genres"]
     ]
 
 
-def _columns(frame: pd.DataFrame, path: Path, names: list[str]) -> pd.DataFrame:
-    """A headed table renamed to ``names``; another number of columns is an error naming the file."""
-    if len(frame.columns) != len(names):
-        raise DiffRecError(f"{path}: expected {len(names)} columns ({', '.join(names)}), found {len(frame.columns)}")
-    frame.columns = names
-    return frame
-
-
 def read_ml1m(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Raw ratings and items of ML-1M from a GroupLens ``ml-1m/`` folder (``ratings.dat``, ``movies.dat``),
     checked at the source's own columns."""
     path, items_path = Path(raw) / "ratings.dat", Path(raw) / "movies.dat"
-    ratings = raw_ratings(
-        read_csv(path, sep="::", engine="python", names=["user", "item", "rating", "timestamp"], index_col=False),
-        path,
-    )
-    items = read_csv(
-        items_path, sep="::", engine="python", names=["item", "title", "genres"], encoding="latin-1", index_col=False
-    )
+    ratings = raw_ratings(read_delimited(path, "::", ["user", "item", "rating", "timestamp"]), path)
+    items = read_delimited(items_path, "::", ["item", "title", "genres"], encoding="latin-1")
     items = raw_items(items, items_path, ratings, path)
-    items["genres"] = items["genres"].map(lambda text: str(text).split("|") if isinstance(text, str) else [])
+    items["genres"] = items["genres"].str.split("|")
     return ratings, items
 
 

@@ -169,6 +169,10 @@ def derive_sequences(root: str | Path, min_length: int = 3) -> dict:
     """Write ``root/sequences`` from the rating dataset in ``root``: each user's positive items (label 1) of
     every split in time order, the last one the test target, the one before it the validation target.
     Users with fewer than ``min_length`` positives are left out."""
+    if min_length < 3:
+        raise DiffRecError(
+            f"--min-length {min_length}: at least 3 (one item to train on, a validation and a test target)"
+        )
     dataset = load_rating_dataset(root)
     rows = pd.concat([dataset.splits[split] for split in SPLITS])
     rows = rows.loc[rows["label"] == 1, ["uid", "iid", "timestamp"]].sort_values(["uid", "timestamp"], kind="stable")
