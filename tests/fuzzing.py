@@ -51,7 +51,7 @@ def mutated_frame(draw: st.DrawFn, frame: pd.DataFrame) -> tuple[pd.DataFrame, s
         converters: dict[str, Callable] = {
             "str": lambda s: s.map(str),
             "float": lambda s: pd.to_numeric(s, errors="coerce").astype(float),
-            "bool": lambda s: s.map(bool),
+            "bool": lambda s: s.map(lambda value: bool(np.size(value)) if np.ndim(value) else bool(value)),
             "bytes": lambda s: s.map(lambda value: str(value).encode()),
         }
         frame[column] = converters[to](frame[column])

@@ -288,7 +288,7 @@ def test_raw_movielens_files(tmp_path, capsys):
         argv, capsys, str(raw / "ratings.dat"), "column 'rating', row 1: expected a finite number, found 'three'"
     )
     (raw / "ratings.dat").write_bytes(b"1::1::5::978300760\n1::2::\xff::978300761\n")
-    expect_one_line_error(argv, capsys, str(raw / "ratings.dat"), "not a readable table")
+    expect_one_line_error(argv, capsys, str(raw / "ratings.dat"), "line 2: not utf-8 text")
     assert not out.exists()
 
 
@@ -321,3 +321,156 @@ def test_a_checkpoint_whose_config_json_is_not_json(tiny_dataset, mf_checkpoint,
         (checkpoint / "config.json").write_bytes(content)
         expect_one_line_error(argv, capsys, str(checkpoint / "config.json"), "not valid JSON")
     assert not (tmp_path / "runs").exists()
+
+
+# --- one named regression test per class of bad input (the fuzz tests in test_fuzz.py draw from the same classes);
+# --- the CoLLM importer is the running example, as four of the five misses of the last independent check were there
+
+
+def import_collm_with(tiny_dataset, tmp_path, capsys, change, *fragments, split: str = "valid") -> None:
+    """Break one split of the CoLLM folder with ``change``; the import must end in one line and write nothing."""
+    folder = collm_folder(tiny_dataset, tmp_path)
+    path = folder / f"{split}_ood2.pkl"
+    changed = change(pd.read_pickle(path))
+    if changed is not None:
+        changed.to_pickle(path)
+    out = tmp_path / "out"
+    expect_one_line_error(["data", "import-collm", str(folder), "--out", str(out)], capsys, str(path), *fragments)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda f: f.drop(columns=["his_title"]), "missing column 'his_title'"),
+        (lambda f: f.rename(columns={"iid": "item"}), "missing column 'iid'"),
+        (lambda f: pd.concat([f, f[["title"]]], axis=1), "column 'title' appears 2 times"),
+    ],
+    ids=["dropped", "renamed", "repeated"],
+)
+def test_regression_a_missing_renamed_or_repeated_column(change, fragment, tiny_dataset, tmp_path, capsys):
+    import_collm_with(tiny_dataset, tmp_path, capsys, change, fragment)
+
+
+def test_regression_an_id_column_of_text(tiny_dataset, tmp_path, capsys):
+    # text of digits too: the source's dtype is checked, not guessed (it used to end in a '>=' TypeError)
+    import_collm_with(
+        tiny_dataset,
+        tmp_path,
+        capsys,
+        lambda f: f.assign(uid=f["uid"].astype(str)),
+        "column 'uid', row 0: expected an integer id, found str",
+    )
+
+
+@pytest.mark.parametrize(
+    "column, value, fragment",
+    [
+        ("timestamp", np.nan, "column 'timestamp', row 2: expected a finite number, found float nan"),
+        ("timestamp", np.inf, "column 'timestamp', row 2: expected a finite number, found float inf"),
+        ("iid", -3, "column 'iid', row 2: id out of range 1.."),
+        ("uid", 2**62, "column 'uid', row 2: expected an integer id, found int 4611686018427387904"),
+        ("not_cold", 2, "column 'not_cold', row 2: expected one of 0, 1, found int 2"),
+        ("label", True, "column 'label', row 2: expected a label 0 or 1, found bool True"),
+    ],
+    ids=["nan", "inf", "negative", "huge", "not_cold 2", "bool label"],
+)  # fmt: skip
+def test_regression_nan_inf_negative_or_huge_values(column, value, fragment, tiny_dataset, tmp_path, capsys):
+    import_collm_with(tiny_dataset, tmp_path, capsys, lambda f: set_cell(f, column, 2, value), fragment)
+
+
+def test_regression_history_ids_outside_the_catalogue(tiny_dataset, tmp_path, capsys):
+    # accepted silently before: a dataset of 99,999 items was written
+    def change(frame):
+        frame.at[3, "his"] = [*frame.at[3, "his"], 99_999]
+        frame.at[3, "his_title"] = [*frame.at[3, "his_title"], "Unknown"]
+        return frame
+
+    import_collm_with(
+        tiny_dataset,
+        tmp_path,
+        capsys,
+        change,
+        "column 'his', row 3: history item id outside the catalogue of rated items 1..30",
+    )
+
+
+def test_regression_ids_that_leave_the_catalogue_sparse(tiny_dataset, tmp_path, capsys):
+    import_collm_with(
+        tiny_dataset,
+        tmp_path,
+        capsys,
+        lambda f: set_cell(f, "iid", 1, 5000),
+        "column 'iid', row 1: item id 5000 lies outside the catalogue 1..31 (31 distinct ids",
+    )
+
+
+def test_regression_an_empty_split(tiny_dataset, tmp_path, capsys):
+    # a 38-line traceback before (a dtype cast deep inside)
+    import_collm_with(tiny_dataset, tmp_path, capsys, lambda f: f.iloc[:0], "no rows")
+
+
+@pytest.mark.parametrize("cut", [0, 40, -20], ids=["empty", "truncated", "tail cut"])
+def test_regression_a_truncated_or_corrupt_file(cut, tiny_dataset, tmp_path, capsys):
+    def change(frame):
+        data = pickle.dumps(frame)
+        (tmp_path / "collm" / "valid_ood2.pkl").write_bytes(data[:cut] if cut else b"")
+
+    import_collm_with(tiny_dataset, tmp_path, capsys, change, "not a readable pickle")
+
+
+@pytest.mark.parametrize(
+    "wrong, found", [(lambda f: f["uid"], "Series"), (lambda f: f.to_dict("list"), "dict"), (lambda f: [1, 2], "list")]
+)
+def test_regression_a_container_of_another_type(wrong, found, tiny_dataset, tmp_path, capsys):
+    def change(frame):
+        (tmp_path / "collm" / "valid_ood2.pkl").write_bytes(pickle.dumps(wrong(frame)))
+
+    import_collm_with(tiny_dataset, tmp_path, capsys, change, f"expected a pickled pandas DataFrame, got {found}")
+
+
+@pytest.mark.parametrize("column", ["title", "his_title"])
+def test_regression_text_that_is_not_utf8(column, tiny_dataset, tmp_path, capsys):
+    # a pyarrow traceback while writing before, with an empty output folder left behind
+    undecodable = b"Caf\xe9".decode("utf-8", "surrogateescape")
+
+    def change(frame):
+        row = int(np.flatnonzero(frame["his"].map(len) > 1)[0])
+        value = undecodable if column == "title" else [*frame.at[row, column][:-1], undecodable]
+        return set_cell(frame, column, row, value)
+
+    import_collm_with(
+        tiny_dataset, tmp_path, capsys, change, f"column '{column}', row", "not valid UTF-8", "errors='replace'"
+    )
+
+
+def test_regression_nested_or_misaligned_lists(tiny_dataset, tmp_path, capsys):
+    import_collm_with(
+        tiny_dataset,
+        tmp_path,
+        capsys,
+        lambda f: set_cell(f, "his", 2, [[0, 1]]),
+        "column 'his', row 2: expected a list of item ids",
+    )
+
+
+def test_regression_matrices_of_disagreeing_shapes_name_the_file(tmp_path, capsys):
+    # it named the folder, not which file disagrees
+    folder = diffmm_folder(tmp_path)
+    (folder / "tstMat.pkl").write_bytes(pickle.dumps(sp.coo_matrix(np.eye(12, 10, dtype=np.float32))))
+    out = tmp_path / "out"
+    expect_one_line_error(
+        ["data", "import-diffmm", str(folder), "--out", str(out)],
+        capsys,
+        f"{folder / 'tstMat.pkl'}: 12 users x 10 items, but {folder / 'trnMat.pkl'} has 12 x 9",
+    )
+    assert not out.exists()
+
+
+def test_regression_a_library_message_of_several_lines_is_one_line(tiny_dataset, tmp_path, capsys):
+    folder = rating_copy(tiny_dataset, tmp_path)
+    path = folder / "train.parquet"
+    data = path.read_bytes()
+    path.write_bytes(data[:4] + b"\xff\xfe" + data[4:])  # pyarrow's thrift error spans two lines
+    expect_one_line_error(["data", "sequences", str(folder)], capsys, str(path), "not a readable Parquet file")
+    assert not (folder / "sequences").exists()

@@ -70,7 +70,9 @@ def test_nan_label(dataset_copy):
     rewrite(
         dataset_copy, "train", lambda f: f.__setitem__("label", np.where(np.arange(len(f)) == 4, np.nan, f["label"]))
     )
-    with pytest.raises(DiffRecError, match=r"train.parquet: column 'label', row 4: label is NaN"):
+    with pytest.raises(
+        DiffRecError, match=r"train.parquet: column 'label', row 4: expected a label 0 or 1, found float nan"
+    ):
         load_rating_dataset(dataset_copy)
 
 
@@ -90,7 +92,7 @@ def test_history_title_length_mismatch(dataset_copy):
 
 def test_empty_split(dataset_copy):
     rewrite(dataset_copy, "valid", lambda f: f.iloc[:0])
-    with pytest.raises(DiffRecError, match=r"valid.parquet: no rows \(an empty split"):
+    with pytest.raises(DiffRecError, match=r"valid.parquet: no rows \(an empty table"):
         load_rating_dataset(dataset_copy)
 
 

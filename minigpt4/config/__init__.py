@@ -203,7 +203,7 @@ def _section_class(section: type[BaseModel], key: str, value: Any) -> type[BaseM
     """The config class of a nested section, resolving the model by its ``arch`` key."""
     if section is Config and key == "model":
         arch = value.get("arch") if isinstance(value, dict) else None
-        if arch not in MODEL_CONFIGS:
+        if not isinstance(arch, str) or arch not in MODEL_CONFIGS:
             close = difflib.get_close_matches(str(arch), list(MODEL_CONFIGS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise DiffRecError(f"model.arch must be one of {', '.join(MODEL_CONFIGS)}, got {arch!r}{hint}")

@@ -95,8 +95,10 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DiffRecError(f"{path}: missing (a dataset folder holds train/valid/test/items .parquet and meta.json)")
     try:
         return pd.read_parquet(path)
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise DiffRecError(f"{path}: not a readable Parquet file ({err})") from None
+    except (
+        Exception
+    ) as err:  # a corrupt file fails anywhere in pyarrow (ArrowInvalid, or a KeyError in its pandas metadata)
+        raise DiffRecError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
 
 
 def fail_at(where: str, column: str, bad: np.ndarray, what: str) -> None:

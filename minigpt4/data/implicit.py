@@ -176,6 +176,9 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
         raise DiffRecError(f"{root}: no implicit/meta.json (import a DiffMM folder or derive the implicit shape first)")
     meta = read_meta(meta_path)
     n_users, n_items = meta["n_users"], meta["n_items"]
+    listed = meta.get("modalities", [])
+    if not isinstance(listed, list) or not all(isinstance(name, str) and name.isidentifier() for name in listed):
+        raise DiffRecError(f"{meta_path}: key 'modalities' must be a list of modality names, found {listed!r:.40}")
     matrices = {}
     for split in SPLITS:
         path = folder / f"{split}.parquet"

@@ -120,7 +120,7 @@ def load_recommender(
     info = read_json(config_path, dict)
     section = info.get("model")
     arch = section.get("arch") if isinstance(section, dict) else None
-    if arch not in MODEL_CONFIGS:
+    if not isinstance(arch, str) or arch not in MODEL_CONFIGS:
         raise DiffRecError(f"{config_path}: key 'model.arch': unknown model arch {arch!r}")
     for key in ("n_users", "n_items"):
         value = info.get(key)
@@ -141,7 +141,20 @@ def load_recommender(
             raise DiffRecError(f"{config_path}: checkpoint has {name}={info[name]} but the dataset has {want}")
     state = read_safetensors(weights_path)
     features = {key[len(FEATURE_PREFIX) :]: value for key, value in state.items() if key.startswith(FEATURE_PREFIX)}
-    model = build_recommender(config, info["n_users"], info["n_items"], state.get("graph_edges"), features)
+    build = (config, info["n_users"], info["n_items"], state.get("graph_edges"), features)
+    try:  # on the meta device first: a config that cannot describe these weights costs no memory to find out
+        with torch.device("meta"):
+            shapes = {key: tuple(value.shape) for key, value in build_recommender(*build).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError, AssertionError, IndexError, NotImplementedError) as err:
+        raise DiffRecError(
+            f"{config_path}: cannot build a {arch} of this config ({str(err).strip().splitlines()[0]})"
+        ) from None
+    wrong = [key for key, shape in shapes.items() if key in state and tuple(state[key].shape) != shape]
+    if wrong:
+        raise DiffRecError(
+            f"{weights_path}: tensor '{wrong[0]}' has shape {tuple(state[wrong[0]].shape)}, but {config_path} describes {shapes[wrong[0]]}"
+        )
+    model = build_recommender(*build)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
