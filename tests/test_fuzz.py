@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -384,6 +385,53 @@ def test_fuzz_images_table(data):
                 open_image(folder / relative, min_size=1)
 
         check_loader(load, sources, why)
+
+
+@cache
+def picture_folder() -> Path:
+    """A 64-px picture per item of the tiny dataset, named by its raw id, and a CSV map of them."""
+    from PIL import Image
+
+    folder = SOURCES / "pictures"
+    folder.mkdir()
+    items = pd.read_parquet(rating_folder() / "items.parquet")
+    for index, raw in enumerate(items["raw_id"]):
+        Image.new("RGB", (64, 64), (index * 20, 40, 90)).save(folder / f"{raw}.png")
+    pd.DataFrame({"raw_id": items["raw_id"], "file": [f"{raw}.png" for raw in items["raw_id"]]}).to_csv(
+        SOURCES / "map.csv", index=False
+    )
+    return folder
+
+
+@given(data=st.data())
+def test_fuzz_picture_import(data):
+    holder, work = workdir_for("pictures")
+    with holder:
+        folder = copy_tree(rating_folder(), work / "ratings")
+        (folder / "images.parquet").unlink()
+        shutil.rmtree(folder / "images")
+        pictures = copy_tree(picture_folder(), work / "pictures")
+        mapping = work / "map.csv"
+        shutil.copyfile(SOURCES / "map.csv", mapping)
+        if data.draw(st.booleans()):
+            rows = [line.split(",") for line in mapping.read_text().splitlines()]
+            text, why = data.draw(mutated_text_table(rows, ","))
+            mapping.write_text(text)
+            sources = [mapping]
+        else:
+            target = data.draw(st.sampled_from(sorted(pictures.iterdir())))
+            why = data.draw(file_mutation())(target)
+            sources = [target, pictures]
+        argv = ["data", "images", str(folder), "--folder", str(pictures), "--map", str(mapping), "--min-size", "8"]
+        code, err = run_command(argv)
+
+        def loads(_: Path) -> None:
+            table = load_image_table(folder, 10)
+            for relative in table["path"]:
+                open_image(folder / relative)
+
+        check_refused_or_valid(code, err, sources, folder / "images.parquet", folder, loads, why)
+        assert code == 0 or not (folder / "images").exists(), f"{why}: images/ written"
 
 
 @given(data=st.data())

@@ -74,6 +74,8 @@ def _item_files(items: pd.DataFrame, folder: Path, key: str, mapping: Path | Non
         text_column(table, "file", str(mapping))
         outside = table["file"].map(lambda name: Path(name).name != name or name in ("", ".", "..")).to_numpy()
         fail_at(str(mapping), "file", outside, f"expected a file name inside {folder}")
+        fail_at(str(mapping), key, (table[key].str.strip() == "").to_numpy(), "empty key")
+        fail_at(str(mapping), key, table[key].duplicated().to_numpy(), "key listed twice")
         by_key = dict(zip(table[key], table["file"]))
     else:
         by_key = {path.stem: path.name for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
@@ -95,14 +97,15 @@ def import_item_images(
     items = load_rating_dataset(root).items
     files = _item_files(items, folder, key, Path(mapping) if mapping is not None else None)
     rows, problems = [], []
+    listed = f" (as {mapping} maps it)" if mapping is not None else ""
     for iid, source in zip(items["iid"], files):
         if source is None:
-            problems.append(f"item {iid}: no image in {folder}")
+            problems.append(f"item {iid}: no image in {folder}{listed}")
             continue
         try:
             image = open_image(source, min_size)
         except DiffRecError as err:
-            problems.append(f"item {iid}: {err}")
+            problems.append(f"item {iid}: {err}{listed}")
             continue
         rows.append((int(iid), source, image.size))
     if problems and on_bad == "error":
