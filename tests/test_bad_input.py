@@ -450,7 +450,7 @@ def test_regression_nested_or_misaligned_lists(tiny_dataset, tmp_path, capsys):
         tmp_path,
         capsys,
         lambda f: set_cell(f, "his", 2, [[0, 1]]),
-        "column 'his', row 2: expected a list of item ids",
+        "column 'his', row 2: expected a flat list of item ids",
     )
 
 

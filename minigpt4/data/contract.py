@@ -220,33 +220,41 @@ def text_column(frame: pd.DataFrame, column: str, where: str) -> None:
         fail_at(where, column, values.map(_not_utf8).to_numpy(dtype=bool), NOT_UTF8)
 
 
-def _is_flat_list(value: object) -> bool:
-    """A list, tuple or 1-d array whose elements are scalars (no nested lists, arrays or mappings)."""
+def _flat_array(value: object) -> np.ndarray | None:
+    """A list, tuple or 1-d array as a 1-d array of scalars; None for anything else (NaN, a number, text,
+    nested lists, arrays or mappings)."""
     if not isinstance(value, (list, tuple, np.ndarray)):
-        return False
+        return None
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):  # ragged nesting
-        return False
+        return None
     containers = (list, tuple, dict, set, np.ndarray)
-    return array.ndim == 1 and (array.dtype != object or not any(isinstance(v, containers) for v in array))
+    if array.ndim != 1 or (array.dtype == object and any(isinstance(v, containers) for v in array)):
+        return None
+    return array
 
 
 def list_column(frame: pd.DataFrame, column: str, where: str, what: str) -> np.ndarray:
-    """Every cell is a flat list (NaN, numbers, text or nested lists are errors at their first row); returns
+    """Every cell is a list, tuple or 1-d array (NaN, numbers or text are errors at their first row); returns
     each row's length."""
     values = frame[column]
-    _first_bad(where, column, values, ~values.map(_is_flat_list).to_numpy(dtype=bool), f"expected a list of {what}")
+    is_list = values.map(
+        lambda value: isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+    )
+    _first_bad(where, column, values, ~is_list.to_numpy(dtype=bool), f"expected a list of {what}")
     return values.map(len).to_numpy(dtype=np.int64)
 
 
 def text_lists(frame: pd.DataFrame, column: str, where: str) -> np.ndarray:
-    """A column of lists of text (UTF-8 writable); returns each row's length."""
+    """A column of flat lists of text (UTF-8 writable); returns each row's length."""
     lengths = list_column(frame, column, where, "titles")
     values = frame[column]
-    not_text = values.map(lambda cell: not all(isinstance(title, str) for title in cell)).to_numpy(dtype=bool)
-    _first_bad(where, column, values, not_text, "expected text titles in the list")
-    if not _all_utf8([title for cell in values for title in cell]):
+    titles = [title for cell in values for title in cell]
+    if not all(type(title) is str for title in titles):  # one pass; the row is looked for only on failure
+        not_text = values.map(lambda cell: not all(isinstance(title, str) for title in cell)).to_numpy(dtype=bool)
+        _first_bad(where, column, values, not_text, "expected text titles in the list")
+    if not _all_utf8(titles):
         fail_at(where, column, values.map(lambda cell: any(map(_not_utf8, cell))).to_numpy(dtype=bool), NOT_UTF8)
     return lengths
 
@@ -255,10 +263,13 @@ def id_lists(
     frame: pd.DataFrame, column: str, where: str, upper: int | None, lowest: int = 1, name: str = "item id"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A column of id lists as (all ids concatenated, each row's length); a cell that is not a flat list (NaN, a
-    number, text) or an id that is not an integer in lowest..upper is an error at its row."""
+    number, text, a nested list) or an id that is not an integer in lowest..upper is an error at its row."""
     lengths = list_column(frame, column, where, "item ids")
     values = frame[column]
-    cells = [np.asarray(value) for value in values if len(value)]
+    arrays = [_flat_array(value) for value in values]
+    nested = np.array([array is None for array in arrays], dtype=bool)
+    _first_bad(where, column, values, nested, "expected a flat list of item ids")
+    cells = [array for array in arrays if len(array)]
     if any(cell.dtype.kind not in "iu" for cell in cells):  # keep each cell's own elements (no cast to text)
         cells = [cell.astype(object) for cell in cells]
     flat = np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)
