@@ -79,7 +79,7 @@ def test_a_bad_items_table_and_meta_json(tiny_dataset, tmp_path, capsys):
     meta = folder / "meta.json"
     for content, fragment in (
         (b'{"n_users": 40, "n_items": ', "not valid JSON"),
-        (b'{"n_users": 40, "n_items": "30"}', "key 'n_items' must be a positive integer, found '30'"),
+        (b'{"n_users": 40, "n_items": "30"}', "key 'n_items' must be a positive integer below 2**31, found '30'"),
         (b'{"name": "\xff"}', "not valid JSON"),
     ):
         meta.write_bytes(content)

@@ -231,10 +231,8 @@ def mutated_matrix(draw: st.DrawFn, matrix: sp.coo_matrix) -> tuple[object, str]
     if kind == "shape":
         return sp.coo_matrix((coo.data, (coo.row, coo.col)), shape=(12 + draw(st.integers(1, 3)), 9)), kind
     if kind in ("row", "col"):
-        getattr(coo, kind)[entry] = bad if bad >= 0 else 0
-        if bad < 0:
-            setattr(coo, kind, getattr(coo, kind).astype(np.int64))
-            getattr(coo, kind)[entry] = bad
+        setattr(coo, kind, getattr(coo, kind).astype(np.int64))
+        getattr(coo, kind)[entry] = bad
         return coo, f"{kind}[{entry}] = {bad}"
     if kind == "value":
         coo.data[entry] = draw(st.sampled_from([np.nan, np.inf, 0.0, -1.0]))

@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import math
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def read_json_lines(path: Path) -> Iterator[dict]:
                 yield record
     except UnicodeDecodeError as err:
         raise DiffRecError(f"{path}: not UTF-8 text after line {number} ({err.reason})") from None
-    except (OSError, EOFError) as err:  # a truncated or corrupt .gz
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz
         raise DiffRecError(f"{path}: not readable after line {number} ({err})") from None
 
 
@@ -166,7 +167,12 @@ def prepare_amazon(
         "dropped_items_without_title": len(untitled),
     }
     splits, items, meta = assemble_dataset(
-        ratings, items, min_positive_rating, lambda ts: ratio_split(ts, AMAZON_SPLIT), meta
+        ratings,
+        items,
+        min_positive_rating,
+        lambda ts: ratio_split(ts, AMAZON_SPLIT),
+        meta,
+        ", ".join(map(str, reviews)),
     )
     category = items.set_index("iid")["category"]
     for frame in splits.values():

@@ -147,11 +147,13 @@ def assemble_dataset(
     min_positive_rating: float,
     split_for: Callable[[pd.Series], TimeSplit],
     meta: dict,
+    where: str | None = None,
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
     """Dense ids, labels, histories and splits from raw ratings and a raw items table.
 
     ``ratings`` has raw ``user, item, rating, timestamp``; ``items`` has raw ``item, title`` and any
-    extra columns (kept). ``split_for`` maps the timestamps to a ``TimeSplit``.
+    extra columns (kept). ``split_for`` maps the timestamps to a ``TimeSplit``; ``where`` names the ratings'
+    source in errors.
     """
     missing_items = set(ratings["item"]) - set(items["item"])
     if missing_items:
@@ -167,6 +169,11 @@ def assemble_dataset(
     splits = build_rating_splits(
         frame[["uid", "iid", "rating", "timestamp"]], titles, min_positive_rating, split_for(frame["timestamp"])
     )
+    empty = [name for name in SPLITS if splits[name].empty]
+    if empty:
+        raise DiffRecError(
+            f"{where or meta.get('source')}: its {len(frame)} ratings leave the {empty[0]} split empty under the split rule ({meta.get('split_rule')})"
+        )
     meta = {
         **meta,
         "n_users": len(user_map),

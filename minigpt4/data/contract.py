@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder, read_json
@@ -83,10 +84,17 @@ def read_meta(path: Path) -> dict:
     """A dataset's ``meta.json``: a JSON object whose ``n_users`` and ``n_items`` are positive integers."""
     meta = read_json(path, dict)
     for key in ("n_users", "n_items"):
-        value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise DiffRecError(f"{path}: key '{key}' must be a positive integer, found {value!r}")
+        catalogue_size(meta, key, str(path))
     return meta
+
+
+def catalogue_size(mapping: dict, key: str, where: str) -> int:
+    """``mapping[key]`` as a number of users or items: an integer in 1..2**31-1 (ids index embedding tables and
+    SciPy's int32 matrices); anything else is an error naming ``where`` and the key."""
+    value = mapping.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**31:
+        raise DiffRecError(f"{where}: key '{key}' must be a positive integer below 2**31, found {value!r:.40}")
+    return value
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -94,10 +102,10 @@ def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DiffRecError(f"{path}: missing (a dataset folder holds train/valid/test/items .parquet and meta.json)")
     try:
-        return pd.read_parquet(path)
-    except (
-        Exception
-    ) as err:  # a corrupt file fails anywhere in pyarrow (ArrowInvalid, or a KeyError in its pandas metadata)
+        table = pq.read_table(path)
+        table.validate(full=True)  # a flipped byte can leave text that is not UTF-8, found only when first read
+        return table.to_pandas()
+    except Exception as err:  # pyarrow fails in many ways on a corrupt file (ArrowInvalid, a KeyError in its metadata)
         raise DiffRecError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
 
 

@@ -213,7 +213,9 @@ def load_image_table(root: str | Path, n_items: int) -> pd.DataFrame:
 def _inside(root: Path, name: str) -> bool:
     """True when ``name`` is a relative path that stays inside ``root/images``."""
     relative = Path(name)
-    return not relative.is_absolute() and (root / relative).resolve().is_relative_to((root / IMAGE_FOLDER).resolve())
+    if "\x00" in name or relative.is_absolute():
+        return False
+    return (root / relative).resolve().is_relative_to((root / IMAGE_FOLDER).resolve())
 
 
 def image_pixels(path: Path, resolution: int) -> torch.Tensor:

@@ -22,7 +22,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from minigpt4.data.contract import id_column, load_rating_dataset, read_meta, read_table, require_columns, require_rows
+from minigpt4.data.contract import (
+    catalogue_size,
+    id_column,
+    load_rating_dataset,
+    read_meta,
+    read_table,
+    require_columns,
+    require_rows,
+)
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder, read_npy
@@ -128,11 +136,7 @@ def check_implicit(splits: dict[str, pd.DataFrame], features: dict[str, np.ndarr
     """What ``load_implicit_dataset`` checks, before anything is written: pairs in the catalogue, every split
     non-empty, one finite feature row per item."""
     for key in ("n_users", "n_items"):
-        value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise DiffRecError(
-                f"{where / 'meta.json'} (not written): key '{key}' must be a positive integer, found {value!r}"
-            )
+        catalogue_size(meta, key, f"{where / 'meta.json'} (not written)")
     for split in SPLITS:
         path = f"{where / split}.parquet (not written)"
         require_columns(splits[split], ("uid", "iid"), path)

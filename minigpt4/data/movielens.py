@@ -85,7 +85,7 @@ def prepare_ml100k(raw: Path | None = None) -> tuple[dict[str, pd.DataFrame], pd
     ratings, items = read_ml100k(raw)
     meta = {"source": str(raw) if raw else "recbole==1.2.1 dataset_example/ml-100k", "name": "ml-100k",
             "split_rule": f"global time order, row fractions {ML100K_SPLIT}"}  # fmt: skip
-    return assemble_dataset(ratings, items, 4, lambda ts: ratio_split(ts, ML100K_SPLIT), meta)
+    return assemble_dataset(ratings, items, 4, lambda ts: ratio_split(ts, ML100K_SPLIT), meta, str(raw or "ML-100K"))
 
 
 def prepare_ml1m(raw: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
@@ -98,4 +98,4 @@ def prepare_ml1m(raw: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict
         "name": "ml-1m",
         "split_rule": f"last {sum(ML1M_MONTHS)} whole months, {ML1M_MONTHS} months",
     }
-    return assemble_dataset(ratings, items, 4, lambda ts: split, meta)
+    return assemble_dataset(ratings, items, 4, lambda ts: split, meta, str(Path(raw) / "ratings.dat"))

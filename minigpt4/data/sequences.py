@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from minigpt4.data.contract import (
     SPLITS,
+    catalogue_size,
     fail_at,
     id_column,
     id_lists,
@@ -212,9 +213,7 @@ def check_sequences(frame: pd.DataFrame, where: str, meta: dict) -> tuple[np.nda
     require_columns(frame, COLUMNS, where)
     require_rows(frame, where)
     for key in ("n_users", "n_items"):
-        value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise DiffRecError(f"{where}: meta key '{key}' must be a positive integer, found {value!r}")
+        catalogue_size(meta, key, f"{where} (its meta)")
     id_column(frame, "uid", where, int(meta["n_users"]))
     items, lengths = id_lists(frame, "train", where, int(meta["n_items"]))
     fail_at(where, "train", lengths < 1, "empty training sequence")

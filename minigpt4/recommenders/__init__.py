@@ -27,6 +27,7 @@ from minigpt4.config import (
     PopularityConfig,
     SASRecConfig,
 )
+from minigpt4.data.contract import catalogue_size
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder, read_json, read_safetensors
 from minigpt4.recommenders.base import CollaborativeModel
@@ -123,9 +124,7 @@ def load_recommender(
     if not isinstance(arch, str) or arch not in MODEL_CONFIGS:
         raise DiffRecError(f"{config_path}: key 'model.arch': unknown model arch {arch!r}")
     for key in ("n_users", "n_items"):
-        value = info.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise DiffRecError(f"{config_path}: key '{key}' must be a positive integer, found {value!r}")
+        catalogue_size(info, key, str(config_path))
     try:
         config = MODEL_CONFIGS[arch].model_validate(section)
     except ValidationError as err:
