@@ -474,3 +474,15 @@ def test_regression_a_library_message_of_several_lines_is_one_line(tiny_dataset,
     path.write_bytes(data[:4] + b"\xff\xfe" + data[4:])  # pyarrow's thrift error spans two lines
     expect_one_line_error(["data", "sequences", str(folder)], capsys, str(path), "not a readable Parquet file")
     assert not (folder / "sequences").exists()
+
+
+def test_regression_a_nan_or_infinite_config_value(tiny_dataset, tmp_path, capsys):
+    for value in (float("nan"), float("inf")):
+        config = write_config(tmp_path, tiny_dataset, "mf", model={"init_std": value})
+        expect_one_line_error(
+            ["pretrain", "--cfg-path", str(config)],
+            capsys,
+            str(config),
+            "key 'model.init_std': Input should be a finite number",
+        )
+    assert not (tmp_path / "runs").exists()

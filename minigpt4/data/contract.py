@@ -165,8 +165,9 @@ def _numbers(values: pd.Series | np.ndarray) -> np.ndarray:
 def _integers(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``values`` as int64 and a mask of the cells that are not integers (not numbers, NaN, inf, fractions, or
     magnitudes beyond 2**53, where a float no longer holds an exact integer)."""
-    if isinstance(values, pd.Series) and pd.api.types.is_integer_dtype(values) and not values.isna().any():
-        return values.to_numpy(dtype=np.int64), np.zeros(len(values), dtype=bool)
+    if isinstance(values, pd.Series) and pd.api.types.is_signed_integer_dtype(values) and not values.isna().any():
+        ids = values.to_numpy(dtype=np.int64)
+        return ids, np.abs(ids) > 2**53
     numbers = _numbers(values)
     bad = ~np.isfinite(numbers) | (numbers != np.floor(numbers)) | (np.abs(numbers) > 2**53)
     return np.where(bad, 0, numbers).astype(np.int64), bad
