@@ -141,19 +141,23 @@ def load_recommender(
     state = read_safetensors(weights_path)
     features = {key[len(FEATURE_PREFIX) :]: value for key, value in state.items() if key.startswith(FEATURE_PREFIX)}
     build = (config, info["n_users"], info["n_items"], state.get("graph_edges"), features)
+    unbuildable = (RuntimeError, ValueError, TypeError, OverflowError, AssertionError, IndexError)
     try:  # on the meta device first: a config that cannot describe these weights costs no memory to find out
         with torch.device("meta"):
             shapes = {key: tuple(value.shape) for key, value in build_recommender(*build).state_dict().items()}
-    except (RuntimeError, ValueError, TypeError, OverflowError, AssertionError, IndexError, NotImplementedError) as err:
-        raise DiffRecError(
-            f"{config_path}: cannot build a {arch} of this config ({str(err).strip().splitlines()[0]})"
-        ) from None
+    except unbuildable:  # graph and multimodal models build from the saved CPU edges and features, which meta
+        shapes = {}  # tensors cannot mix with: the real build below reports what is wrong
     wrong = [key for key, shape in shapes.items() if key in state and tuple(state[key].shape) != shape]
     if wrong:
         raise DiffRecError(
             f"{weights_path}: tensor '{wrong[0]}' has shape {tuple(state[wrong[0]].shape)}, but {config_path} describes {shapes[wrong[0]]}"
         )
-    model = build_recommender(*build)
+    try:
+        model = build_recommender(*build)
+    except unbuildable as err:
+        raise DiffRecError(
+            f"{config_path}: cannot build a {arch} of this config ({str(err).strip().splitlines()[0]})"
+        ) from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
