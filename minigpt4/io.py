@@ -85,8 +85,10 @@ def read_npy(path: Path) -> np.ndarray:
     text, or a NaN/inf value is one DiffRecError naming the file."""
     try:
         values = np.load(require_file(path), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:  # object arrays refuse to load without pickle: ValueError
-        raise DiffRecError(f"{path}: not a readable numeric .npy file ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # object arrays refuse to load without pickle (ValueError); a corrupt header can
+        # fail in NumPy's header parser with anything from SyntaxError to tokenize.TokenError
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DiffRecError(f"{path}: not a readable numeric .npy file ({type(error).__name__}: {first})") from None
     if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf":
         raise DiffRecError(f"{path}: expected a numeric array, found dtype {getattr(values, 'dtype', type(values))}")
     bad = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
