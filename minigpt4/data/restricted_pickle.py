@@ -175,40 +175,30 @@ def load_restricted_pickle(path: str | Path) -> Any:
             raise DiffRecError(f"{path}: not a readable pickle ({type(err).__name__}: {first})") from None
 
 
-def _check_structure(value: Any, depth: int = 0) -> None:
-    """Raise ValueError where an unpickled pandas or SciPy object is internally inconsistent. Their C and Cython
-    code trusts what a pickle rebuilt (block placements, array lengths, index pointers), so a corrupt file
-    could otherwise crash the process on first use instead of failing here."""
+def _check_structure(value: Any) -> None:
+    """Raise ValueError where an unpickled pandas frame or SciPy matrix is internally inconsistent. Their C and
+    Cython code trusts what a pickle rebuilt (block placements, array lengths, index pointers), so a corrupt
+    file could otherwise crash the process on first use instead of failing here."""
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
 
-    if depth > 3:
-        return
     if isinstance(value, pd.Series):
         if len(value._mgr.blocks) != 1 or len(value._mgr.blocks[0].values) != len(value.index):
             raise ValueError("a series whose values and index differ in length")
     elif isinstance(value, pd.DataFrame):
-        rows = len(value.index)
-        columns = len(value.columns)
-        placed = []
+        rows, placed = len(value.index), []
         for block in value._mgr.blocks:  # pandas' own structure: the only place a corrupt placement shows
             locs = np.asarray(block.mgr_locs.as_array)
-            shape = (len(locs), rows) if block.values.ndim == 2 else (rows,)
-            if block.values.shape != shape and not (
-                block.values.ndim == 1 and len(locs) == 1 and len(block.values) == rows
-            ):
-                raise ValueError(f"a block of shape {block.values.shape} where {shape} belongs")
+            expected = (len(locs), rows) if block.values.ndim == 2 else (rows,)
+            if block.values.shape != expected or (block.values.ndim == 1 and len(locs) != 1):
+                raise ValueError(f"a block of shape {block.values.shape} placed at {len(locs)} columns of {rows} rows")
             placed.append(locs)
         placed = np.sort(np.concatenate(placed)) if placed else np.zeros(0, dtype=np.int64)
-        if not np.array_equal(placed, np.arange(columns)):
+        if not np.array_equal(placed, np.arange(len(value.columns))):
             raise ValueError("block placements that do not cover the columns once each")
     elif sp.issparse(value):
         if value.format in ("csr", "csc"):
             value.check_format(full_check=True)
-        elif value.format == "coo":
-            if not len(value.row) == len(value.col) == len(value.data):
-                raise ValueError("row, col and data of different lengths")
-    elif isinstance(value, dict):
-        for item in list(value.values())[:1000]:
-            _check_structure(item, depth + 1)
+        elif value.format == "coo" and not len(value.row) == len(value.col) == len(value.data):
+            raise ValueError("row, col and data of different lengths")
