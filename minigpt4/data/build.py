@@ -53,26 +53,37 @@ def month_window(timestamps: pd.Series, months: tuple[int, int, int]) -> tuple[i
 LATEST_TIMESTAMP = 4_102_444_800  # 2100-01-01 in Unix seconds: a later "second" is a millisecond stamp or garbage
 
 
+def parsed_numbers(values: pd.Series, path: Path, column: str, whole: bool = True) -> np.ndarray:
+    """A column of a text source as float64: finite numbers and, with ``whole``, integers below 2**53 (beyond it
+    a float no longer holds an exact integer); an error names the file, column and first bad row otherwise."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    bad = ~np.isfinite(numbers)
+    if whole:
+        bad |= (numbers != np.floor(numbers)) | (np.abs(numbers) > 2**53)
+    if bad.any():
+        what = "a whole number below 2**53" if whole else "a finite number"
+        fail_at(str(path), column, bad, f"expected {what}, found {values.iloc[int(bad.argmax())]!r}")
+    return numbers
+
+
 def raw_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Raw (user, item, rating, timestamp) rows read from ``path``: at least one row, integer user and item ids,
     finite ratings and Unix-second timestamps between 1970 and 2100 (an error names the column and first bad
     row otherwise)."""
     if ratings.empty:
         raise DiffRecError(f"{path}: no ratings")
-    for column in ("user", "item", "rating", "timestamp"):
-        numbers = pd.to_numeric(ratings[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-        bad = ~np.isfinite(numbers)
-        what = "a finite number"
-        if column != "rating":
-            bad |= (numbers != np.floor(numbers)) | (np.abs(numbers) > 2**53)
-            what = "a whole number below 2**53"
-        if column == "timestamp":
-            bad |= (numbers < 0) | (numbers >= LATEST_TIMESTAMP)
-            what = f"Unix seconds in 0..{LATEST_TIMESTAMP - 1}"
-        if bad.any():
-            fail_at(str(path), column, bad, f"expected {what}, found {ratings[column].iloc[int(bad.argmax())]!r}")
-        whole = column != "rating" or bool(((numbers == np.floor(numbers)) & (np.abs(numbers) <= 2**53)).all())
-        ratings[column] = numbers.astype(np.int64) if whole else numbers
+    for column in ("user", "item", "timestamp"):
+        ratings[column] = parsed_numbers(ratings[column], path, column).astype(np.int64)
+    early_or_late = ((ratings["timestamp"] < 0) | (ratings["timestamp"] >= LATEST_TIMESTAMP)).to_numpy()
+    if early_or_late.any():
+        found = ratings["timestamp"].iloc[int(early_or_late.argmax())]
+        fail_at(
+            str(path), "timestamp", early_or_late, f"expected Unix seconds in 0..{LATEST_TIMESTAMP - 1}, found {found}"
+        )
+    rating = parsed_numbers(ratings["rating"], path, "rating", whole=False)
+    ratings["rating"] = (
+        rating.astype(np.int64) if (rating == np.floor(rating)).all() and np.abs(rating).max() <= 2**53 else rating
+    )
     return ratings
 
 
@@ -81,11 +92,7 @@ def raw_items(items: pd.DataFrame, path: Path, ratings: pd.DataFrame, ratings_pa
     that ``ratings`` (read from ``ratings_path``) names."""
     frame = pd.DataFrame({"item": items["item"], "title": items["title"]})
     if pd.api.types.is_integer_dtype(ratings["item"]):  # MovieLens: items are named by whole numbers too
-        numbers = pd.to_numeric(items["item"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-        bad = ~np.isfinite(numbers) | (numbers != np.floor(numbers))
-        if bad.any():
-            fail_at(str(path), "item", bad, f"expected a whole number, found {items['item'].iloc[int(bad.argmax())]!r}")
-        items = items.assign(item=numbers.astype(np.int64))
+        items = items.assign(item=parsed_numbers(items["item"], path, "item").astype(np.int64))
     keys = items["item"].astype(str)
     fail_at(str(path), "item", keys.duplicated().to_numpy(), "item id repeated")
     text_column(frame, "title", str(path))
