@@ -11,6 +11,12 @@ class DiffRecError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), to quote in a one-line error."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def require_file(path: str | Path) -> Path:
     """``path`` as a Path, or a DiffRecError naming it when it is not a file."""
     path = Path(path)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from minigpt4.errors import DiffRecError, require_file
+from minigpt4.errors import DiffRecError, first_line, require_file
 
 
 @contextmanager
@@ -72,7 +72,7 @@ def read_json(path: Path, kind: type = object) -> Any:
     try:
         value = json.loads(require_file(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DiffRecError(f"{path}: not valid JSON ({str(error).splitlines()[0]})") from None
+        raise DiffRecError(f"{path}: not valid JSON ({first_line(error)})") from None
     if not isinstance(value, kind):
         raise DiffRecError(
             f"{path}: expected a JSON {'object' if kind is dict else 'array' if kind is list else kind.__name__}, found {type(value).__name__}"
@@ -87,8 +87,9 @@ def read_npy(path: Path) -> np.ndarray:
         values = np.load(require_file(path), allow_pickle=False)
     except Exception as error:  # object arrays refuse to load without pickle (ValueError); a corrupt header can
         # fail in NumPy's header parser with anything from SyntaxError to tokenize.TokenError
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DiffRecError(f"{path}: not a readable numeric .npy file ({type(error).__name__}: {first})") from None
+        raise DiffRecError(
+            f"{path}: not a readable numeric .npy file ({type(error).__name__}: {first_line(error)})"
+        ) from None
     if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf":
         raise DiffRecError(f"{path}: expected a numeric array, found dtype {getattr(values, 'dtype', type(values))}")
     bad = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(values.shape, dtype=bool)
@@ -104,8 +105,7 @@ def read_csv(path: Path, **options: Any) -> pd.DataFrame:
     try:
         return pd.read_csv(require_file(path), **options)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DiffRecError(f"{path}: not a readable table ({first})") from None
+        raise DiffRecError(f"{path}: not a readable table ({first_line(error)})") from None
 
 
 def read_delimited(
@@ -139,7 +139,7 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problem = getattr(error, "problem", None) or first_line(error)
         raise DiffRecError(f"{path}: not valid YAML ({problem}{where})") from None
 
 
@@ -153,8 +153,7 @@ def read_safetensors(path: Path) -> dict[str, Any]:
     try:
         state = load_file(require_file(path))
     except (SafetensorError, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DiffRecError(f"{path}: not a readable safetensors file ({first})") from None
+        raise DiffRecError(f"{path}: not a readable safetensors file ({first_line(error)})") from None
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise DiffRecError(f"{path}: tensor '{name}' holds NaN or inf (the run that wrote it diverged)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from hypothesis import strategies as st
 
 from minigpt4.cli import main
@@ -156,6 +157,32 @@ def mutated_json(draw: st.DrawFn, value: object) -> tuple[object, str]:
         return value, f"drop {'.'.join(map(str, path))}"
     parent[path[-1]] = replacement
     return value, f"{'.'.join(map(str, path))} = {replacement!r}"
+
+
+def write_frame(draw: st.DrawFn, frame: pd.DataFrame, path: Path, why: str) -> str:
+    """Write a mutated table as Parquet; a mutation Parquet cannot hold (a repeated column name, mixed types, a
+    lone surrogate) is replaced by a corruption of the file's bytes, named in the returned description."""
+    try:
+        frame.to_parquet(path, index=False)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as err:
+        return f"{why}, unwritable ({type(err).__name__}), so: {draw(file_mutation())(path)}"
+    return why
+
+
+def write_text_tables(
+    draw: st.DrawFn, folder: Path, tables: dict[str, tuple[list[list[str]], str, str]]
+) -> tuple[Path, str]:
+    """Write delimited text files (name -> rows, separator, encoding), one of them mutated as a table and, at
+    times, at the byte level too; returns the mutated file and what was done."""
+    target = draw(st.sampled_from(sorted(tables)))
+    for name, (rows, separator, encoding) in tables.items():
+        text = "".join(separator.join(fields) + "\n" for fields in rows)
+        if name == target:
+            text, why = draw(mutated_text_table(rows, separator))
+        (folder / name).write_text(text, encoding=encoding, errors="replace")
+    if draw(st.booleans()):
+        why = draw(file_mutation())(folder / target)
+    return folder / target, why
 
 
 def run_command(argv: list[str]) -> tuple[int, str]:

@@ -391,7 +391,7 @@ def test_regression_history_ids_outside_the_catalogue(tiny_dataset, tmp_path, ca
         tmp_path,
         capsys,
         change,
-        "column 'his', row 3: history item id outside the catalogue of rated items 1..30",
+        "column 'his', row 3: history item id out of range 1..30",
     )
 
 

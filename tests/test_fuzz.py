@@ -28,6 +28,8 @@ from fuzzing import (
     mutated_json,
     mutated_text_table,
     run_command,
+    write_frame,
+    write_text_tables,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,7 +39,7 @@ from minigpt4.config import load_config
 from minigpt4.data.build import assemble_dataset, ratio_split
 from minigpt4.data.contract import SPLITS, load_rating_dataset, save_rating_dataset
 from minigpt4.data.images import load_image_table, open_image, render_item_cards
-from minigpt4.data.implicit import load_implicit_dataset
+from minigpt4.data.implicit import derive_implicit, load_implicit_dataset
 from minigpt4.data.sequences import derive_sequences, load_sequence_dataset
 from minigpt4.recommenders import load_recommender
 
@@ -56,10 +58,12 @@ def rating_tables() -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
 
 @cache
 def rating_folder() -> Path:
-    """The tiny dataset saved in the contract's layout, with a rendered card per item and the sequence shape."""
+    """The tiny dataset saved in the contract's layout, with a rendered card per item and the sequence and
+    implicit shapes."""
     root = save_rating_dataset(SOURCES / "ratings", *rating_tables())
     render_item_cards(root, size=16)
     derive_sequences(root, min_length=3)
+    derive_implicit(root, text=False)
     return root
 
 
@@ -134,14 +138,8 @@ def test_fuzz_ml100k_raw_import(data):
         raw = work / "ml-100k"
         raw.mkdir()
         ratings, items = ml100k_raw_rows()
-        target = data.draw(st.sampled_from(["u.data", "u.item"]))
-        for name, rows, separator in (("u.data", ratings, "\t"), ("u.item", items, "|")):
-            text = "".join(separator.join(fields) + "\n" for fields in rows)
-            if name == target:
-                text, why = data.draw(mutated_text_table(rows, separator))
-            (raw / name).write_text(text, encoding="latin-1" if name == "u.item" else "utf-8", errors="replace")
-        if data.draw(st.booleans()):
-            why = data.draw(file_mutation())(raw / target)
+        tables = {"u.data": (ratings, "\t", "utf-8"), "u.item": (items, "|", "latin-1")}
+        _, why = write_text_tables(data.draw, raw, tables)
         out = work / "out"
         code, err = run_command(["data", "prepare", "ml-100k", "--raw", str(raw), "--out", str(out)])
         check_refused_or_valid(code, err, [raw / "u.data", raw / "u.item", raw], out, work, load_rating_dataset, why)
@@ -156,14 +154,8 @@ def test_fuzz_ml1m_raw_import(data):
         ratings, items = ml100k_raw_rows()
         ratings = [[u, i, r, str(978_300_000 + int(t))] for u, i, r, t in ratings]
         movies = [[row[0], row[1], "Drama|Comedy"] for row in items]
-        target = data.draw(st.sampled_from(["ratings.dat", "movies.dat"]))
-        for name, rows in (("ratings.dat", ratings), ("movies.dat", movies)):
-            text = "".join("::".join(fields) + "\n" for fields in rows)
-            if name == target:
-                text, why = data.draw(mutated_text_table(rows, "::"))
-            (raw / name).write_text(text, encoding="latin-1", errors="replace")
-        if data.draw(st.booleans()):
-            why = data.draw(file_mutation())(raw / target)
+        tables = {"ratings.dat": (ratings, "::", "latin-1"), "movies.dat": (movies, "::", "latin-1")}
+        _, why = write_text_tables(data.draw, raw, tables)
         out = work / "out"
         code, err = run_command(["data", "prepare", "ml-1m", "--raw", str(raw), "--out", str(out)])
         sources = [raw / "ratings.dat", raw / "movies.dat", raw]
@@ -344,10 +336,7 @@ def test_fuzz_processed_rating_folder(data):
         else:
             path = folder / f"{target}.parquet"
             frame, why = data.draw(mutated_frame(pd.read_parquet(path)))
-            try:
-                frame.to_parquet(path, index=False)
-            except Exception:  # a mutation Parquet cannot hold: corrupt the file instead
-                why = data.draw(file_mutation())(path)
+            why = write_frame(data.draw, frame, path, why)
         if path.is_file() and data.draw(st.booleans()):
             why = data.draw(file_mutation())(path)
         (folder / "sequences").rename(work / "kept-sequences")
@@ -365,10 +354,7 @@ def test_fuzz_images_table(data):
         table_path = folder / "images.parquet"
         if data.draw(st.booleans()):
             frame, why = data.draw(mutated_frame(pd.read_parquet(table_path)))
-            try:
-                frame.to_parquet(table_path, index=False)
-            except Exception:
-                why = data.draw(file_mutation())(table_path)
+            why = write_frame(data.draw, frame, table_path, why)
             sources = [table_path]
         else:
             item = data.draw(st.integers(1, 10))
@@ -436,10 +422,6 @@ def test_fuzz_sequence_and_implicit_folders(data):
     holder, work = workdir_for("shapes")
     with holder:
         folder = copy_tree(rating_folder(), work / "ratings")
-        if not (SOURCES / "implicit-ready").exists():
-            assert run_command(["data", "implicit", str(rating_folder()), "--no-text"])[0] == 0
-            (SOURCES / "implicit-ready").touch()
-            folder = copy_tree(rating_folder(), work / "ratings2")
         shape = data.draw(st.sampled_from(["sequences", "implicit"]))
         names = (
             ["sequences.parquet", "meta.json"]
@@ -449,10 +431,7 @@ def test_fuzz_sequence_and_implicit_folders(data):
         path = folder / shape / data.draw(st.sampled_from(names))
         if path.suffix == ".parquet":
             frame, why = data.draw(mutated_frame(pd.read_parquet(path)))
-            try:
-                frame.to_parquet(path, index=False)
-            except Exception:
-                why = data.draw(file_mutation())(path)
+            why = write_frame(data.draw, frame, path, why)
         else:
             value, why = data.draw(mutated_json(json.loads(path.read_text())))
             path.write_text(json.dumps(value))

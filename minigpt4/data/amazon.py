@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from minigpt4.data.build import LATEST_TIMESTAMP, assemble_dataset, ratio_split
+from minigpt4.data.contract import not_utf8
 from minigpt4.errors import DiffRecError, require_file
 
 AMAZON_SPLIT = (0.8, 0.1, 0.1)
@@ -53,18 +54,9 @@ def _key(value: object) -> str | None:
     """A user or item key as text: a JSON string or whole number; None for anything else (null, bool, list...)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and value and not _not_utf8(value):
+    if isinstance(value, str) and value and not not_utf8(value):
         return value
     return str(value) if isinstance(value, int) else None
-
-
-def _not_utf8(text: str) -> bool:
-    """True for text with a lone surrogate (a JSON escape such as \\udcff that UTF-8 cannot write)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _finite(value: object) -> float | None:
@@ -133,7 +125,7 @@ def read_item_metadata(path: Path) -> pd.DataFrame:
         category = record.get("main_category") or record.get("main_cat") or _category_from_name(path)
         title = record.get("title") or ""
         for key, value in (("title", title), ("main_category", category)):
-            if not isinstance(value, str) or _not_utf8(value):
+            if not isinstance(value, str) or not_utf8(value):
                 raise DiffRecError(f"{path}: line {number}: '{key}' must be UTF-8 text, found {value!r:.40}")
         rows.append((item, title.strip(), category))
     if not rows:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from minigpt4.data.contract import RATING_COLUMNS, SPLITS, fail_at, validate_ratings
+from minigpt4.data.contract import RATING_COLUMNS, SPLITS, fail_at, id_lists, validate_ratings
 from minigpt4.data.restricted_pickle import load_restricted_pickle
 from minigpt4.errors import DiffRecError
 
@@ -30,10 +30,11 @@ def read_collm_split(path: Path) -> pd.DataFrame:
     validate_ratings(frame, str(path), None, None, history_lowest=0)
     frame = frame.loc[:, list(RATING_COLUMNS)].copy()
     # CoLLM starts every history with a padding item 0 and an empty title; the contract keeps 0 for padding only.
-    keep = [np.asarray(his, dtype=np.int64) != 0 for his in frame["his"]]
-    frame["his"] = [np.asarray(his, dtype=np.int64)[mask] for his, mask in zip(frame["his"], keep)]
-    frame["his_title"] = [[str(t) for t, k in zip(titles, mask) if k] for titles, mask in zip(frame["his_title"], keep)]
-    frame["title"] = frame["title"].map(str)
+    histories = [np.asarray(his, dtype=np.int64) for his in frame["his"]]
+    frame["his"] = [his[his != 0] for his in histories]
+    frame["his_title"] = [
+        [title for title, item in zip(titles, his) if item != 0] for titles, his in zip(frame["his_title"], histories)
+    ]
     for column in ("uid", "iid", "label", "not_cold"):
         frame[column] = pd.to_numeric(frame[column]).astype(np.int64)
     frame["timestamp"] = pd.to_numeric(frame["timestamp"])
@@ -64,12 +65,8 @@ def import_collm(folder: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, d
     splits = {name: read_collm_split(path) for name, path in paths.items()}
     n_users = _dense_catalogue(splits, paths, "uid", "user id")
     n_items = _dense_catalogue(splits, paths, "iid", "item id")
-    for name, frame in splits.items():
-        lengths = frame["his"].map(len).to_numpy()
-        flat = np.concatenate([*frame["his"], np.zeros(0, dtype=np.int64)])
-        bad_rows = np.zeros(len(frame), dtype=bool)
-        bad_rows[np.repeat(np.arange(len(frame)), lengths)[flat > n_items]] = True
-        fail_at(str(paths[name]), "his", bad_rows, f"history item id outside the catalogue of rated items 1..{n_items}")
+    for name, frame in splits.items():  # the catalogue is the rated items: a history item must be one of them
+        id_lists(frame, "his", str(paths[name]), n_items, name="history item id")
     rows = pd.concat(splits.values(), ignore_index=True)
     # Items seen only inside histories get their title from there (every history item is also rated somewhere).
     in_histories = pd.DataFrame(

@@ -199,7 +199,7 @@ def number_column(
     return numbers
 
 
-def _not_utf8(value: object) -> bool:
+def not_utf8(value: object) -> bool:
     """True for text that cannot be written as UTF-8 (an undecodable byte kept as a lone surrogate)."""
     try:
         str(value).encode("utf-8")
@@ -210,7 +210,7 @@ def _not_utf8(value: object) -> bool:
 
 def _all_utf8(texts: list[str]) -> bool:
     """True when every text can be written as UTF-8 (one encode for the common case)."""
-    return not _not_utf8("".join(texts))
+    return not not_utf8("".join(texts))
 
 
 NOT_UTF8 = (
@@ -226,7 +226,7 @@ def text_column(frame: pd.DataFrame, column: str, where: str) -> None:
     not_text = ~values.map(lambda value: isinstance(value, str)).to_numpy(dtype=bool)
     _first_bad(where, column, values, not_text, "expected text")
     if not _all_utf8(list(values)):
-        fail_at(where, column, values.map(_not_utf8).to_numpy(dtype=bool), NOT_UTF8)
+        fail_at(where, column, values.map(not_utf8).to_numpy(dtype=bool), NOT_UTF8)
 
 
 def _flat_array(value: object) -> np.ndarray | None:
@@ -264,7 +264,7 @@ def text_lists(frame: pd.DataFrame, column: str, where: str) -> np.ndarray:
         not_text = values.map(lambda cell: not all(isinstance(title, str) for title in cell)).to_numpy(dtype=bool)
         _first_bad(where, column, values, not_text, "expected text titles in the list")
     if not _all_utf8(titles):
-        fail_at(where, column, values.map(lambda cell: any(map(_not_utf8, cell))).to_numpy(dtype=bool), NOT_UTF8)
+        fail_at(where, column, values.map(lambda cell: any(map(not_utf8, cell))).to_numpy(dtype=bool), NOT_UTF8)
     return lengths
 
 

@@ -32,7 +32,7 @@ from minigpt4.data.contract import (
     require_rows,
 )
 from minigpt4.data.restricted_pickle import load_restricted_pickle
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, first_line
 from minigpt4.io import atomic_folder, read_npy
 
 SPLITS = ("train", "valid", "test")
@@ -75,11 +75,11 @@ def import_diffmm_folder(folder: str | Path) -> tuple[dict[str, pd.DataFrame], d
                 f"{folder / name}: expected a scipy sparse user x item matrix, found {type(matrix).__name__}"
             )
         matrices[split] = _checked_coo(matrix, folder / name)
-        first = matrices[next(iter(matrices))]
-        if matrices[split].shape != first.shape:
+        (users, items), (train_users, train_items) = matrices[split].shape, matrices["train"].shape
+        if (users, items) != (train_users, train_items):
             raise DiffRecError(
-                f"{folder / name}: {matrices[split].shape[0]} users x {matrices[split].shape[1]} items, but "
-                f"{folder / DIFFMM_MATRICES['train']} has {first.shape[0]} x {first.shape[1]} (the splits share one catalogue)"
+                f"{folder / name}: {users} users x {items} items, but {folder / DIFFMM_MATRICES['train']} has "
+                f"{train_users} x {train_items} (the splits share one catalogue)"
             )
     n_users, n_items = matrices["train"].shape
     features = {}
@@ -109,7 +109,7 @@ def _checked_coo(matrix: sp.spmatrix, path: Path) -> sp.coo_matrix:
         n_users, n_items = (int(size) for size in coo.shape)
         row, col, data = np.asarray(coo.row), np.asarray(coo.col), np.asarray(coo.data)
     except (ValueError, TypeError, IndexError, AttributeError) as err:
-        raise DiffRecError(f"{path}: not a consistent sparse matrix ({str(err).splitlines()[0]})") from None
+        raise DiffRecError(f"{path}: not a consistent sparse matrix ({first_line(err)})") from None
     if n_users < 1 or n_items < 1 or len(data) == 0:
         raise DiffRecError(f"{path}: no interactions (shape {n_users} x {n_items}, {len(data)} entries)")
     if not (len(row) == len(col) == len(data)) or row.dtype.kind not in "iu" or col.dtype.kind not in "iu":
@@ -145,15 +145,9 @@ def check_implicit(splits: dict[str, pd.DataFrame], features: dict[str, np.ndarr
         id_column(splits[split], "iid", path, meta["n_items"])
     for modality, values in features.items():
         values = np.asarray(values)
-        if (
-            values.ndim != 2
-            or values.shape[0] != meta["n_items"]
-            or values.shape[1] < 1
-            or not np.isfinite(values).all()
-        ):
-            raise DiffRecError(
-                f"{where / 'features' / modality}.npy (not written): expected {meta['n_items']} x dim finite values, found shape {values.shape}"
-            )
+        check_features(values, meta["n_items"], f"{where / 'features' / modality}.npy (not written)")
+        if not np.isfinite(values).all():
+            raise DiffRecError(f"{where / 'features' / modality}.npy (not written): NaN or inf among the features")
 
 
 def save_implicit_dataset(
@@ -208,10 +202,15 @@ def load_implicit_dataset(root: str | Path, modalities: list[str] | None = None)
 
 def feature_matrix(path: Path, n_items: int) -> np.ndarray:
     """An item feature file: finite numbers, one row per item (row i is item i + 1), as float32."""
-    values = read_npy(path)
-    if values.ndim != 2 or values.shape[0] != n_items or values.shape[1] < 1:
-        raise DiffRecError(f"{path}: expected {n_items} rows (one per item) x dim, found shape {values.shape}")
+    values = read_npy(path)  # numeric and finite
+    check_features(values, n_items, str(path))
     return values.astype(np.float32)
+
+
+def check_features(values: np.ndarray, n_items: int, where: str) -> None:
+    """A feature matrix's shape: one row per item and at least one column."""
+    if values.ndim != 2 or values.shape[0] != n_items or values.shape[1] < 1:
+        raise DiffRecError(f"{where}: expected {n_items} rows (one per item) x dim, found shape {values.shape}")
 
 
 def minilm_folder() -> Path:

@@ -11,7 +11,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, first_line
 
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {
@@ -171,8 +171,7 @@ def load_restricted_pickle(path: str | Path) -> Any:
         except DiffRecError:
             raise
         except Exception as err:  # allowed classes can fail in any way while being rebuilt from bad arguments
-            first = str(err).splitlines()[0] if str(err) else ""
-            raise DiffRecError(f"{path}: not a readable pickle ({type(err).__name__}: {first})") from None
+            raise DiffRecError(f"{path}: not a readable pickle ({type(err).__name__}: {first_line(err)})") from None
 
 
 def _check_structure(value: Any) -> None:

@@ -154,7 +154,6 @@ def import_diffurec_pickle(path: str | Path) -> tuple[pd.DataFrame, dict]:
     where = f"{path} (rows are users 0..{len(users) - 1}; 'smap' names {n_items} items)"
     _, lengths = id_lists(frame, "train", where, n_items)
     fail_at(where, "train", lengths < 1, "empty training sequence")
-    frame["train"] = [np.asarray(sequence, dtype=np.int64) for sequence in frame["train"]]
     for column in ("valid", "test"):
         frame[column] = id_column(frame, column, where, n_items, "item id")
     meta = {

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from minigpt4.config import LLMRecConfig
 from minigpt4.data.contract import RatingDataset
 from minigpt4.data.tensors import RatingBatch, RatingTensors
-from minigpt4.errors import DiffRecError, require_file
+from minigpt4.errors import DiffRecError, first_line, require_file
 from minigpt4.io import read_safetensors, read_yaml
 from minigpt4.llm.collm import CoLLMProjector
 from minigpt4.llm.cora import CoRA
@@ -274,7 +274,7 @@ class LLMRecommender(nn.Module):
             try:
                 module.load_state_dict(read_safetensors(path))
             except RuntimeError as err:
-                raise DiffRecError(f"{path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
+                raise DiffRecError(f"{path}: weights do not fit this model ({first_line(err)})") from None
 
 
 def collab_dims(collab: CollaborativeModel) -> tuple[int, int]:

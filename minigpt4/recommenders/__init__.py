@@ -28,7 +28,7 @@ from minigpt4.config import (
     SASRecConfig,
 )
 from minigpt4.data.contract import catalogue_size
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, first_line
 from minigpt4.io import atomic_folder, read_json, read_safetensors
 from minigpt4.recommenders.base import CollaborativeModel
 from minigpt4.recommenders.diffmm import DiffMM
@@ -155,13 +155,9 @@ def load_recommender(
     try:
         model = build_recommender(*build)
     except unbuildable as err:
-        raise DiffRecError(
-            f"{config_path}: cannot build a {arch} of this config ({str(err).strip().splitlines()[0]})"
-        ) from None
+        raise DiffRecError(f"{config_path}: cannot build a {arch} of this config ({first_line(err)})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise DiffRecError(
-            f"{weights_path}: weights do not match the {arch} config ({str(err).splitlines()[0]})"
-        ) from None
+        raise DiffRecError(f"{weights_path}: weights do not match the {arch} config ({first_line(err)})") from None
     return model
