@@ -60,8 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     amazon.add_argument("--reviews", type=Path, nargs="+", required=True, help="review files, one per category")
     amazon.add_argument("--meta", type=Path, nargs="+", required=True, help="metadata files, one per category")
     amazon.add_argument("--images", type=Path, help="folder of downloaded item images named <item id>.jpg")
-    amazon.add_argument("--min-positive-rating", type=float, default=4.0, help="label = rating >= this (default 4)")
-    for source in (ml100k, ml1m, amazon):
+    csv = sources.add_parser("csv", help="any rating log: a CSV with columns user,item,rating,timestamp")
+    csv.add_argument("--ratings", type=Path, required=True, help="CSV with a header: user,item,rating,timestamp")
+    csv.add_argument(
+        "--items", type=Path, help="CSV with a header: item,title[,more columns] (default title 'item <id>')"
+    )
+    csv.add_argument(
+        "--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], help="train/valid/test row fractions in time order"
+    )
+    csv.add_argument("--name", help="the dataset's name (default: the ratings file's name)")
+    for source in (amazon, csv):
+        source.add_argument("--min-positive-rating", type=float, default=4.0, help="label = rating >= this (default 4)")
+    for source in (ml100k, ml1m, amazon, csv):
         source.add_argument("--out", type=Path, help="output folder (default dataset/<name>)")
     images = data_commands.add_parser("images", help="add item images to a dataset folder (images.parquet + images/)")
     images.add_argument("dataset", type=Path, help="a prepared dataset folder")
@@ -286,6 +296,10 @@ def run_data(args: argparse.Namespace) -> dict:
         from minigpt4.data.movielens import prepare_ml1m
 
         splits, items, meta = prepare_ml1m(args.raw)
+    elif args.source == "csv":
+        from minigpt4.data.csv_ratings import prepare_csv
+
+        splits, items, meta = prepare_csv(args.ratings, args.items, args.min_positive_rating, args.split, args.name)
     else:
         from minigpt4.data.amazon import prepare_amazon
 
@@ -432,9 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffrec`` console script."""
     args = build_parser().parse_args(argv)
     from minigpt4.hardware import configure_threads
+    from minigpt4.recommenders import load_plugins
 
     configure_threads()  # this process's share of the cores, before any torch work
     try:
+        load_plugins()  # installed packages that register collaborative models
         if args.command == "data":
             result = run_data(args)
         elif args.command == "demo":

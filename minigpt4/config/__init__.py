@@ -109,6 +109,7 @@ __all__ = [
     "apply_options",
     "dump_config",
     "load_config",
+    "register_model_config",
     "resolve_precision",
 ]
 
@@ -128,6 +129,34 @@ MODEL_CONFIGS: dict[str, type[Section]] = {
 }
 
 ModelConfig = Annotated[CollaborativeConfig | LLMRecConfig | SD3Config | DiffRecConfig, Field(discriminator="arch")]
+
+
+def register_model_config(section: type[Section], shapes: set[str]) -> str:
+    """Make a new collaborative model's config section valid as ``model`` of a run config, trained on the data
+    ``shapes`` (ratings, implicit, sequence); returns its arch. ``minigpt4.recommenders.register_recommender``
+    calls this: register a model there."""
+    arch_field = section.model_fields.get("arch")
+    arch = arch_field.default if arch_field is not None else None
+    if not isinstance(arch, str) or typing.get_args(arch_field.annotation) != (arch,):
+        raise DiffRecError(f"{section.__name__} needs a field arch: Literal['name'] = 'name'")
+    shape_names = typing.get_args(DatasetConfig.model_fields["shape"].annotation)
+    if not shapes or set(shapes) - set(shape_names):
+        raise DiffRecError(
+            f"{section.__name__}: data shapes must be some of {', '.join(shape_names)}, got {sorted(shapes)}"
+        )
+    if arch in MODEL_CONFIGS and MODEL_CONFIGS[arch] is not section:
+        raise DiffRecError(f"model.arch {arch} is already registered to {MODEL_CONFIGS[arch].__name__}")
+    MODEL_CONFIGS[arch] = section
+    DATA_SHAPES[arch] = set(shapes)
+    rebuild_model_union()
+    return arch
+
+
+def rebuild_model_union() -> None:
+    """Make ``Config.model`` accept exactly the sections of ``MODEL_CONFIGS`` (after it changed)."""
+    union = typing.Union[tuple(MODEL_CONFIGS.values())]  # noqa: UP007 (a union of a runtime tuple)
+    Config.model_fields["model"].annotation = Annotated[union, Field(discriminator="arch")]
+    Config.model_rebuild(force=True)
 
 
 class Config(Section):

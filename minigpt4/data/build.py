@@ -66,14 +66,20 @@ def parsed_numbers(values: pd.Series, path: Path, column: str, whole: bool = Tru
     return numbers
 
 
-def raw_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Raw (user, item, rating, timestamp) rows read from ``path``: at least one row, integer user and item ids,
-    finite ratings and Unix-second timestamps between 1970 and 2100 (an error names the column and first bad
-    row otherwise)."""
+def raw_ratings(ratings: pd.DataFrame, path: Path, numeric_ids: bool = True) -> pd.DataFrame:
+    """Raw (user, item, rating, timestamp) rows read from ``path``: at least one row, user and item ids (whole
+    numbers, or with ``numeric_ids=False`` non-empty text), finite ratings and Unix-second timestamps between
+    1970 and 2100 (an error names the column and first bad row otherwise)."""
     if ratings.empty:
         raise DiffRecError(f"{path}: no ratings")
-    for column in ("user", "item", "timestamp"):
-        ratings[column] = parsed_numbers(ratings[column], path, column).astype(np.int64)
+    for column in ("user", "item"):
+        if numeric_ids:
+            ratings[column] = parsed_numbers(ratings[column], path, column).astype(np.int64)
+        else:
+            text_column(ratings, column, str(path))
+            blank = (ratings[column].str.strip() == "").to_numpy()
+            fail_at(str(path), column, blank, "empty id")
+    ratings["timestamp"] = parsed_numbers(ratings["timestamp"], path, "timestamp").astype(np.int64)
     early_or_late = ((ratings["timestamp"] < 0) | (ratings["timestamp"] >= LATEST_TIMESTAMP)).to_numpy()
     if early_or_late.any():
         found = ratings["timestamp"].iloc[int(early_or_late.argmax())]

@@ -6,7 +6,9 @@ config plus the id counts); loading checks both against each other and fails on 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -14,19 +16,8 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from minigpt4.config import (
-    MODEL_CONFIGS,
-    DiffMMConfig,
-    DiffuRecConfig,
-    DINConfig,
-    GenRecConfig,
-    LightGCNConfig,
-    MDMNSConfig,
-    MFConfig,
-    ModelConfig,
-    PopularityConfig,
-    SASRecConfig,
-)
+from minigpt4.config import MODEL_CONFIGS, ModelConfig, register_model_config
+from minigpt4.config.base import Section
 from minigpt4.data.contract import catalogue_size
 from minigpt4.errors import DiffRecError, first_line
 from minigpt4.io import atomic_folder, read_json, read_safetensors
@@ -41,7 +32,16 @@ from minigpt4.recommenders.mf import MatrixFactorization
 from minigpt4.recommenders.popularity import MostPopular
 from minigpt4.recommenders.sasrec import SASRec
 
-__all__ = ["CollaborativeModel", "build_recommender", "graph_edges", "load_recommender", "save_recommender"]
+__all__ = [
+    "CollaborativeModel",
+    "build_recommender",
+    "graph_edges",
+    "load_plugins",
+    "load_recommender",
+    "register_recommender",
+    "registration",
+    "save_recommender",
+]
 
 
 def graph_edges(train: pd.DataFrame, positives_only: bool = True) -> torch.Tensor:
@@ -52,6 +52,65 @@ def graph_edges(train: pd.DataFrame, positives_only: bool = True) -> torch.Tenso
 
 
 FEATURE_PREFIX = "feature_"  # item feature buffers in a checkpoint: feature_<modality>
+INPUTS = ("edges", "features")  # what a model may need beyond its config and id counts
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How a collaborative model is built: its class, called as ``model(config, n_users, n_items, *inputs)``
+    with the training ``edges`` ((uid, iid) pairs, 1-based, [2, E]) and/or the item ``features`` (modality ->
+    [n_items, dim]) where ``inputs`` names them."""
+
+    model: type[CollaborativeModel]
+    inputs: tuple[str, ...] = ()
+
+
+RECOMMENDERS: dict[str, Registration] = {
+    "mf": Registration(MatrixFactorization),
+    "lightgcn": Registration(LightGCN, ("edges",)),
+    "sasrec": Registration(SASRec),
+    "din": Registration(DIN),
+    "mostpop": Registration(MostPopular, ("edges",)),
+    "diffmm": Registration(DiffMM, ("edges", "features")),
+    "mdmns": Registration(MDMNS, ("edges", "features")),
+    "genrec": Registration(GenRec, ("edges", "features")),
+    "diffurec": Registration(DiffuRec),
+}
+
+
+def register_recommender(
+    config: type[Section], model: type[CollaborativeModel], shapes: set[str], inputs: tuple[str, ...] = ()
+) -> str:
+    """Add a collaborative model: its config section (with ``arch: Literal["name"]``), its class, the data shapes
+    it trains on (ratings, implicit, sequence) and the extra inputs its constructor takes (edges, features).
+    Returns the arch, now valid in configs, checkpoints and every trainer of those shapes."""
+    if not issubclass(model, CollaborativeModel) or set(inputs) - set(INPUTS):
+        raise DiffRecError(f"{model.__name__}: a CollaborativeModel whose inputs are some of {INPUTS}, got {inputs}")
+    arch = register_model_config(config, shapes)
+    RECOMMENDERS[arch] = Registration(model, tuple(inputs))
+    return arch
+
+
+def registration(arch: str) -> Registration:
+    """The registration of a collaborative ``arch`` (an error naming the known ones otherwise)."""
+    if arch not in RECOMMENDERS:
+        raise DiffRecError(f"no recommender registered for model.arch {arch!r} (known: {', '.join(RECOMMENDERS)})")
+    return RECOMMENDERS[arch]
+
+
+def load_plugins() -> list[str]:
+    """Import the modules of the ``diffrec.recommenders`` entry points (installed packages that register models);
+    returns their names."""
+    loaded = []
+    for entry in importlib.metadata.entry_points(group="diffrec.recommenders"):
+        try:
+            entry.load()
+        except Exception as err:  # a broken plugin is named, not a traceback from inside the CLI
+            raise DiffRecError(
+                f"entry point diffrec.recommenders:{entry.name} ({entry.value}): {first_line(err)}"
+            ) from None
+        loaded.append(entry.name)
+    return loaded
 
 
 def build_recommender(
@@ -61,32 +120,13 @@ def build_recommender(
     edges: torch.Tensor | None = None,
     features: dict[str, torch.Tensor] | None = None,
 ) -> CollaborativeModel:
-    """A freshly initialised model of ``config.arch``; graph models need the training ``edges`` ((uid, iid)
-    pairs, 1-based, [2, E]) and multimodal ones the item ``features`` per modality ([n_items, dim])."""
-    if isinstance(config, MFConfig):
-        return MatrixFactorization(config, n_users, n_items)
-    if (
-        isinstance(config, (LightGCNConfig, PopularityConfig, DiffMMConfig, MDMNSConfig, GenRecConfig))
-        and edges is None
-    ):
+    """A freshly initialised model of ``config.arch``, given the ``edges`` and ``features`` its registration
+    names as inputs."""
+    entry = registration(config.arch)
+    if "edges" in entry.inputs and edges is None:
         raise DiffRecError(f"{config.arch} needs the training graph (edges)")
-    if isinstance(config, LightGCNConfig):
-        return LightGCN(config, n_users, n_items, edges)
-    if isinstance(config, PopularityConfig):
-        return MostPopular(config, n_users, n_items, edges)
-    if isinstance(config, DiffMMConfig):
-        return DiffMM(config, n_users, n_items, edges, features or {})
-    if isinstance(config, MDMNSConfig):
-        return MDMNS(config, n_users, n_items, edges, features or {})
-    if isinstance(config, GenRecConfig):
-        return GenRec(config, n_users, n_items, edges, features or {})
-    if isinstance(config, SASRecConfig):
-        return SASRec(config, n_users, n_items)
-    if isinstance(config, DINConfig):
-        return DIN(config, n_users, n_items)
-    if isinstance(config, DiffuRecConfig):
-        return DiffuRec(config, n_users, n_items)
-    raise DiffRecError(f"no recommender for model config {type(config).__name__}")
+    given = {"edges": edges, "features": features or {}}
+    return entry.model(config, n_users, n_items, *(given[name] for name in entry.inputs))
 
 
 def save_recommender(model: CollaborativeModel, config: ModelConfig, folder: Path, extra: dict | None = None) -> Path:

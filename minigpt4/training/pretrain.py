@@ -30,6 +30,7 @@ from minigpt4.recommenders import (
     build_recommender,
     graph_edges,
     load_recommender,
+    registration,
     write_recommender,
 )
 from minigpt4.training.engine import Engine, Loop, MicroBatch, Task, epoch_loop
@@ -193,8 +194,10 @@ def _train(
     """Train with the engine, evaluating every ``run.eval_every`` epochs; returns the best checkpoint's metrics."""
     run = config.run
     edges = None
-    if config.model.arch == "lightgcn":
-        edges = graph_edges(dataset.splits["train"], positives_only=config.model.graph == "positives")
+    if "edges" in registration(config.model.arch).inputs:  # LightGCN's `graph` key picks its edges
+        edges = graph_edges(
+            dataset.splits["train"], positives_only=getattr(config.model, "graph", "positives") == "positives"
+        )
     model = build_recommender(config.model, dataset.n_users, dataset.n_items, edges)
     train = RatingTensors(dataset.splits["train"], history_length(config), accelerator.device)
     task = RatingTask(model, train, split_loaders["valid"], config)
