@@ -147,6 +147,26 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, results: dict
     }
 
 
+def check_protocol(results: dict, args: argparse.Namespace) -> None:
+    """Record the protocol with the first run; a later invocation with another one would put runs that do not
+    compare into one table, so it is refused with the differing setting named."""
+    protocol = {
+        "max_steps": args.max_steps,
+        "eval_every": args.eval_every,
+        "valid_rows": args.valid_rows,
+        "patience": args.patience,
+        "options": list(args.options),
+    }
+    recorded = results.setdefault("protocol", protocol)
+    differing = [key for key in protocol if recorded.get(key) != protocol[key]]
+    if differing:
+        key = differing[0]
+        raise DiffRecError(
+            f"{RECORD.relative_to(ROOT)}: its runs used --{key.replace('_', '-')} {recorded.get(key)}, this invocation "
+            f"{protocol[key]}; use the recorded setting, or move the record aside to start a new one"
+        )
+
+
 def unfinished(folder: Path) -> bool:
     """Whether an earlier run under ``folder`` left a checkpoint to continue from (the trainers' own rule)."""
     try:
@@ -268,7 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-steps", type=int, default=1024)
+    parser.add_argument("--max-steps", type=int, default=768)
     parser.add_argument("--eval-every", type=int, default=32)
     parser.add_argument("--valid-rows", type=int, default=2000, help="seeded valid rows for selection (0: all 10,401)")
     parser.add_argument(
@@ -300,6 +320,7 @@ def update_and_report(args: argparse.Namespace) -> None:
     """Train the missing runs into the record, then print the table and the seed-by-seed line."""
     results = read_json(RECORD, dict) if RECORD.is_file() else {}
     if not args.table:
+        check_protocol(results, args)
         mf = teacher(results, args.teacher)
         save(results)
         for seed in args.seeds:  # seed-major: every variant's first seed lands before any second seed

@@ -4,8 +4,11 @@ item), config files for it, a tiny LLM, an MF checkpoint and the tiny SD3 / open
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +72,29 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ratings, items, 4, lambda ts: ratio_split(ts, (0.7, 0.15, 0.15)), {"name": "tiny", "source": "synthetic"}
     )
     return save_rating_dataset(tmp_path_factory.mktemp("data") / "tiny", splits, items, meta)
+
+
+@contextlib.contextmanager
+def registry_snapshot() -> Iterator[None]:
+    """The collaborative-model registries restored on exit, so a registration made inside does not leak."""
+    from minigpt4 import config as config_module
+    from minigpt4 import recommenders
+
+    configs, shapes = dict(config_module.MODEL_CONFIGS), {k: set(v) for k, v in config_module.DATA_SHAPES.items()}
+    models, modules = dict(recommenders.RECOMMENDERS), set(sys.modules)
+    try:
+        yield
+    finally:
+        for table, saved in ((config_module.MODEL_CONFIGS, configs), (config_module.DATA_SHAPES, shapes)):
+            table.clear()
+            table.update(saved)
+        recommenders.RECOMMENDERS.clear()
+        recommenders.RECOMMENDERS.update(models)
+        config_module.rebuild_model_union()
+        examples = Path(__file__).resolve().parents[1] / "examples"
+        for name in set(sys.modules) - modules:  # an example model's module is imported afresh by the next test
+            if Path(getattr(sys.modules[name], "__file__", None) or "/").parent == examples:
+                del sys.modules[name]
 
 
 def write_config(

@@ -3,6 +3,7 @@ example model of ``examples/biased_mf.py`` registered and trained through ``diff
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -10,7 +11,7 @@ from typing import Literal
 import pandas as pd
 import pytest
 import torch
-from conftest import synthetic_ratings, write_config
+from conftest import registry_snapshot, synthetic_ratings, write_config
 
 from minigpt4 import config as config_module
 from minigpt4 import recommenders
@@ -76,16 +77,8 @@ def test_csv_import_without_items_and_bad_input(tmp_path, capsys):
 @pytest.fixture
 def registry():
     """The model registries as they were before the test (an example registration does not leak)."""
-    saved = (dict(config_module.MODEL_CONFIGS), {k: set(v) for k, v in config_module.DATA_SHAPES.items()})
-    saved_recommenders = dict(recommenders.RECOMMENDERS)
-    yield
-    for table, old in ((config_module.MODEL_CONFIGS, saved[0]), (config_module.DATA_SHAPES, saved[1])):
-        table.clear()
-        table.update(old)
-    recommenders.RECOMMENDERS.clear()
-    recommenders.RECOMMENDERS.update(saved_recommenders)
-    config_module.rebuild_model_union()
-    sys.modules.pop("biased_mf", None)
+    with registry_snapshot():
+        yield
 
 
 def import_example():
@@ -95,6 +88,15 @@ def import_example():
     sys.modules["biased_mf"] = module  # as an import would: pydantic resolves the annotations in it
     spec.loader.exec_module(module)
     return module
+
+
+def test_preference_source_example_runs():
+    """The runnable block of docs/extending.md's preference-source section executes as written."""
+    text = (ROOT / "docs" / "extending.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"<!-- runs in tests -->\n```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/extending.md lost its runnable example"
+    for block in blocks:
+        exec(compile(block, "docs/extending.md", "exec"), {})
 
 
 def test_registered_model_trains_through_diffrec_pretrain(registry, tiny_dataset, tmp_path, capsys):
