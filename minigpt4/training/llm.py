@@ -67,6 +67,7 @@ def train_llm(config: Config) -> dict:
     hardware = choose_hardware(config, state.device)
     dataset = load_rating_dataset(config.datasets.path)
     resume_from = resume_folder(run.resume_from, run.output_dir)
+    set_seed(run.seed)  # before the LoRA and CoRA modules are initialised: the weights depend on the seed alone
     # Everything that can fail on a bad path or checkpoint fails before the run folder exists.
     model, tokenizer, template = build_llm_recommender(config.model, dataset, state.device)
     if run.evaluate:
@@ -78,7 +79,6 @@ def train_llm(config: Config) -> dict:
     accelerator = run_accelerator(
         cpu=run.cpu, mixed_precision=run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir)
     )
-    set_seed(run.seed)
     logger.info(
         "run folder %s; %s with %s on %d process(es), %s; rows train/valid/test %d/%d/%d",
         run_dir,

@@ -1,0 +1,136 @@
+"""A run is reproducible from its seed alone: every trainer that builds random weights gives the same initial
+and final weights when the same config runs twice in one process, whatever random numbers were drawn before.
+
+The trainers are called as a user calls them, with no seeding by hand; the draws consumed before each run
+differ, so a trainer that builds (or shuffles) from the global random state before seeding fails here.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from conftest import PROMPTS, joint_config, write_config
+from safetensors.torch import load_file
+from test_graph_diffusion import synthetic_implicit, write_implicit_config
+from test_sequential import synthetic_sequences, write_sequence_config
+
+from minigpt4.config import load_config
+from minigpt4.data.implicit import save_implicit_dataset
+from minigpt4.data.sequences import import_diffurec_pickle, save_sequence_dataset
+from minigpt4.training import diffusion, joint, llm, pretrain
+from minigpt4.training import implicit as implicit_training
+from minigpt4.training import sequential as sequential_training
+
+
+def draw_from_every_generator(count: int) -> None:
+    """Move Python's, NumPy's and torch's global random states by ``count`` draws each."""
+    for _ in range(count):
+        random.random()
+    np.random.rand(count)
+    torch.rand(count)
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file below a checkpoint folder, keyed by file and name."""
+    return {
+        f"{path.relative_to(folder)}:{name}": tensor
+        for path in sorted(folder.rglob("*.safetensors"))
+        for name, tensor in load_file(path).items()
+    }
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of a freshly built model's weights."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def run_twice(monkeypatch, module, builder: str, train, config_path: Path) -> None:
+    """Train the config twice, after different draws; the built and the trained weights must be equal."""
+    built: list[dict[str, torch.Tensor]] = []
+    original = getattr(module, builder)
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        built.append(snapshot(result[0] if isinstance(result, tuple) else result))
+        return result
+
+    monkeypatch.setattr(module, builder, recording)
+    checkpoints = []
+    for draws in (1, 1000):
+        draw_from_every_generator(draws)
+        checkpoints.append(Path(train(load_config(config_path))["checkpoint"]))
+    assert len(built) == 2 and built[0].keys() == built[1].keys()
+    for name in built[0]:
+        assert torch.equal(built[0][name], built[1][name]), f"initial weight {name} depends on earlier draws"
+    first, second = tensors_of(checkpoints[0]), tensors_of(checkpoints[1])
+    assert first and first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"trained weight {name} depends on earlier draws"
+
+
+def test_rating_pretraining(monkeypatch, tiny_dataset, tmp_path):
+    """MF on rating rows (``diffrec pretrain``, ratings shape)."""
+    run_twice(monkeypatch, pretrain, "build_recommender", pretrain.pretrain, write_config(tmp_path, tiny_dataset))
+
+
+def test_full_ranking_pretraining(monkeypatch, tmp_path):
+    """LightGCN with BPR on the implicit shape (its negatives drawn per epoch)."""
+    root = save_implicit_dataset(tmp_path / "implicit", *synthetic_implicit())
+    config = write_implicit_config(tmp_path, root, "lightgcn", model={"embedding_size": 8}, run={"max_epochs": 2})
+    run_twice(monkeypatch, implicit_training, "build_recommender", implicit_training.pretrain_implicit, config)
+
+
+def test_sequence_pretraining(monkeypatch, tmp_path):
+    """DiffuRec on the sequence shape (diffusion noise and the reverse chain)."""
+    (tmp_path / "dataset.pkl").write_bytes(pickle.dumps(synthetic_sequences()))
+    root = save_sequence_dataset(tmp_path / "walks", *import_diffurec_pickle(tmp_path / "dataset.pkl"))
+    model = {"embedding_size": 16, "num_blocks": 1, "num_heads": 2, "max_history": 8}
+    config = write_sequence_config(tmp_path, root, "diffurec", model=model, run={"max_epochs": 2})
+    run_twice(monkeypatch, sequential_training, "build_recommender", sequential_training.pretrain_sequential, config)
+
+
+def test_llm_training(monkeypatch, tiny_dataset, tiny_llm, mf_checkpoint, tmp_path):
+    """CoRA on the tiny LLM: the LoRA and the weight generator are initialised from the seed."""
+    config = {
+        "model": {
+            "arch": "llmrec", "mode": "cora", "llm": {"path": str(tiny_llm), "max_length": 128},
+            "prompt": {"template": str(PROMPTS / "tallrec_movie.txt"), "max_history": 5},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "cora": {"rank": 8, "alpha": 16, "queries": 4, "width": 16, "heads": 2},
+            "collab": {"ckpt": str(mf_checkpoint)},
+        },
+        "datasets": {"name": "tiny", "path": str(tiny_dataset)},
+        "run": {"cpu": True, "batch_size": 8, "eval_batch_size": 16, "lr": 5e-3, "max_steps": 4, "eval_every_steps": 2,
+                "train_rows": 64, "valid_rows": 48, "test_rows": 48, "output_dir": str(tmp_path / "runs")},
+    }  # fmt: skip
+    path = tmp_path / "cora.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_twice(monkeypatch, llm, "build_llm_recommender", llm.train_llm, path)
+
+
+def test_image_training(monkeypatch, card_dataset, tiny_models, mf_checkpoint, tmp_path):
+    """The image LoRA and the fusion on the tiny SD3 pipeline."""
+    config = {
+        "model": {
+            "arch": "sd3", "pipeline": {"path": str(tiny_models / "sd3"), "max_sequence_length": 4},
+            "collab": {"ckpt": str(mf_checkpoint)}, "lora": {"r": 4, "alpha": 8}, "fusion": {"tokens": 2, "hidden": 16},
+            "flow": {"caption": "a poster for {title}", "resolution": 64}, "sampling": {"steps": 2, "guidance_scale": 1.0},
+            "clip": {"path": str(tiny_models / "clip")},
+        },
+        "datasets": {"name": "tiny", "path": str(card_dataset)},
+        "run": {"cpu": True, "batch_size": 4, "eval_batch_size": 8, "lr": 3e-3, "max_steps": 4, "eval_every_steps": 2,
+                "train_rows": 16, "test_rows": 4, "output_dir": str(tmp_path / "runs")},
+    }  # fmt: skip
+    path = tmp_path / "sd3.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_twice(monkeypatch, diffusion, "build_personalized", diffusion.train_images, path)
+
+
+def test_joint_training(monkeypatch, card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path):
+    """DiffRec: CoRA and the image half built in one model."""
+    path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, run={"max_steps": 3})
+    run_twice(monkeypatch, joint, "build_diffrec", joint.train_diffrec, path)
