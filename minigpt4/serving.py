@@ -35,6 +35,7 @@ from minigpt4.config import Config, DiffRecConfig, LLMRecConfig, SD3Config, load
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.images import IMAGE_TABLE, item_captions, load_image_table, open_image
 from minigpt4.data.tensors import RatingBatch, padded_history
+from minigpt4.diffrec_model import build_diffrec
 from minigpt4.diffusion.generate import load_for_sampling
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.diffusion.sampling import generate_images
@@ -180,8 +181,6 @@ class DiffRec:
         llm_device, image_device = placed_devices(config.run.devices, config.run.cpu, PartialState(cpu=config.run.cpu))
         resolve_precision(config, llm_device, image_device)
         if isinstance(model, DiffRecConfig):
-            from minigpt4.training.joint import build_diffrec
-
             joint = build_diffrec(model, dataset, (llm_device, image_device))
             joint.load_weights(checkpoint)
             return cls(

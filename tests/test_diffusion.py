@@ -203,11 +203,11 @@ def test_saved_lora_is_diffusers_format_and_reproduces_the_trained_image(trained
     ).images
     assert not np.allclose(plain, with_lora)
     # The model that trained and a fresh load of its checkpoint give the same image for the same seed.
-    from minigpt4.training.diffusion import build_personalized, load_training_weights
+    from minigpt4.training.diffusion import build_personalized
 
     dataset = load_rating_dataset(config.datasets.path)
     in_training = build_personalized(config.model, dataset)
-    load_training_weights(in_training, checkpoint)
+    in_training.load_weights(checkpoint)
     preference = trained["samples"].preference[:1]
     first, _ = generate_images(in_training, preference, ["a photo of Item 0"], [7], config.model.sampling)
     second, _ = generate_images(trained["model"], preference, ["a photo of Item 0"], [7], config.model.sampling)

@@ -24,12 +24,12 @@ from PIL import Image
 from minigpt4.cli import main
 from minigpt4.config import DiffRecConfig, PipelineConfig, load_config
 from minigpt4.data.contract import load_rating_dataset
+from minigpt4.diffrec_model import DiffRecModel
 from minigpt4.diffusion.base_training import train_base_pipeline
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.report import write_report
 from minigpt4.training import joint
-from minigpt4.training.joint import DiffRecModel
 from minigpt4.training.run_folder import TRAINER_STATE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,7 +21,7 @@ from minigpt4.config import FlowMatchingConfig, SD3Config
 from minigpt4.data.images import PersonalHoldout
 from minigpt4.data.tensors import RatingBatch, RatingTensors
 from minigpt4.diffusion.fusion import AdaptiveFusion, FusedConditioning
-from minigpt4.errors import DiffRecError
+from minigpt4.errors import DiffRecError, require_file
 from minigpt4.io import read_safetensors
 from minigpt4.recommenders.base import CollaborativeModel
 
@@ -176,6 +176,18 @@ class PersonalizedSD3(nn.Module):
         )
         if self.holdout is not None:
             self.holdout.save(folder)
+
+    def load_weights(self, folder: Path) -> None:
+        """Put a checkpoint's LoRA and fusion weights into this model (to resume, evaluate or serve)."""
+        path = require_file(folder / LORA_FILE)
+        # diffusers' file names keys ``transformer.<module>.lora_A.weight``; peft's state dict drops the prefix.
+        state = {key.removeprefix("transformer."): value for key, value in read_safetensors(path).items()}
+        result = set_peft_model_state_dict(self.transformer, state)
+        if result.unexpected_keys:
+            raise DiffRecError(
+                f"{path}: keys that the configured LoRA does not have, first {result.unexpected_keys[0]}"
+            )
+        self.load_fusion(folder)
 
     def load_fusion(self, folder: Path) -> None:
         """Load the fusion module of a checkpoint, failing on a missing file or a shape mismatch."""

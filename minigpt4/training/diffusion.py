@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
-from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from minigpt4.config import Config, FlowMatchingConfig, SD3Config
@@ -35,9 +34,9 @@ from minigpt4.data.images import (
 )
 from minigpt4.diffusion.generate import evaluate_arms, load_for_sampling
 from minigpt4.diffusion.loading import load_sd3_pipeline
-from minigpt4.diffusion.personalized import LORA_FILE, PersonalizedSD3
-from minigpt4.errors import DiffRecError, require_file
-from minigpt4.io import json_safe, read_safetensors
+from minigpt4.diffusion.personalized import PersonalizedSD3
+from minigpt4.errors import DiffRecError
+from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.engine import Engine, MicroBatch, Task, step_loop
 from minigpt4.training.run_folder import (
@@ -169,17 +168,6 @@ def build_personalized(
     return PersonalizedSD3(config, load_sd3_pipeline(config.pipeline, device), collab)
 
 
-def load_training_weights(model: PersonalizedSD3, folder: Path) -> None:
-    """Put a checkpoint's LoRA and fusion weights into a model built for training (to resume)."""
-    path = require_file(folder / LORA_FILE)
-    # diffusers' file names keys ``transformer.<module>.lora_A.weight``; peft's state dict drops the prefix.
-    state = {key.removeprefix("transformer."): value for key, value in read_safetensors(path).items()}
-    result = set_peft_model_state_dict(model.transformer, state)
-    if result.unexpected_keys:
-        raise DiffRecError(f"{path}: keys that the configured LoRA does not have, first {result.unexpected_keys[0]}")
-    model.load_fusion(folder)
-
-
 def train_images(config: Config) -> dict:
     """Train LoRA and fusion on the liked items' images; returns the loss curve and the checkpoint."""
     run = config.run
@@ -256,7 +244,7 @@ class ImageTask(Task):
 
     def load_weights(self, folder: Path) -> None:
         """Load what ``save_weights`` wrote."""
-        load_training_weights(self.model, folder)
+        self.model.load_weights(folder)
 
 
 @functools.lru_cache(maxsize=4)
