@@ -446,9 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffrec`` console script."""
     args = build_parser().parse_args(argv)
     from minigpt4.hardware import configure_threads
+    from minigpt4.logs import quiet_libraries
     from minigpt4.recommenders import load_plugins
 
     configure_threads()  # this process's share of the cores, before any torch work
+    quiet_libraries()
     try:
         load_plugins()  # installed packages that register collaborative models
         if args.command == "data":
@@ -456,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from minigpt4.demo import run_demo
 
-            result = run_demo(args.options, args.joint_options)
+            run_demo(args.options, args.joint_options)  # its summary is the last screen; the figures are in a file
+            result = None
         elif args.command == "models":
             result = run_models(args)
         elif args.command == "recommend":

@@ -147,38 +147,54 @@ STAGES: list[tuple[str, Callable[[DemoState], dict]]] = [
 
 
 def run_demo(mf_options: list[str], joint_options: list[str]) -> dict:
-    """Run every stage in order; returns each stage's result and wall seconds, and a summary printed to stderr."""
-    from minigpt4.diffusion.generate import ARMS
-
+    """Run every stage in order; write every stage's figures to ``results.json`` beside the report and print a
+    short summary last; returns the figures and each stage's wall seconds."""
     state = DemoState(mf_options, joint_options)
     seconds = {}
     for name, stage in STAGES:
         start = time.perf_counter()
         state.results[name] = stage(state)
         seconds[name] = round(time.perf_counter() - start, 1)
-    joint, mf = state.results["train_joint"], state.results["report"]["mf_on_the_same_rows"]
-    images = joint["images"]
+    figures = {name: {k: v for k, v in result.items() if k != "curve"} for name, result in state.results.items()}
+    results = json_safe({"seconds": seconds, **figures})
+    path = Path(state.results["report"]["report"]).with_name("results.json")
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(demo_summary(results, path, joint_options))
+    return results
+
+
+def demo_summary(results: dict, results_path: Path, joint_options: list[str]) -> str:
+    """The demo's last screen: the AUC table, the image and reply arms, seconds, hardware, where the report and
+    the full figures are, and how to use the run; figures rounded, every line short."""
+    from minigpt4.diffusion.generate import ARMS
+
+    joint, mf, images = (
+        results["train_joint"],
+        results["report"]["mf_on_the_same_rows"],
+        results["train_joint"]["images"],
+    )
+    seconds = results["seconds"]
     lines = [
-        f"ML-100K test ({joint['test']['n']} rows) | AUC | UAUC | warm AUC | cold AUC",
+        f"DiffRec demo on ML-100K: {joint['test']['n']} seeded test rows",
+        f"  {'':<30} {'AUC':>7} {'UAUC':>7} {'warm AUC':>9} {'cold AUC':>9}",
         *(
-            f"{name:<34} | {_fmt(m['test']['auc'])} | {_fmt(m['test']['uauc'])} | {_fmt(m['test_warm']['auc'])} | {_fmt(m['test_cold']['auc'])}"
+            f"  {name:<30} {_fmt(m['test']['auc']):>7} {_fmt(m['test']['uauc']):>7} {_fmt(m['test_warm']['auc']):>9} {_fmt(m['test_cold']['auc']):>9}"
             for name, m in (("MF", mf), ("DiffRec (CoRA, SmolLM2-135M)", joint))
         ),
-        f"images for {images['pairs']} liked test pairs ({images['backbone']}), CLIP-T / CLIP-I / personalization margin: "
-        + ", ".join(
-            f"{arm} {_fmt(images[arm]['clip_t'])} / {_fmt(images[arm]['clip_i'])} / {_margin(images[arm]['personalization'])}"
+        f"images for {images['pairs']} liked test pairs, scored by {images['backbone']}:",
+        *(
+            f"  {arm:<9} CLIP-T {_fmt(images[arm]['clip_t'], 2)}  CLIP-I {_fmt(images[arm]['clip_i'], 2)}  margin {_margin(images[arm]['personalization'])}"
             for arm in ARMS
         ),
-        _generic_line(images["generic"]),
-        _reply_line(images.get("reply_personalization")),
-        f"stage seconds: {seconds}",
+        *_generic_lines(images["generic"]),
+        *_reply_lines(images.get("reply_personalization")),
+        "seconds: " + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()) + f"; total {sum(seconds.values()):.0f}",
         f"hardware: {_hardware_line(joint['hardware'])}",
-        f"report: {state.results['report']['report']}",
-        *_serving_lines(state.joint_options),
-    ]
-    print("\n".join(lines), file=sys.stderr)
-    summary = {name: {k: v for k, v in result.items() if k != "curve"} for name, result in state.results.items()}
-    return json_safe({"seconds": seconds, **summary})
+        f"report:  {results['report']['report']}",
+        f"figures: {results_path}",
+        *_serving_lines(joint_options),
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _serving_lines(joint_options: list[str]) -> list[str]:
@@ -197,33 +213,37 @@ def _hardware_line(hardware: dict) -> str:
     return f"{hardware['cpu']} ({hardware['cpu_capability']}, native bf16: {hardware['native_bf16']}), {hardware['threads']} threads; {precision}"
 
 
-def _generic_line(generic: dict) -> str:
+def _generic_lines(generic: dict) -> list[str]:
     """The held-out users' generic-instruction arms, or why they are missing."""
     from minigpt4.diffusion.generate import ARMS
 
     if "missing" in generic:
-        return f"generic instruction: missing ({generic['missing']})"
-    arms = ", ".join(f"{arm} {_margin(generic[arm]['personalization'])}" for arm in ARMS)
-    return f"'{generic['instruction']}' for {generic['users']} held-out users, personalization margin: {arms}"
+        return [f"generic instruction: missing ({generic['missing']})"]
+    return [
+        f"'{generic['instruction']}' for {generic['users']} held-out users:",
+        *(f"  {arm:<9} margin {_margin(generic[arm]['personalization'])}" for arm in ARMS),
+    ]
 
 
-def _reply_line(replies: dict | None) -> str:
+def _reply_lines(replies: dict | None) -> list[str]:
     """The replies' personalization margin per arm, or why it is missing."""
     if replies is None:
-        return "replies: personalization not measured (model.joint.reply_users 0)"
+        return ["replies: personalization not measured (model.joint.reply_users 0)"]
     if "missing" in replies:
-        return f"replies: missing ({replies['missing']})"
-    arms = ", ".join(f"{arm} {_margin(metrics)}" for arm, metrics in replies["arms"].items())
-    return f"replies of {replies['users']} held-out users ({replies['embedding']}), margin: {arms}"
+        return [f"replies: missing ({replies['missing']})"]
+    return [
+        f"replies of {replies['users']} held-out users, embedded by {replies['embedding']}:",
+        *(f"  {arm:<9} margin {_margin(metrics)}" for arm, metrics in replies["arms"].items()),
+    ]
 
 
 def _margin(personalization: dict) -> str:
     """The personalization margin with its identification p-value, or why it is missing."""
     if "missing" in personalization:
         return f"missing ({personalization['missing']})"
-    return f"{_fmt(personalization['margin'])} (identification {personalization['identification_acc1']:.2f}, p {personalization['identification_p_value']:.3f})"
+    return f"{_fmt(personalization['margin'], 2)} (identification {personalization['identification_acc1']:.2f}, p {personalization['identification_p_value']:.3f})"
 
 
-def _fmt(value: float | None) -> str:
-    """A metric for people: 4 decimals, or 'missing'."""
-    return "missing" if value is None else f"{value:.4f}"
+def _fmt(value: float | None, digits: int = 4) -> str:
+    """A metric for people: ``digits`` decimals, or 'missing'."""
+    return "missing" if value is None else f"{value:.{digits}f}"

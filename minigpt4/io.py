@@ -58,6 +58,22 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """Floats rounded to ``digits`` decimals recursively (for logs and summaries people read)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+def log_text(value: Any) -> str:
+    """A figure or a dict of figures as compact JSON with 4-decimal floats and missing values as null."""
+    return json.dumps(rounded(json_safe(value)), separators=(", ", ": "))
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file's content; a missing file or bytes that are not UTF-8 are one DiffRecError naming it."""
     try:

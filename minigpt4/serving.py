@@ -46,6 +46,7 @@ from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import write_replies
 from minigpt4.llm.scoring import shared_prefix_length
+from minigpt4.logs import quiet_libraries
 from minigpt4.recommenders.fold_in import GUEST_UID, GuestUser, fold_in_user, reads_history
 
 MAX_K = 100
@@ -175,7 +176,7 @@ class DiffRec:
         its run folder, its output folder (with ``latest``) or one of its checkpoint folders."""
         config, checkpoint = resolve_run(Path(source), list(options))
         configure_threads()
-        quiet_loading()
+        quiet_libraries()
         dataset = load_rating_dataset(config.datasets.path)
         model = config.model
         llm_device, image_device = placed_devices(config.run.devices, config.run.cpu, PartialState(cpu=config.run.cpu))
@@ -494,15 +495,6 @@ def rerank_order(llm: torch.Tensor, rerank: str) -> torch.Tensor:
     llm_rank = torch.empty_like(by_llm)
     llm_rank[by_llm] = torch.arange(len(llm))
     return torch.argsort(llm_rank + torch.arange(len(llm)), stable=True)
-
-
-def quiet_loading() -> None:
-    """No per-file progress bars from transformers and diffusers: a served run's stderr carries only messages."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def _install_guests(rec: LLMRecommender | None, image: PersonalizedSD3 | None) -> list[GuestUser]:

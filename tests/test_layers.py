@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minigpt4"
 # a layer may not import each other.
 LAYERS = [
     {"errors"},
-    {"io", "hardware"},
+    {"io", "hardware", "logs"},
     {"config"},
     {"data"},
     {"recommenders"},

@@ -30,7 +30,7 @@ from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.evaluation.personalization import index_items, personalization_metrics, shuffled_donors
 from minigpt4.evaluation.vlm_judge import VLMJudge, summarize_verdicts
-from minigpt4.io import json_safe
+from minigpt4.io import json_safe, log_text
 from minigpt4.recommenders import load_recommender
 
 logger = logging.getLogger("diffrec")
@@ -297,7 +297,9 @@ def summarize_arms(
         results[variant]["personalization"] = arm_personalization(
             references, records, torch.stack([entry.features for entry in chosen]), seed, leave_out_drawn
         )
-        logger.info("%s%s: %s", variant, "" if leave_out_drawn else " (generic instruction)", results[variant])
+        logger.info(
+            "%s%s: %s", variant, "" if leave_out_drawn else " (generic instruction)", log_text(results[variant])
+        )
     return results
 
 

@@ -38,7 +38,7 @@ from transformers import get_cosine_schedule_with_warmup
 from minigpt4.config import Config, RunConfig, dump_config
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError
-from minigpt4.io import atomic_folder, json_safe, read_json, replace_folder
+from minigpt4.io import atomic_folder, json_safe, log_text, read_json, replace_folder
 from minigpt4.training.run_folder import BEST, LAST, TRAINER_STATE, logger
 
 
@@ -380,7 +380,7 @@ class Engine:
         sums.clear()
         progress["curve"].append(point)
         self.accelerator.log({k: v for k, v in point.items() if isinstance(v, float)}, step=progress["step"])
-        logger.info("step %d: %s", progress["step"], json.dumps(json_safe(_rounded(point))))
+        logger.info("step %d: %s", progress["step"], log_text(point))
         return point
 
     def _evaluate(self, model: nn.Module, progress: dict, started: float) -> bool:
@@ -456,8 +456,3 @@ class Engine:
         kept = self.checkpoints / (BEST if self.task.select is not None else LAST)
         what = "the best checkpoint so far" if self.task.select is not None else "the last checkpoint"
         return f"training stopped, {what} is kept at {kept if kept.is_dir() else '(none yet)'}"
-
-
-def _rounded(point: dict) -> dict:
-    """A curve point with floats rounded for the log."""
-    return {key: round(value, 4) if isinstance(value, float) else value for key, value in point.items()}

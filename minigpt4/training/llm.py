@@ -6,7 +6,6 @@ the collaborative modules and ``config.yaml`` of the best evaluation.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.io import json_safe
+from minigpt4.io import log_text
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.training.engine import Engine, MicroBatch, Task, shuffled_batches, step_loop
@@ -117,9 +116,7 @@ def train_llm(config: Config) -> dict:
             checkpoint=str(best_dir),
             curve=fit.curve,
         )
-        logger.info(
-            "best step %d: %s", fit.best_step, json.dumps(json_safe({k: metrics[k] for k in ("valid", "test")}))
-        )
+        logger.info("best step %d: %s", fit.best_step, log_text({k: metrics[k] for k in ("valid", "test")}))
     return finish_run(accelerator, run_dir, config, f"llmrec/{config.model.mode}", metrics, hardware)
 
 

@@ -8,7 +8,6 @@ every process's predictions (``gather_for_metrics``) before any metric is comput
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.tensors import RatingBatch, RatingTensors, whole_batch
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.io import json_safe
+from minigpt4.io import log_text
 from minigpt4.recommenders import (
     CollaborativeModel,
     build_recommender,
@@ -217,7 +216,5 @@ def _train(
         checkpoint=str(best_dir),
         curve=fit.curve,
     )
-    logger.info(
-        "best epoch %d: %s", best_point["epoch"], json.dumps(json_safe({k: metrics[k] for k in ("valid", "test")}))
-    )
+    logger.info("best epoch %d: %s", best_point["epoch"], log_text({k: metrics[k] for k in ("valid", "test")}))
     return metrics
