@@ -27,6 +27,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# Everything, the slow anchor runs on the published datasets included (they skip without the data).
+test-all: test
+	$(PY) -m pytest -q -m slow
+
 demo: $(STAMP)
 	$(VENV)/bin/diffrec demo
 

@@ -6,6 +6,7 @@ the tiny pipeline on item cards fits them and is cached."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import torch
 import yaml
 from conftest import joint_config
 from PIL import Image
+from safetensors.torch import load_file
 
 from minigpt4.cli import main
 from minigpt4.config import DiffRecConfig, PipelineConfig, load_config
@@ -69,6 +71,14 @@ def test_joint_run_trains_both_halves_checkpoints_and_evaluates(trained_joint):
     ):
         assert (last / name).is_file(), name
     assert not list(last.glob("model*.safetensors"))  # the frozen base models are never copied into a checkpoint
+    # Both halves trained: every LoRA and CoRA B matrix starts at zero, so a non-zero one was updated.
+    for name in (
+        "rec/adapter/adapter_model.safetensors",
+        "rec/collab_modules.safetensors",
+        "image/pytorch_lora_weights.safetensors",
+    ):
+        b_matrices = [tensor for key, tensor in load_file(last / name).items() if "lora_B" in key or "lora_b." in key]
+        assert b_matrices and any(tensor.abs().sum() > 0 for tensor in b_matrices), f"{name}: nothing trained"
     assert metrics["test"]["n"] == 32 == metrics["test_warm"]["n"] + metrics["test_cold"]["n"]
     images = metrics["images"]
     assert images["backbone"] == "open_clip clip" and images["pairs"] == 4
@@ -89,17 +99,24 @@ def test_joint_run_trains_both_halves_checkpoints_and_evaluates(trained_joint):
     assert generic["users"] == 10 and generic["held_out_items"] == 10 and generic["instruction"] == "a movie poster"
     assert generic["alpha0"]["alpha"] == 0.0 and generic["fused"]["alpha"] > 0
     for arm in ("fused", "alpha0", "shuffled"):
-        assert generic[arm]["images"] == 10 and generic[arm]["personalization"]["users"] == 10
-        assert 0 <= generic[arm]["personalization"]["identification_p_value"] <= 1
+        scored = generic[arm]["personalization"]
+        assert generic[arm]["images"] == 10 and scored["users"] == scored["scored_outputs"] == 10
+        assert scored["identification_chance"] == 0.1 and math.isfinite(scored["margin"])
+    # the gate reaches the images: forcing alpha to 0 changes what every held-out user is scored on
+    assert (
+        generic["fused"]["personalization"]["personal_similarity"]
+        != generic["alpha0"]["personalization"]["personal_similarity"]
+    )
     assert {record["item"] for record in stored if record["instruction"] == "a movie poster"} == {None}
     held = json.loads((Path(metrics["checkpoint"]) / "image" / "holdout.json").read_text())
     assert len(held) == 10 and all(len(record["held_out"]) == 1 for record in held)
     replies = images["reply_personalization"]
     assert replies["users"] == 10 and set(replies["arms"]) == {"own", "shuffled"}
     assert all(
-        0 <= replies["arms"][arm]["identification_acc1"] <= 1 and replies["arms"][arm]["examples"]
-        for arm in ("own", "shuffled")
+        replies["arms"][arm]["scored_outputs"] == 10 and replies["arms"][arm]["examples"] for arm in ("own", "shuffled")
     )
+    # the shuffled arm's replies come from other users' prompts: they score differently from the own arm's
+    assert replies["arms"]["own"]["personal_similarity"] != replies["arms"]["shuffled"]["personal_similarity"]
     assert "<|im_start|>user" in images["replies"][0]["prompt"] and images["replies"][0]["prompt"].rstrip().endswith(
         "assistant"
     )  # the chat template

@@ -297,8 +297,7 @@ def test_train_then_evaluate_the_checkpoint(mode, tiny_llm, tiny_dataset, mf_che
     trained = last_json_line(capsys.readouterr().out)
     run_dir = Path(trained["run_dir"])
     assert trained["model"] == f"llmrec/{mode}" and trained["steps_run"] == 4
-    assert 0 < trained["evaluation_seconds"] < trained["train_seconds"]
-    # 4 steps of 8 rows over the loop less its evaluations; the seconds are rounded to milliseconds.
+    # samples/s is 4 steps of 8 rows over the loop less its evaluations (seconds rounded to milliseconds)
     training_seconds = trained["train_seconds"] - trained["evaluation_seconds"]
     assert trained["train_samples_per_second"] * training_seconds == pytest.approx(4 * 8, rel=0.05)
     assert [point["step"] for point in json.loads((run_dir / "metrics.json").read_text())["curve"]] == [2, 4]

@@ -3,16 +3,20 @@ user errors (exit code 2, one line), non-finite losses, and two processes agains
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import write_config
 
 from minigpt4.cli import main
 from minigpt4.config import load_config
+from minigpt4.data.contract import load_rating_dataset
+from minigpt4.recommenders import load_recommender
 from minigpt4.training.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,12 +106,31 @@ def test_bad_key_and_missing_checkpoint(tiny_dataset, tmp_path, capsys):
     assert "checkpoint file missing" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_and_keeps_best_checkpoint(tiny_dataset, tmp_path, capsys):
-    # Huge initial embeddings overflow the logits in the first step.
-    config = write_config(tmp_path, tiny_dataset, "mf", {"init_std": 1.0e30})
+def test_non_finite_loss_stops_and_keeps_best_checkpoint(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """A loss that turns NaN in epoch 2 stops the run with one line naming the kept checkpoint: epoch 1's best,
+    which loads and scores as the model did at the end of epoch 1."""
+    from minigpt4.recommenders.mf import MatrixFactorization
+
+    config = write_config(tmp_path, tiny_dataset, "mf")
+    batches_per_epoch = -(-len(load_rating_dataset(tiny_dataset).splits["train"]) // 64)
+    calls, real_forward, epoch_one = [0], MatrixFactorization.forward, {}
+
+    def poisoned(self, batch):
+        calls[0] += 1
+        if calls[0] == batches_per_epoch + 1:  # epoch 2's first step, before its update: the end of epoch 1
+            epoch_one.update({name: value.detach().clone() for name, value in self.state_dict().items()})
+        if calls[0] == batches_per_epoch + 2:  # its second step
+            return real_forward(self, batch) * float("nan")
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(MatrixFactorization, "forward", poisoned)
     assert main(["pretrain", "--cfg-path", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert "loss became nan at epoch 1, step 0; training stopped" in err or "loss became inf at epoch 1, step 0" in err
+    errors = re.findall(r"diffrec: error: .*", capsys.readouterr().err)  # after the progress bar, on its line
+    assert len(errors) == 1 and f"loss became nan at epoch 2, step {batches_per_epoch + 1};" in errors[0]
+    best = Path(errors[0].split("is kept at ")[1])
+    assert best.name == "best" and best.is_dir()
+    kept = load_recommender(best).state_dict()
+    assert epoch_one.keys() == kept.keys() and all(torch.equal(kept[name], epoch_one[name]) for name in kept)
 
 
 def test_two_processes_report_the_same_test_auc(tiny_dataset, tmp_path, capsys):

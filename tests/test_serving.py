@@ -4,6 +4,7 @@ a real headless browser."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -298,8 +299,10 @@ def _browser():
 
 
 @pytest.mark.skipif(
-    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
-    reason="Debian's chromium and chromium-driver are not installed",
+    shutil.which("chromium") is None
+    or shutil.which("chromedriver") is None
+    or importlib.util.find_spec("selenium") is None,
+    reason="Debian's chromium and chromium-driver, or selenium, are not installed",
 )
 def test_the_page_in_a_headless_browser(trained_joint, tmp_path):
     """Pick a user, recommend, see the ranked list and a picture; then a bad user id shows a message.
