@@ -34,7 +34,7 @@ test-all: test
 # Mutation testing of the modules named in pyproject.toml's [tool.mutmut] (minutes; docs/testing.md).
 mutation: $(STAMP)
 	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children 2
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2   # one thread: torch in forked workers
 	$(VENV)/bin/mutmut results
 
 demo: $(STAMP)

@@ -95,3 +95,24 @@ def test_the_conditioning_keeps_the_text_dtype():
     fused = fusion(text.bfloat16(), pooled.bfloat16(), preference)
     assert fused.prompt_embeds.dtype == fused.pooled_prompt_embeds.dtype == torch.bfloat16
     assert fused.alpha.dtype == torch.float32
+
+
+def test_defaults_and_nonlinearities():
+    """4 preference tokens from a 256-wide hidden layer by default; the preference is layer-normalised (its
+    per-sample scale and offset do not matter) and passed through SiLU; the gate is not affine in its input."""
+    fusion = AdaptiveFusion(PREFERENCE, JOINT, POOLED)
+    assert fusion.tokens == 4 and fusion.to_tokens.in_features == 256 and fusion.to_tokens.out_features == 4 * JOINT
+    fusion, text, pooled, preference = fusion_and_inputs()
+    scaled = fusion(text, pooled, preference * 7 + 3)
+    assert torch.allclose(scaled.prompt_embeds, fusion(text, pooled, preference).prompt_embeds, atol=1e-4)
+    assert fusion.preference(torch.randn(256, PREFERENCE) * 10).min() >= -0.2785  # SiLU's minimum
+    z1, z2 = torch.randn(1, 16 + POOLED), torch.randn(1, 16 + POOLED)
+    assert not torch.allclose(fusion.gate(z1) + fusion.gate(z2), 2 * fusion.gate((z1 + z2) / 2), atol=1e-4)
+
+
+def test_a_bf16_fusion_forces_its_gate_in_bf16():
+    """A forced alpha takes the fusion's own dtype, so a bf16 fusion's conditioning stays bf16."""
+    fusion, text, pooled, preference = fusion_and_inputs()
+    fusion = fusion.to(torch.bfloat16)
+    forced = fusion(text.bfloat16(), pooled.bfloat16(), preference, alpha_override=0.5)
+    assert forced.alpha.dtype == torch.bfloat16 and forced.prompt_embeds.dtype == torch.bfloat16
