@@ -97,6 +97,28 @@ def registry_snapshot() -> Iterator[None]:
                 del sys.modules[name]
 
 
+def assert_cora_reads_the_user_vector(model, batch) -> None:
+    """A trained CoRA model's scores move when the collaborative model's vector of one row's user moves, for that
+    user's rows only: the per-sample weights are generated from this collaborative model's user side."""
+    original = model.collab.user_embeddings
+    target = batch.rating.uid[0]
+
+    def shifted(rating):
+        vectors = original(rating)
+        return vectors + 3.0 * (rating.uid == target)[:, None].to(vectors.dtype)
+
+    model.eval()
+    with torch.no_grad():
+        before = model.score(batch)
+        model.collab.user_embeddings = shifted
+        try:
+            after = model.score(batch)
+        finally:
+            del model.collab.user_embeddings
+    changed = (before - after).abs() > 1e-6
+    assert changed[0] and not changed[batch.rating.uid != target].any()
+
+
 def write_config(
     folder: Path, dataset: Path, arch: str = "mf", model: dict | None = None, run: dict | None = None
 ) -> Path:

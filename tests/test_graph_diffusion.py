@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 import yaml
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, assert_cora_reads_the_user_vector
 from test_llm import build, first_rows, llm_config, one_step
 
 from minigpt4.cli import main
@@ -553,9 +553,7 @@ def test_cora_runs_on_a_tiny_diffmm(derived_tiny, tiny_llm, tmp_path, capsys):
     batch = first_rows(rows["train"])
     one_step(model, batch)
     assert any(b.abs().sum() > 0 for b in model.cora.lora_b.values())
-    model.eval()
-    with torch.no_grad():
-        assert torch.isfinite(model.score(batch)).all()
+    assert_cora_reads_the_user_vector(model, batch)
 
 
 TIKTOK = SHARED_DATA / "diffmm-tiktok"
