@@ -547,9 +547,16 @@ def test_non_finite_gradient_norm_stops_the_image_training(tmp_path, tiny_models
 
 
 def test_resume_from_latest_continues_the_newest_run(tmp_path, tiny_models, photo_dataset):
+    """Of two finished runs under run.output_dir, ``latest`` continues the newer (its curve, not the older's)."""
+    older = train_images(
+        load_config(
+            sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 2, "eval_every_steps": 2, "seed": 1})
+        )
+    )
     first = train_images(
         load_config(sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 2, "eval_every_steps": 2}))
     )
+    assert older["curve"][0]["loss"] != first["curve"][0]["loss"]
     resumed = train_images(
         load_config(
             sd3_config(

@@ -430,10 +430,13 @@ def test_non_finite_gradient_norm_stops_the_llm_training(tiny_llm, tiny_dataset,
 
 
 def test_resume_from_latest_continues_the_newest_run(tiny_llm, tiny_dataset, mf_checkpoint, tmp_path):
+    """Of two finished runs under run.output_dir, ``latest`` continues the newer (its curve, not the older's)."""
     path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint)
-    first = training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
+    older = training_llm.train_llm(load_config(path, ["run.max_steps=2", "run.seed=1"]))
+    newer = training_llm.train_llm(load_config(path, ["run.max_steps=2"]))
+    assert older["curve"][0]["loss"] != newer["curve"][0]["loss"]  # the two runs are told apart by their curves
     resumed = training_llm.train_llm(load_config(path, ["run.max_steps=4", "run.resume_from=latest"]))
-    assert [point["step"] for point in resumed["curve"]] == [2, 4] and resumed["curve"][0] == first["curve"][0]
+    assert [point["step"] for point in resumed["curve"]] == [2, 4] and resumed["curve"][0] == newer["curve"][0]
     with pytest.raises(
         DiffRecError, match="run.resume_from is latest but no run under .* holds a complete checkpoints/last"
     ):
