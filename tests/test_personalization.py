@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from minigpt4.errors import DiffRecError
-from minigpt4.evaluation.personalization import draw_distractors, personalization_metrics
+from minigpt4.evaluation.personalization import (
+    draw_distractors,
+    identification_accuracy,
+    personalization_metrics,
+    user_similarity,
+)
 
 
 def random_users(users: int, items: int, per_user: int, seed: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -53,6 +58,28 @@ def test_p_value_is_roughly_uniform_when_outputs_carry_no_user():
     p_values = np.asarray(p_values)
     assert 0.25 <= p_values.mean() <= 0.75
     assert (p_values < 0.05).mean() <= 0.2
+
+
+def test_identification_counts_ties_and_unscored_owners_as_misses():
+    """Strictly above every distractor: a tie misses, an owner without a score misses, a distractor without one
+    cannot win."""
+    owner, distractors = np.array([0, 1, 2]), np.array([[1, 2], [0, 2], [0, 1]])
+    assert identification_accuracy(np.full((3, 3), 5.0), owner, distractors) == 0.0
+    similarity = np.array([[9.0, 1.0, 1.0], [np.nan, 2.0, 1.0], [1.0, 1.0, np.nan]])
+    assert identification_accuracy(similarity, owner, distractors) == pytest.approx(2 / 3)
+    similarity[1, 1] = np.nan  # owner 1 has no score now
+    assert identification_accuracy(similarity, owner, distractors) == pytest.approx(1 / 3)
+
+
+def test_user_similarity_means_and_leaves_out_the_drawn_item():
+    """Each output's mean score over each user's liked items, with output n's own item left out of every user."""
+    scores = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 2.0, 3.0, 4.0]])
+    liked = [[0, 1], [1, 2, 3]]
+    assert np.allclose(user_similarity(scores, liked), [[15.0, 30.0], [1.5, 3.0]])
+    left_out = user_similarity(scores, liked, exclude=[1, 0])
+    assert np.allclose(left_out, [[10.0, 35.0], [2.0, 3.0]])
+    only = user_similarity(scores, [[1], [2, 3]], exclude=[1, 1])  # user 0's only item left out: no score
+    assert np.isnan(only[0, 0]) and only[0, 1] == 35.0 and np.isnan(only[1, 0])
 
 
 def test_distractors_are_distinct_other_users():
