@@ -148,9 +148,16 @@ def test_guest_user_reads_the_vector_only_for_user_zero(mf_checkpoint):
         rows=torch.arange(2), uid=uid, iid=iid, label=torch.zeros(2), his=torch.zeros(2, 1, dtype=torch.long)
     )
     assert torch.equal(guest.score(batch), model.score(batch))  # no vector set: the model as it is
+    assert torch.equal(guest.user_embeddings(batch), model.user_embeddings(batch))
     guest.vector = torch.ones(8)
     scores = guest.score(batch)
     assert scores[0] == model.item_embedding.weight[3].sum() and scores[1] == model.score(batch)[1]
+    users = guest.user_embeddings(batch)  # what CoRA and the image fusion read
+    assert torch.equal(users[0], torch.ones(8)) and torch.equal(users[1], model.user_embeddings(batch)[1])
+    assert torch.equal(guest.item_embeddings(iid), model.item_embeddings(iid))
+    assert torch.equal(guest.ranking_tables()[1], model.ranking_tables()[1])
+    assert guest.max_history == model.max_history == 0 and guest.padding_invariant == model.padding_invariant
+    assert (guest.n_users, guest.n_items) == (model.n_users, model.n_items)
 
 
 @pytest.mark.parametrize(
