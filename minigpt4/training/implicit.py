@@ -27,8 +27,8 @@ from minigpt4.evaluation.ranking import full_ranking_metrics
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
+from minigpt4.training.collaborative import CollaborativeTask
 from minigpt4.training.engine import Engine, MicroBatch, epoch_generator, epoch_loop
-from minigpt4.training.pretrain import CollaborativeTask
 from minigpt4.training.run_folder import BEST, finish_run, logger, start_ranking_run
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"

@@ -37,8 +37,8 @@ from minigpt4.evaluation.ranking import leave_one_out_metrics
 from minigpt4.io import read_safetensors
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
+from minigpt4.training.collaborative import CollaborativeTask
 from minigpt4.training.engine import Engine, Loop, MicroBatch, epoch_generator, epoch_loop
-from minigpt4.training.pretrain import CollaborativeTask
 from minigpt4.training.run_folder import BEST, finish_run, logger, start_ranking_run
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
