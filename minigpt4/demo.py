@@ -168,12 +168,8 @@ def demo_summary(results: dict, results_path: Path, joint_options: list[str]) ->
     the full figures are, and how to use the run; figures rounded, every line short."""
     from minigpt4.diffusion.generate import ARMS
 
-    joint, mf, images = (
-        results["train_joint"],
-        results["report"]["mf_on_the_same_rows"],
-        results["train_joint"]["images"],
-    )
-    seconds = results["seconds"]
+    joint, mf, seconds = results["train_joint"], results["report"]["mf_on_the_same_rows"], results["seconds"]
+    images = joint["images"]
     lines = [
         f"DiffRec demo on ML-100K: {joint['test']['n']} seeded test rows",
         f"  {'':<30} {'AUC':>7} {'UAUC':>7} {'warm AUC':>9} {'cold AUC':>9}",

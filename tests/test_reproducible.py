@@ -7,21 +7,19 @@ differ, so a trainer that builds (or shuffles) from the global random state befo
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from conftest import PROMPTS, joint_config, write_config
+from conftest import joint_config, write_config
 from safetensors.torch import load_file
-from test_graph_diffusion import synthetic_implicit, write_implicit_config
-from test_sequential import synthetic_sequences, write_sequence_config
+from test_diffusion import photo_dataset, sd3_config  # noqa: F401  (a fixture)
+from test_graph_diffusion import implicit_root, write_implicit_config  # noqa: F401  (a fixture)
+from test_llm import llm_config
+from test_sequential import sequence_root, write_sequence_config  # noqa: F401  (a fixture)
 
 from minigpt4.config import load_config
-from minigpt4.data.implicit import save_implicit_dataset
-from minigpt4.data.sequences import import_diffurec_pickle, save_sequence_dataset
 from minigpt4.training import diffusion, joint, llm, pretrain
 from minigpt4.training import implicit as implicit_training
 from minigpt4.training import sequential as sequential_training
@@ -78,55 +76,31 @@ def test_rating_pretraining(monkeypatch, tiny_dataset, tmp_path):
     run_twice(monkeypatch, pretrain, "build_recommender", pretrain.pretrain, write_config(tmp_path, tiny_dataset))
 
 
-def test_full_ranking_pretraining(monkeypatch, tmp_path):
+def test_full_ranking_pretraining(monkeypatch, implicit_root, tmp_path):  # noqa: F811 (the imported fixture)
     """LightGCN with BPR on the implicit shape (its negatives drawn per epoch)."""
-    root = save_implicit_dataset(tmp_path / "implicit", *synthetic_implicit())
-    config = write_implicit_config(tmp_path, root, "lightgcn", model={"embedding_size": 8}, run={"max_epochs": 2})
+    config = write_implicit_config(
+        tmp_path, implicit_root, "lightgcn", model={"embedding_size": 8}, run={"max_epochs": 2}
+    )
     run_twice(monkeypatch, implicit_training, "build_recommender", implicit_training.pretrain_implicit, config)
 
 
-def test_sequence_pretraining(monkeypatch, tmp_path):
+def test_sequence_pretraining(monkeypatch, sequence_root, tmp_path):  # noqa: F811 (the imported fixture)
     """DiffuRec on the sequence shape (diffusion noise and the reverse chain)."""
-    (tmp_path / "dataset.pkl").write_bytes(pickle.dumps(synthetic_sequences()))
-    root = save_sequence_dataset(tmp_path / "walks", *import_diffurec_pickle(tmp_path / "dataset.pkl"))
     model = {"embedding_size": 16, "num_blocks": 1, "num_heads": 2, "max_history": 8}
-    config = write_sequence_config(tmp_path, root, "diffurec", model=model, run={"max_epochs": 2})
+    config = write_sequence_config(tmp_path, sequence_root, "diffurec", model=model, run={"max_epochs": 2})
     run_twice(monkeypatch, sequential_training, "build_recommender", sequential_training.pretrain_sequential, config)
 
 
 def test_llm_training(monkeypatch, tiny_dataset, tiny_llm, mf_checkpoint, tmp_path):
-    """CoRA on the tiny LLM: the LoRA and the weight generator are initialised from the seed."""
-    config = {
-        "model": {
-            "arch": "llmrec", "mode": "cora", "llm": {"path": str(tiny_llm), "max_length": 128},
-            "prompt": {"template": str(PROMPTS / "tallrec_movie.txt"), "max_history": 5},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "cora": {"rank": 8, "alpha": 16, "queries": 4, "width": 16, "heads": 2},
-            "collab": {"ckpt": str(mf_checkpoint)},
-        },
-        "datasets": {"name": "tiny", "path": str(tiny_dataset)},
-        "run": {"cpu": True, "batch_size": 8, "eval_batch_size": 16, "lr": 5e-3, "max_steps": 4, "eval_every_steps": 2,
-                "train_rows": 64, "valid_rows": 48, "test_rows": 48, "output_dir": str(tmp_path / "runs")},
-    }  # fmt: skip
-    path = tmp_path / "cora.yaml"
-    path.write_text(yaml.safe_dump(config))
+    """CoRA on the tiny LLM: the LoRA (with dropout, drawn from the global stream) and the weight generator."""
+    lora = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    path = llm_config(tmp_path, tiny_dataset, tiny_llm, "cora", mf_checkpoint, model=lora)
     run_twice(monkeypatch, llm, "build_llm_recommender", llm.train_llm, path)
 
 
-def test_image_training(monkeypatch, card_dataset, tiny_models, mf_checkpoint, tmp_path):
+def test_image_training(monkeypatch, photo_dataset, tiny_models, tmp_path):  # noqa: F811 (the imported fixture)
     """The image LoRA and the fusion on the tiny SD3 pipeline."""
-    config = {
-        "model": {
-            "arch": "sd3", "pipeline": {"path": str(tiny_models / "sd3"), "max_sequence_length": 4},
-            "collab": {"ckpt": str(mf_checkpoint)}, "lora": {"r": 4, "alpha": 8}, "fusion": {"tokens": 2, "hidden": 16},
-            "flow": {"caption": "a poster for {title}", "resolution": 64}, "sampling": {"steps": 2, "guidance_scale": 1.0},
-            "clip": {"path": str(tiny_models / "clip")},
-        },
-        "datasets": {"name": "tiny", "path": str(card_dataset)},
-        "run": {"cpu": True, "batch_size": 4, "eval_batch_size": 8, "lr": 3e-3, "max_steps": 4, "eval_every_steps": 2,
-                "train_rows": 16, "test_rows": 4, "output_dir": str(tmp_path / "runs")},
-    }  # fmt: skip
-    path = tmp_path / "sd3.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = sd3_config(tmp_path, tiny_models, photo_dataset, run={"max_steps": 4, "eval_every_steps": 2})
     run_twice(monkeypatch, diffusion, "build_personalized", diffusion.train_images, path)
 
 

@@ -15,7 +15,7 @@ from minigpt4.data.build import assemble_dataset, ratio_split, raw_items, raw_ra
 from minigpt4.data.contract import require_columns
 from minigpt4.io import read_csv
 
-RATING_COLUMNS = ("user", "item", "rating", "timestamp")
+CSV_COLUMNS = ("user", "item", "rating", "timestamp")  # the ratings file's header
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 
 
@@ -24,8 +24,8 @@ def read_rating_csv(ratings_path: Path, items_path: Path | None = None) -> tuple
     without an items file, an item's title is ``item <its raw id>``. Extra columns of the items file (genres,
     a description) are kept."""
     ratings = read_csv(ratings_path, dtype=str, keep_default_na=False)
-    require_columns(ratings, RATING_COLUMNS, str(ratings_path))
-    ratings = raw_ratings(ratings[list(RATING_COLUMNS)].copy(), ratings_path, numeric_ids=False)
+    require_columns(ratings, CSV_COLUMNS, str(ratings_path))
+    ratings = raw_ratings(ratings[list(CSV_COLUMNS)].copy(), ratings_path, numeric_ids=False)
     if items_path is None:
         keys = pd.Series(pd.unique(ratings["item"]))
         return ratings, pd.DataFrame({"item": keys, "title": "item " + keys.astype(str)})

@@ -98,10 +98,8 @@ def registration(arch: str) -> Registration:
     return RECOMMENDERS[arch]
 
 
-def load_plugins() -> list[str]:
-    """Import the modules of the ``diffrec.recommenders`` entry points (installed packages that register models);
-    returns their names."""
-    loaded = []
+def load_plugins() -> None:
+    """Import the modules of the ``diffrec.recommenders`` entry points (installed packages that register models)."""
     for entry in importlib.metadata.entry_points(group="diffrec.recommenders"):
         try:
             entry.load()
@@ -109,8 +107,6 @@ def load_plugins() -> list[str]:
             raise DiffRecError(
                 f"entry point diffrec.recommenders:{entry.name} ({entry.value}): {first_line(err)}"
             ) from None
-        loaded.append(entry.name)
-    return loaded
 
 
 def build_recommender(
