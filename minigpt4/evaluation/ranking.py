@@ -20,7 +20,6 @@ from minigpt4.recommenders.graph import dense_rows
 DEFAULT_KS = (10, 20, 50)
 
 
-@torch.no_grad()
 def full_ranking_metrics(
     score_users: Callable[[torch.Tensor], torch.Tensor],
     train: sp.csr_matrix,
@@ -43,7 +42,8 @@ def full_ranking_metrics(
     per_user = {name: np.empty(len(users)) for name in names}
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
-        scores = score_users(torch.as_tensor(batch, device=device)).to(device=device, dtype=torch.float32)
+        with torch.no_grad():  # a block, not a decorator: mutation testing skips decorated functions
+            scores = score_users(torch.as_tensor(batch, device=device)).to(device=device, dtype=torch.float32)
         scores = scores.masked_fill(dense_rows(train, batch, device).bool(), -torch.inf)
         top = scores.topk(max_k, dim=1).indices
         hits = dense_rows(target, batch, device).bool().gather(1, top).double()  # [B, max_k]
@@ -65,7 +65,6 @@ def full_ranking_metrics(
     return metrics
 
 
-@torch.no_grad()
 def leave_one_out_metrics(
     score_histories: Callable[[torch.Tensor], torch.Tensor],
     histories: np.ndarray,
@@ -96,7 +95,8 @@ def leave_one_out_metrics(
         batch = histories[rows]
         if trim_padding:
             batch = batch[:, int(np.argmax(batch.any(0))) :]  # argmax: the first column holding an item
-        scores = score_histories(torch.as_tensor(batch, device=device)).to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            scores = score_histories(torch.as_tensor(batch, device=device)).to(device=device, dtype=torch.float32)
         if seen is not None:
             scores = scores.masked_fill(dense_rows(seen, rows, device).bool(), -torch.inf)
         if not score_padding:

@@ -30,10 +30,9 @@ def reads_history(model: CollaborativeModel) -> bool:
     return model.max_history > 0
 
 
-@torch.no_grad()
 def fold_in_user(model: CollaborativeModel, liked: list[int]) -> torch.Tensor:
     """The MAP user vector [d] of an id-based model for a user who liked ``liked`` (item ids, 1-based)."""
-    users, items = (table.detach().float() for table in model.ranking_tables())
+    users, items = (table.detach().float() for table in model.ranking_tables())  # detached: no graph is built
     ids = torch.as_tensor(liked, dtype=torch.long, device=items.device)
     if ids.numel() and (ids.min() < 1 or ids.max() > model.n_items):
         raise DiffRecError(f"liked item ids must lie in 1..{model.n_items}")

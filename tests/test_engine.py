@@ -1,0 +1,220 @@
+"""The training engine on a task small enough to check by hand: a linear regression whose loss draws noise
+from the micro-batch's stream, and whose evaluations are scripted. Each test states what the engine owns
+(the schedule and accumulation, the best checkpoint and early stopping, resume, the non-finite checks)
+against a straightforward computation of the same thing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import write_config
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from minigpt4.config import load_config
+from minigpt4.errors import DiffRecError
+from minigpt4.training.engine import Engine, Loop, MicroBatch, Task, epoch_generator, micro_batch_generator
+from minigpt4.training.run_folder import BEST, LAST, run_accelerator
+
+ROWS, FEATURES, BATCH = 12, 3, 2  # six micro-batches an epoch
+
+
+class Stop(Exception):
+    """A crash at a chosen micro-batch (what a killed process leaves: checkpoints up to there)."""
+
+
+class Regression(Task):
+    """Least squares on fixed rows; the noise added to the targets comes from the micro-batch's stream."""
+
+    name = "regression"
+
+    def __init__(self, scores: list[float] | None = None, crash_at: int | None = None) -> None:
+        torch.manual_seed(0)  # the same initial weights in every run of a test
+        self.model = nn.Linear(FEATURES, 1)
+        data = torch.Generator().manual_seed(1)
+        self.x = torch.randn(ROWS, FEATURES, generator=data)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+        self.select = "score" if scores is not None else None
+        self.scores, self.crash_at = list(scores or []), crash_at
+        self.evaluated: list[torch.Tensor] = []  # the weights at each evaluation
+
+    def epoch_batches(self, epoch: int, accelerator: Accelerator) -> list[torch.Tensor]:
+        order = torch.randperm(ROWS, generator=epoch_generator(7, epoch))
+        return list(order.split(BATCH))
+
+    def loss(self, model: nn.Module, batch: torch.Tensor, where: MicroBatch) -> dict[str, torch.Tensor]:
+        if where.position == self.crash_at:
+            raise Stop
+        noise = 0.1 * torch.randn(len(batch), generator=where.generator)
+        error = model(self.x[batch]).squeeze(-1) - (self.y[batch] + noise)
+        return {"loss": error.pow(2).mean(), "abs": error.abs().mean()}
+
+    def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        self.evaluated.append(model.weight.detach().clone())
+        return {"score": self.scores.pop(0)} if self.select else {}
+
+    def save_weights(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {name: value.contiguous() for name, value in self.model.state_dict().items()}, folder / "w.safetensors"
+        )
+
+    def load_weights(self, folder: Path) -> None:
+        self.model.load_state_dict(load_file(folder / "w.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def config(tiny_dataset, tmp_path_factory):
+    return load_config(write_config(tmp_path_factory.mktemp("engine"), tiny_dataset))
+
+
+def fit(task: Task, loop: Loop, config, run_dir: Path, resume_from: Path | None = None):
+    """One Engine.fit of ``task`` on the CPU."""
+    engine = Engine(task, loop, run_accelerator(cpu=True), config, run_dir)
+    return engine.fit(resume_from)
+
+
+def test_steps_follow_accumulation_clipping_and_the_warmup_cosine_schedule(config, tmp_path):
+    """Eight optimizer steps of two accumulated micro-batches each, clipped, under warmup then cosine, end where
+    a plain loop over the same micro-batches and noise ends."""
+    loop = Loop(seed=3, max_epochs=9, max_steps=8, lr=0.05, weight_decay=0.01, warmup_steps=2, accumulation=2,
+                max_grad_norm=0.5, log_every=4)  # fmt: skip
+    task = Regression()
+    result = fit(task, loop, config, tmp_path)
+
+    reference = Regression()
+    model, accelerator = reference.model, run_accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 2, 8)
+    position, losses, errors = 0, [], []
+    for epoch in range(3):  # 24 micro-batches: four epochs of six would be too many
+        for batch in reference.epoch_batches(epoch, accelerator):
+            where = MicroBatch(position // 2, position, epoch, micro_batch_generator(3, position, accelerator))
+            parts = reference.loss(model, batch, where)
+            (parts["loss"] / 2).backward()
+            losses.append(parts["loss"].item())
+            errors.append(parts["abs"].item())
+            position += 1
+            if position % 2 == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+            if position == 16:
+                break
+        if position == 16:
+            break
+    assert result.steps == 8 and result.epochs == 2 and result.best_step == 0
+    assert torch.allclose(task.model.weight, model.weight, atol=1e-6)
+    assert torch.allclose(task.model.bias, model.bias, atol=1e-6)
+    assert [point["step"] for point in result.curve] == [4, 8] and [p["epoch"] for p in result.curve] == [1, 2]
+    assert result.curve[0]["loss"] == pytest.approx(sum(losses[:8]) / 8, rel=1e-5)
+    assert result.curve[1]["loss"] == pytest.approx(sum(losses[8:16]) / 8, rel=1e-5)
+    assert result.curve[1]["abs"] == pytest.approx(sum(errors[8:16]) / 8, rel=1e-5)
+
+
+def test_the_best_evaluation_is_kept_and_patience_stops_the_run(config, tmp_path):
+    """Scores 0.1, nan, 0.5, 0.5, 0.3, 0.4: the best is step 3's (a nan never wins, a tie is no improvement);
+    after three evaluations without improvement the run stops at step 6, with step 3's weights in best."""
+    task = Regression(scores=[0.1, math.nan, 0.5, 0.5, 0.3, 0.4, 0.9])
+    loop = Loop(seed=0, max_epochs=5, lr=0.05, evaluate_every=1, patience=3)
+    result = fit(task, loop, config, tmp_path)
+    assert result.best_step == 3 and result.steps == 6 and len(task.scores) == 1
+    assert [point["step"] for point in result.curve] == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(load_file(tmp_path / "checkpoints" / BEST / "w.safetensors")["weight"], task.evaluated[2])
+    assert not torch.equal(task.evaluated[2], task.evaluated[5])
+    state = json.loads((tmp_path / "checkpoints" / LAST / "trainer_state.json").read_text())
+    assert (state["step"], state["best_step"], state["stale"], state["best"]) == (6, 3, 3, {"score": 0.5})
+
+
+def test_without_patience_the_run_goes_on_and_without_select_keeps_no_best(config, tmp_path):
+    """No patience: every evaluation runs; a task that does not select writes no best checkpoint."""
+    task = Regression(scores=[0.5, 0.1, 0.1, 0.1])
+    result = fit(task, Loop(seed=0, max_epochs=9, max_steps=4, evaluate_every=1), config, tmp_path / "a")
+    assert result.steps == 4 and result.best_step == 1 and not task.scores
+    plain = fit(Regression(), Loop(seed=0, max_epochs=1, evaluate_every=2), config, tmp_path / "b")
+    assert plain.steps == 6 and [point["step"] for point in plain.curve] == [2, 4, 6]
+    assert not (tmp_path / "b" / "checkpoints" / BEST).exists() and (tmp_path / "b" / "checkpoints" / LAST).is_dir()
+
+
+@pytest.mark.parametrize("crash_at", [5, 9])
+def test_a_crashed_run_resumed_from_last_ends_as_the_uninterrupted_one(config, tmp_path, crash_at):
+    """Checkpoints every two steps; a crash mid-epoch (micro-batch 5) or in the second epoch (9) loses what
+    followed the last checkpoint, and the resumed run ends with the same weights, curve and best."""
+    loop = Loop(seed=5, max_epochs=3, lr=0.05, evaluate_every=2, checkpoint_every=2, log_every=1)
+    scores = [0.2, 0.6, 0.4, 0.7, 0.1, 0.3, 0.5, 0.2, 0.8]
+    whole = Regression(scores=scores)
+    expected = fit(whole, loop, config, tmp_path / "whole")
+
+    crashed = Regression(scores=scores, crash_at=crash_at)
+    with pytest.raises(Stop):
+        fit(crashed, loop, config, tmp_path / "crashed")
+    resumed_task = Regression(scores=scores[crash_at // 2 :])  # the evaluations after the last checkpoint
+    resumed = fit(resumed_task, loop, config, tmp_path / "resumed", tmp_path / "crashed" / "checkpoints" / LAST)
+    assert resumed.steps == expected.steps == 18 and resumed.best_step == expected.best_step
+    assert torch.equal(resumed_task.model.weight, whole.model.weight)
+    assert [point["step"] for point in resumed.curve] == list(range(1, 19))
+    for got, want in zip(resumed.curve, expected.curve):
+        assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    best = load_file(tmp_path / "resumed" / "checkpoints" / BEST / "w.safetensors")["weight"]
+    assert torch.equal(best, load_file(tmp_path / "whole" / "checkpoints" / BEST / "w.safetensors")["weight"])
+
+
+def test_a_non_finite_loss_or_gradient_norm_stops_with_the_checkpoint_it_keeps(config, tmp_path):
+    """A nan loss names its step and the logged parts; an infinite gradient norm names the last checkpoint."""
+
+    class Exploding(Regression):
+        def loss(self, model, batch, where):
+            parts = super().loss(model, batch, where)
+            if where.position == 3:
+                parts["loss"] = parts["loss"] * math.nan
+            return parts
+
+    with pytest.raises(DiffRecError, match=r"loss became nan at epoch 1, step 3, abs \S+; training stopped, "
+                       r"the last checkpoint is kept at .*checkpoints/last$"):  # fmt: skip
+        fit(Exploding(), Loop(seed=0, max_epochs=1, checkpoint_every=2), config, tmp_path / "loss")
+
+    class Steep(Regression):
+        def loss(self, model, batch, where):
+            parts = super().loss(model, batch, where)
+            return parts | {"loss": parts["loss"] * (math.inf if where.position == 1 else 1.0)}
+
+    with pytest.raises(DiffRecError, match=r"loss became inf at epoch 1, step 1"):
+        fit(Steep(), Loop(seed=0, max_epochs=1), config, tmp_path / "inf")
+
+    class Unbounded(Regression):
+        def loss(self, model, batch, where):
+            parts = super().loss(model, batch, where)
+            if where.position == 2:  # the loss stays finite; d sqrt(x) / dx at 0 does not
+                parts["loss"] = parts["loss"] + torch.sqrt(model.bias.sum() - model.bias.sum().detach())
+            return parts
+
+    with pytest.raises(DiffRecError, match=r"gradient norm became (inf|nan) at epoch 1, step 2; training stopped, "
+                       r"the best checkpoint so far is kept at \(none yet\)"):  # fmt: skip
+        fit(Unbounded(scores=[0.1] * 9), Loop(seed=0, max_epochs=1, max_grad_norm=1.0, evaluate_every=4),
+            config, tmp_path / "norm")  # fmt: skip
+
+
+def test_streams_differ_by_seed_position_process_and_epoch():
+    """Each micro-batch, process and epoch draws its own noise; the same coordinates draw the same."""
+
+    class Process:
+        def __init__(self, index: int, count: int) -> None:
+            self.process_index, self.num_processes = index, count
+
+    def draw(generator: torch.Generator) -> float:
+        return torch.rand(1, generator=generator).item()
+
+    base = draw(micro_batch_generator(1, 4, Process(0, 2)))
+    assert base == draw(micro_batch_generator(1, 4, Process(0, 2)))
+    others = [micro_batch_generator(2, 4, Process(0, 2)), micro_batch_generator(1, 5, Process(0, 2)),
+              micro_batch_generator(1, 4, Process(1, 2))]  # fmt: skip
+    assert all(draw(other) != base for other in others)
+    assert draw(micro_batch_generator(1, 4, Process(1, 2))) != draw(micro_batch_generator(1, 5, Process(0, 2)))
+    assert draw(epoch_generator(1, 0)) != draw(epoch_generator(1, 1)) != draw(epoch_generator(1, 1, stream=1))
