@@ -28,7 +28,7 @@ from minigpt4.diffusion.sampling import ImageStore, generate_images
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.evaluation.personalization import shuffled_donors
-from minigpt4.evaluation.vlm_judge import CRITERIA, parse_verdict, summarize_verdicts
+from minigpt4.evaluation.vlm_judge import parse_verdict, summarize_verdicts
 from minigpt4.recommenders import build_recommender, load_recommender, save_recommender
 from minigpt4.training.diffusion import build_personalized, build_samples, train_images, training_pairs
 from minigpt4.training.engine import Engine
@@ -249,24 +249,52 @@ def test_generate_command_writes_image_and_record(trained, tmp_path, tiny_models
 
 
 def test_evaluate_reports_clip_scores_and_judge_verdicts_with_and_without_fusion(
-    trained, tmp_path, tiny_models, photo_dataset, capsys
+    trained, tmp_path, tiny_models, photo_dataset, capsys, monkeypatch
 ):
+    """Each arm's CLIP-T is the mean of its images' scores, each score that of the stored picture and its text;
+    the judge's answers (the tiny judge generates, then one known answer is read in its place) reach the report
+    as their means, an out-of-range criterion as missing, never as a default."""
+    from minigpt4.evaluation import vlm_judge
+
+    answer = 'Scores: {"consistency": 4, "accuracy": 2.5, "integrity": 7, "quality": 3} and {"quality": 0}'
+    calls = []
+    generated_answer = vlm_judge.parse_verdict
+
+    def known_answer(text: str) -> vlm_judge.Verdict:
+        calls.append(generated_answer(text))  # what the tiny judge said: no JSON object
+        return generated_answer(answer)
+
+    monkeypatch.setattr(vlm_judge, "parse_verdict", known_answer)
     judge = {"path": str(tiny_models / "vlm"), "max_new_tokens": 12}
     config_path = sd3_config(
         tmp_path, tiny_models, photo_dataset, run={"ckpt": trained["metrics"]["checkpoint"]}, model={"judge": judge}
     )
     assert main(["evaluate", "--cfg-path", str(config_path)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics["backbone"] == "open_clip clip" and metrics["pairs"] > 0
+    pairs = metrics["pairs"]
+    assert metrics["backbone"] == "open_clip clip" and pairs > 0 and len(calls) == 3 * pairs
+    assert not any(verdict.parsed for verdict in calls)
+    folder = Path(metrics["run_dir"]) / "images"
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    scorer = ClipScorer(ClipConfig(path=str(tiny_models / "clip")))
+    stored = records[0]
+    assert scorer.clip_t([Image.open(folder / stored["file"])], [stored["instruction"]])[0][0] == pytest.approx(
+        stored["clip_t"], abs=1e-4
+    )
     for variant in ("fused", "alpha0", "shuffled"):
-        assert metrics[variant]["images"] == metrics["pairs"] and metrics[variant]["clip_t"] is not None
-        assert "missing" in metrics[variant]["personalization"]  # too few held-out users to tell apart
-        # The untrained tiny judge answers without a JSON object: every verdict is counted as
-        # unparseable and every criterion reported as missing, none as a default score.
-        verdicts = metrics[variant]["judge"]
-        assert verdicts["model"] == "vlm" and verdicts["judged"] == verdicts["unparseable"] == metrics["pairs"]
-        assert all(verdicts[name] is None and verdicts[f"{name}_missing"] == metrics["pairs"] for name in CRITERIA)
+        arm = metrics[variant]
+        mine = [record["clip_t"] for record in records if record["variant"] == variant]
+        assert arm["images"] == pairs == len(mine) and arm["clip_t"] == pytest.approx(np.mean(mine), abs=1e-6)
+        # Too few users in the photo dataset; the known-answer cases are test_arm_personalization's.
+        assert arm["personalization"]["missing"].startswith("needs 10 evaluated users")
+        verdicts = arm["judge"]
+        assert verdicts == {
+            "model": "vlm", "judged": pairs, "unparseable": 0,
+            "consistency": 4.0, "consistency_missing": 0, "accuracy": 2.5, "accuracy_missing": 0,
+            "integrity": None, "integrity_missing": pairs, "quality": 3.0, "quality_missing": 0,
+        }  # fmt: skip
     assert metrics["alpha0"]["alpha"] == 0.0 and metrics["fused"]["alpha"] > 0 and metrics["shuffled"]["alpha"] > 0
+    assert len({metrics[variant]["clip_t"] for variant in ("fused", "alpha0")}) == 2  # the gate changed the images
 
 
 def test_arm_personalization_maps_users_and_leaves_out_the_drawn_item():
@@ -467,25 +495,55 @@ def test_generic_and_empty_instructions_replace_captions_at_the_configured_rates
         FlowMatchingConfig(generic_rate=0.7, caption_dropout=0.4)
 
 
+# Run under accelerate launch: train_images, recording each process's first micro-batch (its rows and loss).
+FIRST_MICRO_BATCH = """import json, sys
+from pathlib import Path
+from accelerate import PartialState
+from minigpt4.config import load_config
+from minigpt4.training import diffusion
+
+loss = diffusion.ImageTask.loss
+
+def recorded(self, model, batch, where):
+    parts = loss(self, model, batch, where)
+    if where.position == 0:
+        first = {"rows": [int(row) for row in batch], "loss": parts["loss"].item()}
+        Path(sys.argv[2], f"{PartialState().process_index}.json").write_text(json.dumps(first))
+    return parts
+
+diffusion.ImageTask.loss = recorded
+print(json.dumps(diffusion.train_images(load_config(sys.argv[1]))))
+"""
+
+
 def test_two_processes_draw_their_own_rows_and_noise(tmp_path, tiny_models, photo_dataset):
-    """Under ``accelerate launch`` each process trains on its share of the pass: process 0 draws what a single
-    process draws, process 1 other rows and noise, so the first step's loss (the mean over processes) differs."""
+    """Under ``accelerate launch`` each process trains on its share of the pass: process 0 draws the rows and
+    noise a single process draws (the same first loss), process 1 other rows."""
     import os
     import subprocess
     import sys
 
+    script = tmp_path / "first_micro_batch.py"
+    script.write_text(FIRST_MICRO_BATCH)
     run = {"max_steps": 1, "eval_every_steps": 1, "warmup_steps": 0}
-    one = train_images(load_config(sd3_config(tmp_path / "one", tiny_models, photo_dataset, run=run)))
-    launcher = Path(sys.executable).parent / "accelerate"
-    two = subprocess.run(
-        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "train_collm_mf_din.py", "--cfg-path", str(sd3_config(tmp_path / "two", tiny_models, photo_dataset, run=run))],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr
-    metrics = json.loads(two.stdout.strip().splitlines()[-1])
-    assert metrics["samples"] == one["samples"] and metrics["steps_run"] == 1
-    assert metrics["loss_first"] != pytest.approx(one["loss_first"], rel=1e-4)  # the first (and only) step
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]  # fmt: skip
+    firsts = {}
+    for processes in (1, 2):
+        folder = tmp_path / str(processes)
+        config = sd3_config(folder, tiny_models, photo_dataset, run=run)
+        spread = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
+        done = subprocess.run([*launcher, *spread, str(script), str(config), str(folder)], cwd=root, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        metrics = json.loads(done.stdout.strip().splitlines()[-1])
+        assert metrics["steps_run"] == 1
+        firsts[processes] = [json.loads((folder / f"{rank}.json").read_text()) for rank in range(processes)]
+    (single,), (zero, one) = firsts[1], firsts[2]
+    assert zero["rows"] == single["rows"] and zero["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert set(one["rows"]).isdisjoint(zero["rows"]) and one["loss"] != pytest.approx(zero["loss"], rel=1e-4)
 
 
 def test_standardized_fusion_keeps_the_training_preferences_statistics(tmp_path, tiny_models, photo_dataset):
