@@ -17,9 +17,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from minigpt4.config import load_config
+from minigpt4.config import RunConfig, load_config
 from minigpt4.errors import DiffRecError
-from minigpt4.training.engine import Engine, Loop, MicroBatch, Task, epoch_generator, micro_batch_generator
+from minigpt4.training.engine import (
+    Engine,
+    Loop,
+    MicroBatch,
+    Task,
+    epoch_generator,
+    epoch_loop,
+    micro_batch_generator,
+    shuffled_batches,
+    step_loop,
+)
 from minigpt4.training.run_folder import BEST, LAST, run_accelerator
 
 ROWS, FEATURES, BATCH = 12, 3, 2  # six micro-batches an epoch
@@ -218,3 +228,45 @@ def test_streams_differ_by_seed_position_process_and_epoch():
     assert all(draw(other) != base for other in others)
     assert draw(micro_batch_generator(1, 4, Process(1, 2))) != draw(micro_batch_generator(1, 5, Process(0, 2)))
     assert draw(epoch_generator(1, 0)) != draw(epoch_generator(1, 1)) != draw(epoch_generator(1, 1, stream=1))
+
+
+def test_step_and_epoch_loops_read_the_run_section():
+    """A step trainer evaluates every eval_every_steps (or, without evaluation, checkpoints that often); an
+    epoch trainer evaluates every eval_every epochs and checkpoints every epoch, without clipping."""
+    run = RunConfig(seed=4, max_epochs=3, max_steps=50, lr=0.02, weight_decay=0.1, warmup_steps=5,
+                    gradient_accumulation_steps=2, max_grad_norm=0.7, eval_every_steps=10, patience=6, eval_every=2)  # fmt: skip
+    assert step_loop(run) == Loop(seed=4, max_epochs=3, max_steps=50, lr=0.02, weight_decay=0.1, warmup_steps=5,
+                                  accumulation=2, max_grad_norm=0.7, evaluate_every=10, patience=6)  # fmt: skip
+    quiet = step_loop(run, evaluate=False, early_stop=False)
+    assert (quiet.evaluate_every, quiet.checkpoint_every, quiet.patience) == (None, 10, None)
+    every = step_loop(run.model_copy(update={"checkpoint_every_steps": 4}), evaluate=False)
+    assert (every.evaluate_every, every.checkpoint_every, every.patience) == (None, 4, 6)
+    assert step_loop(run.model_copy(update={"checkpoint_every_steps": 4})).checkpoint_every == 4
+    assert epoch_loop(run, steps_per_epoch=7) == Loop(seed=4, max_epochs=3, lr=0.02, weight_decay=0.1,
+                                                      evaluate_every=14, checkpoint_every=7, patience=6)  # fmt: skip
+
+
+def test_shuffled_batches_are_one_seeded_permutation_per_epoch():
+    """Every row once per epoch, in an order fixed by (seed, epoch)."""
+    accelerator = run_accelerator(cpu=True)
+
+    def order(seed: int, epoch: int, batch_size: int = 4) -> list[int]:
+        batches = list(shuffled_batches(list(range(10)), batch_size, seed, epoch, accelerator))
+        assert [len(batch) for batch in batches] == [batch_size] * (10 // batch_size) + [10 % batch_size] * (
+            10 % batch_size > 0
+        )
+        return [row for batch in batches for row in batch]
+
+    first = order(1, 0)
+    assert sorted(first) == list(range(10)) and first == order(1, 0, batch_size=3) != list(range(10))
+    assert first == torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
+    assert order(1, 1) != first and order(1, 1) == order(2, 0)  # the seed and the epoch are summed
+
+
+def test_a_task_whose_rows_fill_no_batch_is_an_error(config, tmp_path):
+    class Empty(Regression):
+        def epoch_batches(self, epoch, accelerator):
+            return []
+
+    with pytest.raises(DiffRecError, match=r"^regression: the training rows fill no batch on 1 process\(es\)$"):
+        fit(Empty(), Loop(seed=0, max_epochs=1), config, tmp_path)

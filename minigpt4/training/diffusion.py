@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from minigpt4.config import Config, FlowMatchingConfig, SD3Config
@@ -36,19 +35,9 @@ from minigpt4.diffusion.generate import evaluate_arms, load_for_sampling
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.errors import DiffRecError
-from minigpt4.io import json_safe
 from minigpt4.recommenders import load_recommender
 from minigpt4.training.engine import Engine, MicroBatch, Task, step_loop
-from minigpt4.training.run_folder import (
-    LAST,
-    choose_hardware,
-    finish_run,
-    logger,
-    open_run_folder,
-    resume_folder,
-    run_accelerator,
-    write_metrics,
-)
+from minigpt4.training.run_folder import LAST, begin_run, logger
 
 
 @dataclass
@@ -170,30 +159,24 @@ def build_personalized(
 
 def train_images(config: Config) -> dict:
     """Train LoRA and fusion on the liked items' images; returns the loss curve and the checkpoint."""
-    run = config.run
-    state = PartialState(cpu=run.cpu)
-    hardware = choose_hardware(config, state.device)
+    run, started = config.run, begin_run(config)
+    device = started.state.device
     dataset = load_rating_dataset(config.datasets.path)
     images = load_image_table(dataset.root, dataset.n_items)
-    resume_from = resume_folder(run.resume_from, run.output_dir)
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
-    set_seed(run.seed)  # the LoRA and fusion initialisation too
-    model = build_personalized(config.model, dataset, state.device)
+    model = build_personalized(config.model, dataset, device)
     model.holdout = image_holdout(config, dataset, images)
     rows = training_pairs(config, dataset, images, model.holdout)
     samples = build_samples(
-        config.model, rows, model, dataset, images, run.eval_batch_size, progress=state.is_local_main_process
+        config.model, rows, model, dataset, images, run.eval_batch_size, progress=started.state.is_local_main_process
     )
-    if config.model.fusion.standardize and resume_from is None:
-        model.fusion.standardize_with(samples.preference.to(state.device))
-    run_dir = open_run_folder(config, state, hardware)
-    accelerator = run_accelerator(
-        cpu=run.cpu, mixed_precision=run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir)
-    )
+    if config.model.fusion.standardize and started.resume_from is None:
+        model.fusion.standardize_with(samples.preference.to(device))
+    accelerator, run_dir = started.open(mixed_precision=run.mixed_precision), started.folder
     logger.info("run folder %s; %d samples over %d items", run_dir, len(samples), len(samples.iids))
     loop = step_loop(run, evaluate=False)
     loop.log_every = 1
-    fit = Engine(ImageTask(model, samples, config), loop, accelerator, config, run_dir).fit(resume_from)
+    fit = Engine(ImageTask(model, samples, config), loop, accelerator, config, run_dir).fit(started.resume_from)
     losses = [point["loss"] for point in fit.curve]
     window = max(1, min(10, len(losses) // 4))
     logger.info(
@@ -214,7 +197,7 @@ def train_images(config: Config) -> dict:
         "checkpoint": str(run_dir / "checkpoints" / LAST),
         "curve": fit.curve,
     }
-    return finish_run(accelerator, run_dir, config, "sd3", metrics, hardware)
+    return started.finish("sd3", metrics)
 
 
 class ImageTask(Task):
@@ -273,13 +256,12 @@ def evaluate_images(config: Config) -> dict:
     images = load_image_table(dataset.root, dataset.n_items)
     if config.model.clip is None:
         raise DiffRecError("evaluating images needs a CLIP scorer: set model.clip.path")
-    state = PartialState(cpu=run.cpu)
-    hardware = choose_hardware(config, state.device)
-    model = load_for_sampling(config, dataset, state.device)
+    started = begin_run(config)
+    model = load_for_sampling(config, dataset, started.state.device)
     pairs = subsample(liked_rows(dataset, "test", images), run.test_rows, run.seed)
     if pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image")
-    run_dir = open_run_folder(config, state, hardware)
+    started.open()
     holdout = load_holdout(run.ckpt, dataset, images)
     results = evaluate_arms(
         model,
@@ -291,9 +273,6 @@ def evaluate_images(config: Config) -> dict:
         config.model,
         run.seed,
         run.eval_batch_size,
-        run_dir / "images",
+        started.folder / "images",
     )
-    metrics = json_safe({"run_dir": str(run_dir), "checkpoint": str(run.ckpt), **results, "hardware": hardware})
-    if state.is_main_process:
-        write_metrics(run_dir, metrics)
-    return metrics
+    return started.finish("sd3", {"checkpoint": str(run.ckpt), **results})

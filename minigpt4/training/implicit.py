@@ -27,9 +27,9 @@ from minigpt4.evaluation.ranking import full_ranking_metrics
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
 from minigpt4.recommenders.graph import sample_negatives
-from minigpt4.training.collaborative import CollaborativeTask
+from minigpt4.training.collaborative import CollaborativeTask, ranking_run
 from minigpt4.training.engine import Engine, MicroBatch, epoch_generator, epoch_loop
-from minigpt4.training.run_folder import BEST, finish_run, logger, start_ranking_run
+from minigpt4.training.run_folder import BEST
 
 PAPER_PARITY = "paper_parity: epoch selected by test {metric}, validation ignored (the published code's protocol)"
 VALIDATION = "validation: epoch selected by valid {metric}, test reported at that epoch"
@@ -48,16 +48,19 @@ def _edges(dataset: ImplicitDataset) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_ranking(
-    model: CollaborativeModel, dataset: ImplicitDataset, split: str, ks: list[int], device: torch.device
+    model: CollaborativeModel, dataset: ImplicitDataset, split: str, config: Config, device: torch.device
 ) -> dict:
-    """Recall/NDCG/Precision@K on ``split``, the user's training items masked; where some evaluated users have no
-    training items (a split in time), the same figures for those (``cold``) and the rest (``warm``) under ``by_group``."""
+    """Recall/NDCG/Precision@K (``run.ranking_ks``) on ``split``, the user's training items masked; where some
+    evaluated users have no training items (a split in time), the same figures for those (``cold``) and the rest
+    (``warm``) under ``by_group``."""
     was_training = model.training
     model.eval()
     train, target = dataset.matrices["train"], dataset.matrices[split]
     warm = np.diff(train.indptr) > 0
     groups = {"warm": warm, "cold": ~warm} if (~warm & (np.diff(target.indptr) > 0)).any() else None
-    metrics = full_ranking_metrics(model.ranker(), train, target, tuple(ks), device=device, groups=groups)
+    metrics = full_ranking_metrics(
+        model.ranker(), train, target, tuple(config.run.ranking_ks), device=device, groups=groups
+    )
     model.train(was_training)
     return metrics
 
@@ -65,32 +68,12 @@ def evaluate_ranking(
 def pretrain_implicit(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a full-ranking model; returns the metrics."""
     dataset = load_implicit_dataset(config.datasets.path, config.datasets.modalities)
-    model, resume_from, run_dir, accelerator, hardware = start_ranking_run(
-        config, dataset.n_users, dataset.n_items, "full-ranking training", protocol_label(config)
+    summary = (
+        f"{dataset.n_users} users, {dataset.n_items} items, "
+        f"{dataset.matrices['train'].nnz} training pairs, modalities {list(dataset.features) or 'none'}"
     )
-    device = accelerator.device
-    logger.info(
-        "run folder %s on %s; %d users, %d items, %d training pairs, modalities %s",
-        run_dir,
-        device,
-        dataset.n_users,
-        dataset.n_items,
-        dataset.matrices["train"].nnz,
-        list(dataset.features) or "none",
-    )
-    if model is not None:
-        model = model.to(device)
-        metrics = {
-            "checkpoint": str(config.run.ckpt),
-            **{
-                split: evaluate_ranking(model, dataset, split, config.run.ranking_ks, device)
-                for split in ("valid", "test")
-            },
-        }
-    else:
-        metrics = _train(config, dataset, accelerator, run_dir, resume_from)
-    return finish_run(
-        accelerator, run_dir, config, config.model.arch, metrics, hardware, protocol=protocol_label(config)
+    return ranking_run(
+        config, dataset, "full-ranking training", summary, protocol_label(config), evaluate_ranking, _train
     )
 
 
@@ -169,9 +152,9 @@ class RankingTask(CollaborativeTask):
 
     def evaluate(self, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Validation and test ranked; each protocol's selection so far updated."""
-        run, metric, epoch = self.config.run, self.config.run.select_metric, self.epoch
-        valid = evaluate_ranking(self.model, self.dataset, "valid", run.ranking_ks, self.device)
-        test = evaluate_ranking(self.model, self.dataset, "test", run.ranking_ks, self.device)
+        metric, epoch = self.config.run.select_metric, self.epoch
+        valid = evaluate_ranking(self.model, self.dataset, "valid", self.config, self.device)
+        test = evaluate_ranking(self.model, self.dataset, "test", self.config, self.device)
         by_valid, by_test = self.record["by_valid"], self.record["by_test"]
         if by_valid is None or valid[metric] > by_valid["valid"][metric]:
             self.record["by_valid"] = {"epoch": epoch, "valid": valid, "test": test}

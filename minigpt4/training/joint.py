@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -37,7 +37,6 @@ from minigpt4.diffrec_model import DiffRecModel, ImageBatch, build_diffrec
 from minigpt4.diffusion.generate import evaluate_arms
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
-from minigpt4.hardware import placed_devices
 from minigpt4.llm.recommender import PromptBatch, PromptRows
 from minigpt4.llm.reply import reply_personalization, write_replies
 from minigpt4.training.diffusion import (
@@ -49,15 +48,7 @@ from minigpt4.training.diffusion import (
 )
 from minigpt4.training.engine import Engine, MicroBatch, Task, shuffled_batches, step_loop
 from minigpt4.training.llm import eval_loader, split_prompt_rows
-from minigpt4.training.run_folder import (
-    LAST,
-    choose_hardware,
-    finish_run,
-    logger,
-    open_run_folder,
-    resume_folder,
-    run_accelerator,
-)
+from minigpt4.training.run_folder import LAST, begin_run, logger
 
 
 @dataclass
@@ -105,9 +96,7 @@ def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, prog
 def train_diffrec(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) the joint model; returns the metrics."""
     run = config.run
-    state = PartialState(cpu=run.cpu)
     dataset = load_rating_dataset(config.datasets.path)
-    resume_from = resume_folder(run.resume_from, run.output_dir)
     if config.model.joint.preference == "llm" and config.model.rec.llm.gradient_checkpointing:
         # Both LLM passes of a step (ratings and image pairs) would share the CoRA weights that
         # checkpointing re-reads in backward, so the first pass would be recomputed with the second's.
@@ -118,26 +107,20 @@ def train_diffrec(config: Config) -> dict:
         raise DiffRecError(
             "a diffrec run ends by scoring its images and needs a CLIP scorer: set model.image.clip.path"
         )
-    devices = placed_devices(config.run.devices, config.run.cpu, state)
-    hardware = choose_hardware(config, *devices)
+    started = begin_run(config, placed=True)
+    devices = started.devices
     # Everything that can fail on a bad path, image or checkpoint fails before the run folder exists.
-    set_seed(run.seed)
     model = build_diffrec(config.model, dataset, devices)
     if run.evaluate:
         if run.ckpt is None:
             raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder of diffrec train)")
         model.load_weights(run.ckpt)
-    data = joint_data(config, model, dataset, progress=state.is_local_main_process)
-    run_dir = open_run_folder(config, state, hardware)
+    data = joint_data(config, model, dataset, progress=started.state.is_local_main_process)
     unused = DistributedDataParallelKwargs(find_unused_parameters=config.model.joint.schedule == "alternate")
-    accelerator = run_accelerator(
-        cpu=run.cpu,
-        mixed_precision=run.mixed_precision,
-        log_with="tensorboard",
-        project_dir=str(run_dir),
-        device_placement=run.devices is None,
-        kwargs_handlers=[unused],
+    accelerator = started.open(
+        mixed_precision=run.mixed_precision, device_placement=run.devices is None, kwargs_handlers=[unused]
     )
+    run_dir = started.folder
     logger.info(
         "run folder %s; %s + sd3 on %d process(es), LLM on %s, images on %s; rows train/valid/test %d/%d/%d, image pairs train/test %s/%d",
         run_dir,
@@ -163,7 +146,7 @@ def train_diffrec(config: Config) -> dict:
         metrics = {"checkpoint": str(run.ckpt)}
     else:
         task = JointTask(model, data, loaders["valid"], config, accelerator)
-        fit = Engine(task, step_loop(run, early_stop=False), accelerator, config, run_dir).fit(resume_from)
+        fit = Engine(task, step_loop(run, early_stop=False), accelerator, config, run_dir).fit(started.resume_from)
         # The last step is always evaluated, so its valid metrics are the final weights'.
         model, valid = fit.model, task.last_valid
         metrics = {
@@ -173,7 +156,7 @@ def train_diffrec(config: Config) -> dict:
             "curve": fit.curve,
         }
     metrics.update(evaluate_diffrec(config, model, data, loaders, accelerator, run_dir, dataset, valid))
-    return finish_run(accelerator, run_dir, config, f"diffrec/{config.model.rec.mode}", metrics, hardware)
+    return started.finish(f"diffrec/{config.model.rec.mode}", metrics)
 
 
 def _image_batch(data: JointData, rows: list[int], flow: FlowMatchingConfig, generator: torch.Generator) -> ImageBatch:

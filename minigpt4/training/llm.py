@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -24,15 +23,7 @@ from minigpt4.io import log_text
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.training.engine import Engine, MicroBatch, Task, shuffled_batches, step_loop
-from minigpt4.training.run_folder import (
-    BEST,
-    choose_hardware,
-    finish_run,
-    logger,
-    open_run_folder,
-    resume_folder,
-    run_accelerator,
-)
+from minigpt4.training.run_folder import BEST, begin_run, logger
 
 
 def split_prompt_rows(
@@ -61,23 +52,16 @@ def split_prompt_rows(
 
 def train_llm(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) an LLM recommender; returns the metrics."""
-    run = config.run
-    state = PartialState(cpu=run.cpu)
-    hardware = choose_hardware(config, state.device)
+    run, started = config.run, begin_run(config)
     dataset = load_rating_dataset(config.datasets.path)
-    resume_from = resume_folder(run.resume_from, run.output_dir)
-    set_seed(run.seed)  # before the LoRA and CoRA modules are initialised: the weights depend on the seed alone
     # Everything that can fail on a bad path or checkpoint fails before the run folder exists.
-    model, tokenizer, template = build_llm_recommender(config.model, dataset, state.device)
+    model, tokenizer, template = build_llm_recommender(config.model, dataset, started.state.device)
     if run.evaluate:
         if run.ckpt is None:
             raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder of diffrec train)")
         model.load_weights(run.ckpt)
     rows = split_prompt_rows(config, dataset, model, tokenizer, template)
-    run_dir = open_run_folder(config, state, hardware)
-    accelerator = run_accelerator(
-        cpu=run.cpu, mixed_precision=run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir)
-    )
+    accelerator, run_dir = started.open(mixed_precision=run.mixed_precision), started.folder
     logger.info(
         "run folder %s; %s with %s on %d process(es), %s; rows train/valid/test %d/%d/%d",
         run_dir,
@@ -97,7 +81,7 @@ def train_llm(config: Config) -> dict:
         metrics = {"checkpoint": str(run.ckpt), **evaluate_all(model, eval_loaders, accelerator, progress=True)}
     else:
         task = LLMTask(model, rows["train"], eval_loaders["valid"], config)
-        fit = Engine(task, step_loop(run), accelerator, config, run_dir).fit(resume_from)
+        fit = Engine(task, step_loop(run), accelerator, config, run_dir).fit(started.resume_from)
         best_dir = run_dir / "checkpoints" / BEST
         if not best_dir.is_dir():
             raise DiffRecError(
@@ -117,7 +101,7 @@ def train_llm(config: Config) -> dict:
             curve=fit.curve,
         )
         logger.info("best step %d: %s", fit.best_step, log_text({k: metrics[k] for k in ("valid", "test")}))
-    return finish_run(accelerator, run_dir, config, f"llmrec/{config.model.mode}", metrics, hardware)
+    return started.finish(f"llmrec/{config.model.mode}", metrics)
 
 
 class LLMTask(Task):

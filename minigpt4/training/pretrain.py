@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -32,15 +31,7 @@ from minigpt4.recommenders import (
 )
 from minigpt4.training.collaborative import CollaborativeTask
 from minigpt4.training.engine import Engine, MicroBatch, epoch_loop
-from minigpt4.training.run_folder import (
-    BEST,
-    choose_hardware,
-    finish_run,
-    logger,
-    open_run_folder,
-    resume_folder,
-    run_accelerator,
-)
+from minigpt4.training.run_folder import BEST, begin_run, logger
 
 
 def history_length(config: Config) -> int:
@@ -62,9 +53,7 @@ def loaders(dataset: RatingDataset, config: Config, device: torch.device) -> dic
 
 def pretrain(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a collaborative model; returns the metrics."""
-    run = config.run
-    state = PartialState(cpu=run.cpu)
-    hardware = choose_hardware(config, state.device)
+    run, started = config.run, begin_run(config)
     dataset = load_rating_dataset(config.datasets.path)
     # A bad checkpoint or resume folder fails before any run folder is created.
     model = None
@@ -76,10 +65,7 @@ def pretrain(config: Config) -> dict:
         raise DiffRecError(
             f"run.eval_every ({run.eval_every}) exceeds run.max_epochs ({run.max_epochs}): no epoch would be evaluated"
         )
-    resume_from = None if run.evaluate else resume_folder(run.resume_from, run.output_dir)
-    run_dir = open_run_folder(config, state, hardware)
-    accelerator = run_accelerator(cpu=run.cpu, log_with="tensorboard", project_dir=str(run_dir))
-    set_seed(run.seed)
+    accelerator, run_dir = started.open(), started.folder
     logger.info("run folder %s; %d process(es) on %s", run_dir, accelerator.num_processes, accelerator.device)
     split_loaders = loaders(dataset, config, accelerator.device)
     split_loaders = dict(zip(split_loaders, accelerator.prepare(*split_loaders.values())))
@@ -87,8 +73,8 @@ def pretrain(config: Config) -> dict:
         model = accelerator.prepare(model)
         metrics = {"checkpoint": str(run.ckpt), **evaluate_all(model, split_loaders, accelerator)}
     else:
-        metrics = _train(config, dataset, split_loaders, accelerator, run_dir, resume_from)
-    return finish_run(accelerator, run_dir, config, config.model.arch, metrics, hardware)
+        metrics = _train(config, dataset, split_loaders, accelerator, run_dir, started.resume_from)
+    return started.finish(config.model.arch, metrics)
 
 
 class RatingTask(CollaborativeTask):

@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -17,9 +19,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from minigpt4.config import Config, dump_config, resolve_precision
 from minigpt4.errors import DiffRecError, require_file
-from minigpt4.hardware import configure_threads, describe
+from minigpt4.hardware import configure_threads, describe, placed_devices
 from minigpt4.io import json_safe, read_json
-from minigpt4.recommenders import CollaborativeModel, load_recommender
 
 logger = logging.getLogger("diffrec")
 TRAINER_STATE = "trainer_state.json"
@@ -78,28 +79,61 @@ def open_run_folder(config: Config, state: PartialState, hardware: dict) -> Path
     return folder
 
 
-def start_ranking_run(
-    config: Config, n_users: int, n_items: int, what: str, protocol: str
-) -> tuple[CollaborativeModel | None, Path | None, Path, Accelerator, dict]:
-    """The common start of the full-ranking and leave-one-out runs: the checkpoint to evaluate (with
-    ``run.evaluate``; None otherwise), the checkpoint to resume from (None when not resuming), the run folder,
-    the seeded process's Accelerator and the hardware record; a bad checkpoint or resume folder fails before the
-    run folder exists. They run in one process; their losses take bf16 autocast themselves
-    (``run.mixed_precision``), so the Accelerator computes in fp32."""
-    model = None
-    if config.run.evaluate:
-        if config.run.ckpt is None:
-            raise DiffRecError("run.evaluate is true but run.ckpt is not set (a checkpoint folder to evaluate)")
-        model = load_recommender(config.run.ckpt, config.model, n_users, n_items)
-    resume_from = epoch_resume(config, protocol)
-    state = PartialState(cpu=config.run.cpu)
-    if state.num_processes > 1:
-        raise DiffRecError(f"{what} runs in one process (launch it without accelerate launch --num_processes)")
-    hardware = choose_hardware(config, state.device)
-    run_dir = open_run_folder(config, state, hardware)
-    accelerator = run_accelerator(cpu=config.run.cpu, log_with="tensorboard", project_dir=str(run_dir))
-    set_seed(config.run.seed)
-    return model, resume_from, run_dir, accelerator, hardware
+@dataclass
+class Run:
+    """One training or evaluation run, from its seed to its metrics.json, in the order every trainer follows:
+    ``begin_run`` seeds the process before anything random is built, resolves the resume folder and records the
+    hardware; the trainer builds its model and data (so bad input fails before any folder exists); ``open``
+    creates the run folder and the Accelerator; ``finish`` writes the record."""
+
+    config: Config
+    state: PartialState
+    hardware: dict
+    devices: tuple[torch.device, torch.device]  # the LLM's and the image models' (the process's device twice)
+    resume_from: Path | None  # the checkpoints/last folder to continue from
+    folder: Path | None = None
+    accelerator: Accelerator | None = None
+
+    def open(self, **options: Any) -> Accelerator:
+        """Create the run folder (its log started) and the run's Accelerator, logging to tensorboard there."""
+        self.folder = open_run_folder(self.config, self.state, self.hardware)
+        self.accelerator = run_accelerator(
+            cpu=self.config.run.cpu, log_with="tensorboard", project_dir=str(self.folder), **options
+        )
+        return self.accelerator
+
+    def finish(self, model: str, metrics: dict, **labels: str) -> dict:
+        """The run's record (run folder, model, dataset, ``labels``, ``metrics``, hardware; missing values as
+        null), written to metrics.json by the main process; the trackers are closed."""
+        record = json_safe(
+            {
+                "run_dir": str(self.folder),
+                "model": model,
+                "dataset": self.config.datasets.name,
+                **labels,
+                **metrics,
+                "hardware": self.hardware,
+            }
+        )
+        if self.accelerator.is_main_process:
+            (self.folder / "metrics.json").write_text(json.dumps(record, indent=2))
+        self.accelerator.end_training()
+        return record
+
+
+def begin_run(config: Config, placed: bool = False, protocol: str | None = None) -> Run:
+    """Start a run: this process's devices (``run.devices`` when ``placed``), threads and precision, the resume
+    folder checked (under ``protocol`` for epoch-based ranking runs; none when only evaluating), then the seed."""
+    run = config.run
+    state = PartialState(cpu=run.cpu)
+    devices = placed_devices(run.devices, run.cpu, state) if placed else (state.device, state.device)
+    hardware = choose_hardware(config, *devices)
+    if protocol is not None:
+        resume_from = epoch_resume(config, protocol)
+    else:
+        resume_from = None if run.evaluate else resume_folder(run.resume_from, run.output_dir)
+    set_seed(run.seed)  # before the trainer builds anything random: a run's weights depend on its seed alone
+    return Run(config, state, hardware, devices, resume_from)
 
 
 def _point_latest(folder: Path) -> None:
@@ -121,32 +155,6 @@ def _start_log(path: Path, main: bool) -> None:
         for handler in (logging.FileHandler(path), logging.StreamHandler()):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
-
-
-def write_metrics(folder: Path, metrics: dict) -> None:
-    """metrics.json with missing values (NaN) written as null, never as a number."""
-    (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
-
-
-def finish_run(
-    accelerator: Accelerator, run_dir: Path, config: Config, model: str, metrics: dict, hardware: dict, **labels: str
-) -> dict:
-    """A training or evaluation run's record (run folder, model, dataset, ``labels``, ``metrics``, hardware; missing
-    values as null), written to metrics.json by the main process; the trackers are closed."""
-    record = json_safe(
-        {
-            "run_dir": str(run_dir),
-            "model": model,
-            "dataset": config.datasets.name,
-            **labels,
-            **metrics,
-            "hardware": hardware,
-        }
-    )
-    if accelerator.is_main_process:
-        write_metrics(run_dir, record)
-    accelerator.end_training()
-    return record
 
 
 def resume_folder(resume_from: Path | None, output_dir: Path) -> Path | None:

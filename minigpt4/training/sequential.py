@@ -37,9 +37,9 @@ from minigpt4.evaluation.ranking import leave_one_out_metrics
 from minigpt4.io import read_safetensors
 from minigpt4.recommenders import build_recommender, save_recommender
 from minigpt4.recommenders.base import CollaborativeModel
-from minigpt4.training.collaborative import CollaborativeTask
+from minigpt4.training.collaborative import CollaborativeTask, ranking_run
 from minigpt4.training.engine import Engine, Loop, MicroBatch, epoch_generator, epoch_loop
-from minigpt4.training.run_folder import BEST, finish_run, logger, start_ranking_run
+from minigpt4.training.run_folder import BEST
 
 PAPER_PARITY = ("paper_parity: DiffuRec's evaluation (history items not masked, padding id scored, mean of per-batch means over "
                 "batches of {batch}; the epoch kept when any validation figure improves)")  # fmt: skip
@@ -88,28 +88,9 @@ def evaluate_sequences(
 def pretrain_sequential(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) a next-item model; returns the metrics."""
     dataset = load_sequence_dataset(config.datasets.path)
-    model, resume_from, run_dir, accelerator, hardware = start_ranking_run(
-        config, dataset.n_users, dataset.n_items, "leave-one-out training", protocol_label(config)
-    )
-    device = accelerator.device
-    logger.info(
-        "run folder %s on %s; %d users, %d items, %d training items",
-        run_dir,
-        device,
-        len(dataset.uid),
-        dataset.n_items,
-        len(dataset.items),
-    )
-    if model is not None:
-        model = model.to(device)
-        metrics = {
-            "checkpoint": str(config.run.ckpt),
-            **{split: evaluate_sequences(model, dataset, split, config, device) for split in ("valid", "test")},
-        }
-    else:
-        metrics = _train(config, dataset, accelerator, run_dir, resume_from)
-    return finish_run(
-        accelerator, run_dir, config, config.model.arch, metrics, hardware, protocol=protocol_label(config)
+    summary = f"{len(dataset.uid)} users, {dataset.n_items} items, {len(dataset.items)} training items"
+    return ranking_run(
+        config, dataset, "leave-one-out training", summary, protocol_label(config), evaluate_sequences, _train
     )
 
 
