@@ -5,8 +5,11 @@ Below the trainers and the serving API, which both build it (``build_diffrec``):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -18,9 +21,10 @@ from minigpt4.config import DiffRecConfig
 from minigpt4.data.contract import RatingDataset
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import PersonalizedSD3
+from minigpt4.errors import DiffRecError
 from minigpt4.llm.prompts import PromptTemplate
 from minigpt4.llm.recommender import LLMRecommender, PromptBatch, PromptRows, build_llm_recommender, prompt_rows
-from minigpt4.recommenders import load_recommender
+from minigpt4.recommenders import CollaborativeModel, load_recommender
 
 
 @dataclass
@@ -32,6 +36,97 @@ class ImageBatch:
     pooled: torch.Tensor
     preference: torch.Tensor | None  # collaborative preference vectors, or None when the LLM gives them
     prompts: PromptBatch | None  # the pairs' prompts, when the LLM gives the preference
+
+
+PromptsOf = Callable[[pd.DataFrame], PromptRows]  # rating rows -> the recommender's prompts for them
+
+
+class PreferenceSource(ABC):
+    """Where the image half reads each sample's user from (``model.joint.preference``): one [B, d] vector per
+    rating row. A new source is one subclass, named in ``PREFERENCE_SOURCES`` and in the config's choices."""
+
+    name: ClassVar[str]
+    fixed: ClassVar[bool]  # the same vector for a row all through training: cached once, and fusion can standardize
+
+    def check(self, config: DiffRecConfig) -> None:
+        """Refuse settings this source cannot train with (one line naming the key); none by default."""
+        return None
+
+    @abstractmethod
+    def image_collab(
+        self, config: DiffRecConfig, rec: LLMRecommender, dataset: RatingDataset, device: torch.device
+    ) -> tuple[CollaborativeModel | None, int | None]:
+        """The image half's collaborative model and the preference size (None: that model's embedding size)."""
+
+    @abstractmethod
+    def training_prompts(self, prompts_of: PromptsOf, pairs: pd.DataFrame) -> PromptRows | None:
+        """The image pairs' prompts when the vectors come from the LLM while training (None: cached vectors)."""
+
+    @abstractmethod
+    def batch_vectors(
+        self, rec: LLMRecommender, image: PersonalizedSD3, prompts: PromptBatch | None, cached: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A training micro-batch's vectors on the image device, from its prompts or its cached vectors."""
+
+    @abstractmethod
+    def row_vectors(
+        self, rec: LLMRecommender | None, image: PersonalizedSD3, prompts_of: PromptsOf, rows: pd.DataFrame
+    ) -> torch.Tensor:
+        """The vectors of rating rows, for generating (evaluation and serving)."""
+
+
+class CollabPreference(PreferenceSource):
+    """The frozen collaborative model's user vector: the image model's own teacher (``model.image.collab``), else
+    the recommender's."""
+
+    name, fixed = "collab", True
+
+    def image_collab(self, config, rec, dataset, device):
+        if config.image.collab is None:
+            return rec.collab, None
+        return load_recommender(config.image.collab.ckpt, None, dataset.n_users, dataset.n_items).to(device), None
+
+    def training_prompts(self, prompts_of, pairs):
+        return None
+
+    def batch_vectors(self, rec, image, prompts, cached):
+        return cached.to(image.transformer.device)
+
+    def row_vectors(self, rec, image, prompts_of, rows):
+        return image.preference(rows)
+
+
+class LLMPreference(PreferenceSource):
+    """The LLM's hidden state at the answer position of the row's rating prompt (trained through both losses)."""
+
+    name, fixed = "llm", False
+
+    def check(self, config: DiffRecConfig) -> None:
+        if config.rec.llm.gradient_checkpointing:
+            # Both LLM passes of a step (ratings and image pairs) would share the CoRA weights that
+            # checkpointing re-reads in backward, so the first pass would be recomputed with the second's.
+            raise DiffRecError(
+                "joint.preference llm runs the LLM twice per step; turn model.rec.llm.gradient_checkpointing off"
+            )
+
+    def image_collab(self, config, rec, dataset, device):
+        return None, rec.hidden_size()
+
+    def training_prompts(self, prompts_of, pairs):
+        return prompts_of(pairs)
+
+    def batch_vectors(self, rec, image, prompts, cached):
+        _, hidden = rec.score_and_hidden(prompts.to(rec.llm.device))
+        return hidden.float().to(image.transformer.device)
+
+    def row_vectors(self, rec, image, prompts_of, rows):
+        prompts = prompts_of(rows.reset_index(drop=True))
+        return self.batch_vectors(rec, image, prompts.__getitems__(list(range(len(rows)))), None)
+
+
+PREFERENCE_SOURCES: dict[str, PreferenceSource] = {
+    source.name: source for source in (CollabPreference(), LLMPreference())
+}
 
 
 class DiffRecModel(nn.Module):
@@ -51,6 +146,7 @@ class DiffRecModel(nn.Module):
         self.image = image
         self.tokenizer = tokenizer  # the LLM's, for prompts and replies
         self.template = template
+        self.source = PREFERENCE_SOURCES[config.joint.preference]
 
     @property
     def rec_device(self) -> torch.device:
@@ -62,23 +158,20 @@ class DiffRecModel(nn.Module):
         """Where the SD3 transformer lives."""
         return self.image.transformer.device
 
-    def rating_prompts(self, rows: pd.DataFrame, where: str) -> PromptRows:
-        """The recommender's prompts for rating rows (for the image side's LLM preference)."""
+    def prompts_of(self, where: str) -> PromptsOf:
+        """The recommender's prompts for rating rows (``where`` names them in errors)."""
         history = self.rec.collab.max_history if self.rec.collab is not None else 0
-        return prompt_rows(rows, self.config.rec, self.template, self.tokenizer, history, where)
+        return lambda rows: prompt_rows(rows, self.config.rec, self.template, self.tokenizer, history, where)
 
-    def preference(self, prompts: PromptBatch | None, collab_preference: torch.Tensor | None) -> torch.Tensor:
-        """The image side's user vectors: the LLM's answer-position hidden states, or the collaborative ones."""
-        if self.config.joint.preference == "llm":
-            _, hidden = self.rec.score_and_hidden(prompts.to(self.rec_device))
-            return hidden.float().to(self.image_device)
-        return collab_preference.to(self.image_device)
+    def row_preference(self, rows: pd.DataFrame, where: str) -> torch.Tensor:
+        """The image side's user vectors of rating rows, from the configured source."""
+        return self.source.row_vectors(self.rec, self.image, self.prompts_of(where), rows)
 
     def image_loss(self, batch: ImageBatch, generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of one image micro-batch."""
         device = self.image_device
         latents = self.image.latents(batch.latent_parameters, generator).to(device)
-        preference = self.preference(batch.prompts, batch.preference)
+        preference = self.source.batch_vectors(self.rec, self.image, batch.prompts, batch.preference)
         return self.image(latents, batch.prompt_embeds.to(device), batch.pooled.to(device), preference, generator)
 
     def forward(
@@ -116,13 +209,9 @@ def build_diffrec(
     """The recommender on the first device and the image generator (fresh LoRA and fusion) on the second."""
     rec_device, image_device = devices
     rec, tokenizer, template = build_llm_recommender(config.rec, dataset, rec_device)
-    preference_dim = None
-    if config.joint.preference == "llm":
-        collab, preference_dim = None, rec.hidden_size()
-    elif config.image.collab is not None:
-        collab = load_recommender(config.image.collab.ckpt, None, dataset.n_users, dataset.n_items).to(image_device)
-    else:
-        collab = rec.collab  # the recommender's frozen collaborative model gives the preference too
+    collab, preference_dim = PREFERENCE_SOURCES[config.joint.preference].image_collab(
+        config, rec, dataset, image_device
+    )
     image = PersonalizedSD3(
         config.image, load_sd3_pipeline(config.image.pipeline, image_device), collab, preference_dim=preference_dim
     )

@@ -35,7 +35,7 @@ from minigpt4.config import Config, DiffRecConfig, LLMRecConfig, SD3Config, load
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.images import IMAGE_TABLE, item_captions, load_image_table, open_image
 from minigpt4.data.tensors import RatingBatch, padded_history
-from minigpt4.diffrec_model import build_diffrec
+from minigpt4.diffrec_model import PREFERENCE_SOURCES, PreferenceSource, build_diffrec
 from minigpt4.diffusion.generate import load_for_sampling
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.diffusion.sampling import generate_images
@@ -43,7 +43,7 @@ from minigpt4.errors import DiffRecError
 from minigpt4.hardware import configure_threads, placed_devices
 from minigpt4.io import read_json
 from minigpt4.llm.prompts import PromptTemplate
-from minigpt4.llm.recommender import LLMRecommender, build_llm_recommender, prompt_rows
+from minigpt4.llm.recommender import LLMRecommender, PromptRows, build_llm_recommender, prompt_rows
 from minigpt4.llm.reply import write_replies
 from minigpt4.llm.scoring import shared_prefix_length
 from minigpt4.logs import quiet_libraries
@@ -138,7 +138,7 @@ class DiffRec:
         tokenizer,
         template: PromptTemplate | None,
         image: PersonalizedSD3 | None,
-        llm_preference: bool = False,
+        preference: PreferenceSource = PREFERENCE_SOURCES["collab"],
     ) -> None:
         self.config = config
         self.checkpoint = checkpoint
@@ -147,7 +147,7 @@ class DiffRec:
         self.tokenizer = tokenizer
         self.template = template
         self.image_model = image
-        self.llm_preference = llm_preference  # the image side reads the LLM's answer-position hidden state
+        self.preference = preference  # where the image side reads the user from
         self.items = dataset.items.set_index("iid", drop=False).sort_index()
         images = load_image_table(dataset.root, dataset.n_items) if (dataset.root / IMAGE_TABLE).is_file() else None
         self.item_paths = images.set_index("iid")["path"] if images is not None else None  # item id -> picture file
@@ -192,7 +192,7 @@ class DiffRec:
                 joint.tokenizer,
                 joint.template,
                 joint.image,
-                model.joint.preference == "llm",
+                joint.source,
             )
         if isinstance(model, LLMRecConfig):
             rec, tokenizer, template = build_llm_recommender(model, dataset, llm_device)
@@ -444,14 +444,14 @@ class DiffRec:
         return frame
 
     def _image_preference(self, profile: UserProfile, row: pd.DataFrame, model: PersonalizedSD3) -> torch.Tensor:
-        """The image side's user vector: the collaborative one, or the LLM's answer-position hidden state."""
-        if not self.llm_preference:
-            return model.preference(row)
-        prompts = prompt_rows(
-            row, self.rec_config, self.template, self.tokenizer, _history(self.rec), "image preference"
-        )
-        _, hidden = self.rec.score_and_hidden(prompts.__getitems__([0]).to(self.rec.llm.device))
-        return hidden.float()
+        """The image side's user vector, from the run's preference source."""
+
+        def prompts_of(rows: pd.DataFrame) -> PromptRows:
+            return prompt_rows(
+                rows, self.rec_config, self.template, self.tokenizer, _history(self.rec), "image preference"
+            )
+
+        return self.preference.row_vectors(self.rec, model, prompts_of, row)
 
     def _require_rec(self, what: str) -> LLMRecommender:
         """The LLM recommender, or an error saying this run has none."""

@@ -365,3 +365,24 @@ def test_llm_preference_sends_the_image_loss_into_the_llm(card_dataset, tiny_llm
     )
     with pytest.raises(DiffRecError, match="gradient_checkpointing off"):
         joint.train_diffrec(load_config(with_checkpointing, ["model.rec.llm.gradient_checkpointing=true"]))
+
+
+def test_every_configurable_preference_source_is_one_object():
+    """The config's choices for model.joint.preference and the sources the model asks are the same names; only
+    the fixed source can be cached and standardized, only the LLM's trains the LLM from the image loss."""
+    from typing import get_args
+
+    from minigpt4.config.images import JointConfig
+    from minigpt4.diffrec_model import PREFERENCE_SOURCES
+
+    assert set(get_args(JointConfig.model_fields["preference"].annotation)) == set(PREFERENCE_SOURCES)
+    assert {name: source.fixed for name, source in PREFERENCE_SOURCES.items()} == {"collab": True, "llm": False}
+    cached = torch.ones(2, 3)
+    assert PREFERENCE_SOURCES["collab"].training_prompts(lambda rows: rows, "pairs") is None
+    assert PREFERENCE_SOURCES["llm"].training_prompts(lambda rows: f"prompts of {rows}", "pairs") == "prompts of pairs"
+
+    class Image:
+        class transformer:
+            device = torch.device("cpu")
+
+    assert PREFERENCE_SOURCES["collab"].batch_vectors(None, Image, None, cached) is cached

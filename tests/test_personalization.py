@@ -11,7 +11,9 @@ from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.personalization import (
     draw_distractors,
     identification_accuracy,
+    index_items,
     personalization_metrics,
+    shuffled_donors,
     user_similarity,
 )
 
@@ -111,6 +113,76 @@ def test_the_item_an_output_was_asked_for_never_counts_for_its_user():
     fair = personalization_metrics(outputs, range(users), items, liked, exclude=targets, permutations=100)
     assert naive["margin"] > 15 and naive["identification_acc1"] > 0.9
     assert abs(fair["margin"]) < 3 and fair["identification_acc1"] < 0.3 and fair["scored_outputs"] == users
+
+
+def test_margin_is_own_minus_each_outputs_own_mean_over_the_others():
+    """Figures worked by hand on 10 users, one liked item each on its own axis: output n points between its
+    owner's axis (weight 2) and user n + 1's (weight 1), so it scores 100 x 2/sqrt(5) for its owner, 100 x
+    1/sqrt(5) for user n + 1 and 0 for the rest."""
+    users = 10
+    items, liked = torch.eye(users), [[u] for u in range(users)]
+    outputs = 2 * torch.eye(users) + torch.eye(users).roll(1, dims=1)
+    metrics = personalization_metrics(outputs, range(users), items, liked, history=[[]] * users, permutations=10)
+    own, other = 200 / 5**0.5, 100 / 5**0.5
+    assert metrics["outputs"] == users and metrics["users"] == users and metrics["scored_outputs"] == users
+    assert metrics["personal_similarity"] == pytest.approx(own)
+    assert metrics["margin"] == pytest.approx(own - other / (users - 1))
+    assert metrics["copy_guard"] is None  # no user has a history item
+    # Output 0 leaves out user 1's only item, so its others' mean is over 8 users (all 0); every other output
+    # leaves out its owner's only item, so it is not scored: the margin is output 0's alone.
+    left_out = personalization_metrics(outputs, range(users), items, liked, exclude=[1, *range(1, users)],
+                                       permutations=10)  # fmt: skip
+    assert left_out["scored_outputs"] == 1 and left_out["margin"] == pytest.approx(own)
+
+
+def test_unscored_outputs_leave_the_means_missing_not_zero():
+    """With every owner's only liked item left out, no output is scored: the means are missing (None)."""
+    users = 10
+    items, liked = torch.eye(users), [[u] for u in range(users)]
+    metrics = personalization_metrics(torch.eye(users), range(users), items, liked, exclude=list(range(users)),
+                                      permutations=10)  # fmt: skip
+    assert metrics["scored_outputs"] == 0 and metrics["personal_similarity"] is None and metrics["margin"] is None
+    half = personalization_metrics(torch.eye(users), range(users), items, liked,
+                                   exclude=[0, 1, 2, 3, 4] + [u + 1 for u in range(5, 9)] + [0], permutations=10)  # fmt: skip
+    assert half["scored_outputs"] == 5 and half["personal_similarity"] == pytest.approx(100.0)
+
+
+def test_the_p_value_counts_permutations_at_or_above_the_observed_accuracy():
+    """An output that never identifies its user (accuracy 0) is matched by every permutation: p = 1. The
+    p-value's denominator is 1 + the number of permutations (1000 by default)."""
+    users = 10
+    items, liked = torch.eye(users), [[u] for u in range(users)]
+    same = torch.ones(users, users)  # every user scores the same: a tie, never strictly above
+    assert personalization_metrics(same, range(users), items, liked, permutations=30)["identification_p_value"] == 1.0
+    own = personalization_metrics(torch.eye(users), range(users), items, liked)
+    assert own["identification_acc1"] == 1.0 and own["identification_p_value"] == pytest.approx(1 / 1001)
+
+
+def test_an_unscored_owner_or_distractor_reads_as_minus_infinity():
+    """Scores below zero (possible for a user-similarity matrix built elsewhere) against a missing score: the
+    missing one never wins, and an owner without a score never identifies."""
+    owner, distractors = np.array([0, 1]), np.array([[1], [0]])
+    similarity = np.array([[-0.2, np.nan], [-0.5, np.nan]])
+    assert identification_accuracy(similarity, owner, distractors) == 0.5
+
+
+def test_distractors_when_every_other_user_is_needed():
+    """k equal to the number of users: the k - 1 distractors are exactly the other users."""
+    owner = np.arange(10)
+    picks = draw_distractors(owner, 10, 10, np.random.default_rng(3))
+    assert all(sorted(picks[row]) == [u for u in range(10) if u != row] for row in range(10))
+
+
+def test_index_items_lists_each_item_once_and_maps_both_lists_to_rows():
+    items, liked, history = index_items([[30, 10], [20]], [[10], [40, 30]])
+    assert items == [10, 20, 30, 40] and liked == [[2, 0], [1]] and history == [[0], [3, 2]]
+
+
+def test_shuffled_donors_are_reproducible_from_their_seed():
+    users = np.array([1, 1, 2, 3, 3, 4])
+    donors = shuffled_donors(users, seed=5)
+    assert np.array_equal(donors, shuffled_donors(users, seed=5)) and (users[donors] != users).all()
+    assert any(not np.array_equal(donors, shuffled_donors(users, seed)) for seed in range(6, 12))
 
 
 def test_holdout_keeps_each_users_latest_liked_items_out_of_image_training(card_dataset, tmp_path):

@@ -23,14 +23,10 @@ RATING_COLUMNS = ("uid", "iid", "label", "timestamp", "his", "his_title", "title
 ITEM_COLUMNS = ("iid", "title")
 
 
-@dataclass
-class RatingDataset:
-    """A loaded, validated dataset folder."""
+class Catalogue:
+    """The catalogue sizes a dataset's ``meta.json`` records (``meta``); valid ids are 1..n."""
 
-    root: Path
     meta: dict
-    splits: dict[str, pd.DataFrame]
-    items: pd.DataFrame
 
     @property
     def n_users(self) -> int:
@@ -41,6 +37,16 @@ class RatingDataset:
     def n_items(self) -> int:
         """Number of items; valid ids are 1..n_items."""
         return int(self.meta["n_items"])
+
+
+@dataclass
+class RatingDataset(Catalogue):
+    """A loaded, validated dataset folder."""
+
+    root: Path
+    meta: dict
+    splits: dict[str, pd.DataFrame]
+    items: pd.DataFrame
 
 
 def save_rating_dataset(root: str | Path, splits: dict[str, pd.DataFrame], items: pd.DataFrame, meta: dict) -> Path:

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from minigpt4.data.contract import (
     SPLITS,
+    Catalogue,
     catalogue_size,
     fail_at,
     id_column,
@@ -40,7 +41,7 @@ COLUMNS = ("uid", "train", "valid", "test")
 
 
 @dataclass
-class SequenceDataset:
+class SequenceDataset(Catalogue):
     """Users' training sequences stored flat (``items[starts[u]:ends[u]]`` is row u's sequence) with their targets."""
 
     root: Path
@@ -50,16 +51,6 @@ class SequenceDataset:
     starts: np.ndarray  # [U] where each row's sequence begins in ``items``
     valid: np.ndarray  # [U] validation target per row
     test: np.ndarray  # [U] test target per row
-
-    @property
-    def n_users(self) -> int:
-        """Users in the catalogue."""
-        return int(self.meta["n_users"])
-
-    @property
-    def n_items(self) -> int:
-        """Items in the catalogue."""
-        return int(self.meta["n_items"])
 
     @property
     def ends(self) -> np.ndarray:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt4.config import GraphDiffusionConfig
+from minigpt4.config import GenRecConfig, GraphDiffusionConfig
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
 from minigpt4.recommenders.base import CollaborativeModel, EpochContext
@@ -172,14 +172,14 @@ class FeatureProjection(nn.Module):
         return F.leaky_relu(features @ self.weight, 0.2) if self.kind == "matrix" else self.linear(features)
 
 
-class DiffMM(StoredGraphs, CollaborativeModel):
-    """Id tables, per-modality projections and denoisers; the regenerated graphs are stored buffers."""
-
-    denoiser_group = "denoisers"
+class MultimodalGraphModel(StoredGraphs, CollaborativeModel):
+    """What the multimodal graph models (DiffMM, MDMNS, GenRec) share: Xavier-initialised user and item tables,
+    the training pairs as graph edges and one item-feature buffer per modality, in sorted order (so per-modality
+    weights line up after a reload); each model adds its own modules in ``build``."""
 
     def __init__(
         self,
-        config: GraphDiffusionConfig,
+        config: GraphDiffusionConfig | GenRecConfig,
         n_users: int,
         n_items: int,
         graph_edges: torch.Tensor,
@@ -191,17 +191,38 @@ class DiffMM(StoredGraphs, CollaborativeModel):
                 f"{config.arch} needs item features for at least one modality (the dataset's implicit/features/*.npy)"
             )
         self.config = config
-        self.modalities = sorted(features)  # a fixed order, so modal_weight lines up after a reload
+        self.modalities = sorted(features)
         size = config.embedding_size
         self.user_table = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, size)))
         self.item_table = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, size)))
         self.register_buffer("graph_edges", graph_edges.long().contiguous())  # (uid, iid), 1-based
-        projections = {}
         for modality in self.modalities:
             values = features[modality]
             if values.shape[0] != n_items:
                 raise DiffRecError(f"{modality} features have {values.shape[0]} rows for {n_items} items")
             self.register_buffer(f"feature_{modality}", values.float().contiguous())
+        self.build(config, features)
+
+    def build(self, config: GraphDiffusionConfig | GenRecConfig, features: dict[str, torch.Tensor]) -> None:
+        """The model's own modules, after the tables and feature buffers (its random draws in a fixed order)."""
+        raise NotImplementedError
+
+    def feature(self, modality: str) -> torch.Tensor:
+        """The item features of ``modality``, [n_items, width]."""
+        return getattr(self, f"feature_{modality}")
+
+
+class DiffMM(MultimodalGraphModel):
+    """Id tables, per-modality projections and denoisers; the regenerated graphs are stored buffers."""
+
+    denoiser_group = "denoisers"
+
+    def build(self, config: GraphDiffusionConfig, features: dict[str, torch.Tensor]) -> None:
+        """Per-modality projections and denoisers, the diffusion, self-loop graphs until the first regeneration."""
+        size, n_users, n_items = config.embedding_size, self.n_users, self.n_items
+        projections = {}
+        for modality in self.modalities:
+            values = features[modality]
             kind = config.feature_projection
             if kind == "mixed":  # DiffMM's trans 2: a matrix for images, linear layers for the rest
                 kind = "matrix" if modality == "image" else "linear"
@@ -252,7 +273,7 @@ class DiffMM(StoredGraphs, CollaborativeModel):
 
     def modal_items(self, modality: str) -> torch.Tensor:
         """A modality's projected item features, [n_items, d]."""
-        return self.projections[modality](getattr(self, f"feature_{modality}"))
+        return self.projections[modality](self.feature(modality))
 
     def _propagate(self, graph: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         """Sum of the input and its ``gnn_layers`` propagations over ``graph``."""

@@ -68,10 +68,9 @@ from torch import nn
 from minigpt4.config import GenRecConfig
 from minigpt4.data.tensors import RatingBatch
 from minigpt4.errors import DiffRecError
-from minigpt4.recommenders.base import CollaborativeModel, EpochContext
-from minigpt4.recommenders.diffmm import Denoise, step_embedding
+from minigpt4.recommenders.base import EpochContext
+from minigpt4.recommenders.diffmm import Denoise, MultimodalGraphModel, step_embedding
 from minigpt4.recommenders.graph import (
-    StoredGraphs,
     all_pairs_info_nce,
     bpr_loss,
     dense_rows,
@@ -244,31 +243,15 @@ def interest_clusters(features: torch.Tensor, k: int, seed: int = 0) -> torch.Te
     )
 
 
-class GenRec(StoredGraphs, CollaborativeModel):
+class GenRec(MultimodalGraphModel):
     """The recommender's tables and blocks, one flip denoiser, the kNN graphs (rebuilt from the feature
     buffers), the interest clusters and the generated graph (stored buffers)."""
 
     denoiser_group = "denoiser"
 
-    def __init__(
-        self,
-        config: GenRecConfig,
-        n_users: int,
-        n_items: int,
-        graph_edges: torch.Tensor,
-        features: dict[str, torch.Tensor],
-    ) -> None:
-        super().__init__(n_users, n_items)
-        if not features:
-            raise DiffRecError(
-                "genrec needs item features for at least one modality (the dataset's implicit/features/*.npy)"
-            )
-        self.config = config
-        self.modalities = sorted(features)
-        size = config.embedding_size
-        self.user_table = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, size)))
-        self.item_table = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, size)))
-        self.register_buffer("graph_edges", graph_edges.long().contiguous())  # (uid, iid), 1-based
+    def build(self, config: GenRecConfig, features: dict[str, torch.Tensor]) -> None:
+        """The residual, modal and gate blocks, kNN graphs and interest clusters per modality, the flip denoiser."""
+        size, n_users, n_items = config.embedding_size, self.n_users, self.n_items
         self.residual = nn.ModuleDict()
         self.modal = nn.ModuleDict({m: projection(size, size) for m in self.modalities})
         self.gates = nn.ModuleDict(
@@ -277,9 +260,6 @@ class GenRec(StoredGraphs, CollaborativeModel):
         self.knn_graphs: dict[str, torch.Tensor] = {}
         for modality in self.modalities:
             values = features[modality].float()
-            if values.shape[0] != n_items:
-                raise DiffRecError(f"{modality} features have {values.shape[0]} rows for {n_items} items")
-            self.register_buffer(f"feature_{modality}", values.contiguous())
             self.residual[modality] = projection(values.shape[1], size)
             self.knn_graphs[modality] = knn_graph(values, config.knn_k)
             clusters = config.interest_clusters.get(modality, DEFAULT_CLUSTERS)
@@ -344,7 +324,7 @@ class GenRec(StoredGraphs, CollaborativeModel):
 
     def modal_features(self, modality: str) -> torch.Tensor:
         """Projected item features with the published residual: s x r + modal(r), r = residual(features)."""
-        residual = self.residual[modality](getattr(self, f"feature_{modality}"))
+        residual = self.residual[modality](self.feature(modality))
         return self.residual_scale * residual + self.modal[modality](residual)
 
     def _layer_mean(self, graph: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:

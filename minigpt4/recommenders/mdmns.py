@@ -75,15 +75,9 @@ class GuidanceGCN(nn.Module):
 class MDMNS(DiffMM):
     """DiffMM's model with guidance GCNs next to the denoisers and the tower/negative losses."""
 
-    def __init__(
-        self,
-        config: MDMNSConfig,
-        n_users: int,
-        n_items: int,
-        graph_edges: torch.Tensor,
-        features: dict[str, torch.Tensor],
-    ) -> None:
-        super().__init__(config, n_users, n_items, graph_edges, features)
+    def build(self, config: MDMNSConfig, features: dict[str, torch.Tensor]) -> None:
+        """DiffMM's modules, then a guidance GCN per modality."""
+        super().build(config, features)
         self.guides = nn.ModuleDict(
             {m: GuidanceGCN(config.embedding_size, config.guide_hidden_size) for m in self.modalities}
         )

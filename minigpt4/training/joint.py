@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from minigpt4.config import Config, FlowMatchingConfig
 from minigpt4.data.contract import RatingDataset, load_rating_dataset, subsample
 from minigpt4.data.images import liked_rows, load_holdout, load_image_table
-from minigpt4.diffrec_model import DiffRecModel, ImageBatch, build_diffrec
+from minigpt4.diffrec_model import PREFERENCE_SOURCES, DiffRecModel, ImageBatch, build_diffrec
 from minigpt4.diffusion.generate import evaluate_arms
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.ctr import evaluate_all, evaluate_split
@@ -77,16 +77,12 @@ def joint_data(config: Config, model: DiffRecModel, dataset: RatingDataset, prog
             config.model.image, pairs, model.image, dataset, images, config.run.eval_batch_size, progress
         )
         if config.model.image.fusion.standardize and config.run.resume_from is None:
-            if samples.preference is None:
+            if not model.source.fixed:
                 raise DiffRecError(
                     "model.image.fusion.standardize needs fixed preference vectors: set model.joint.preference to collab"
                 )
             model.image.fusion.standardize_with(samples.preference.to(model.image_device))
-        image_prompts = (
-            model.rating_prompts(pairs, f"{dataset.root}/train (image pairs)")
-            if config.model.joint.preference == "llm"
-            else None
-        )
+        image_prompts = model.source.training_prompts(model.prompts_of(f"{dataset.root}/train (image pairs)"), pairs)
     test_pairs = subsample(liked_rows(dataset, "test", images), config.model.joint.eval_images, config.run.seed)
     if test_pairs.empty:
         raise DiffRecError(f"{dataset.root}: no liked test pair has an item image; nothing to generate for")
@@ -97,12 +93,7 @@ def train_diffrec(config: Config) -> dict:
     """Train (or, with ``run.evaluate``, only evaluate) the joint model; returns the metrics."""
     run = config.run
     dataset = load_rating_dataset(config.datasets.path)
-    if config.model.joint.preference == "llm" and config.model.rec.llm.gradient_checkpointing:
-        # Both LLM passes of a step (ratings and image pairs) would share the CoRA weights that
-        # checkpointing re-reads in backward, so the first pass would be recomputed with the second's.
-        raise DiffRecError(
-            "joint.preference llm runs the LLM twice per step; turn model.rec.llm.gradient_checkpointing off"
-        )
+    PREFERENCE_SOURCES[config.model.joint.preference].check(config.model)
     if config.model.image.clip is None:
         raise DiffRecError(
             "a diffrec run ends by scoring its images and needs a CLIP scorer: set model.image.clip.path"
@@ -234,18 +225,9 @@ def evaluate_diffrec(
     image_config, run = config.model.image, config.run
     pairs = data.test_pairs
 
-    def preference(rows: pd.DataFrame) -> torch.Tensor:
-        prompts = None
-        if config.model.joint.preference == "llm":
-            prompts = unwrapped.rating_prompts(
-                rows.reset_index(drop=True), f"{dataset.root} (image rows)"
-            ).__getitems__(list(range(len(rows))))
-        collab = unwrapped.image.preference(rows) if unwrapped.image.collab is not None else None
-        return unwrapped.preference(prompts, collab)
-
     results = evaluate_arms(
         unwrapped.image,
-        preference,
+        lambda rows: unwrapped.row_preference(rows, f"{dataset.root} (image rows)"),
         pairs,
         unwrapped.image.holdout,
         dataset,
