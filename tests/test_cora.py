@@ -99,6 +99,20 @@ def test_the_fp32_update_keeps_the_output_dtype_and_computes_in_fp32():
     assert q.dtype == torch.bfloat16 and torch.equal(q, block.q_proj(x) + update.to(torch.bfloat16))
 
 
+def test_without_the_fp32_update_a_and_b_take_the_inputs_dtype():
+    """Our generator's update runs in the input's dtype: a bf16 model with fp32 CoRA weights still adds it."""
+    block, cora = attached("ours")
+    block.to(torch.bfloat16)
+    x = torch.randn(2, 3, HIDDEN, dtype=torch.bfloat16)
+    a = cora.set_weights(torch.randn(2, USER), torch.randn(2, ITEM))
+    q, _ = block(x)
+    cora.remove()
+    low = x @ a.transpose(1, 2).to(torch.bfloat16)
+    assert q.dtype == torch.bfloat16 and torch.equal(
+        q, block.q_proj(x) + low @ cora.lora_b["q_proj"].to(torch.bfloat16) * 3.0
+    )
+
+
 def test_the_update_reads_its_input_through_dropout_only_while_training():
     block, cora = attached("ours", dropout=0.5)
     x = torch.randn(2, 3, HIDDEN)
@@ -135,6 +149,7 @@ def test_our_generator_writes_rank_rows_scaled_by_one_over_root_hidden():
     assert torch.allclose(generator(collab), rows.reshape(3, 4, HIDDEN) / math.sqrt(HIDDEN), atol=1e-6)
     assert generator.query.abs().max() < 0.1  # learned queries start small (std 0.02)
     assert generator.rows.out_features == (4 // 2) * HIDDEN and generator.memory[0].out_features == 2 * 8
+    assert isinstance(generator.memory[1], nn.GELU)
 
 
 def test_the_published_generator_maps_the_queries_mean_to_a_unit_norm_a():
@@ -187,4 +202,4 @@ def test_a_forward_without_weights_or_with_another_batch_is_an_error():
     block, cora = attached()
     cora.set_weights(torch.randn(2, USER), torch.randn(2, ITEM))
     with pytest.raises(DiffRecError, match=r"^CoRA weights were generated for 2 samples, the forward has 3$"):
-        block(torch.randn(3, 3, HIDDEN))
+        block(torch.randn(3, 5, HIDDEN))

@@ -512,7 +512,9 @@ def recorded(self, model, batch, where):
     return parts
 
 diffusion.ImageTask.loss = recorded
-print(json.dumps(diffusion.train_images(load_config(sys.argv[1]))))
+metrics = diffusion.train_images(load_config(sys.argv[1]))
+if PartialState().is_main_process:
+    print(json.dumps(metrics))
 """
 
 

@@ -158,6 +158,15 @@ def test_the_p_value_counts_permutations_at_or_above_the_observed_accuracy():
     assert own["identification_acc1"] == 1.0 and own["identification_p_value"] == pytest.approx(1 / 1001)
 
 
+def test_the_same_seed_gives_the_same_distractors_and_p_value():
+    items, liked = random_users(users=30, items=200, per_user=3, seed=4)
+    outputs = torch.as_tensor(np.random.default_rng(9).normal(size=(30, 16)), dtype=torch.float32)
+    first, again = (
+        personalization_metrics(outputs, range(30), items, liked, permutations=50, seed=2) for _ in range(2)
+    )
+    assert first == again
+
+
 def test_an_unscored_owner_or_distractor_reads_as_minus_infinity():
     """Scores below zero (possible for a user-similarity matrix built elsewhere) against a missing score: the
     missing one never wins, and an owner without a score never identifies."""

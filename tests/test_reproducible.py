@@ -48,7 +48,8 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_twice(monkeypatch, module, builder: str, train, config_path: Path) -> None:
-    """Train the config twice, after different draws; the built and the trained weights must be equal."""
+    """Train the config twice, after different draws; the built and the trained weights must be equal (and each
+    run reports its samples per second)."""
     built: list[dict[str, torch.Tensor]] = []
     original = getattr(module, builder)
 
@@ -61,7 +62,9 @@ def run_twice(monkeypatch, module, builder: str, train, config_path: Path) -> No
     checkpoints = []
     for draws in (1, 1000):
         draw_from_every_generator(draws)
-        checkpoints.append(Path(train(load_config(config_path))["checkpoint"]))
+        metrics = train(load_config(config_path))
+        checkpoints.append(Path(metrics["checkpoint"]))
+        assert metrics["train_samples_per_second"] > 0  # every trainer reports its throughput
     assert len(built) == 2 and built[0].keys() == built[1].keys()
     for name in built[0]:
         assert torch.equal(built[0][name], built[1][name]), f"initial weight {name} depends on earlier draws"

@@ -194,6 +194,7 @@ def train_images(config: Config) -> dict:
         "loss_first": float(np.mean(losses[:window])),
         "loss_last": float(np.mean(losses[-window:])),
         "train_seconds": fit.train_seconds,
+        "train_samples_per_second": fit.samples_per_second,
         "checkpoint": str(run_dir / "checkpoints" / LAST),
         "curve": fit.curve,
     }

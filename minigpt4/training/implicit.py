@@ -177,13 +177,21 @@ def _train(
         task.epoch = 0
         task.evaluate(model, accelerator)
         save_recommender(model, config.model, best_dir, {"epoch": 0, "protocol": task.record["protocol"]})
-        return _results(config, task.record, 0, [], 0.0, best_dir)
+        return _results(config, task.record, 0, [], 0.0, None, best_dir)
     loop = epoch_loop(run, task.batches_per_epoch(accelerator))
     fit = Engine(task, loop, accelerator, config, run_dir).fit(resume_from)
-    return _results(config, task.record, fit.epochs, fit.curve, fit.train_seconds, best_dir)
+    return _results(config, task.record, fit.epochs, fit.curve, fit.train_seconds, fit.samples_per_second, best_dir)
 
 
-def _results(config: Config, record: dict, epochs: int, curve: list[dict], seconds: float, best_dir: Path) -> dict:
+def _results(
+    config: Config,
+    record: dict,
+    epochs: int,
+    curve: list[dict],
+    seconds: float,
+    samples_per_second: float | None,
+    best_dir: Path,
+) -> dict:
     """The metrics of a full-ranking run: the run's protocol's selection and both protocols' own."""
     return {
         "selected": record["by_test"] if config.run.paper_parity else record["by_valid"],
@@ -193,6 +201,7 @@ def _results(config: Config, record: dict, epochs: int, curve: list[dict], secon
         "mixed_precision": config.run.mixed_precision,
         "seconds_per_epoch": round(seconds / epochs, 3) if epochs else None,
         "train_seconds": round(seconds, 3),
+        "train_samples_per_second": samples_per_second,  # training pairs over the loop less its evaluations
         "checkpoint": str(best_dir),
         "curve": curve,
     }

@@ -143,6 +143,7 @@ def train_diffrec(config: Config) -> dict:
         metrics = {
             "steps_run": fit.steps,
             "train_seconds": fit.train_seconds,
+            "train_samples_per_second": fit.samples_per_second,
             "checkpoint": str(run_dir / "checkpoints" / LAST),
             "curve": fit.curve,
         }
