@@ -186,9 +186,16 @@ def test_kill_then_resume_latest_finishes_like_the_uninterrupted_run(trained_joi
     assert saved["step"] < 6  # it was stopped mid-run
     resumed = joint.train_diffrec(load_config(path, ["run.resume_from=latest"]))
     assert resumed["steps_run"] == 6
-    assert comparable(resumed) == comparable(trained_joint["metrics"])
+    # The killed steps ran in another process, whose float sums may differ in the last digits from this one's
+    # (seen once the whole suite had run before: CLIP-T equal to 6 significant digits), so figures are compared
+    # to 1e-4 relative; a resume from the wrong state moves them far more.
+    got, want = comparable(resumed), comparable(trained_joint["metrics"])
+    assert got["ctr"] == want["ctr"] and got["images"].keys() == want["images"].keys()
+    for arm, figures in want["images"].items():
+        assert got["images"][arm] == pytest.approx(figures, rel=1e-4)
     untimed = lambda curve: [{k: v for k, v in point.items() if k != "seconds"} for point in curve]  # noqa: E731
-    assert untimed(resumed["curve"]) == untimed(trained_joint["metrics"]["curve"])
+    for point, expected in zip(untimed(resumed["curve"]), untimed(trained_joint["metrics"]["curve"]), strict=True):
+        assert point == pytest.approx(expected, rel=1e-4)
 
 
 def test_nan_loss_stops_and_leaves_a_loadable_last_good_checkpoint(
