@@ -41,6 +41,14 @@ class ImageBatch:
 PromptsOf = Callable[[pd.DataFrame], PromptRows]  # rating rows -> the recommender's prompts for them
 
 
+def rating_prompts_of(
+    rec: LLMRecommender, template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, where: str
+) -> PromptsOf:
+    """The recommender's prompts for rating rows, with as much history as its collaborative model reads."""
+    history = rec.collab.max_history if rec.collab is not None else 0
+    return lambda rows: prompt_rows(rows, rec.config, template, tokenizer, history, where)
+
+
 class PreferenceSource(ABC):
     """Where the image half reads each sample's user from (``model.joint.preference``): one [B, d] vector per
     rating row. A new source is one subclass, named in ``PREFERENCE_SOURCES`` and in the config's choices."""
@@ -160,8 +168,7 @@ class DiffRecModel(nn.Module):
 
     def prompts_of(self, where: str) -> PromptsOf:
         """The recommender's prompts for rating rows (``where`` names them in errors)."""
-        history = self.rec.collab.max_history if self.rec.collab is not None else 0
-        return lambda rows: prompt_rows(rows, self.config.rec, self.template, self.tokenizer, history, where)
+        return rating_prompts_of(self.rec, self.template, self.tokenizer, where)
 
     def row_preference(self, rows: pd.DataFrame, where: str) -> torch.Tensor:
         """The image side's user vectors of rating rows, from the configured source."""

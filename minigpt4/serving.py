@@ -35,7 +35,7 @@ from minigpt4.config import Config, DiffRecConfig, LLMRecConfig, SD3Config, load
 from minigpt4.data.contract import RatingDataset, load_rating_dataset
 from minigpt4.data.images import IMAGE_TABLE, item_captions, load_image_table, open_image
 from minigpt4.data.tensors import RatingBatch, padded_history
-from minigpt4.diffrec_model import PREFERENCE_SOURCES, PreferenceSource, build_diffrec
+from minigpt4.diffrec_model import PREFERENCE_SOURCES, PreferenceSource, build_diffrec, rating_prompts_of
 from minigpt4.diffusion.generate import load_for_sampling
 from minigpt4.diffusion.personalized import PersonalizedSD3
 from minigpt4.diffusion.sampling import generate_images
@@ -43,7 +43,7 @@ from minigpt4.errors import DiffRecError
 from minigpt4.hardware import configure_threads, placed_devices
 from minigpt4.io import read_json
 from minigpt4.llm.prompts import PromptTemplate
-from minigpt4.llm.recommender import LLMRecommender, PromptRows, build_llm_recommender, prompt_rows
+from minigpt4.llm.recommender import LLMRecommender, build_llm_recommender
 from minigpt4.llm.reply import write_replies
 from minigpt4.llm.scoring import shared_prefix_length
 from minigpt4.logs import quiet_libraries
@@ -314,9 +314,7 @@ class DiffRec:
         the mode allows it (TALLRec, CoLLM; ``shared_prefix`` None: whenever it does)."""
         profile, rec = self.profile(user), self._require_rec("scoring items")
         items = self.check_items(items, "items")
-        prompts = prompt_rows(
-            self.rating_rows(profile, items), self.rec_config, self.template, self.tokenizer, _history(rec), "recommend"
-        )
+        prompts = rating_prompts_of(rec, self.template, self.tokenizer, "recommend")(self.rating_rows(profile, items))
         if shared_prefix is None:
             shared_prefix = rec.shares_prefixes
         prefix = shared_prefix_length(prompts.input_ids) if shared_prefix else 0
@@ -445,12 +443,7 @@ class DiffRec:
 
     def _image_preference(self, profile: UserProfile, row: pd.DataFrame, model: PersonalizedSD3) -> torch.Tensor:
         """The image side's user vector, from the run's preference source."""
-
-        def prompts_of(rows: pd.DataFrame) -> PromptRows:
-            return prompt_rows(
-                rows, self.rec_config, self.template, self.tokenizer, _history(self.rec), "image preference"
-            )
-
+        prompts_of = rating_prompts_of(self.rec, self.template, self.tokenizer, "image preference")
         return self.preference.row_vectors(self.rec, model, prompts_of, row)
 
     def _require_rec(self, what: str) -> LLMRecommender:
@@ -516,11 +509,6 @@ def _install_guests(rec: LLMRecommender | None, image: PersonalizedSD3 | None) -
     if image is not None and not isinstance(image.collab, GuestUser):
         image.collab = wrap(image.collab)
     return list(guests.values())
-
-
-def _history(rec: LLMRecommender) -> int:
-    """How many history items the recommender's collaborative model reads."""
-    return rec.collab.max_history if rec.collab is not None else 0
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

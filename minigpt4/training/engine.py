@@ -265,44 +265,43 @@ class Engine:
                 progress["batch"],
             )
         accelerator.init_trackers("tensorboard", config={"lr": loop.lr, "seed": loop.seed})
-        with tqdm(
+        bar = tqdm(
             total=total_steps,
             initial=progress["step"],
             desc=f"train {task.name}",
             disable=not accelerator.is_local_main_process,
-        ) as bar:  # closed on an error too
-            started, stop = time.perf_counter() - progress["seconds"], False
-            model.train()
-            while progress["step"] < total_steps and not stop:
-                if progress["batch"] == 0:
-                    self._start_epoch(progress)
-                batches = task.epoch_batches(progress["epoch"], accelerator)
-                for index, batch in enumerate(batches):
-                    if index < progress["batch"]:  # a resumed epoch skips what the checkpoint already trained on
-                        continue
-                    self._backward(model, batch, progress)
-                    if progress["batch"] == len(batches):  # the epoch is complete: a checkpoint now resumes at the next
-                        progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
-                    if progress["micro"] % loop.accumulation:
-                        continue
-                    self._optimizer_step(params, optimizer, scheduler, progress)
-                    bar.update()
-                    step = progress["step"]
-                    last = step >= total_steps
-                    if evaluate_every and (step % evaluate_every == 0 or last):
-                        stop = self._evaluate(model, progress, started)
-                        bar.set_postfix(
-                            {k: f"{v:.4f}" for k, v in progress["curve"][-1].items() if isinstance(v, float)}
-                        )
-                    elif step % log_every == 0 or last:
-                        self._curve_point(progress, started, {})
-                    if step % checkpoint_every == 0 or last or stop:
-                        progress["seconds"] = time.perf_counter() - started
-                        progress["task"] = task.state_dict()
-                        self.save_checkpoint(self.checkpoints / LAST, progress)
-                    if last or stop:
-                        stop = True
-                        break
+        )
+        started, stop = time.perf_counter() - progress["seconds"], False
+        model.train()
+        while progress["step"] < total_steps and not stop:
+            if progress["batch"] == 0:
+                self._start_epoch(progress)
+            batches = task.epoch_batches(progress["epoch"], accelerator)
+            for index, batch in enumerate(batches):
+                if index < progress["batch"]:  # a resumed epoch skips what the checkpoint already trained on
+                    continue
+                self._backward(model, batch, progress)
+                if progress["batch"] == len(batches):  # the epoch is complete: a checkpoint now resumes at the next
+                    progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
+                if progress["micro"] % loop.accumulation:
+                    continue
+                self._optimizer_step(params, optimizer, scheduler, progress)
+                bar.update()
+                step = progress["step"]
+                last = step >= total_steps
+                if evaluate_every and (step % evaluate_every == 0 or last):
+                    stop = self._evaluate(model, progress, started)
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in progress["curve"][-1].items() if isinstance(v, float)})
+                elif step % log_every == 0 or last:
+                    self._curve_point(progress, started, {})
+                if step % checkpoint_every == 0 or last or stop:
+                    progress["seconds"] = time.perf_counter() - started
+                    progress["task"] = task.state_dict()
+                    self.save_checkpoint(self.checkpoints / LAST, progress)
+                if last or stop:
+                    stop = True
+                    break
+        bar.close()
         seconds, evaluation = time.perf_counter() - started, progress["evaluation_seconds"]
         accelerator.wait_for_everyone()
         return Fit(
