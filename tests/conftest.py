@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, settings
+from tqdm import auto as tqdm_auto
+from tqdm import std as tqdm_std
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minigpt4.cli import main
@@ -36,6 +39,15 @@ settings.register_profile("ci", max_examples=40, derandomize=True, **_FUZZ)
 settings.register_profile("long", max_examples=10_000, **_FUZZ)
 settings.load_profile("ci")
 SHARED_DATA = Path(os.environ.get("DIFFREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def process_local_progress_lock() -> None:
+    """tqdm's default lock is a multiprocessing lock that forked processes share: a forked test run killed while
+    holding it (mutation testing kills the runs that overstay) blocks every later one at its first progress
+    bar. Tests draw bars from one process, so a thread lock of the process's own serves."""
+    for bar in (tqdm_std.tqdm, tqdm_auto.tqdm):
+        bar.set_lock(threading.RLock())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,6 +6,7 @@ against a straightforward computation of the same thing."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -270,3 +271,179 @@ def test_a_task_whose_rows_fill_no_batch_is_an_error(config, tmp_path):
 
     with pytest.raises(DiffRecError, match=r"^regression: the training rows fill no batch on 1 process\(es\)$"):
         fit(Empty(), Loop(seed=0, max_epochs=1), config, tmp_path)
+
+
+class Clock:
+    """A clock the task advances: one second a micro-batch, ten an evaluation (the engine's ``time``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class Timed(Regression):
+    """The regression on a scripted clock, with a once-per-epoch phase and state of its own to checkpoint."""
+
+    def __init__(self, clock: Clock, phase: list[float] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clock, self.phase, self.started = clock, list(phase or []), []
+        self.drawn = Counter()  # checkpointed through extra_states
+        self.evaluations = 0  # checkpointed through state_dict
+
+    def loss(self, model, batch, where):
+        self.clock.now += 1.0
+        self.drawn.count += 1
+        return super().loss(model, batch, where)
+
+    def evaluate(self, model, accelerator):
+        self.clock.now += 10.0
+        self.evaluations += 1
+        return super().evaluate(model, accelerator)
+
+    def start_epoch(self, epoch, accelerator):
+        self.started.append(epoch)
+        return {"phase": self.phase[epoch]} if self.phase else {}
+
+    def extra_states(self):
+        return [self.drawn]
+
+    def state_dict(self):
+        return {"evaluations": self.evaluations}
+
+    def load_state_dict(self, state):
+        self.evaluations = state["evaluations"]
+
+
+class Counter:
+    """An object with a state dict, as a model's own optimizer has."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import minigpt4.training.engine as engine
+
+    clock = Clock()
+    monkeypatch.setattr(engine, "time", clock)
+    return clock
+
+
+def test_timings_leave_out_evaluations_and_count_every_processed_row(config, tmp_path, clock):
+    """12 micro-batches of 2 rows at 1 s each and 4 evaluations at 10 s: 52 s in all, 40 s of them evaluating,
+    24 rows over the other 12 s; the curve's seconds run on the same clock."""
+    task = Timed(clock, scores=[0.1, 0.2, 0.3, 0.4])
+    result = fit(task, Loop(seed=0, max_epochs=2, evaluate_every=3), config, tmp_path / "a")
+    assert (result.train_seconds, result.evaluation_seconds, result.samples_per_second) == (52.0, 40.0, 2.0)
+    assert [point["seconds"] for point in result.curve] == [13.0, 26.0, 39.0, 52.0]
+    state = json.loads((tmp_path / "a" / "checkpoints" / LAST / "trainer_state.json").read_text())
+    assert (state["samples"], state["seconds"], state["evaluation_seconds"]) == (24, 52.0, 40.0)
+
+    class Idle(Timed):  # every second spent evaluating: no training time to divide by
+        def loss(self, model, batch, where):
+            self.clock.now -= 1.0
+            return super().loss(model, batch, where)
+
+    idle = fit(Idle(clock, scores=[0.1] * 4), Loop(seed=0, max_epochs=2, evaluate_every=3), config, tmp_path / "b")
+    assert (idle.train_seconds, idle.evaluation_seconds, idle.samples_per_second) == (40.0, 40.0, None)
+
+
+def test_a_resumed_run_keeps_its_clock_phases_and_task_state(config, tmp_path, clock):
+    """Checkpoints every 4 steps; a crash at micro-batch 10 resumes mid-epoch 2 from step 8: the epoch's phase is
+    not run again, the task's own state and extra states come back, and the run ends with the uninterrupted
+    run's curve (seconds included), timings and counts."""
+    loop = Loop(seed=2, max_epochs=3, lr=0.05, evaluate_every=4, checkpoint_every=4, log_every=2)
+    phases = [1.0, 2.0, 4.0]
+    whole = Timed(clock, phases, scores=[0.3, 0.1, 0.2, 0.2, 0.25])
+    expected = fit(whole, loop, config, tmp_path / "whole")
+    assert whole.started == [0, 1, 2] and whole.drawn.count == 18 and whole.evaluations == 5
+    assert [point.get("phase") for point in expected.curve] == [1.0, None, None, 2.0, None, None, 4.0, None, None]
+
+    clock.now = 1000.0
+    with pytest.raises(Stop):
+        fit(Timed(clock, phases, scores=[0.3, 0.1, 0.2], crash_at=10), loop, config, tmp_path / "crashed")
+    resumed_task = Timed(clock, phases, scores=[0.2, 0.2, 0.25])
+    resumed = fit(resumed_task, loop, config, tmp_path / "resumed", tmp_path / "crashed" / "checkpoints" / LAST)
+    assert resumed_task.started == [2] and resumed_task.drawn.count == 18 and resumed_task.evaluations == 5
+    assert resumed.curve == expected.curve and resumed.best_step == expected.best_step == 4
+    assert (resumed.train_seconds, resumed.evaluation_seconds, resumed.samples_per_second) == (
+        expected.train_seconds,
+        expected.evaluation_seconds,
+        expected.samples_per_second,
+    )
+    # the best (step 4's) was written before the crash and never beaten: the resumed run keeps a copy
+    kept = load_file(tmp_path / "resumed" / "checkpoints" / BEST / "w.safetensors")["weight"]
+    assert torch.equal(kept, whole.evaluated[0])
+
+
+def test_a_checkpoint_from_before_evaluations_were_timed_resumes_with_timings_missing(config, tmp_path, clock):
+    loop = Loop(seed=0, max_epochs=2, checkpoint_every=3)
+    with pytest.raises(Stop):
+        fit(Timed(clock, crash_at=7), loop, config, tmp_path / "old")
+    state_file = tmp_path / "old" / "checkpoints" / LAST / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["evaluation_seconds"]
+    state_file.write_text(json.dumps(state))
+    resumed = fit(Timed(clock), loop, config, tmp_path / "new", state_file.parent)
+    assert resumed.steps == 12 and resumed.evaluation_seconds is None and resumed.samples_per_second is None
+
+
+def test_a_non_finite_epoch_phase_stops_the_run(config, tmp_path, clock):
+    with pytest.raises(DiffRecError, match=r"^phase became nan at epoch 2, step 6; training stopped, the last "
+                       r"checkpoint is kept at .*checkpoints/last$"):  # fmt: skip
+        fit(Timed(clock, [1.0, math.nan]), Loop(seed=0, max_epochs=2, checkpoint_every=6), config, tmp_path)
+
+
+def test_checkpoints_hold_the_tasks_weights_in_its_format_and_frozen_weights_stay(config, tmp_path):
+    """Accelerate's own model file is replaced by the task's; nothing is left half-written; a frozen tensor is
+    neither optimized nor changed, and the trainable tensors come in name order."""
+    task = Regression()
+    task.model.bias.requires_grad_(False)
+    bias = task.model.bias.detach().clone()
+    fresh = Regression()
+    assert [id(param) for param in fresh.trainable()] == [id(fresh.model.bias), id(fresh.model.weight)]
+    assert [id(param) for param in task.trainable()] == [id(task.model.weight)]
+    fit(task, Loop(seed=0, max_epochs=1, lr=0.1), config, tmp_path)
+    last = tmp_path / "checkpoints" / LAST
+    files = {path.name for path in last.iterdir()}
+    assert {"w.safetensors", "config.yaml", "trainer_state.json", "optimizer.bin"} <= files
+    assert not any(name.startswith("model") for name in files), files
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [LAST]
+    assert torch.equal(task.model.bias, bias) and torch.equal(load_file(last / "w.safetensors")["bias"], bias)
+    assert len(torch.load(last / "optimizer.bin", weights_only=False)["state"]) == 1
+
+
+def test_the_run_logs_its_size_resume_and_early_stop(config, tmp_path, capsys):
+    from minigpt4.training.run_folder import logger
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        loop = Loop(seed=0, max_epochs=2, evaluate_every=2, patience=2)
+        with pytest.raises(Stop):
+            fit(Regression(scores=[0.5, 0.1, 0.2], crash_at=5), loop, config, tmp_path / "a")
+        resumed = fit(
+            Regression(scores=[0.1, 0.1]), loop, config, tmp_path / "b", tmp_path / "a" / "checkpoints" / LAST
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert resumed.steps == 6
+    messages = [record.getMessage() for record in records]
+    assert messages.count("regression: 2 trainable tensors, 4 parameters; 12 optimizer steps (6 per epoch)") == 2
+    assert f"resumed from {tmp_path / 'a' / 'checkpoints' / LAST} at step 4 (epoch 0, batch 4)" in messages
+    assert "step 2: score 0.5000 (best)" in messages
+    assert "early stop at step 6: score has not improved for 2 evaluations" in messages
+    bar = capsys.readouterr().err
+    assert "train regression" in bar and "6/12" in bar and "score=0.1000" in bar
