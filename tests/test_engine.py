@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from conftest import write_config
 from safetensors.torch import load_file, save_file
@@ -54,6 +55,7 @@ class Regression(Task):
         self.select = "score" if scores is not None else None
         self.scores, self.crash_at = list(scores or []), crash_at
         self.evaluated: list[torch.Tensor] = []  # the weights at each evaluation
+        self.where: list[tuple[int, int, int]] = []  # (step, position, epoch) of each micro-batch's loss
 
     def epoch_batches(self, epoch: int, accelerator: Accelerator) -> list[torch.Tensor]:
         order = torch.randperm(ROWS, generator=epoch_generator(7, epoch))
@@ -62,6 +64,7 @@ class Regression(Task):
     def loss(self, model: nn.Module, batch: torch.Tensor, where: MicroBatch) -> dict[str, torch.Tensor]:
         if where.position == self.crash_at:
             raise Stop
+        self.where.append((where.step, where.position, where.epoch))
         noise = 0.1 * torch.randn(len(batch), generator=where.generator)
         error = model(self.x[batch]).squeeze(-1) - (self.y[batch] + noise)
         return {"loss": error.pow(2).mean(), "abs": error.abs().mean()}
@@ -94,14 +97,14 @@ def fit(task: Task, loop: Loop, config, run_dir: Path, resume_from: Path | None 
 def test_steps_follow_accumulation_clipping_and_the_warmup_cosine_schedule(config, tmp_path):
     """Eight optimizer steps of two accumulated micro-batches each, clipped, under warmup then cosine, end where
     a plain loop over the same micro-batches and noise ends."""
-    loop = Loop(seed=3, max_epochs=9, max_steps=8, lr=0.05, weight_decay=0.01, warmup_steps=2, accumulation=2,
+    loop = Loop(seed=3, max_epochs=9, max_steps=8, lr=0.05, weight_decay=0.1, warmup_steps=2, accumulation=2,
                 max_grad_norm=0.5, log_every=4)  # fmt: skip
     task = Regression()
     result = fit(task, loop, config, tmp_path)
 
     reference = Regression()
     model, accelerator = reference.model, run_accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     schedule = get_cosine_schedule_with_warmup(optimizer, 2, 8)
     position, losses, errors = 0, [], []
     for epoch in range(3):  # 24 micro-batches: four epochs of six would be too many
@@ -122,12 +125,44 @@ def test_steps_follow_accumulation_clipping_and_the_warmup_cosine_schedule(confi
         if position == 16:
             break
     assert result.steps == 8 and result.epochs == 2 and result.best_step == 0
+    assert task.where == reference.where and result.model.weight is task.model.weight
     assert torch.allclose(task.model.weight, model.weight, atol=1e-6)
     assert torch.allclose(task.model.bias, model.bias, atol=1e-6)
     assert [point["step"] for point in result.curve] == [4, 8] and [p["epoch"] for p in result.curve] == [1, 2]
     assert result.curve[0]["loss"] == pytest.approx(sum(losses[:8]) / 8, rel=1e-5)
     assert result.curve[1]["loss"] == pytest.approx(sum(losses[8:16]) / 8, rel=1e-5)
     assert result.curve[1]["abs"] == pytest.approx(sum(errors[8:16]) / 8, rel=1e-5)
+
+
+def test_accumulated_gradients_are_the_mean_of_the_micro_batches(config, tmp_path):
+    """Plain SGD, which unlike Adam is not blind to the gradient's scale: three accumulated micro-batches take
+    the step of their mean loss. An epoch of six micro-batches holds one step of four (a step spans epochs)."""
+
+    class Plain(Regression):
+        def optimizer(self, params, loop):
+            return torch.optim.SGD(params, lr=loop.lr)
+
+        def scheduler(self, optimizer, loop, total_steps):
+            return None
+
+    task = Plain()
+    fit(task, Loop(seed=1, max_epochs=1, lr=0.1, accumulation=3), config, tmp_path / "sgd")
+    reference = Plain()
+    model, accelerator = reference.model, run_accelerator(cpu=True)
+    for step, batches in enumerate(torch.stack(reference.epoch_batches(0, accelerator)).split(3)):
+        model.zero_grad()
+        for offset, batch in enumerate(batches):
+            position = 3 * step + offset
+            where = MicroBatch(step, position, 0, micro_batch_generator(1, position, accelerator))
+            (reference.loss(model, batch, where)["loss"] / 3).backward()
+        with torch.no_grad():
+            for param in model.parameters():
+                param -= 0.1 * param.grad
+    assert torch.allclose(task.model.weight, model.weight, atol=1e-6)
+
+    spanning = Regression()
+    result = fit(spanning, Loop(seed=1, max_epochs=2, accumulation=4), config, tmp_path / "span")
+    assert result.steps == 2 and [where[:2] for where in spanning.where] == [(i // 4, i) for i in range(8)]
 
 
 def test_the_best_evaluation_is_kept_and_patience_stops_the_run(config, tmp_path):
@@ -185,9 +220,9 @@ def test_a_non_finite_loss_or_gradient_norm_stops_with_the_checkpoint_it_keeps(c
             parts = super().loss(model, batch, where)
             if where.position == 3:
                 parts["loss"] = parts["loss"] * math.nan
-            return parts
+            return parts | {"extra": torch.tensor(2.0)}
 
-    with pytest.raises(DiffRecError, match=r"loss became nan at epoch 1, step 3, abs \S+; training stopped, "
+    with pytest.raises(DiffRecError, match=r"loss became nan at epoch 1, step 3, abs \S+, extra 2; training stopped, "
                        r"the last checkpoint is kept at .*checkpoints/last$"):  # fmt: skip
         fit(Exploding(), Loop(seed=0, max_epochs=1, checkpoint_every=2), config, tmp_path / "loss")
 
@@ -210,6 +245,10 @@ def test_a_non_finite_loss_or_gradient_norm_stops_with_the_checkpoint_it_keeps(c
                        r"the best checkpoint so far is kept at \(none yet\)"):  # fmt: skip
         fit(Unbounded(scores=[0.1] * 9), Loop(seed=0, max_epochs=1, max_grad_norm=1.0, evaluate_every=4),
             config, tmp_path / "norm")  # fmt: skip
+    with pytest.raises(DiffRecError, match=r"step 2; training stopped, the best checkpoint so far is kept at "
+                       r".*norm-best/checkpoints/best$"):  # fmt: skip
+        fit(Unbounded(scores=[0.1] * 9), Loop(seed=0, max_epochs=1, max_grad_norm=1.0, evaluate_every=1),
+            config, tmp_path / "norm-best")  # fmt: skip
 
 
 def test_streams_differ_by_seed_position_process_and_epoch():
@@ -258,6 +297,14 @@ def test_shuffled_batches_are_one_seeded_permutation_per_epoch():
         )
         return [row for batch in batches for row in batch]
 
+    assert all(isinstance(batch, list) for batch in shuffled_batches(list(range(10)), 4, 1, 0, accelerator))
+
+    class Process:  # process 1 of 2: every other batch of the same permutation
+        num_processes, process_index, device = 2, 1, torch.device("cpu")
+
+    sharded = [row for batch in shuffled_batches(list(range(12)), 2, 1, 0, Process()) for row in batch]
+    whole = torch.randperm(12, generator=torch.Generator().manual_seed(1)).tolist()
+    assert sharded == whole[2:4] + whole[6:8] + whole[10:12]
     first = order(1, 0)
     assert sorted(first) == list(range(10)) and first == order(1, 0, batch_size=3) != list(range(10))
     assert first == torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
@@ -274,7 +321,7 @@ def test_a_task_whose_rows_fill_no_batch_is_an_error(config, tmp_path):
 
 
 class Clock:
-    """A clock the task advances: one second a micro-batch, ten an evaluation (the engine's ``time``)."""
+    """A clock the task advances: 0.7 s a micro-batch, 10.0001 s an evaluation (the engine's ``time``)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -293,16 +340,17 @@ class Timed(Regression):
         self.evaluations = 0  # checkpointed through state_dict
 
     def loss(self, model, batch, where):
-        self.clock.now += 1.0
+        self.clock.now += 0.7
         self.drawn.count += 1
         return super().loss(model, batch, where)
 
     def evaluate(self, model, accelerator):
-        self.clock.now += 10.0
+        self.clock.now += 10.0001
         self.evaluations += 1
         return super().evaluate(model, accelerator)
 
     def start_epoch(self, epoch, accelerator):
+        assert isinstance(accelerator, Accelerator)
         self.started.append(epoch)
         return {"phase": self.phase[epoch]} if self.phase else {}
 
@@ -313,7 +361,7 @@ class Timed(Regression):
         return {"evaluations": self.evaluations}
 
     def load_state_dict(self, state):
-        self.evaluations = state["evaluations"]
+        self.evaluations = state.get("evaluations", 0)
 
 
 class Counter:
@@ -339,22 +387,24 @@ def clock(monkeypatch):
 
 
 def test_timings_leave_out_evaluations_and_count_every_processed_row(config, tmp_path, clock):
-    """12 micro-batches of 2 rows at 1 s each and 4 evaluations at 10 s: 52 s in all, 40 s of them evaluating,
-    24 rows over the other 12 s; the curve's seconds run on the same clock."""
+    """12 micro-batches of 2 rows at 0.7 s and 4 evaluations at 10.0001 s: 48.4 s in all (to the millisecond),
+    40.0 of them evaluating, 24 rows over the other 8.4 s; the curve's seconds run on the same clock."""
     task = Timed(clock, scores=[0.1, 0.2, 0.3, 0.4])
     result = fit(task, Loop(seed=0, max_epochs=2, evaluate_every=3), config, tmp_path / "a")
-    assert (result.train_seconds, result.evaluation_seconds, result.samples_per_second) == (52.0, 40.0, 2.0)
-    assert [point["seconds"] for point in result.curve] == [13.0, 26.0, 39.0, 52.0]
+    assert (result.train_seconds, result.evaluation_seconds, result.samples_per_second) == (48.4, 40.0, 2.857)
+    assert [point["seconds"] for point in result.curve] == [12.1, 24.2, 36.3, 48.4]
     state = json.loads((tmp_path / "a" / "checkpoints" / LAST / "trainer_state.json").read_text())
-    assert (state["samples"], state["seconds"], state["evaluation_seconds"]) == (24, 52.0, 40.0)
+    assert state["samples"] == 24
+    assert (state["seconds"], state["evaluation_seconds"]) == pytest.approx((48.4004, 40.0004), abs=1e-9)
 
     class Idle(Timed):  # every second spent evaluating: no training time to divide by
         def loss(self, model, batch, where):
-            self.clock.now -= 1.0
+            self.clock.now -= 0.7
             return super().loss(model, batch, where)
 
     idle = fit(Idle(clock, scores=[0.1] * 4), Loop(seed=0, max_epochs=2, evaluate_every=3), config, tmp_path / "b")
     assert (idle.train_seconds, idle.evaluation_seconds, idle.samples_per_second) == (40.0, 40.0, None)
+    assert [point["seconds"] for point in idle.curve] == [10.0, 20.0, 30.0, 40.0]
 
 
 def test_a_resumed_run_keeps_its_clock_phases_and_task_state(config, tmp_path, clock):
@@ -366,6 +416,8 @@ def test_a_resumed_run_keeps_its_clock_phases_and_task_state(config, tmp_path, c
     whole = Timed(clock, phases, scores=[0.3, 0.1, 0.2, 0.2, 0.25])
     expected = fit(whole, loop, config, tmp_path / "whole")
     assert whole.started == [0, 1, 2] and whole.drawn.count == 18 and whole.evaluations == 5
+    final = json.loads((tmp_path / "whole" / "checkpoints" / LAST / "trainer_state.json").read_text())
+    assert final["step"] == 18  # the last step is checkpointed though 18 is no multiple of 4
     assert [point.get("phase") for point in expected.curve] == [1.0, None, None, 2.0, None, None, 4.0, None, None]
 
     clock.now = 1000.0
@@ -391,16 +443,24 @@ def test_a_checkpoint_from_before_evaluations_were_timed_resumes_with_timings_mi
         fit(Timed(clock, crash_at=7), loop, config, tmp_path / "old")
     state_file = tmp_path / "old" / "checkpoints" / LAST / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    del state["evaluation_seconds"]
+    del state["evaluation_seconds"], state["task"]
     state_file.write_text(json.dumps(state))
-    resumed = fit(Timed(clock), loop, config, tmp_path / "new", state_file.parent)
-    assert resumed.steps == 12 and resumed.evaluation_seconds is None and resumed.samples_per_second is None
+    resumed_task = Timed(clock)
+    resumed = fit(resumed_task, loop, config, tmp_path / "new", state_file.parent)
+    assert (
+        resumed_task.evaluations == 0
+        and resumed.steps == 12
+        and resumed.evaluation_seconds is None
+        and resumed.samples_per_second is None
+    )
 
 
-def test_a_non_finite_epoch_phase_stops_the_run(config, tmp_path, clock):
+def test_epoch_phases_join_the_curve_and_a_non_finite_one_stops_the_run(config, tmp_path, clock):
+    whole = fit(Timed(clock, [1.0, 2.0, 4.0]), Loop(seed=0, max_epochs=3, log_every=18), config, tmp_path / "a")
+    assert whole.curve[0]["phase"] == pytest.approx(7 / 3)  # one point: the mean of the three epochs' phases
     with pytest.raises(DiffRecError, match=r"^phase became nan at epoch 2, step 6; training stopped, the last "
                        r"checkpoint is kept at .*checkpoints/last$"):  # fmt: skip
-        fit(Timed(clock, [1.0, math.nan]), Loop(seed=0, max_epochs=2, checkpoint_every=6), config, tmp_path)
+        fit(Timed(clock, [1.0, math.nan]), Loop(seed=0, max_epochs=2, checkpoint_every=6), config, tmp_path / "b")
 
 
 def test_checkpoints_hold_the_tasks_weights_in_its_format_and_frozen_weights_stay(config, tmp_path):
@@ -412,11 +472,14 @@ def test_checkpoints_hold_the_tasks_weights_in_its_format_and_frozen_weights_sta
     fresh = Regression()
     assert [id(param) for param in fresh.trainable()] == [id(fresh.model.bias), id(fresh.model.weight)]
     assert [id(param) for param in task.trainable()] == [id(task.model.weight)]
+    stale = tmp_path / "checkpoints" / f"{LAST}.partial"  # what a process killed mid-save leaves
+    stale.mkdir(parents=True)
+    (stale / "stale.bin").write_bytes(b"")
     fit(task, Loop(seed=0, max_epochs=1, lr=0.1), config, tmp_path)
     last = tmp_path / "checkpoints" / LAST
     files = {path.name for path in last.iterdir()}
     assert {"w.safetensors", "config.yaml", "trainer_state.json", "optimizer.bin"} <= files
-    assert not any(name.startswith("model") for name in files), files
+    assert not any(name.startswith("model") for name in files) and "stale.bin" not in files, files
     assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [LAST]
     assert torch.equal(task.model.bias, bias) and torch.equal(load_file(last / "w.safetensors")["bias"], bias)
     assert len(torch.load(last / "optimizer.bin", weights_only=False)["state"]) == 1
@@ -444,6 +507,51 @@ def test_the_run_logs_its_size_resume_and_early_stop(config, tmp_path, capsys):
     assert messages.count("regression: 2 trainable tensors, 4 parameters; 12 optimizer steps (6 per epoch)") == 2
     assert f"resumed from {tmp_path / 'a' / 'checkpoints' / LAST} at step 4 (epoch 0, batch 4)" in messages
     assert "step 2: score 0.5000 (best)" in messages
+    assert any(message.startswith('step 4: {"step": 4, "epoch": 0, "seconds": ') for message in messages)
     assert "early stop at step 6: score has not improved for 2 evaluations" in messages
     bar = capsys.readouterr().err
     assert "train regression" in bar and "6/12" in bar and "score=0.1000" in bar
+
+
+def test_the_curve_and_the_loop_go_to_tensorboard(config, tmp_path):
+    """Each curve point's figures at its step, and the learning rate and seed as the run's hyperparameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accelerator = run_accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    task, loop = Regression(scores=[0.2, 0.4, 0.3]), Loop(seed=4, max_epochs=1, lr=0.01, evaluate_every=2)
+    result = Engine(task, loop, accelerator, config, tmp_path).fit()
+    accelerator.end_training()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for name in ("loss", "abs", "score", "seconds"):
+        logged = [(event.step, event.value) for event in events.Scalars(name)]
+        assert logged == [(point["step"], pytest.approx(point[name])) for point in result.curve], name
+    (hparams,) = (tmp_path / "tensorboard").glob("*/hparams.yml")
+    assert yaml.safe_load(hparams.read_text()) == {"lr": 0.01, "seed": 4}
+
+
+def test_a_task_saves_and_loads_through_its_models_own_format(tmp_path):
+    class Model(nn.Linear):
+        def save_weights(self, folder: Path) -> None:
+            save_file({"weight": self.weight.detach().contiguous()}, folder / "own.safetensors")
+
+        def load_weights(self, folder: Path) -> None:
+            self.weight.data.copy_(load_file(folder / "own.safetensors")["weight"])
+
+    class Default(Task):
+        name = "default"
+
+        def __init__(self, seed: int) -> None:
+            torch.manual_seed(seed)
+            self.model = Model(2, 1, bias=False)
+
+        def epoch_batches(self, epoch, accelerator):
+            return []
+
+        def loss(self, model, batch, where):
+            return {}
+
+    saved, loaded = Default(0), Default(1)
+    saved.save_weights(tmp_path)
+    loaded.load_weights(tmp_path)
+    assert torch.equal(loaded.model.weight, saved.model.weight) and loaded.batches_per_epoch(None) == 0
