@@ -507,7 +507,7 @@ loss = diffusion.ImageTask.loss
 def recorded(self, model, batch, where):
     parts = loss(self, model, batch, where)
     if where.position == 0:
-        first = {"rows": [int(row) for row in batch], "loss": parts["loss"].item()}
+        first = {"rows": [int(row) for row in batch], "loss": parts["loss"].item(), "noise": where.generator.initial_seed()}
         Path(sys.argv[2], f"{PartialState().process_index}.json").write_text(json.dumps(first))
     return parts
 
@@ -520,7 +520,7 @@ if PartialState().is_main_process:
 
 def test_two_processes_draw_their_own_rows_and_noise(tmp_path, tiny_models, photo_dataset):
     """Under ``accelerate launch`` each process trains on its share of the pass: process 0 draws the rows and
-    noise a single process draws (the same first loss), process 1 other rows."""
+    noise a single process draws (the same first loss), process 1 other rows from a noise stream of its own."""
     import os
     import subprocess
     import sys
@@ -546,6 +546,7 @@ def test_two_processes_draw_their_own_rows_and_noise(tmp_path, tiny_models, phot
     (single,), (zero, one) = firsts[1], firsts[2]
     assert zero["rows"] == single["rows"] and zero["loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert set(one["rows"]).isdisjoint(zero["rows"]) and one["loss"] != pytest.approx(zero["loss"], rel=1e-4)
+    assert zero["noise"] == single["noise"] != one["noise"]
 
 
 def test_standardized_fusion_keeps_the_training_preferences_statistics(tmp_path, tiny_models, photo_dataset):

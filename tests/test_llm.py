@@ -369,6 +369,13 @@ def test_resume_continues_where_the_checkpoint_left_off(
     assert resumed["steps_run"] == 6 and [point["step"] for point in curve] == [2, 4, 6]
     for split in ("valid", "test"):
         assert resumed[split] == pytest.approx(straight[split], abs=1e-6)
+    # the reported figures are the best checkpoint's, which may predate the resume: the last weights must agree too
+    ends = [Path(run["run_dir"]) / "checkpoints" / "last" for run in (straight, resumed)]
+    files = sorted(path.relative_to(ends[0]) for path in ends[0].rglob("*.safetensors"))
+    assert files and files == sorted(path.relative_to(ends[1]) for path in ends[1].rglob("*.safetensors"))
+    for name in files:
+        want, got = load_file(ends[0] / name), load_file(ends[1] / name)
+        assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-6) for k in want), name
     assert resumed["evaluation_seconds"] > 0
     # A checkpoint written before evaluations were timed resumes too; their share is then unknown, not zero.
     state = json.loads((resume / TRAINER_STATE).read_text())

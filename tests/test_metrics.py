@@ -33,6 +33,12 @@ def test_against_sklearn(seed, tied):
     assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert uauc(users, labels, scores) == pytest.approx(expected_uauc, abs=1e-12)
     assert gauc(users, labels, scores) == pytest.approx(expected_gauc, abs=1e-12)
+    both = sum(0 < labels[users == user].sum() < (users == user).sum() for user in np.unique(users))
+    assert ctr_metrics(users, labels, scores) == pytest.approx(
+        {"auc": roc_auc_score(labels, scores), "uauc": expected_uauc, "gauc": expected_gauc, "n": 2000,
+         "users_with_both_classes": both}, abs=1e-12
+    )  # fmt: skip
+    assert expected_uauc != pytest.approx(expected_gauc, abs=1e-6)  # so the two cannot stand in for each other
 
 
 def test_users_with_one_class_are_left_out_and_missing_is_nan():
