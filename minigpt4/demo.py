@@ -85,17 +85,11 @@ def tiny_models(state: DemoState) -> dict:
 
 def base_weights(state: DemoState) -> dict:
     """The tiny pipeline's VAE and transformer trained on every card, cached by fingerprint."""
-    from minigpt4.diffusion.base_training import train_base_pipeline
+    from minigpt4.training.base_pipeline import BaseTrainingSettings, train_base_pipeline
 
     image = state.joint_config.model.image
-    start = TINY_MODELS / "sd3"
-    return train_base_pipeline(
-        start,
-        state.joint_config.datasets.path,
-        image.pipeline.path,
-        image.flow.caption,
-        resolution=image.flow.resolution,
-    )
+    settings = BaseTrainingSettings(caption=image.flow.caption, resolution=image.flow.resolution)
+    return train_base_pipeline(TINY_MODELS / "sd3", state.joint_config.datasets.path, image.pipeline.path, settings)
 
 
 def train_scorer(state: DemoState) -> dict:

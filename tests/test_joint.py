@@ -24,11 +24,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from minigpt4.cli import main
-from minigpt4.config import DiffRecConfig, PipelineConfig, load_config
+from minigpt4.config import DiffRecConfig, load_config
 from minigpt4.data.contract import load_rating_dataset
 from minigpt4.diffrec_model import DiffRecModel
-from minigpt4.diffusion.base_training import train_base_pipeline
-from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.report import write_report
 from minigpt4.training import joint
@@ -299,39 +297,6 @@ def test_report_renders_in_headless_chromium(joint_report, tmp_path):
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 500  # text, the curve plot and the thumbnails, not a blank page
-
-
-def test_base_training_fits_the_cards_writes_a_pipeline_and_is_cached(card_dataset, tiny_models, tmp_path):
-    out = tmp_path / "sd3-cards"
-    first = train_base_pipeline(
-        tiny_models / "sd3",
-        card_dataset,
-        out,
-        "a poster for {title}",
-        vae_steps=30,
-        transformer_steps=60,
-        batch_size=8,
-        progress=False,
-    )
-    assert not first["cached"] and first["images"] == 30
-    assert first["vae_loss"]["last"] < 0.5 * first["vae_loss"]["first"]
-    assert first["transformer_loss"]["last"] < first["transformer_loss"]["first"]
-    again = train_base_pipeline(
-        tiny_models / "sd3",
-        card_dataset,
-        out,
-        "a poster for {title}",
-        vae_steps=30,
-        transformer_steps=60,
-        batch_size=8,
-        progress=False,
-    )
-    assert again["cached"] and again["fingerprint"] == first["fingerprint"]
-    pipeline = load_sd3_pipeline(PipelineConfig(path=out, use_t5=False))
-    # The posterior stays nearly deterministic (its log-variance is never trained).
-    with torch.no_grad():
-        posterior = pipeline.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist
-    assert posterior.std.max() < 0.01
 
 
 def test_llm_preference_sends_the_image_loss_into_the_llm(card_dataset, tiny_llm, tiny_models, mf_checkpoint, tmp_path):

@@ -348,6 +348,6 @@ def resolve_precision(config: Config, llm_device: Any, image_device: Any = None)
     return chosen
 
 
-def dump_config(config: Config) -> str:
-    """The resolved config as YAML text, for the run folder."""
+def dump_config(config: BaseModel) -> str:
+    """A resolved config (the run's, or a trainer's own settings) as YAML text, for the run folder."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

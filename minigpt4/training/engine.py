@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
+from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from minigpt4.config import Config, RunConfig, dump_config
+from minigpt4.config import RunConfig, dump_config
 from minigpt4.data.tensors import whole_batch
 from minigpt4.errors import DiffRecError
 from minigpt4.io import atomic_folder, json_safe, log_text, read_json, replace_folder
@@ -211,9 +212,10 @@ def micro_batch_generator(seed: int, position: int, accelerator: Accelerator) ->
 
 
 class Engine:
-    """Trains a task under one Accelerator, writing checkpoints into ``run_dir/checkpoints``."""
+    """Trains a task under one Accelerator, writing checkpoints into ``run_dir/checkpoints`` (each with ``config``, the
+    run's settings, as YAML)."""
 
-    def __init__(self, task: Task, loop: Loop, accelerator: Accelerator, config: Config, run_dir: Path) -> None:
+    def __init__(self, task: Task, loop: Loop, accelerator: Accelerator, config: BaseModel, run_dir: Path) -> None:
         self.task, self.loop, self.accelerator, self.config = task, loop, accelerator, config
         self.checkpoints = run_dir / "checkpoints"
 

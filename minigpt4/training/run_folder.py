@@ -62,7 +62,7 @@ def open_run_folder(config: Config, state: PartialState, hardware: dict) -> Path
         if not config.run.evaluate:
             _point_latest(folder)
     folder = Path(broadcast_object_list([str(folder)])[0])
-    _start_log(folder / "log.txt", state.is_main_process)
+    start_log(folder / "log.txt", state.is_main_process)
     precision = ", ".join(
         f"{key} {value['resolved']} ({value['requested']})" for key, value in hardware["precision"].items()
     )
@@ -145,8 +145,10 @@ def _point_latest(folder: Path) -> None:
     os.replace(partial, link)
 
 
-def _start_log(path: Path, main: bool) -> None:
-    """Log to the run's log.txt and to stderr, on the main process only."""
+def start_log(path: Path, main: bool) -> None:
+    """Log to the run's log.txt and to stderr, on the main process only (the previous run's log is closed)."""
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if main else logging.WARNING)
