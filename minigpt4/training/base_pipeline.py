@@ -43,7 +43,7 @@ WEIGHTS = "weights.safetensors"
 
 
 class BaseTrainingSettings(BaseModel):
-    """What the base weights are trained with (all of it enters the fingerprint)."""
+    """What the base weights are trained with (all but the checkpoint frequency enters the fingerprint)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,7 +59,7 @@ class BaseTrainingSettings(BaseModel):
 
 def base_fingerprint(pipeline: Path, dataset: Path, settings: BaseTrainingSettings) -> str:
     """A digest of the starting pipeline's weights index, the images table and the training settings."""
-    digest = hashlib.sha256(settings.model_dump_json().encode())
+    digest = hashlib.sha256(settings.model_dump_json(exclude={"checkpoint_every"}).encode())
     for path in sorted(pipeline.rglob("*.json")) + [dataset / "images.parquet"]:
         digest.update(path.read_bytes())
     for path in sorted(pipeline.rglob("*.safetensors")):
@@ -136,7 +136,9 @@ class TransformerTask(_PhaseTask):
         super().__init__(sd3.transformer.requires_grad_(True), len(pixels), settings, settings.transformer_steps, 1)
         self.vae, self.captions = sd3.vae, captions
         with torch.no_grad():
-            self.parameters = torch.cat([sd3.vae.encode(chunk).latent_dist.parameters for chunk in pixels.split(64)])
+            self.latent_moments = torch.cat(
+                [sd3.vae.encode(chunk).latent_dist.parameters for chunk in pixels.split(64)]
+            )
             self.prompt_embeds, _, self.pooled, _ = sd3.encode_prompt(
                 prompt=[*captions, ""],  # the empty caption last: dropped captions point at it
                 prompt_2=None,
@@ -149,7 +151,7 @@ class TransformerTask(_PhaseTask):
 
     def loss(self, model: nn.Module, batch: torch.Tensor, where: MicroBatch) -> dict[str, torch.Tensor]:
         """The flow-matching loss of the batch's latents under their (sometimes dropped) captions."""
-        latents = sample_latents(self.vae, self.parameters[batch], where.generator)
+        latents = sample_latents(self.vae, self.latent_moments[batch], where.generator)
         dropped = torch.rand(len(batch), generator=where.generator) < CAPTION_DROPOUT
         text = torch.where(dropped, len(self.captions), batch)
         loss = flow_matching_loss(
