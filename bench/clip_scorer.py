@@ -22,7 +22,7 @@ from minigpt4.config import ClipConfig  # noqa: E402
 from minigpt4.data.contract import load_rating_dataset  # noqa: E402
 from minigpt4.data.images import load_image_table  # noqa: E402
 from minigpt4.evaluation.clip_score import ClipScorer  # noqa: E402
-from minigpt4.evaluation.clip_training import train_clip  # noqa: E402
+from minigpt4.training.clip_scorer import train_clip  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     args = parser.parse_args()
     out = ROOT / "runs" / "bench_clip_scorer" / f"clip-{args.dataset.name}"
-    metrics = train_clip(args.dataset, out, steps=args.steps, progress=False)
+    metrics = train_clip(args.dataset, out, steps=args.steps)
     emit("float32", figure="scorer_training", **{key: value for key, value in metrics.items() if key != "scorer"})
     data = load_rating_dataset(args.dataset)
     paths = [data.root / path for path in load_image_table(data.root, data.n_items)["path"][: args.images]]

@@ -410,7 +410,7 @@ def run_app(args: argparse.Namespace) -> None:
 def run_models(args: argparse.Namespace) -> dict:
     """Write the tiny SD3 pipeline, open_clip model and VLM judge folders, or train the in-domain CLIP scorer."""
     if args.models_command == "train-clip":
-        from minigpt4.evaluation.clip_training import train_clip
+        from minigpt4.training.clip_scorer import train_clip
 
         if not 0 < args.held_out < 1:
             raise DiffRecError(f"--held-out must be between 0 and 1, got {args.held_out}")

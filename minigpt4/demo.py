@@ -94,7 +94,7 @@ def base_weights(state: DemoState) -> dict:
 
 def train_scorer(state: DemoState) -> dict:
     """The in-domain CLIP scorer the images are judged by, trained on the cards' held-out split once (kept)."""
-    from minigpt4.evaluation.clip_training import train_clip
+    from minigpt4.training.clip_scorer import train_clip
 
     image = state.joint_config.model.image
     kept = image.clip.path / "train_clip_metrics.json"

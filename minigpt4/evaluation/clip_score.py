@@ -3,11 +3,13 @@
 
 The model loads through open_clip from a ``local-dir`` folder (``open_clip_config.json`` plus
 weights) or from a built-in model name with a checkpoint file. Text longer than the model's context
-is truncated and counted; no text ever gets a fallback score.
+is truncated and counted; no text ever gets a fallback score. ``score_held_out`` measures a scorer itself on
+items it never saw: image-to-text retrieval and zero-shot genre accuracy, each against chance.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -124,3 +126,34 @@ class ClipScorer:
 def clip_similarity(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """100 x max(cos, 0) of row-aligned unit vectors."""
     return 100.0 * (first * second).sum(-1).clamp(min=0.0)
+
+
+def item_genres(items, iid: int) -> list[str]:
+    """An item's genres (empty when the items table has no genres column)."""
+    if "genres" not in items.columns:
+        return []
+    return [str(genre) for genre in items.loc[items["iid"] == iid, "genres"].iloc[0]]
+
+
+def score_held_out(
+    scorer: ClipScorer, images: list[Image.Image], captions: list[str], genres: list[list[str]], genre_prompt: str
+) -> dict:
+    """Image-to-text retrieval R@1/R@5 among these captions, and zero-shot genre accuracy, each with chance."""
+    image_features, text_features = scorer.image_features(images), scorer.text_features(captions)
+    ranks = (image_features @ text_features.T).argsort(dim=1, descending=True)
+    position = (ranks == torch.arange(len(images))[:, None]).float().argmax(dim=1)
+    result = {
+        "retrieval_r1": float((position < 1).float().mean()), "retrieval_r5": float((position < 5).float().mean()),
+        "retrieval_chance_r1": 1 / len(images), "retrieval_chance_r5": min(5, len(images)) / len(images),
+        "genre_accuracy": None, "genre_chance": None,
+    }  # fmt: skip
+    vocabulary = sorted({genre for item in genres for genre in item})
+    if vocabulary and all(genres):
+        prompts = scorer.text_features([genre_prompt.format(genre=genre) for genre in vocabulary])
+        predicted = (image_features @ prompts.T).argmax(dim=1).tolist()
+        result["genre_accuracy"] = float(
+            np.mean([vocabulary[choice] in item for choice, item in zip(predicted, genres)])
+        )
+        result["genre_chance"] = float(np.mean([len(item) / len(vocabulary) for item in genres]))  # a uniform guess
+        result["genres"] = len(vocabulary)
+    return result
