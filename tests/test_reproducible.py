@@ -111,3 +111,24 @@ def test_joint_training(monkeypatch, card_dataset, tiny_llm, tiny_models, mf_che
     """DiffRec: CoRA and the image half built in one model."""
     path = joint_config(tmp_path, card_dataset, tiny_llm, tiny_models, mf_checkpoint, run={"max_steps": 3})
     run_twice(monkeypatch, joint, "build_diffrec", joint.train_diffrec, path)
+
+
+def test_scorer_and_base_pipeline_training(card_dataset, tiny_models, tmp_path):
+    """The in-domain CLIP scorer (a ViT built from random weights) and the base pipeline (random batches and noise):
+    the same weights from the same settings, whatever was drawn before."""
+    from minigpt4.training.base_pipeline import BaseTrainingSettings, train_base_pipeline
+    from minigpt4.training.clip_scorer import train_clip
+
+    settings = BaseTrainingSettings(caption="a poster for {title}", vae_steps=3, transformer_steps=3, batch_size=4)
+    for draws in (1, 1000):
+        draw_from_every_generator(draws)
+        scorer = train_clip(card_dataset, tmp_path / f"clip-{draws}", caption="{title}", steps=3, batch_size=8)
+        assert scorer["train_samples_per_second"] > 0
+        draw_from_every_generator(draws)
+        base = train_base_pipeline(tiny_models / "sd3", card_dataset, tmp_path / f"sd3-{draws}", settings)
+        assert base["samples_per_second"]["vae"] > 0 and base["samples_per_second"]["transformer"] > 0
+    for name in ("clip-{}", "sd3-{}"):
+        first, second = tensors_of(tmp_path / name.format(1)), tensors_of(tmp_path / name.format(1000))
+        assert first and first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"trained weight {key} depends on earlier draws"
