@@ -133,7 +133,9 @@ class TransformerTask(_PhaseTask):
     name = "base transformer"
 
     def __init__(self, sd3, pixels: torch.Tensor, captions: list[str], settings: BaseTrainingSettings) -> None:
-        super().__init__(sd3.transformer.requires_grad_(True), len(pixels), settings, settings.transformer_steps, 1)
+        super().__init__(
+            sd3.transformer.requires_grad_(True), len(pixels), settings, settings.transformer_steps, stream=1
+        )
         self.vae, self.captions = sd3.vae, captions
         with torch.no_grad():
             self.latent_moments = torch.cat(
