@@ -7,9 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,19 @@ settings.register_profile("ci", max_examples=40, derandomize=True, **_FUZZ)
 settings.register_profile("long", max_examples=10_000, **_FUZZ)
 settings.load_profile("ci")
 SHARED_DATA = Path(os.environ.get("DIFFREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def kill_when(command: list[str], ready: Callable[[], bool], what: str = "its first checkpoint") -> None:
+    """Run ``command`` from the repository root and SIGKILL it as soon as ``ready()`` holds (a checkpoint on disk)."""
+    process = subprocess.Popen(
+        command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert process.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 @pytest.fixture(scope="session", autouse=True)

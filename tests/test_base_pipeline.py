@@ -3,22 +3,17 @@ pipeline, is cached by fingerprint, and a run killed part-way continues from its
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_when
 from safetensors.torch import load_file
 
 from minigpt4.config import PipelineConfig
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.training.base_pipeline import BaseTrainingSettings, train_base_pipeline
 from minigpt4.training.run_folder import TRAINER_STATE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_base_training_fits_the_cards_writes_a_pipeline_and_is_cached(card_dataset, tiny_models, tmp_path):
@@ -61,14 +56,8 @@ def test_a_killed_base_training_continues_to_the_uninterrupted_weights(card_data
     out = tmp_path / "killed"
     script = [sys.executable, "-c", KILLED_RUN, str(tiny_models / "sd3"), str(card_dataset), str(out),
               settings.model_dump_json()]  # fmt: skip
-    process = subprocess.Popen(script, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "killed.training" / phase / "checkpoints" / "last" / TRAINER_STATE
-    deadline = time.monotonic() + 300
-    while not state.is_file():
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the phase's checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(script, state.is_file, "the phase's checkpoint")
     assert not (out / "base_training.json").exists()  # stopped before the pipeline was written
 
     resumed = train_base_pipeline(tiny_models / "sd3", card_dataset, out, settings)

@@ -10,16 +10,14 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import joint_config
+from conftest import joint_config, kill_when
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -168,18 +166,10 @@ def test_kill_then_resume_latest_finishes_like_the_uninterrupted_run(trained_joi
     config["run"]["output_dir"] = str(tmp_path / "runs")
     path = tmp_path / "diffrec.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
+    kill_when(
         [sys.executable, "-m", "minigpt4.cli", "train", "--cfg-path", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        lambda: bool(list((tmp_path / "runs").glob(f"*/checkpoints/last/{TRAINER_STATE}"))),
     )
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "runs").glob(f"*/checkpoints/last/{TRAINER_STATE}")):
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     saved = json.loads(next((tmp_path / "runs").glob(f"*/checkpoints/last/{TRAINER_STATE}")).read_text())
     assert saved["step"] < 6  # it was stopped mid-run
     resumed = joint.train_diffrec(load_config(path, ["run.resume_from=latest"]))

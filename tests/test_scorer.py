@@ -3,14 +3,12 @@ scorer every run uses loads unchanged, scored on held-out items; bad arguments a
 training continues from its checkpoint to the uninterrupted weights."""
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_when
 from safetensors.torch import load_file
 
 from minigpt4.cli import main
@@ -18,8 +16,6 @@ from minigpt4.config import ClipConfig
 from minigpt4.evaluation.clip_score import ClipScorer
 from minigpt4.training.clip_scorer import train_clip
 from minigpt4.training.run_folder import TRAINER_STATE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_clip_writes_a_folder_the_scorer_loads_and_scores_held_out_items(card_dataset, tmp_path, capsys):
@@ -76,15 +72,8 @@ def test_a_killed_scorer_training_continues_to_the_uninterrupted_weights(card_da
     whole = train_clip(card_dataset, tmp_path / "whole", caption="{title}", steps=12, batch_size=8, held_out=0.34,
                        checkpoint_every=2)  # fmt: skip
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(card_dataset), str(out)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     state = tmp_path / "killed.training" / "checkpoints" / "last" / TRAINER_STATE
-    deadline = time.monotonic() + 300
-    while not state.is_file():
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when([sys.executable, "-c", KILLED_RUN, str(card_dataset), str(out)], state.is_file)
     assert not out.exists()
     resumed = train_clip(
         card_dataset, out, caption="{title}", steps=12, batch_size=8, held_out=0.34, checkpoint_every=2

@@ -33,9 +33,9 @@ from minigpt4.data.images import image_pixels, item_captions, load_image_table
 from minigpt4.diffusion.loading import load_sd3_pipeline
 from minigpt4.diffusion.personalized import flow_matching_loss, sample_latents
 from minigpt4.errors import DiffRecError
-from minigpt4.io import atomic_folder, read_json
+from minigpt4.io import atomic_folder
 from minigpt4.training.engine import Engine, Fit, Loop, MicroBatch, Task, epoch_generator
-from minigpt4.training.run_folder import LAST, TRAINER_STATE, run_accelerator, start_log
+from minigpt4.training.run_folder import continue_from, output_work_folder, run_accelerator
 
 FINGERPRINT_FILE = "base_training.json"
 CAPTION_DROPOUT = 0.1
@@ -173,12 +173,7 @@ def train_base_pipeline(pipeline: Path, dataset_root: Path, out: Path, settings:
     table = load_image_table(dataset.root, dataset.n_items)
     if table.empty:
         raise DiffRecError(f"{dataset.root}: the images table is empty; nothing to train the base pipeline on")
-    work = out.with_name(out.name + ".training")
-    if (work / "fingerprint").is_file() and (work / "fingerprint").read_text() != fingerprint:
-        shutil.rmtree(work)  # another run's checkpoints: nothing to continue
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "fingerprint").write_text(fingerprint)
-    start_log(work / "log.txt", main=True)  # not into the log of whichever run came before in this process
+    work = output_work_folder(out, fingerprint)
     set_seed(settings.seed)  # before anything random is built
     pixels = torch.stack(
         [
@@ -187,11 +182,11 @@ def train_base_pipeline(pipeline: Path, dataset_root: Path, out: Path, settings:
         ]
     )
     sd3 = load_sd3_pipeline(PipelineConfig(path=pipeline, use_t5=False, max_sequence_length=8))
-    vae, vae_from = _run_phase(VaeTask(sd3.vae, pixels, settings), settings, settings.vae_steps, work / "vae")
+    vae, vae_from = _run_phase(VaeTask(sd3.vae, pixels, settings), settings, work / "vae")
     sd3.vae.requires_grad_(False).eval()
     captions = item_captions(settings.caption, dataset.items, list(table["iid"]))
     transformer, transformer_from = _run_phase(
-        TransformerTask(sd3, pixels, captions, settings), settings, settings.transformer_steps, work / "transformer"
+        TransformerTask(sd3, pixels, captions, settings), settings, work / "transformer"
     )
     sd3.transformer.requires_grad_(False).eval()
     with atomic_folder(out) as partial:
@@ -207,14 +202,12 @@ def train_base_pipeline(pipeline: Path, dataset_root: Path, out: Path, settings:
     return {**record, "cached": False}
 
 
-def _run_phase(task: _PhaseTask, settings: BaseTrainingSettings, steps: int, run_dir: Path) -> tuple[Fit, int]:
+def _run_phase(task: _PhaseTask, settings: BaseTrainingSettings, run_dir: Path) -> tuple[Fit, int]:
     """Fit one phase under the engine, continuing from its ``last`` checkpoint when one is complete; the fit and the
     step it started from."""
-    last = run_dir / "checkpoints" / LAST
-    resume = last if (last / TRAINER_STATE).is_file() else None
-    start = read_json(last / TRAINER_STATE, dict)["step"] if resume else 0
-    loop = Loop(seed=settings.seed, max_epochs=1, max_steps=steps, lr=settings.lr, max_grad_norm=1.0,
-                checkpoint_every=settings.checkpoint_every, log_every=max(1, steps // 10))  # fmt: skip
+    resume, start = continue_from(run_dir)
+    loop = Loop(seed=settings.seed, max_epochs=1, max_steps=task.steps, lr=settings.lr, max_grad_norm=1.0,
+                checkpoint_every=settings.checkpoint_every, log_every=max(1, task.steps // 10))  # fmt: skip
     return Engine(task, loop, run_accelerator(cpu=True), settings, run_dir).fit(resume), start
 
 

@@ -42,9 +42,9 @@ from minigpt4.data.images import item_captions, load_image_table, open_image
 from minigpt4.data.implicit import minilm_folder
 from minigpt4.errors import DiffRecError
 from minigpt4.evaluation.clip_score import ClipScorer, item_genres, score_held_out
-from minigpt4.io import atomic_folder, read_json
+from minigpt4.io import atomic_folder
 from minigpt4.training.engine import Engine, Loop, MicroBatch, Task, epoch_generator
-from minigpt4.training.run_folder import LAST, TRAINER_STATE, run_accelerator, start_log
+from minigpt4.training.run_folder import continue_from, output_work_folder, run_accelerator
 
 # The MiniLM files open_clip needs to rebuild the text tower and its tokenizer from the folder alone.
 MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -160,12 +160,7 @@ def train_clip(
     out, minilm = Path(out).resolve(), minilm_folder()
     settings = ClipTrainingSettings(dataset=str(data.root), caption=caption, resolution=resolution, steps=steps,
                                     batch_size=batch_size, lr=lr, held_out=held_out, seed=seed)  # fmt: skip
-    work = out.with_name(out.name + ".training")
-    if (work / "settings.json").is_file() and read_json(work / "settings.json", dict) != settings.model_dump():
-        shutil.rmtree(work)  # another run's checkpoints: nothing to continue
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "settings.json").write_text(settings.model_dump_json())
-    start_log(work / "log.txt", main=True)
+    work = output_work_folder(out, settings.model_dump_json())
     config = lit_model_config(out, resolution, embed_dim=256)
     config["text_cfg"]["hf_model_name"] = str(minilm)  # the pretrained tower to start from
     set_seed(seed)  # before the image tower is built
@@ -181,9 +176,7 @@ def train_clip(
         pooled = model.text.pooler(model.text.transformer(input_ids=tokens, attention_mask=mask), mask)
     batch_size = min(batch_size, len(train))
     task = ClipTask(model, pixels, pooled, train, steps, batch_size, seed)
-    last = work / "checkpoints" / LAST
-    resume = last if (last / TRAINER_STATE).is_file() else None
-    started = read_json(last / TRAINER_STATE, dict)["step"] if resume else 0
+    resume, started = continue_from(work)
     loop = Loop(seed=seed, max_epochs=1, max_steps=steps, lr=lr, weight_decay=0.1, checkpoint_every=checkpoint_every,
                 log_every=max(1, steps // 10))  # fmt: skip
     fit = Engine(task, loop, run_accelerator(cpu=True), settings, work).fit(resume)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,27 @@ def start_log(path: Path, main: bool) -> None:
         for handler in (logging.FileHandler(path), logging.StreamHandler()):
             handler.setFormatter(formatter)
             logger.addHandler(handler)
+
+
+def output_work_folder(out: Path, key: str) -> Path:
+    """``<out>.training``: where a trainer that writes a folder ``out`` (not a run folder) keeps its checkpoints and
+    log until ``out`` is written. Emptied first when it holds the work of other inputs or settings (``key`` names
+    them); this trainer's log starts there, not in the log of whichever run came before in the process."""
+    work = out.with_name(out.name + ".training")
+    if (work / "key").is_file() and (work / "key").read_text() != key:
+        shutil.rmtree(work)  # another run's checkpoints: nothing to continue
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "key").write_text(key)
+    start_log(work / "log.txt", main=True)
+    return work
+
+
+def continue_from(run_dir: Path) -> tuple[Path | None, int]:
+    """``run_dir``'s complete ``checkpoints/last`` and the step it holds, or (None, 0) when there is none."""
+    last = run_dir / "checkpoints" / LAST
+    if not (last / TRAINER_STATE).is_file():
+        return None, 0
+    return last, read_json(last / TRAINER_STATE, dict)["step"]
 
 
 def resume_folder(resume_from: Path | None, output_dir: Path) -> Path | None:
